@@ -1,0 +1,140 @@
+"""The state database: one SQLite file in ``state_dir`` (WAL), versioned by migrations.
+
+Blocking: call from threads (or the CLI), never from the event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from agent.errors import StoreError
+
+DB_NAME = "agent.db"
+
+# Each entry upgrades the schema by one version (PRAGMA user_version). Append, never edit.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('rev', '0');
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        scope TEXT NOT NULL,
+        secret_hash BLOB NOT NULL UNIQUE,
+        last4 TEXT NOT NULL,
+        protocols TEXT NOT NULL DEFAULT '',
+        permission TEXT,
+        created_at REAL NOT NULL,
+        expires_at REAL,
+        label TEXT NOT NULL DEFAULT '',
+        created_by TEXT NOT NULL DEFAULT '',
+        origin TEXT NOT NULL DEFAULT 'local',
+        revoked_at REAL,
+        replaced_by TEXT,
+        replaces TEXT,
+        last_used_at REAL,
+        rev INTEGER NOT NULL
+    );
+    CREATE INDEX tokens_rev ON tokens (rev);
+    CREATE TABLE audit (
+        seq INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        event TEXT NOT NULL,
+        token_id TEXT,
+        camera TEXT,
+        protocol TEXT,
+        peer_ip TEXT,
+        actor TEXT,
+        result TEXT,
+        reason TEXT,
+        detail TEXT,
+        prev_hash TEXT NOT NULL,
+        hash TEXT NOT NULL
+    );
+    CREATE INDEX audit_token ON audit (token_id, seq);
+    CREATE INDEX audit_ts ON audit (ts);
+    CREATE TABLE usage_hourly (
+        token_id TEXT NOT NULL,
+        hour INTEGER NOT NULL,
+        protocol TEXT NOT NULL,
+        granted INTEGER NOT NULL DEFAULT 0,
+        denied INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (token_id, hour, protocol)
+    ) WITHOUT ROWID;
+    CREATE TABLE usage_ips (
+        token_id TEXT NOT NULL,
+        ip TEXT NOT NULL,
+        count INTEGER NOT NULL,
+        last_seen REAL NOT NULL,
+        PRIMARY KEY (token_id, ip)
+    ) WITHOUT ROWID;
+    """,
+)
+
+
+def db_path(state_dir: Path) -> Path:
+    return state_dir / DB_NAME
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating and migrating if needed) the database; raise StoreError with a fix."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        new = not path.exists()
+        conn = sqlite3.connect(
+            path, timeout=10.0, isolation_level=None, check_same_thread=False
+        )
+        if new:
+            os.chmod(path, 0o600)  # token hashes and the audit trail are the agent's alone
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA foreign_keys=ON")
+        _migrate(conn)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(
+            f"cannot use the state database {path}: {exc}. Check that state_dir is writable "
+            "by the agent's user and that the file is not damaged."
+        ) from None
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create the state directory {path.parent}: {exc.strerror}. "
+            "Set state_dir to a directory the agent's user can write."
+        ) from None
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    with transaction(conn):
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > len(MIGRATIONS):
+            raise StoreError(
+                f"the state database has schema version {version}, newer than this agent "
+                f"understands ({len(MIGRATIONS)}): upgrade the agent."
+            )
+        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+            for statement in script.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``BEGIN IMMEDIATE`` … ``COMMIT``: writers queue up instead of racing (limits, chain)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def next_rev(conn: sqlite3.Connection) -> int:
+    """Bump the change counter the token watcher follows; call inside a transaction."""
+    conn.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'rev'")
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'rev'").fetchone()[0])

@@ -1,0 +1,164 @@
+"""Token records and their parts: scope, protocols, permission, lifetime."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from agent.access.tokens import Kind, display
+
+
+class Protocol(StrEnum):
+    """Ways a LAN client consumes a camera. An empty protocol set on a token means all."""
+
+    WEBRTC = "webrtc"
+    RTSP = "rtsp"
+    HLS = "hls"
+    SNAPSHOT = "snapshot"
+
+
+#: Requests that need an admin token rather than an access token.
+ADMIN_PROTOCOL = "admin"
+
+
+class Permission(StrEnum):
+    """Publisher tokens only: may the holder publish, or only register and report?"""
+
+    READ = "read"
+    PUBLISH = "publish"
+
+
+class ScopeLevel(StrEnum):
+    CAMERA = "camera"
+    HOST = "host"
+    ACCOUNT = "account"
+
+
+_SCOPE_VALUE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """``camera:<id>`` | ``host:<agent_id>`` | ``account:<account_id>``; matched exactly."""
+
+    level: ScopeLevel
+    value: str
+
+    @classmethod
+    def parse(cls, text: str) -> Scope:
+        level, sep, value = text.partition(":")
+        if not sep or level not in ScopeLevel.__members__.values():
+            raise ValueError(
+                f"scope {text!r} must be camera:<id>, host:<agent id> or account:<account id>"
+            )
+        if not _SCOPE_VALUE.fullmatch(value):
+            raise ValueError(
+                f"scope value {value!r} must be 1-64 letters, digits, '.', '_' or '-'"
+            )
+        return cls(ScopeLevel(level), value)
+
+    def __str__(self) -> str:
+        return f"{self.level}:{self.value}"
+
+
+def is_identifier(text: str) -> bool:
+    """Camera, agent and account ids share the scope-value alphabet."""
+    return _SCOPE_VALUE.fullmatch(text) is not None
+
+
+def parse_protocols(text: str) -> frozenset[Protocol]:
+    """``"webrtc,snapshot"`` → a set; empty text → empty set (= all protocols)."""
+    items = [p.strip().lower() for p in text.split(",") if p.strip()]
+    bad = [p for p in items if p not in Protocol.__members__.values()]
+    if bad:
+        allowed = ", ".join(p.value for p in Protocol)
+        raise ValueError(f"unknown protocol {bad[0]!r}; choose from {allowed}")
+    return frozenset(Protocol(p) for p in items)
+
+
+_DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``90s``, ``10m``, ``1h``, ``1d``, ``1w``, or combinations like ``1h30m`` → seconds."""
+    compact = text.strip().lower().replace(" ", "")
+    pos, total = 0, 0
+    for m in _DURATION.finditer(compact):
+        if m.start() != pos:
+            break
+        total += int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+        pos = m.end()
+    if not compact or pos != len(compact) or total <= 0:
+        raise ValueError(f"duration {text!r} must look like 30m, 1h, 1d, 1w or 1h30m")
+    return float(total)
+
+
+def parse_time(text: str) -> float:
+    """An ISO 8601 time (``2026-12-01T00:00Z``; no zone means UTC) → epoch seconds."""
+    raw = text.strip()
+    if raw.endswith(("Z", "z")):
+        raw = raw[:-1] + "+00:00"
+    try:
+        moment = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(
+            f"time {text!r} must be ISO 8601, like 2026-12-01T00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def format_time(epoch: float | None) -> str:
+    """Epoch seconds → ``2026-12-01T00:00:00Z`` (``-`` for none)."""
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Origin(StrEnum):
+    LOCAL = "local"
+    RELAY = "relay"
+
+
+class Status(StrEnum):
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenRecord:
+    """Everything the agent knows about a token, except the token itself (only its hash)."""
+
+    id: str
+    kind: Kind
+    scope: Scope
+    secret_hash: bytes
+    last4: str
+    created_at: float
+    protocols: frozenset[Protocol] = frozenset()
+    permission: Permission | None = None
+    expires_at: float | None = None
+    label: str = ""
+    created_by: str = ""
+    origin: Origin = Origin.LOCAL
+    revoked_at: float | None = None
+    replaced_by: str | None = None
+    replaces: str | None = None
+    last_used_at: float | None = None
+    rev: int = field(default=0, compare=False)
+
+    @property
+    def display(self) -> str:
+        return display(self.kind, self.id, self.last4)
+
+    def status(self, now: float) -> Status:
+        if self.revoked_at is not None and self.revoked_at <= now:
+            return Status.REVOKED
+        if self.expires_at is not None and self.expires_at <= now:
+            return Status.EXPIRED
+        return Status.ACTIVE

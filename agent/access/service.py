@@ -1,0 +1,166 @@
+"""The access service the daemon's protocols call: authorize, hold sessions, end them.
+
+It keeps the token index in memory (so ``authorize`` never touches the disk), follows the
+store for changes made anywhere (CLI, admin API, relay sync) every ``poll_interval``, and
+ends live sessions whose token was revoked or expired within that interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+import uuid
+from collections.abc import Callable
+
+import structlog
+
+from agent.access import audit, usage
+from agent.access.audit import AuditEntry
+from agent.access.model import TokenRecord
+from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
+from agent.access.recorder import AccessRecorder
+from agent.access.sessions import Session, SessionRegistry
+from agent.access.store import TokenStore
+
+log = structlog.get_logger(__name__)
+
+PRUNE_EVERY = 3600.0
+
+
+class AccessService:
+    """``authorize`` for every protocol, and the live-session registry it guards."""
+
+    def __init__(
+        self,
+        store: TokenStore,
+        recorder: AccessRecorder,
+        limiter: FailureLimiter,
+        *,
+        retention_days: int,
+        poll_interval: float = 0.2,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._store = store
+        self._recorder = recorder
+        self._limiter = limiter
+        self._site: Site = store.site
+        self._retention = retention_days * 86400.0
+        self._poll = poll_interval
+        self._clock = clock
+        self._tokens: dict[str, TokenRecord] = {}
+        self._rev = 0
+        self.sessions = SessionRegistry()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._tokens, self._rev = await asyncio.to_thread(self._store.load_all)
+        self._recorder.start()
+        self._task = asyncio.create_task(self._watch(), name="token-watch")
+        log.info("access_ready", tokens=len(self._tokens))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for session in self.sessions:
+            self.end_session(session.id, "shutdown")
+            self._close_quietly(session, "shutdown")
+        await asyncio.to_thread(self._recorder.close)
+
+    def authorize(
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+    ) -> Decision:
+        """Decide and record one request. Never blocks: safe on the event loop."""
+        req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
+        decision = authorize(req, self._tokens, self._site, self._limiter)
+        self._recorder.record_decision(req, decision)
+        if not decision.granted:
+            log.info("access_denied", reason=decision.reason.value, token_id=decision.token_id,
+                     camera=camera, protocol=protocol, peer_ip=peer_ip)
+        return decision
+
+    def open_session(
+        self,
+        decision: Decision,
+        camera: str | None,
+        protocol: str,
+        peer_ip: str | None,
+        close: Callable[[str], None],
+        bytes_sent: Callable[[], int] = lambda: 0,
+    ) -> Session:
+        """Register a live session for a granted decision; it ends when its token does."""
+        if not decision.granted or decision.token_id is None:
+            raise ValueError("a session needs a granted decision")
+        session = Session(uuid.uuid4().hex, decision.token_id, camera, protocol, peer_ip,
+                          self._clock(), close, bytes_sent)
+        self.sessions.add(session)
+        return session
+
+    def end_session(self, session_id: str, why: str) -> None:
+        """Forget a session and audit its end (duration and bytes). Idempotent."""
+        session = self.sessions.remove(session_id)
+        if session is not None:
+            self._audit_end(session, why)
+
+    def _audit_end(self, session: Session, why: str) -> None:
+        now = self._clock()
+        self._recorder.record(AuditEntry(
+            now, audit.SESSION_ENDED, token_id=session.token_id, camera=session.camera,
+            protocol=session.protocol, peer_ip=session.peer_ip, reason=why,
+            detail={"duration_s": round(now - session.started_at, 3),
+                    "bytes": session.bytes_sent(), "session": session.id},
+        ))
+
+    def sweep(self) -> int:
+        """End the sessions whose token is no longer valid; returns how many ended."""
+        ended = self.sessions.sweep(self._tokens, self._clock())
+        for session, reason in ended:
+            self._audit_end(session, reason.value)
+            self._close_quietly(session, reason.value)
+            log.info("session_ended", session=session.id, token_id=session.token_id,
+                     reason=reason.value)
+        return len(ended)
+
+    @staticmethod
+    def _close_quietly(session: Session, reason: str) -> None:
+        try:
+            session.close(reason)
+        except Exception as exc:  # one broken session must not stop the others from ending
+            log.warning("session_close_failed", session=session.id, error=str(exc))
+
+    def apply_changes(self, records: list[TokenRecord]) -> None:
+        for record in records:
+            self._tokens[record.id] = record
+
+    async def _watch(self) -> None:
+        last_prune = 0.0
+        failing = False
+        while True:
+            try:
+                changed, self._rev = await asyncio.to_thread(self._store.changes_since, self._rev)
+                self.apply_changes(changed)
+                if self._clock() - last_prune > PRUNE_EVERY:
+                    last_prune = self._clock()
+                    await asyncio.to_thread(self._prune, last_prune)
+                if failing:
+                    log.info("token_store_recovered")
+                failing = False
+            except Exception as exc:  # keep enforcing from the last known index
+                if not failing:
+                    log.error("token_store_unreadable", error=str(exc))
+                failing = True
+            self.sweep()
+            await asyncio.sleep(self._poll)
+
+    def _prune(self, now: float) -> None:
+        before = now - self._retention
+
+        def work(conn: sqlite3.Connection) -> None:
+            audit.prune(conn, before, now, actor="retention")
+            usage.prune(conn, before)
+
+        self._store.write(work)

@@ -1,0 +1,325 @@
+"""Tokens in the state database: create, list, revoke, rotate, and follow changes.
+
+Only the SHA-256 of a token is stored; the token text exists once, in ``create``'s result.
+Every change is audited in the same transaction, so neither can be lost without the other.
+Blocking: call from threads (or the CLI), never from the event loop.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from agent.access import audit
+from agent.access.db import connect, next_rev, transaction
+from agent.access.model import (
+    Origin,
+    Permission,
+    Protocol,
+    Scope,
+    ScopeLevel,
+    Status,
+    TokenRecord,
+    format_time,
+)
+from agent.access.policy import Site
+from agent.access.tokens import Kind, generate, is_public_id, token_hash
+from agent.errors import NotFoundError, TokenError, TokenLimitError
+
+_COLUMNS = (
+    "id", "kind", "scope", "secret_hash", "last4", "protocols", "permission", "created_at",
+    "expires_at", "label", "created_by", "origin", "revoked_at", "replaced_by", "replaces",
+    "last_used_at", "rev",
+)
+T = TypeVar("T")
+_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tokens"
+_ACTIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
+
+
+def _record(row: tuple[Any, ...]) -> TokenRecord:
+    (tid, kind, scope, secret_hash, last4, protocols, permission, created_at, expires_at,
+     label, created_by, origin, revoked_at, replaced_by, replaces, last_used_at, rev) = row
+    return TokenRecord(
+        id=tid, kind=Kind(kind), scope=Scope.parse(scope), secret_hash=bytes(secret_hash),
+        last4=last4, created_at=created_at,
+        protocols=frozenset(Protocol(p) for p in protocols.split(",") if p),
+        permission=Permission(permission) if permission else None, expires_at=expires_at,
+        label=label, created_by=created_by, origin=Origin(origin), revoked_at=revoked_at,
+        replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at, rev=rev,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NewToken:
+    """The result of create/rotate: the token text, to be shown exactly once."""
+
+    token: str
+    record: TokenRecord
+
+
+class TokenStore:
+    """Token records in SQLite, with the limit, scope checks and audit that go with them."""
+
+    def __init__(
+        self,
+        path: Path,
+        site: Site,
+        max_active: int,
+        known_cameras: Callable[[], Collection[str]],
+    ) -> None:
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+        self.path = path
+        self.site = site
+        self.max_active = max_active
+        self._known_cameras = known_cameras
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` on the connection (audit and usage queries)."""
+        with self._lock:
+            return fn(self._conn)
+
+    def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction."""
+        with self._lock, transaction(self._conn):
+            return fn(self._conn)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def get(self, token_id: str) -> TokenRecord:
+        with self._lock:
+            row = self._conn.execute(f"{_SELECT} WHERE id = ?", (token_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(
+                f"no token with id {token_id!r} (see 'therelay-agent token list')"
+            )
+        return _record(row)
+
+    def list_tokens(
+        self, now: float, kind: Kind | None = None, status: Status | None = None
+    ) -> list[TokenRecord]:
+        with self._lock:
+            rows = self._conn.execute(f"{_SELECT} ORDER BY created_at, id").fetchall()
+        records = [_record(r) for r in rows]
+        return [
+            r for r in records
+            if (kind is None or r.kind is kind) and (status is None or r.status(now) is status)
+        ]
+
+    def load_all(self) -> tuple[dict[str, TokenRecord], int]:
+        """Every record and the change counter they reflect (for the in-memory index)."""
+        with self._lock, transaction(self._conn):
+            rev = int(self._conn.execute("SELECT value FROM meta WHERE key='rev'").fetchone()[0])
+            rows = self._conn.execute(_SELECT).fetchall()
+        return {r[0]: _record(r) for r in rows}, rev
+
+    def changes_since(self, rev: int) -> tuple[list[TokenRecord], int]:
+        """Records changed after ``rev``, and the newest rev."""
+        with self._lock:
+            rows = self._conn.execute(f"{_SELECT} WHERE rev > ? ORDER BY rev", (rev,)).fetchall()
+        records = [_record(r) for r in rows]
+        return records, max([rev, *(r.rev for r in records)])
+
+    def data_version(self) -> int:
+        """Changes whenever another connection (another process, too) commits."""
+        with self._lock:
+            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def active_count(self, now: float) -> int:
+        with self._lock:
+            return self._count_active(now)
+
+    def _count_active(self, now: float, excluding: str | None = None) -> int:
+        row = self._conn.execute(
+            f"SELECT count(*) FROM tokens WHERE origin = 'local' AND {_ACTIVE} AND id IS NOT ?",
+            (now, excluding),
+        ).fetchone()
+        return int(row[0])
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def create(
+        self,
+        kind: Kind,
+        scope: Scope,
+        now: float,
+        *,
+        protocols: frozenset[Protocol] = frozenset(),
+        expires_at: float | None = None,
+        label: str = "",
+        created_by: str = "",
+    ) -> NewToken:
+        """A new local token, audited; refused beyond ``max_active`` or for an unknown scope."""
+        self._check_new(kind, scope, protocols, expires_at, now)
+        with self._lock, transaction(self._conn):
+            if self._count_active(now) >= self.max_active:
+                raise TokenLimitError(
+                    f"this agent already has {self.max_active} active tokens "
+                    "(tokens.max_active): revoke unused ones ('therelay-agent token list') "
+                    "or raise the limit"
+                )
+            new = self._insert(kind, scope, now, protocols, expires_at, label, created_by,
+                               permission=None, replaces=None)
+            audit.append(self._conn, [audit.AuditEntry(
+                now, audit.CREATED, token_id=new.record.id, actor=created_by or None,
+                detail=_describe(new.record),
+            )])
+        return new
+
+    def revoke(self, token_id: str, now: float, actor: str) -> TokenRecord:
+        """Revoke at once. A running daemon ends the token's sessions within a second."""
+        with self._lock, transaction(self._conn):
+            record = self._get_locked(token_id)
+            if record.revoked_at is not None:
+                raise TokenError(
+                    f"token {record.display} was already revoked at "
+                    f"{format_time(record.revoked_at)}"
+                )
+            self._conn.execute(
+                "UPDATE tokens SET revoked_at = ?, rev = ? WHERE id = ?",
+                (now, next_rev(self._conn), token_id),
+            )
+            audit.append(self._conn, [audit.AuditEntry(
+                now, audit.REVOKED, token_id=token_id, actor=actor or None,
+            )])
+            return self._get_locked(token_id)
+
+    def rotate(
+        self, token_id: str, now: float, actor: str, grace: float | None = None
+    ) -> NewToken:
+        """A new token with the same scope, protocols and lifetime; the old one stops now or
+        after ``grace`` seconds. Both are linked in the store and in the audit log."""
+        with self._lock, transaction(self._conn):
+            old = self._get_locked(token_id)
+            if old.origin is not Origin.LOCAL:
+                raise TokenError(
+                    f"token {old.display} is managed by TheRelay cloud: rotate it there"
+                )
+            state = "already rotated" if old.replaced_by else old.status(now).value
+            if state != Status.ACTIVE.value:
+                raise TokenError(
+                    f"token {old.display} is {state}: only an active token can be rotated; "
+                    "create a new one instead"
+                )
+            if self._count_active(now, excluding=token_id) >= self.max_active:
+                raise TokenLimitError(
+                    f"this agent already has {self.max_active} other active tokens "
+                    "(tokens.max_active): revoke unused ones first"
+                )
+            lifetime = None if old.expires_at is None else old.expires_at - old.created_at
+            new = self._insert(
+                old.kind, old.scope, now, old.protocols,
+                None if lifetime is None else now + lifetime,
+                old.label, actor, old.permission, replaces=old.id,
+            )
+            rev = next_rev(self._conn)
+            if grace:
+                ends = now + grace if old.expires_at is None else min(old.expires_at, now + grace)
+                self._conn.execute(
+                    "UPDATE tokens SET replaced_by = ?, expires_at = ?, rev = ? WHERE id = ?",
+                    (new.record.id, ends, rev, old.id),
+                )
+            else:
+                self._conn.execute(
+                    "UPDATE tokens SET replaced_by = ?, revoked_at = ?, rev = ? WHERE id = ?",
+                    (new.record.id, now, rev, old.id),
+                )
+            audit.append(self._conn, [audit.AuditEntry(
+                now, audit.ROTATED, token_id=old.id, actor=actor or None,
+                detail={"replaced_by": new.record.id, "grace_seconds": grace or 0},
+            ), audit.AuditEntry(
+                now, audit.CREATED, token_id=new.record.id, actor=actor or None,
+                detail={**_describe(new.record), "replaces": old.id},
+            )])
+        return new
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _get_locked(self, token_id: str) -> TokenRecord:
+        row = self._conn.execute(f"{_SELECT} WHERE id = ?", (token_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"no token with id {token_id!r} (see 'therelay-agent token list')")
+        return _record(row)
+
+    def _check_new(
+        self,
+        kind: Kind,
+        scope: Scope,
+        protocols: frozenset[Protocol],
+        expires_at: float | None,
+        now: float,
+    ) -> None:
+        if kind not in (Kind.ACCESS, Kind.ADMIN):
+            raise TokenError("publisher tokens are issued by TheRelay cloud, not by the agent")
+        if scope.level is ScopeLevel.CAMERA:
+            if kind is Kind.ADMIN:
+                raise TokenError("admin tokens are scoped to the host or the account")
+            if scope.value not in self._known_cameras():
+                raise TokenError(
+                    f"camera {scope.value!r} does not exist on this agent: check the id with "
+                    "the cameras in the config ('therelay-agent config check')"
+                )
+        elif scope.level is ScopeLevel.HOST and scope.value != self.site.agent_id:
+            raise TokenError(
+                f"host {scope.value!r} is not this agent (agent.id is {self.site.agent_id!r})"
+            )
+        elif scope.level is ScopeLevel.ACCOUNT and scope.value != self.site.account_id:
+            raise TokenError(
+                f"account {scope.value!r} is not this agent's account "
+                f"(agent.account_id is {self.site.account_id!r})"
+            )
+        if protocols and kind is not Kind.ACCESS:
+            raise TokenError("only access tokens can be restricted to protocols")
+        if expires_at is not None and expires_at <= now:
+            raise TokenError(f"expiry {format_time(expires_at)} is in the past")
+
+    def _insert(
+        self,
+        kind: Kind,
+        scope: Scope,
+        now: float,
+        protocols: Collection[Protocol],
+        expires_at: float | None,
+        label: str,
+        created_by: str,
+        permission: Permission | None,
+        replaces: str | None,
+    ) -> NewToken:
+        for _ in range(5):  # 62**12 ids: a collision is astronomically rare, but handled
+            parsed = generate(kind)
+            exists = self._conn.execute(
+                "SELECT 1 FROM tokens WHERE id = ?", (parsed.public_id,)
+            ).fetchone()
+            if not exists:
+                break
+        else:  # pragma: no cover - would need a broken random source
+            raise TokenError("could not allocate a token id; try again")
+        assert is_public_id(parsed.public_id)
+        rev = next_rev(self._conn)
+        self._conn.execute(
+            f"INSERT INTO tokens ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 17)})",
+            (parsed.public_id, kind.value, str(scope), token_hash(parsed.text),
+             parsed.text[-4:], ",".join(sorted(protocols)),
+             permission.value if permission else None, now, expires_at, label, created_by,
+             Origin.LOCAL.value, None, None, replaces, None, rev),
+        )
+        return NewToken(parsed.text, self._get_locked(parsed.public_id))
+
+
+def _describe(record: TokenRecord) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": record.kind.value, "scope": str(record.scope)}
+    if record.protocols:
+        out["protocols"] = sorted(record.protocols)
+    if record.expires_at is not None:
+        out["expires_at"] = record.expires_at
+    if record.label:
+        out["label"] = record.label
+    return out

@@ -1,0 +1,120 @@
+"""The ``therelay-agent`` command: run the daemon and manage tokens, audit and statistics.
+
+Every subcommand prints a table for people and accepts ``--json`` for programs. Token
+commands work whether or not the daemon runs; the daemon sees their changes within a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent import __version__, app, logs
+from agent.cli import audit as audit_cli
+from agent.cli import tokens as token_cli
+from agent.cli.output import emit_json, table
+from agent.config import DEFAULT_CONFIG_PATH, Config, load, publisher_token
+from agent.errors import AgentError, ConfigError
+
+EXIT_FAILED = 1  # the command ran and the answer is no (denied, refused, tampered)
+EXIT_ERROR = 2  # the command could not run as given (usage, configuration)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, metavar="PATH",
+                        help=f"config file (default: $THERELAY_CONFIG, else {DEFAULT_CONFIG_PATH} "
+                        "if it exists, else the embedded defaults)")
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+
+    parser = argparse.ArgumentParser(
+        prog="therelay-agent",
+        description="TheRelay Agent: your cameras, anywhere, instantly.",
+    )
+    parser.add_argument("--version", action="version", version=f"therelay-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", parents=[common], help="run the agent (the daemon)")
+    run.set_defaults(handler=None)
+
+    cfg = sub.add_parser("config", help="check the configuration")
+    csub = cfg.add_subparsers(dest="config_command", required=True, metavar="COMMAND")
+    check = csub.add_parser("check", parents=[common],
+                            help="validate the config and show what the agent would use")
+    check.set_defaults(handler=None)
+
+    token_cli.add_parsers(sub, common)
+    audit_cli.add_parsers(sub, common)
+    return parser
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    if args.config is not None:
+        return Path(args.config)
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    return None  # $THERELAY_CONFIG, else embedded defaults (decided in config.load)
+
+
+def _config_check(args: argparse.Namespace, config: Config) -> int:
+    token = publisher_token(config)
+    cameras = [{"id": c.id, "name": c.name, "source": logs.redact_text(c.source)}
+               for c in config.cameras]
+    summary: dict[str, object] = {
+        "config": config.origin,
+        "agent_id": config.agent.id,
+        "account_id": config.agent.account_id,
+        "state_dir": str(config.state_dir),
+        "http_listen": config.http.listen,
+        "cameras": cameras,
+        "tokens_max_active": config.tokens.max_active,
+        "relay_url": config.relay.url,
+        "publisher_token": "present, valid format" if token else "not configured",
+    }
+    if args.json:
+        emit_json({"ok": True, **summary})
+        return 0
+    print(f"config OK ({config.origin})")
+    for key, value in summary.items():
+        if key != "cameras":
+            print(f"  {key}: {value}")
+    if cameras:
+        print("  cameras:")
+        print("    " + table([[c["id"], c["name"] or "-", c["source"]] for c in cameras],
+                             ["id", "name", "source"]).replace("\n", "\n    "))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = load(_config_path(args))
+    except AgentError as exc:
+        logs.configure("console", "warning")
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    logs.configure(config.log.format, config.log.level if args.command == "run" else "warning")
+    try:
+        if args.command == "run":
+            quick = config.origin == "embedded defaults"
+            return asyncio.run(app.run(config, quick_start=quick))
+        if args.command == "config":
+            return _config_check(args, config)
+        store = app.open_store(config)
+        try:
+            return int(args.handler(args, config, store))
+        finally:
+            store.close()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `therelay-agent audit --export jsonl | head`
+        return 0

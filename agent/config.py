@@ -1,0 +1,371 @@
+"""Typed configuration: embedded defaults → YAML file → ``THERELAY_*`` environment → validate.
+
+Each component owns a section (one dataclass each). Unknown keys are errors with a "did you
+mean" hint; every error names the key path and what is expected. Secrets are never inline:
+they come from files or from systemd credentials (``$CREDENTIALS_DIRECTORY``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import socket
+import types
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from agent.access.model import is_identifier
+from agent.access.tokens import FormatProblem, Kind, parse
+from agent.errors import ConfigError
+
+ENV_PREFIX = "THERELAY_"
+DEFAULT_CONFIG_PATH = Path("/etc/therelay-agent/config.yaml")
+SOURCE_SCHEMES = ("rtsp", "rtsps", "testsrc", "file")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _default_agent_id() -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())[:64].strip("-._")
+    return name or "agent"
+
+
+def _default_state_dir() -> Path:
+    systemd = os.environ.get("STATE_DIRECTORY")  # set by StateDirectory= in the unit
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME")
+    return Path(xdg) / "therelay-agent" if xdg else Path.home() / ".local/state/therelay-agent"
+
+
+@dataclass(frozen=True)
+class AgentSection:
+    id: str = field(default_factory=_default_agent_id)
+    account_id: str = "local"
+
+
+@dataclass(frozen=True)
+class HttpSection:
+    listen: str = "0.0.0.0:8800"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class CameraConfig:
+    id: str
+    source: str
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class FailedAttemptsSection:
+    burst: int = 10
+    per_minute: float = 6.0
+    max_ips: int = 10_000
+
+
+@dataclass(frozen=True)
+class TokensSection:
+    max_active: int = 1000
+    max_ips_per_token: int = 100
+    failed_attempts: FailedAttemptsSection = field(default_factory=FailedAttemptsSection)
+
+
+@dataclass(frozen=True)
+class AuditSection:
+    retention_days: int = 365
+    flush_interval: float = 1.0
+
+
+@dataclass(frozen=True)
+class LogSection:
+    format: str = "auto"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class RelaySection:
+    url: str | None = None
+    publisher_token_file: Path | None = None
+
+
+def _default_cameras() -> list[CameraConfig]:
+    return [CameraConfig(id="demo", name="Test pattern", source="testsrc://")]
+
+
+@dataclass(frozen=True)
+class Config:
+    agent: AgentSection = field(default_factory=AgentSection)
+    state_dir: Path = field(default_factory=_default_state_dir)
+    http: HttpSection = field(default_factory=HttpSection)
+    cameras: list[CameraConfig] = field(default_factory=_default_cameras)
+    tokens: TokensSection = field(default_factory=TokensSection)
+    audit: AuditSection = field(default_factory=AuditSection)
+    log: LogSection = field(default_factory=LogSection)
+    relay: RelaySection = field(default_factory=RelaySection)
+    #: Where this config came from (a path, or "embedded defaults"); not a YAML key.
+    origin: str = field(default="embedded defaults", compare=False)
+
+    @property
+    def camera_ids(self) -> list[str]:
+        return [c.id for c in self.cameras]
+
+
+_NOT_KEYS = {"origin"}
+
+
+# -- building dataclasses from plain data -------------------------------------------------
+
+
+def _hint(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else f" (known keys: {', '.join(choices)})"
+
+
+def _convert(value: Any, tp: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return None if value is None else _convert(value, args[0], path)
+    if is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys, got {_kind(value)}")
+        return _build(tp, value, path)  # type: ignore[arg-type]
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected a list, got {_kind(value)}")
+        (item,) = get_args(tp)
+        return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected true or false, got {_kind(value)}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{path}: expected a whole number, got {_kind(value)}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{path}: expected a number, got {_kind(value)}")
+    if tp is Path:
+        if isinstance(value, str) and value:
+            return Path(value).expanduser()
+        raise ConfigError(f"{path}: expected a file or directory path, got {_kind(value)}")
+    if tp is str:
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{path}: expected text, got {_kind(value)}")
+    raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    return {dict: "a mapping", list: "a list", bool: "true/false", str: f"text {value!r}"}.get(
+        type(value), f"{type(value).__name__} {value!r}"
+    )
+
+
+def _build(cls: type[Any], data: dict[str, Any], path: str) -> Any:
+    hints = get_type_hints(cls)
+    names = [f.name for f in fields(cls) if f.name not in _NOT_KEYS]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key{_hint(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], where)
+    for f in fields(cls):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in kwargs:
+            raise ConfigError(f"{path}.{f.name}: required key is missing")
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# -- environment overrides ----------------------------------------------------------------
+
+
+def _env_keys(cls: type[Any], prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """``THERELAY_TOKENS_MAX_ACTIVE`` → ("tokens", "max_active") for every scalar key."""
+    out: dict[str, tuple[str, ...]] = {}
+    hints = get_type_hints(cls)
+    for f in fields(cls):
+        if f.name in _NOT_KEYS or get_origin(hints[f.name]) is list:
+            continue
+        if is_dataclass(hints[f.name]):
+            for env, keys in _env_keys(hints[f.name], f"{prefix}{f.name}_").items():
+                out[env] = (f.name, *keys)
+        else:
+            out[f"{ENV_PREFIX}{prefix}{f.name}".upper()] = (f.name,)
+    return out
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    known = _env_keys(Config)
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == f"{ENV_PREFIX}CONFIG":
+            continue
+        if name not in known:
+            raise ConfigError(f"environment {name}: unknown setting{_hint(name, sorted(known))}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        if isinstance(value, dict | list):
+            value = raw
+        node = out
+        *parents, leaf = known[name]
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return out
+
+
+# -- loading and validation ---------------------------------------------------------------
+
+
+def load(path: Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Defaults, then the YAML file (if any), then the environment; validated."""
+    env = dict(os.environ if environ is None else environ)
+    if path is None and env.get(f"{ENV_PREFIX}CONFIG"):
+        path = Path(env[f"{ENV_PREFIX}CONFIG"])
+    data: dict[str, Any] = {}
+    origin = "embedded defaults"
+    if path is not None:
+        data = _read_yaml(path)
+        origin = str(path)
+    data = _merge(data, _env_overrides(env))
+    config: Config = replace(_build(Config, data, ""), origin=origin)
+    validate(config)
+    return config
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"config file {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top")
+    return data
+
+
+def validate(config: Config) -> None:
+    """Raise ConfigError listing every problem, each with its key path."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    need(is_identifier(config.agent.id),
+         f"agent.id: {config.agent.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+    need(is_identifier(config.agent.account_id),
+         f"agent.account_id: {config.agent.account_id!r} must be 1-64 letters, digits, '.', "
+         "'_' or '-'")
+    host, sep, port = config.http.listen.rpartition(":")
+    need(bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
+         f"http.listen: {config.http.listen!r} must be host:port, like 0.0.0.0:8800")
+    seen: set[str] = set()
+    for i, cam in enumerate(config.cameras):
+        need(is_identifier(cam.id),
+             f"cameras[{i}].id: {cam.id!r} must be 1-64 letters, digits, '.', '_' or '-'")
+        need(cam.id not in seen, f"cameras[{i}].id: {cam.id!r} is used twice")
+        seen.add(cam.id)
+        scheme = cam.source.partition("://")[0].lower() if "://" in cam.source else ""
+        need(scheme in SOURCE_SCHEMES,
+             f"cameras[{i}].source: must start with one of "
+             f"{', '.join(s + '://' for s in SOURCE_SCHEMES)}")
+    t = config.tokens
+    need(t.max_active >= 1, "tokens.max_active: must be at least 1")
+    need(t.max_ips_per_token >= 1, "tokens.max_ips_per_token: must be at least 1")
+    need(t.failed_attempts.burst >= 1, "tokens.failed_attempts.burst: must be at least 1")
+    need(t.failed_attempts.per_minute > 0, "tokens.failed_attempts.per_minute: must be > 0")
+    need(t.failed_attempts.max_ips >= 1, "tokens.failed_attempts.max_ips: must be at least 1")
+    need(config.audit.retention_days >= 1, "audit.retention_days: must be at least 1")
+    need(0 < config.audit.flush_interval <= 60,
+         "audit.flush_interval: must be between 0 and 60 seconds")
+    need(config.log.format in ("auto", "json", "console"),
+         f"log.format: {config.log.format!r} must be json, console or auto")
+    need(config.log.level.lower() in LOG_LEVELS,
+         f"log.level: {config.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
+    if config.relay.url is not None:
+        need(config.relay.url.startswith(("wss://", "ws://")),
+             "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
+    if problems:
+        raise ConfigError("\n".join(problems))
+
+
+# -- secrets ------------------------------------------------------------------------------
+
+
+def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = None) -> str | None:
+    """A secret from ``path``, else from the systemd credential ``name``, else None."""
+    env = os.environ if environ is None else environ
+    where = path
+    if where is None and env.get("CREDENTIALS_DIRECTORY"):
+        candidate = Path(env["CREDENTIALS_DIRECTORY"]) / name
+        where = candidate if candidate.exists() else None
+    if where is None:
+        return None
+    try:
+        value = where.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"secret file {where} for {name} cannot be read: {exc}") from None
+    if not value:
+        raise ConfigError(f"secret file {where} for {name} is empty")
+    return value
+
+
+def publisher_token(config: Config, environ: dict[str, str] | None = None) -> str | None:
+    """The publisher token, checked offline for shape, checksum and kind."""
+    token = read_secret("publisher-token", config.relay.publisher_token_file, environ)
+    if token is None:
+        if config.relay.url is not None:
+            raise ConfigError(
+                "relay.publisher_token_file: relay.url is set but no publisher token was "
+                "found: point publisher_token_file at a file holding the trp_ token, or load "
+                "the systemd credential 'publisher-token'"
+            )
+        return None
+    parsed = parse(token)
+    if parsed is FormatProblem.MALFORMED or parsed is FormatProblem.CORRUPTED:
+        raise ConfigError(
+            f"relay.publisher_token_file: the publisher token is {parsed.value}: copy the "
+            "whole trp_ token from TheRelay Dashboard again"
+        )
+    if parsed.kind is not Kind.PUBLISHER:
+        raise ConfigError(
+            "relay.publisher_token_file: this is an "
+            f"{parsed.kind.value} token; the relay needs a publisher token (trp_)"
+        )
+    return token

@@ -1,0 +1,56 @@
+"""The agent's domain errors.
+
+Misuse of an API raises builtins (``ValueError``, ``TypeError``). Failures a user can act on
+raise an :class:`AgentError` subclass whose message is written for that user and never
+contains a secret::
+
+    AgentError
+    ├── ConfigError        invalid or unreadable configuration / secret file
+    ├── StoreError         the state database cannot be opened, migrated or written
+    ├── TokenError         a token operation was refused
+    │   ├── TokenLimitError    creating would exceed tokens.max_active
+    │   └── NotFoundError      no token with that id
+    ├── AuthError          a request was denied (carries the Decision's reason)
+    ├── SourceError        a camera source failed
+    └── RelayError         the relay link failed
+"""
+
+
+class AgentError(Exception):
+    """Base of every error whose message is meant for the user."""
+
+
+class ConfigError(AgentError):
+    """The configuration (or a secret it points at) is invalid."""
+
+
+class StoreError(AgentError):
+    """The state database cannot be used."""
+
+
+class TokenError(AgentError):
+    """A token operation was refused; the message says why and what to do."""
+
+
+class TokenLimitError(TokenError):
+    """Creating a token would exceed ``tokens.max_active``."""
+
+
+class NotFoundError(TokenError):
+    """No token has that id."""
+
+
+class AuthError(AgentError):
+    """A request was denied; ``reason`` is the machine-readable Decision reason."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class SourceError(AgentError):
+    """A camera source failed."""
+
+
+class RelayError(AgentError):
+    """The relay link failed."""

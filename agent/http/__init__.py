@@ -1,0 +1,1 @@
+"""The agent's local HTTP server (aiohttp): health now; WHEP, snapshots, pages and API later."""

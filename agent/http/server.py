@@ -1,0 +1,52 @@
+"""aiohttp application and runner. Handlers never decide access alone: they call ``authorize``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+#: Request bodies beyond this are refused with 413 (SDP offers are a few kB).
+MAX_BODY = 64 * 1024
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Client mistakes get a JSON error with a stable code; never a traceback, never a 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400 or exc.content_type == "application/json":
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        headers = {k: v for k, v in exc.headers.items() if k.lower() != "content-type"}
+        return web.json_response({"error": code, "message": exc.reason}, status=exc.status,
+                                 headers=headers)
+    except Exception:
+        log.exception("http_handler_failed", path=request.path)
+        return web.json_response(
+            {"error": "internal", "message": "the agent hit an internal error; see its log"},
+            status=500,
+        )
+
+
+def make_app(health: Callable[[], dict[str, object]]) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response(health())
+
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, host, port).start()
+    return runner
