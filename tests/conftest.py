@@ -1,0 +1,87 @@
+"""Shared fixtures, and the session-wide record of every token the tests created.
+
+Every token generated through the store is remembered (``ISSUED``); tests that read tokens
+from a subprocess's output add them with ``remember``. ``tests/unit/test_zz_no_leaks.py``
+runs last and greps every file the session wrote (databases, WAL files, daemon logs) for
+each of them. Files that hold a token on purpose are named ``*.secret``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import agent.access.store as store_module
+from agent import cli
+from agent.access.tokens import Kind, ParsedToken
+
+ISSUED: set[str] = set()
+TOKEN_RE = re.compile(r"tr[apk]_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}")
+_real_generate = store_module.generate
+
+
+def _recording_generate(kind: Kind, public_id: str | None = None) -> ParsedToken:
+    parsed = _real_generate(kind, public_id)
+    ISSUED.add(parsed.text)
+    return parsed
+
+
+store_module.generate = _recording_generate  # type: ignore[assignment]
+
+
+def remember(text: str) -> list[str]:
+    """Record every token that appears in ``text`` (e.g. a subprocess's stdout)."""
+    found = TOKEN_RE.findall(text)
+    ISSUED.update(found)
+    return found
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The leak check needs every other test to have run first."""
+    items.sort(key=lambda item: "test_zz_no_leaks" in item.nodeid)
+
+
+@dataclass
+class CliResult:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def tokens(self) -> list[str]:
+        return remember(self.out)
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def run_cli(
+    state_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> Callable[..., CliResult]:
+    """Run ``therelay-agent ARGS`` in-process with a private state dir; optional stdin."""
+    for name in list(os.environ):
+        if name.startswith("THERELAY_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("THERELAY_STATE_DIR", str(state_dir))
+    monkeypatch.setenv("THERELAY_AGENT_ID", "site1")
+    monkeypatch.setenv("THERELAY_AGENT_ACCOUNT_ID", "acme")
+
+    def run(*args: str, stdin: str | None = None) -> CliResult:
+        capsys.readouterr()
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = cli.main(list(args))
+        captured = capsys.readouterr()
+        return CliResult(code, captured.out, captured.err)
+
+    return run
