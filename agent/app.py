@@ -54,7 +54,7 @@ def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken
             store.revoke(old.id, now, actor=QUICK_START_LABEL)
     return store.create(
         Kind.ACCESS, Scope(ScopeLevel.CAMERA, config.cameras[0].id), now,
-        expires_at=now + QUICK_START_TTL.total_seconds(),
+        ttl=QUICK_START_TTL.total_seconds(),
         label=QUICK_START_LABEL, created_by=QUICK_START_LABEL,
     )
 

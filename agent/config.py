@@ -217,6 +217,16 @@ def _env_keys(cls: type[Any], prefix: str = "") -> dict[str, tuple[str, ...]]:
     return out
 
 
+def _leaf_type(keys: tuple[str, ...]) -> Any:
+    """The declared type of the key at ``keys`` (``str | None`` → ``str``)."""
+    tp: Any = Config
+    for key in keys:
+        tp = get_type_hints(tp)[key]
+    if get_origin(tp) in (Union, types.UnionType):
+        return next(a for a in get_args(tp) if a is not type(None))
+    return tp
+
+
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
     known = _env_keys(Config)
     out: dict[str, Any] = {}
@@ -225,12 +235,17 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             continue
         if name not in known:
             raise ConfigError(f"environment {name}: unknown setting{_hint(name, sorted(known))}")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        if isinstance(value, dict | list):
-            value = raw
+        if not raw.strip():
+            value = None
+        elif _leaf_type(known[name]) in (str, Path):
+            value = raw.strip()  # text as given: YAML would turn 0123 into 83, yes into True
+        else:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = raw
+            if isinstance(value, dict | list):
+                value = raw
         node = out
         *parents, leaf = known[name]
         for key in parents:
@@ -293,7 +308,8 @@ def validate(config: Config) -> None:
          f"agent.account_id: {config.agent.account_id!r} must be 1-64 letters, digits, '.', "
          "'_' or '-'")
     host, sep, port = config.http.listen.rpartition(":")
-    need(bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
+    need(bool(sep) and bool(host) and port.isascii() and port.isdigit()
+         and 0 < int(port) < 65536,
          f"http.listen: {config.http.listen!r} must be host:port, like 0.0.0.0:8800")
     seen: set[str] = set()
     for i, cam in enumerate(config.cameras):

@@ -6,6 +6,7 @@ contains a secret::
 
     AgentError
     ├── ConfigError        invalid or unreadable configuration / secret file
+    ├── UsageError         a command was given a value it cannot use
     ├── StoreError         the state database cannot be opened, migrated or written
     ├── TokenError         a token operation was refused
     │   ├── TokenLimitError    creating would exceed tokens.max_active
@@ -22,6 +23,10 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The configuration (or a secret it points at) is invalid."""
+
+
+class UsageError(AgentError):
+    """A command-line value is unusable (a bad duration, time, protocol, missing option)."""
 
 
 class StoreError(AgentError):

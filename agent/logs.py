@@ -80,7 +80,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     renderer: Any = (
         structlog.dev.ConsoleRenderer(colors=out.isatty())
         if use_console
-        else structlog.processors.JSONRenderer()
+        else structlog.processors.JSONRenderer(ensure_ascii=False)
     )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[_stdlib_message, *shared],

@@ -3,16 +3,18 @@
 Every token generated through the store is remembered (``ISSUED``); tests that read tokens
 from a subprocess's output add them with ``remember``. ``tests/unit/test_zz_no_leaks.py``
 runs last and greps every file the session wrote (databases, WAL files, daemon logs) for
-each of them. Files that hold a token on purpose are named ``*.secret``.
+each of them. Files that hold a token on purpose are named ``*.secret`` or lie in a
+directory named ``creds``.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,9 +24,13 @@ import agent.access.store as store_module
 from agent import cli
 from agent.access.tokens import Kind, ParsedToken
 
+# Every event loop in the tests runs in debug mode: a callback that blocks the loop for more
+# than 100 ms is logged by asyncio, and the fixture below turns that into a test failure.
+os.environ["PYTHONASYNCIODEBUG"] = "1"
+
 ISSUED: set[str] = set()
 TOKEN_RE = re.compile(r"tr[apk]_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}")
-_real_generate = store_module.generate
+_real_generate = store_module.generate  # type: ignore[attr-defined]
 
 
 def _recording_generate(kind: Kind, public_id: str | None = None) -> ParsedToken:
@@ -33,7 +39,7 @@ def _recording_generate(kind: Kind, public_id: str | None = None) -> ParsedToken
     return parsed
 
 
-store_module.generate = _recording_generate  # type: ignore[assignment]
+store_module.generate = _recording_generate  # type: ignore[attr-defined]
 
 
 def remember(text: str) -> list[str]:
@@ -46,6 +52,29 @@ def remember(text: str) -> list[str]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The leak check needs every other test to have run first."""
     items.sort(key=lambda item: "test_zz_no_leaks" in item.nodeid)
+
+
+class _SlowCallbacks(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if " took " in message:
+            self.seen.append(message)
+
+
+_slow = _SlowCallbacks()
+logging.getLogger("asyncio").addHandler(_slow)
+
+
+@pytest.fixture(autouse=True)
+def _no_blocking_in_the_event_loop() -> Iterator[None]:
+    """Fail a test during which anything blocked an event loop (asyncio debug mode)."""
+    _slow.seen.clear()
+    yield
+    assert not _slow.seen, f"the event loop was blocked: {_slow.seen}"
 
 
 @dataclass

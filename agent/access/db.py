@@ -33,6 +33,7 @@ MIGRATIONS: tuple[str, ...] = (
         label TEXT NOT NULL DEFAULT '',
         created_by TEXT NOT NULL DEFAULT '',
         origin TEXT NOT NULL DEFAULT 'local',
+        ttl REAL,
         revoked_at REAL,
         replaced_by TEXT,
         replaces TEXT,
@@ -94,6 +95,16 @@ def connect(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=NORMAL")
         conn.execute("PRAGMA foreign_keys=ON")
         _migrate(conn)
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            raise StoreError(
+                f"the state database {path} stayed busy for 10 s (another agent command "
+                "holds it): try again"
+            ) from None
+        raise StoreError(
+            f"cannot use the state database {path}: {exc}. Check that state_dir is writable "
+            "by the agent's user."
+        ) from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(
             f"cannot use the state database {path}: {exc}. Check that state_dir is writable "

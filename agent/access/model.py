@@ -143,6 +143,9 @@ class TokenRecord:
     protocols: frozenset[Protocol] = frozenset()
     permission: Permission | None = None
     expires_at: float | None = None
+    #: Set when the expiry was given as a duration: rotation then grants the same duration
+    #: again, while an absolute expiry stays the same absolute time.
+    ttl: float | None = None
     label: str = ""
     created_by: str = ""
     origin: Origin = Origin.LOCAL

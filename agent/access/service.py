@@ -71,6 +71,10 @@ class AccessService:
             self._close_quietly(session, "shutdown")
         await asyncio.to_thread(self._recorder.close)
 
+    async def flush(self) -> None:
+        """Wait until every access event recorded so far is committed."""
+        await asyncio.to_thread(self._recorder.flush)
+
     def authorize(
         self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
     ) -> Decision:
@@ -79,7 +83,7 @@ class AccessService:
         decision = authorize(req, self._tokens, self._site, self._limiter)
         self._recorder.record_decision(req, decision)
         if not decision.granted:
-            log.info("access_denied", reason=decision.reason.value, token_id=decision.token_id,
+            log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
                      camera=camera, protocol=protocol, peer_ip=peer_ip)
         return decision
 
@@ -131,6 +135,10 @@ class AccessService:
             session.close(reason)
         except Exception as exc:  # one broken session must not stop the others from ending
             log.warning("session_close_failed", session=session.id, error=str(exc))
+
+    def token(self, token_id: str) -> TokenRecord | None:
+        """The record as the service currently enforces it."""
+        return self._tokens.get(token_id)
 
     def apply_changes(self, records: list[TokenRecord]) -> None:
         for record in records:

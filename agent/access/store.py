@@ -32,8 +32,8 @@ from agent.errors import NotFoundError, TokenError, TokenLimitError
 
 _COLUMNS = (
     "id", "kind", "scope", "secret_hash", "last4", "protocols", "permission", "created_at",
-    "expires_at", "label", "created_by", "origin", "revoked_at", "replaced_by", "replaces",
-    "last_used_at", "rev",
+    "expires_at", "ttl", "label", "created_by", "origin", "revoked_at", "replaced_by",
+    "replaces", "last_used_at", "rev",
 )
 T = TypeVar("T")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tokens"
@@ -42,13 +42,13 @@ _ACTIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
 
 def _record(row: tuple[Any, ...]) -> TokenRecord:
     (tid, kind, scope, secret_hash, last4, protocols, permission, created_at, expires_at,
-     label, created_by, origin, revoked_at, replaced_by, replaces, last_used_at, rev) = row
+     ttl, label, created_by, origin, revoked_at, replaced_by, replaces, last_used_at, rev) = row
     return TokenRecord(
         id=tid, kind=Kind(kind), scope=Scope.parse(scope), secret_hash=bytes(secret_hash),
         last4=last4, created_at=created_at,
         protocols=frozenset(Protocol(p) for p in protocols.split(",") if p),
         permission=Permission(permission) if permission else None, expires_at=expires_at,
-        label=label, created_by=created_by, origin=Origin(origin), revoked_at=revoked_at,
+        ttl=ttl, label=label, created_by=created_by, origin=Origin(origin), revoked_at=revoked_at,
         replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at, rev=rev,
     )
 
@@ -154,10 +154,18 @@ class TokenStore:
         *,
         protocols: frozenset[Protocol] = frozenset(),
         expires_at: float | None = None,
+        ttl: float | None = None,
         label: str = "",
         created_by: str = "",
     ) -> NewToken:
-        """A new local token, audited; refused beyond ``max_active`` or for an unknown scope."""
+        """A new local token, audited; refused beyond ``max_active`` or for an unknown scope.
+
+        Expiry: none, ``expires_at`` (absolute), or ``ttl`` seconds from ``now``.
+        """
+        if ttl is not None:
+            if expires_at is not None:
+                raise ValueError("give expires_at or ttl, not both")
+            expires_at = now + ttl
         self._check_new(kind, scope, protocols, expires_at, now)
         with self._lock, transaction(self._conn):
             if self._count_active(now) >= self.max_active:
@@ -166,8 +174,8 @@ class TokenStore:
                     "(tokens.max_active): revoke unused ones ('therelay-agent token list') "
                     "or raise the limit"
                 )
-            new = self._insert(kind, scope, now, protocols, expires_at, label, created_by,
-                               permission=None, replaces=None)
+            new = self._insert(kind, scope, now, protocols, expires_at, ttl, label, created_by,
+                               replaces=None)
             audit.append(self._conn, [audit.AuditEntry(
                 now, audit.CREATED, token_id=new.record.id, actor=created_by or None,
                 detail=_describe(new.record),
@@ -214,12 +222,10 @@ class TokenStore:
                     f"this agent already has {self.max_active} other active tokens "
                     "(tokens.max_active): revoke unused ones first"
                 )
-            lifetime = None if old.expires_at is None else old.expires_at - old.created_at
-            new = self._insert(
-                old.kind, old.scope, now, old.protocols,
-                None if lifetime is None else now + lifetime,
-                old.label, actor, old.permission, replaces=old.id,
-            )
+            # A duration is granted again from now; an absolute expiry stays where it was.
+            expires = now + old.ttl if old.ttl is not None else old.expires_at
+            new = self._insert(old.kind, old.scope, now, old.protocols, expires, old.ttl,
+                               old.label, actor, replaces=old.id)
             rev = next_rev(self._conn)
             if grace:
                 ends = now + grace if old.expires_at is None else min(old.expires_at, now + grace)
@@ -288,9 +294,9 @@ class TokenStore:
         now: float,
         protocols: Collection[Protocol],
         expires_at: float | None,
+        ttl: float | None,
         label: str,
         created_by: str,
-        permission: Permission | None,
         replaces: str | None,
     ) -> NewToken:
         for _ in range(5):  # 62**12 ids: a collision is astronomically rare, but handled
@@ -305,11 +311,10 @@ class TokenStore:
         assert is_public_id(parsed.public_id)
         rev = next_rev(self._conn)
         self._conn.execute(
-            f"INSERT INTO tokens ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 17)})",
+            f"INSERT INTO tokens ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 18)})",
             (parsed.public_id, kind.value, str(scope), token_hash(parsed.text),
-             parsed.text[-4:], ",".join(sorted(protocols)),
-             permission.value if permission else None, now, expires_at, label, created_by,
-             Origin.LOCAL.value, None, None, replaces, None, rev),
+             parsed.text[-4:], ",".join(sorted(protocols)), None, now, expires_at, ttl, label,
+             created_by, Origin.LOCAL.value, None, None, replaces, None, rev),
         )
         return NewToken(parsed.text, self._get_locked(parsed.public_id))
 
@@ -320,6 +325,8 @@ def _describe(record: TokenRecord) -> dict[str, Any]:
         out["protocols"] = sorted(record.protocols)
     if record.expires_at is not None:
         out["expires_at"] = record.expires_at
+    if record.ttl is not None:
+        out["ttl_seconds"] = record.ttl
     if record.label:
         out["label"] = record.label
     return out

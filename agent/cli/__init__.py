@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,7 +18,7 @@ from agent.cli import audit as audit_cli
 from agent.cli import tokens as token_cli
 from agent.cli.output import emit_json, table
 from agent.config import DEFAULT_CONFIG_PATH, Config, load, publisher_token
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, UsageError
 
 EXIT_FAILED = 1  # the command ran and the answer is no (denied, refused, tampered)
 EXIT_ERROR = 2  # the command could not run as given (usage, configuration)
@@ -54,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
 def _config_path(args: argparse.Namespace) -> Path | None:
     if args.config is not None:
         return Path(args.config)
+    if os.environ.get("THERELAY_CONFIG"):
+        return None  # config.load reads $THERELAY_CONFIG; it wins over the default path
     if DEFAULT_CONFIG_PATH.exists():
         return DEFAULT_CONFIG_PATH
     return None  # $THERELAY_CONFIG, else embedded defaults (decided in config.load)
@@ -108,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return int(args.handler(args, config, store))
         finally:
             store.close()
-    except ConfigError as exc:
+    except (ConfigError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except AgentError as exc:

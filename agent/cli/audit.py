@@ -15,7 +15,7 @@ from agent.access.model import Status, format_time, parse_duration, parse_time
 from agent.access.store import TokenStore
 from agent.cli.output import emit_json, table
 from agent.config import Config
-from agent.errors import AgentError
+from agent.errors import UsageError
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -55,7 +55,7 @@ def _when(text: str | None, now: float, option: str) -> float | None:
     try:
         return parse_time(text)
     except ValueError:
-        raise AgentError(f"{option}: {text!r} is neither a time like 2026-12-01T00:00Z "
+        raise UsageError(f"{option}: {text!r} is neither a time like 2026-12-01T00:00Z "
                          "nor an age like 1h") from None
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from agent.access.model import (
+    ADMIN_PROTOCOL,
+    Protocol,
     Scope,
     ScopeLevel,
     Status,
@@ -23,7 +25,7 @@ from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.cli.output import TOKEN_COLUMNS, emit_json, table, token_dict, token_rows
 from agent.config import Config
-from agent.errors import TokenError
+from agent.errors import UsageError
 
 T = TypeVar("T")
 
@@ -40,7 +42,7 @@ def _value(parse: Callable[[str], T], text: str, what: str) -> T:
     try:
         return parse(text)
     except ValueError as exc:
-        raise TokenError(f"{what}: {exc}") from None
+        raise UsageError(f"{what}: {exc}") from None
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -89,7 +91,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     check.add_argument("token", help="the token, or - to read it from standard input")
     check.add_argument("--camera", metavar="ID")
     check.add_argument("--protocol", default="webrtc",
-                       help="webrtc, rtsp, hls, snapshot or admin (default: webrtc)")
+                       choices=[*(p.value for p in Protocol), ADMIN_PROTOCOL],
+                       help="the protocol of the request (default: webrtc)")
     check.add_argument("--ip", metavar="IP", help="the viewer's address (informational)")
     check.set_defaults(handler=cmd_check)
 
@@ -101,20 +104,17 @@ def _scope(args: argparse.Namespace, config: Config) -> Scope:
         return Scope(ScopeLevel.ACCOUNT, config.agent.account_id)
     if args.host or args.admin:
         return Scope(ScopeLevel.HOST, config.agent.id)
-    raise TokenError("choose the token's scope: --camera ID, --host or --account")
+    raise UsageError("choose the token's scope: --camera ID, --host or --account")
 
 
 def cmd_create(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
     now = time.time()
     protocols = _value(parse_protocols, args.protocol, "--protocol")
-    expires = None
-    if args.ttl:
-        expires = now + _value(parse_duration, args.ttl, "--ttl")
-    elif args.expires:
-        expires = _value(parse_time, args.expires, "--expires")
+    ttl = _value(parse_duration, args.ttl, "--ttl") if args.ttl else None
+    expires = _value(parse_time, args.expires, "--expires") if args.expires else None
     new = store.create(
         Kind.ADMIN if args.admin else Kind.ACCESS, _scope(args, config), now,
-        protocols=protocols, expires_at=expires, label=args.label,
+        protocols=protocols, expires_at=expires, ttl=ttl, label=args.label,
         created_by=actor(),
     )
     _print_new(args, new, now, "Created")
@@ -203,4 +203,7 @@ def cmd_check(args: argparse.Namespace, config: Config, store: TokenStore) -> in
         print(f"{verdict}{who}")
         if not decision.granted:
             print(f"fix: {decision.fix}")
+        if args.camera and args.camera not in config.camera_ids:
+            print(f"note: camera {args.camera!r} is not configured on this agent: viewers "
+                  "asking for it get 'not found' whatever the token")
     return 0 if decision.granted else 1

@@ -1,0 +1,149 @@
+"""The daemon's access service: authorize on the loop, follow the store, end live sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent import app
+from agent.access import audit
+from agent.access.model import Scope
+from agent.access.service import AccessService
+from agent.access.tokens import Kind
+from agent.config import load
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    return load(None, {"THERELAY_STATE_DIR": str(tmp_path), "THERELAY_AGENT_ID": "site1",
+                       "THERELAY_AUDIT_FLUSH_INTERVAL": "0.1"})
+
+
+@pytest.fixture
+async def service(config):
+    store = await asyncio.to_thread(app.open_store, config)
+    access = app.build_access(config, store)
+    await access.start()
+    yield access, store
+    await access.stop()
+    store.close()
+
+
+async def wait_for(event: asyncio.Event, seconds: float = 10.0) -> None:
+    await asyncio.wait_for(event.wait(), seconds)
+
+
+async def known(access: AccessService, *token_ids: str) -> None:
+    """Wait (bounded) until the service's watcher has picked these tokens up."""
+    for _ in range(200):
+        if all(access.token(t) is not None for t in token_ids):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the token watcher never saw the new tokens")
+
+
+class Viewer:
+    """Stands for a protocol's live session: records how the agent ended it."""
+
+    def __init__(self) -> None:
+        self.ended = asyncio.Event()
+        self.reason: str | None = None
+
+    def close(self, reason: str) -> None:
+        self.reason = reason
+        self.ended.set()
+
+
+async def open_viewer(access: AccessService, token: str, camera: str = "demo") -> Viewer:
+    decision = access.authorize(token, camera, "webrtc", "127.0.0.1")
+    assert decision.granted, decision.reason
+    viewer = Viewer()
+    access.open_session(decision, camera, "webrtc", "127.0.0.1", viewer.close, lambda: 4096)
+    return viewer
+
+
+async def test_revocation_from_another_process_ends_the_live_session(service, config) -> None:
+    access, store = service
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time())
+    other = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("host:site1"),
+                                    time.time())
+    await known(access, new.record.id, other.record.id)
+    viewer = await open_viewer(access, new.token)
+    bystander = await open_viewer(access, other.token)
+    env = {**os.environ, "THERELAY_STATE_DIR": str(config.state_dir),
+           "THERELAY_AGENT_ID": "site1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "token", "revoke", new.record.id, env=env,
+        stdout=subprocess.DEVNULL)
+    assert await proc.wait() == 0
+    await wait_for(viewer.ended)
+    assert viewer.reason == "revoked"
+    assert not bystander.ended.is_set()
+    assert len(access.sessions) == 1
+    assert access.authorize(new.token, "demo", "webrtc", "127.0.0.1").reason.value == "revoked"
+
+
+async def test_expiry_ends_the_live_session(service) -> None:
+    access, store = service
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time(), expires_at=time.time() + 1.0)
+    await known(access, new.record.id)
+    viewer = await open_viewer(access, new.token)
+    await wait_for(viewer.ended)
+    assert viewer.reason == "expired"
+
+
+async def test_session_end_is_audited_with_duration_and_bytes(service) -> None:
+    access, store = service
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time())
+    await known(access, new.record.id)
+    await open_viewer(access, new.token)
+    (session,) = list(access.sessions)
+    access.end_session(session.id, "closed")
+    access.end_session(session.id, "closed")  # idempotent
+    await access.flush()
+    ended = await asyncio.to_thread(store.read, lambda c: audit.query(
+        c, audit.AuditQuery(event=audit.SESSION_ENDED)))
+    assert len(ended) == 1
+    assert ended[0]["reason"] == "closed" and ended[0]["detail"]["bytes"] == 4096
+    assert ended[0]["detail"]["duration_s"] >= 0
+    granted = await asyncio.to_thread(store.read, lambda c: audit.query(
+        c, audit.AuditQuery(event=audit.GRANTED, token_id=new.record.id)))
+    assert len(granted) == 1 and granted[0]["peer_ip"] == "127.0.0.1"
+
+
+async def test_stop_ends_every_session_and_a_broken_one_does_not_stop_the_rest(config) -> None:
+    store = await asyncio.to_thread(app.open_store, config)
+    access = app.build_access(config, store)
+    await access.start()
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time())
+    await known(access, new.record.id)
+    decision = access.authorize(new.token, "demo", "webrtc", "127.0.0.1")
+
+    def broken(_reason: str) -> None:
+        raise RuntimeError("peer already gone")
+
+    access.open_session(decision, "demo", "webrtc", "127.0.0.1", broken)
+    viewer = await open_viewer(access, new.token)
+    await access.stop()
+    assert viewer.reason == "shutdown"
+    assert len(access.sessions) == 0
+    ended = store.read(lambda c: audit.query(c, audit.AuditQuery(event=audit.SESSION_ENDED)))
+    assert [e["reason"] for e in ended] == ["shutdown", "shutdown"]
+    store.close()
+
+
+async def test_a_session_needs_a_granted_decision(service) -> None:
+    access, _ = service
+    denied = access.authorize("junk", "demo", "webrtc", "127.0.0.1")
+    with pytest.raises(ValueError, match="granted"):
+        access.open_session(denied, "demo", "webrtc", "127.0.0.1", lambda _r: None)

@@ -1,0 +1,73 @@
+"""No secret reaches a log line, whichever logger, field or format carries it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+import structlog
+
+from agent import logs
+from agent.access.tokens import Kind, generate
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging():
+    yield
+    structlog.reset_defaults()
+    logging.getLogger().handlers.clear()
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_every_field_and_logger_is_redacted(fmt: str) -> None:
+    access, publisher = generate(Kind.ACCESS), generate(Kind.PUBLISHER)
+    out = io.StringIO()
+    logs.configure(fmt, "debug", stream=out)
+    log = structlog.get_logger("t")
+    log.info("viewer", token=access.text, nested={"list": [publisher.text]})
+    log.warning(f"request GET /whep/cam1?token={access.text[:40]}&x=1")
+    try:
+        raise ValueError(f"bad token {access.text}")
+    except ValueError:
+        log.exception("failed")
+    logging.getLogger("aiohttp.access").info(
+        'GET /snapshot/cam1.jpg?token=%s HTTP/1.1 "Authorization: Bearer %s"',
+        access.text, publisher.text)
+    log.info("camera", source="rtsp://admin:hunter2@10.1.1.1/stream", header="Basic YWRtaW46eA==")
+    text = out.getvalue()
+    for secret in (access.text, publisher.text, access.text[17:40], "hunter2", "YWRtaW46eA=="):
+        assert secret not in text
+    assert f"tra_{access.public_id}…[redacted]" in text
+    assert f"trp_{publisher.public_id}…[redacted]" in text
+    assert "rtsp://[redacted]@10.1.1.1/stream" in text
+    assert "token=[redacted]&x=1" in text
+    assert "ValueError" in text  # the exception is still there, minus its secret
+    if fmt == "json":
+        lines = [json.loads(line) for line in text.splitlines()]
+        assert [line["level"] for line in lines] == ["info", "warning", "error", "info", "info"]
+        assert lines[3]["logger"] == "aiohttp.access"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("GET /x?token=abc&y=2", "GET /x?token=[redacted]&y=2"),
+        ("password=abc secret=def", "password=[redacted] secret=[redacted]"),
+        ("Authorization: Bearer abc.def", "Authorization: Bearer [redacted]"),
+        ("rtsp://u:p@h:554/s", "rtsp://[redacted]@h:554/s"),
+        ("rtsp://h:554/s", "rtsp://h:554/s"),
+        ("nothing to hide", "nothing to hide"),
+    ],
+)
+def test_redact_text(text: str, expected: str) -> None:
+    assert logs.redact_text(text) == expected
+
+
+def test_levels_filter() -> None:
+    out = io.StringIO()
+    logs.configure("json", "warning", stream=out)
+    structlog.get_logger("t").info("quiet")
+    structlog.get_logger("t").warning("loud")
+    assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["loud"]

@@ -1,0 +1,191 @@
+"""authorize(): every reason code, in checking order, and the failure limiter."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.access import tokens
+from agent.access.model import Protocol, Scope, TokenRecord
+from agent.access.policy import (
+    FIX,
+    HTTP_STATUS,
+    AccessRequest,
+    FailureLimiter,
+    Reason,
+    Site,
+    authorize,
+)
+from agent.access.tokens import Kind
+
+NOW = 1_800_000_000.0
+SITE = Site("site1", "acme")
+
+
+def issue(
+    kind: Kind = Kind.ACCESS, scope: str = "camera:cam1", **fields: object
+) -> tuple[str, TokenRecord]:
+    token = tokens.generate(kind)
+    record = TokenRecord(
+        id=token.public_id, kind=kind, scope=Scope.parse(scope),
+        secret_hash=tokens.token_hash(token.text), last4=token.text[-4:],
+        created_at=NOW - 100, **fields,  # type: ignore[arg-type]
+    )
+    return token.text, record
+
+
+def decide(token, records, camera="cam1", protocol="webrtc", ip="10.0.0.9", limiter=None):
+    index = {r.id: r for r in records}
+    return authorize(AccessRequest(token, camera, protocol, ip, NOW), index, SITE, limiter)
+
+
+def _forged(record: TokenRecord) -> str:
+    """A well-formed token with the record's id but another secret."""
+    return tokens.generate(record.kind, public_id=record.id).text
+
+
+CASES = [
+    # (name, builder → (presented token, records, request overrides), expected reason)
+    ("missing none", lambda: (None, [], {}), Reason.MISSING),
+    ("missing empty", lambda: ("", [], {}), Reason.MISSING),
+    ("malformed", lambda: ("Bearer nonsense", [], {}), Reason.MALFORMED),
+    ("corrupted", lambda: ((t := issue()[0])[:-1] + ("0" if t[-1] != "0" else "1"), [], {}),
+     Reason.CORRUPTED),
+    ("unknown", lambda: (issue()[0], [], {}), Reason.UNKNOWN),
+    ("bad secret", lambda: ((r := issue()[1]) and _forged(r), [r], {}), Reason.BAD_SECRET),
+    ("revoked but bad secret says bad_secret",
+     lambda: ((r := issue(revoked_at=NOW - 1)[1]) and _forged(r), [r], {}), Reason.BAD_SECRET),
+    ("admin token for viewing", lambda: ((x := issue(Kind.ADMIN, "host:site1"))[0], [x[1]], {}),
+     Reason.WRONG_KIND),
+    ("publisher token for viewing",
+     lambda: ((x := issue(Kind.PUBLISHER, "host:site1"))[0], [x[1]], {}), Reason.WRONG_KIND),
+    ("access token for admin api",
+     lambda: ((x := issue(Kind.ACCESS, "host:site1"))[0], [x[1]], {"protocol": "admin",
+                                                                    "camera": None}),
+     Reason.WRONG_KIND),
+    ("revoked", lambda: ((x := issue(revoked_at=NOW - 1))[0], [x[1]], {}), Reason.REVOKED),
+    ("revoked beats expired",
+     lambda: ((x := issue(revoked_at=NOW - 1, expires_at=NOW - 1))[0], [x[1]], {}),
+     Reason.REVOKED),
+    ("expired", lambda: ((x := issue(expires_at=NOW - 1))[0], [x[1]], {}), Reason.EXPIRED),
+    ("expires exactly now", lambda: ((x := issue(expires_at=NOW))[0], [x[1]], {}),
+     Reason.EXPIRED),
+    ("expires later", lambda: ((x := issue(expires_at=NOW + 1))[0], [x[1]], {}),
+     Reason.GRANTED),
+    ("cam1 never grants cam10", lambda: ((x := issue())[0], [x[1]], {"camera": "cam10"}),
+     Reason.SCOPE_MISMATCH),
+    ("cam10 never grants cam1",
+     lambda: ((x := issue(scope="camera:cam10"))[0], [x[1]], {"camera": "cam1"}),
+     Reason.SCOPE_MISMATCH),
+    ("camera token for no camera", lambda: ((x := issue())[0], [x[1]], {"camera": None}),
+     Reason.SCOPE_MISMATCH),
+    ("other host", lambda: ((x := issue(scope="host:site10"))[0], [x[1]], {}),
+     Reason.SCOPE_MISMATCH),
+    ("other account", lambda: ((x := issue(scope="account:acme2"))[0], [x[1]], {}),
+     Reason.SCOPE_MISMATCH),
+    ("protocol not allowed",
+     lambda: ((x := issue(protocols=frozenset({Protocol.SNAPSHOT})))[0], [x[1]], {}),
+     Reason.PROTOCOL_NOT_ALLOWED),
+    ("scope checked before protocol",
+     lambda: ((x := issue(protocols=frozenset({Protocol.SNAPSHOT})))[0], [x[1]],
+              {"camera": "cam2"}), Reason.SCOPE_MISMATCH),
+    ("camera scope", lambda: ((x := issue())[0], [x[1]], {}), Reason.GRANTED),
+    ("host scope", lambda: ((x := issue(scope="host:site1"))[0], [x[1]], {"camera": "any"}),
+     Reason.GRANTED),
+    ("account scope",
+     lambda: ((x := issue(scope="account:acme"))[0], [x[1]], {"camera": "any"}),
+     Reason.GRANTED),
+    ("allowed protocol",
+     lambda: ((x := issue(protocols=frozenset({Protocol.SNAPSHOT, Protocol.WEBRTC})))[0],
+              [x[1]], {}), Reason.GRANTED),
+    ("admin token for admin api",
+     lambda: ((x := issue(Kind.ADMIN, "host:site1"))[0], [x[1]],
+              {"protocol": "admin", "camera": None}), Reason.GRANTED),
+]
+
+
+@pytest.mark.parametrize(("name", "build", "expected"), CASES, ids=[c[0] for c in CASES])
+def test_reason(name, build, expected) -> None:
+    token, records, overrides = build()
+    decision = decide(token, records, **overrides)
+    assert decision.reason is expected, name
+    assert decision.granted is (expected is Reason.GRANTED)
+    assert decision.http_status == HTTP_STATUS[expected]
+    if expected in (Reason.MISSING, Reason.MALFORMED, Reason.CORRUPTED):
+        assert decision.token_id is None
+    else:
+        assert decision.token_id == tokens.parse(token).public_id  # type: ignore[union-attr]
+    if expected in (Reason.UNKNOWN, Reason.BAD_SECRET):
+        assert decision.record is None  # nothing about the record is revealed
+
+
+def test_every_reason_has_a_status_and_a_fix() -> None:
+    assert set(HTTP_STATUS) == set(Reason) == set(FIX)
+    assert all(FIX[r] for r in Reason)
+
+
+def test_unknown_and_known_ids_cost_one_hash_comparison_each(monkeypatch) -> None:
+    import hmac
+
+    calls = []
+    real = hmac.compare_digest
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", counting)
+    token, record = issue()
+    decide(token, [record])
+    decide(issue()[0], [record])  # unknown id
+    assert len(calls) == 2
+
+
+class TestLimiter:
+    def test_failures_beyond_the_burst_are_rate_limited(self) -> None:
+        limiter = FailureLimiter(burst=3, per_minute=60)
+        reasons = [decide("junk", [], limiter=limiter).reason for _ in range(5)]
+        assert reasons == [Reason.MALFORMED] * 3 + [Reason.RATE_LIMITED] * 2
+        limited = decide("junk", [], limiter=limiter)
+        assert limited.detail == "malformed" and limited.http_status == 429
+
+    def test_a_valid_token_is_never_limited(self) -> None:
+        limiter = FailureLimiter(burst=1, per_minute=1)
+        token, record = issue()
+        for _ in range(3):
+            decide("junk", [record], limiter=limiter)
+        assert decide(token, [record], limiter=limiter).granted
+
+    def test_limits_are_per_ip_not_per_token_id(self) -> None:
+        limiter = FailureLimiter(burst=2, per_minute=1)
+        _, record = issue()
+        forged = _forged(record)
+        for _ in range(3):
+            decide(forged, [record], ip="10.0.0.66", limiter=limiter)
+        again = decide(forged, [record], ip="10.0.0.66", limiter=limiter)
+        assert again.reason is Reason.RATE_LIMITED
+        # Another address presenting the same (public) id is judged on its own merits.
+        assert decide(forged, [record], ip="10.0.0.7", limiter=limiter).reason is Reason.BAD_SECRET
+
+    def test_bucket_refills_over_time(self) -> None:
+        limiter = FailureLimiter(burst=1, per_minute=60)
+        assert limiter.consume("ip", NOW)
+        assert not limiter.consume("ip", NOW + 0.5)
+        assert limiter.consume("ip", NOW + 1.6)
+
+    def test_memory_is_bounded(self) -> None:
+        limiter = FailureLimiter(burst=1, per_minute=1, max_ips=10)
+        for i in range(100):
+            limiter.consume(f"10.0.{i}.1", NOW)
+        assert len(limiter._buckets) == 10
+        # The oldest were forgotten: their budget is fresh again.
+        assert limiter.consume("10.0.0.1", NOW)
+
+    def test_requests_without_an_address_are_not_limited(self) -> None:
+        limiter = FailureLimiter(burst=1, per_minute=1)
+        assert [decide("junk", [], ip=None, limiter=limiter).reason for _ in range(3)] == [
+            Reason.MALFORMED] * 3
+
+    def test_rejects_nonsense_settings(self) -> None:
+        with pytest.raises(ValueError):
+            FailureLimiter(burst=0, per_minute=1)
+
