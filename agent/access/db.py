@@ -136,7 +136,13 @@ def _migrate(conn: sqlite3.Connection) -> None:
 @contextmanager
 def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """``BEGIN IMMEDIATE`` … ``COMMIT``: writers queue up instead of racing (limits, chain)."""
-    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute("BEGIN IMMEDIATE")  # waits up to the connection's 10 s busy timeout
+    except sqlite3.OperationalError as exc:
+        raise StoreError(
+            f"the state database is busy ({exc}): another agent command or the daemon held "
+            "it for 10 s; try again"
+        ) from None
     try:
         yield conn
     except BaseException:

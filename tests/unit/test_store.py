@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -231,3 +232,16 @@ def test_an_unwritable_state_dir_gives_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="state_dir"):
         connect(blocker / "sub" / "agent.db")
 
+
+
+def test_a_busy_database_is_a_clear_error(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    blocker = sqlite3.connect(db_path(tmp_path), timeout=0)
+    blocker.execute("BEGIN IMMEDIATE")  # another writer holds the lock
+    store._conn.execute("PRAGMA busy_timeout = 100")
+    with pytest.raises(StoreError, match="busy"):
+        store.create(Kind.ACCESS, CAM, NOW)
+    blocker.rollback()
+    store.create(Kind.ACCESS, CAM, NOW)  # and it works once the lock is gone
+    blocker.close()
+    store.close()
