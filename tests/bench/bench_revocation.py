@@ -11,7 +11,6 @@ import asyncio
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 from agent import app, logs
 from agent.access.model import Scope
