@@ -28,7 +28,8 @@ async def main() -> None:
         cli_store = app.open_store(config)  # stands for the CLI process
         access = app.build_access(config, store)
         await access.start()
-        revoke_lat, expire_lat = [], []
+        revoke_lat: list[float] = []
+        expire_lat: list[float] = []
         for i in range(ROUNDS):
             expiring = i % 2 == 1
             now = time.time()
