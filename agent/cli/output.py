@@ -45,8 +45,8 @@ def token_dict(record: TokenRecord, now: float) -> dict[str, Any]:
     }
 
 
-TOKEN_COLUMNS = ("id", "kind", "scope", "protocols", "status", "expires_at", "last_used_at",
-                 "label")
+TOKEN_COLUMNS = ("id", "kind", "scope", "protocols", "status", "created_at", "expires_at",
+                 "last_used_at", "label")
 
 
 def token_rows(records: Sequence[TokenRecord], now: float) -> list[list[Any]]:

@@ -69,6 +69,8 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     lst = tsub.add_parser("list", parents=[common], help="list tokens (never their secrets)")
     lst.add_argument("--kind", choices=[k.value for k in Kind])
     lst.add_argument("--status", choices=[s.value for s in Status])
+    lst.add_argument("--older-than", metavar="DURATION",
+                     help="only tokens created longer ago than this, e.g. 90d (due to rotate)")
     lst.set_defaults(handler=cmd_list)
 
     show = tsub.add_parser("show", parents=[common], help="one token's details")
@@ -138,6 +140,9 @@ def cmd_list(args: argparse.Namespace, _config: Config, store: TokenStore) -> in
         now, kind=Kind(args.kind) if args.kind else None,
         status=Status(args.status) if args.status else None,
     )
+    if args.older_than:
+        cutoff = now - _value(parse_duration, args.older_than, "--older-than")
+        records = [r for r in records if r.created_at < cutoff]
     if args.json:
         emit_json([token_dict(r, now) for r in records])
     elif records:

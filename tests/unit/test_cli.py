@@ -700,3 +700,18 @@ def test_python_m_agent_creates_a_token(run_cli: Run, state_dir: Path, tmp_path:
     assert "Traceback" not in proc.stderr
     # the in-process CLI shares the state dir and accepts the token
     assert check(run_cli, found[0], "--camera", "demo").code == 0
+
+
+def test_list_older_than_finds_tokens_due_for_rotation(run_cli: Run, monkeypatch) -> None:
+    import agent.cli.tokens as token_cli
+
+    real = time.time
+    monkeypatch.setattr(token_cli.time, "time", lambda: real() - 100 * 86400)
+    old_id, _ = create(run_cli, "--camera", "demo")
+    monkeypatch.setattr(token_cli.time, "time", real)
+    new_id, _ = create(run_cli, "--camera", "demo")
+    listed = json.loads(run_cli("token", "list", "--older-than", "90d", "--json").out)
+    assert [t["id"] for t in listed] == [old_id]
+    table = run_cli("token", "list").out
+    assert "created_at" in table.splitlines()[0] and new_id in table
+    assert run_cli("token", "list", "--older-than", "soon").code == 2
