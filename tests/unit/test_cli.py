@@ -703,12 +703,10 @@ def test_python_m_agent_creates_a_token(run_cli: Run, state_dir: Path, tmp_path:
 
 
 def test_list_older_than_finds_tokens_due_for_rotation(run_cli: Run, monkeypatch) -> None:
-    import agent.cli.tokens as token_cli
-
     real = time.time
-    monkeypatch.setattr(token_cli.time, "time", lambda: real() - 100 * 86400)
+    monkeypatch.setattr(time, "time", lambda: real() - 100 * 86400)
     old_id, _ = create(run_cli, "--camera", "demo")
-    monkeypatch.setattr(token_cli.time, "time", real)
+    monkeypatch.setattr(time, "time", real)
     new_id, _ = create(run_cli, "--camera", "demo")
     listed = json.loads(run_cli("token", "list", "--older-than", "90d", "--json").out)
     assert [t["id"] for t in listed] == [old_id]
