@@ -7,6 +7,7 @@ import signal
 import time
 from datetime import timedelta
 
+import ifaddr
 import structlog
 
 from agent import __version__
@@ -20,6 +21,11 @@ from agent.access.tokens import Kind
 from agent.config import Config, publisher_token
 from agent.errors import AgentError
 from agent.http import server
+from agent.http.views import Views
+from agent.http.whep import WhepEndpoint
+from agent.media.cameras import Cameras
+from agent.media.snapshot import Snapshotter
+from agent.webrtc.ice import host_addresses, install_host_addresses
 
 log = structlog.get_logger(__name__)
 
@@ -59,27 +65,49 @@ def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken
     )
 
 
+def viewer_urls(config: Config, token: str) -> list[str]:
+    """Links that open the viewer page with ``token`` in the fragment (never sent in a URL)."""
+    host, port = config.http.host_port
+    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
+        addresses = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
+                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")][:3]
+        hosts = addresses or ["127.0.0.1"]
+    else:
+        hosts = [f"[{host}]" if ":" in host else host]
+    return [f"http://{h}:{port}/#token={token}" for h in hosts]
+
+
 async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
     publisher_token(config)  # fail early on a bad token file; the relay link uses it later
+    install_host_addresses(host_addresses(config.webrtc))
     store = await asyncio.to_thread(open_store, config)
     access = build_access(config, store)
     started = time.time()
     if quick_start and config.cameras:
         new = await asyncio.to_thread(quick_start_token, config, store, started)
-        print(f"Quick-start access token for camera '{config.cameras[0].id}' "
-              f"(valid until {format_time(new.record.expires_at)}, shown once):\n"
-              f"  {new.token}", flush=True)
+        links = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
+        print(f"Watch camera '{config.cameras[0].id}' in a browser on this network "
+              f"(access token valid until {format_time(new.record.expires_at)}, shown once):\n"
+              f"{links}", flush=True)
     await access.start()
+    cameras = Cameras(config.cameras, config.media)
+    whep = WhepEndpoint(access, cameras, config.webrtc, config.media.camera_timeout)
 
     def health() -> dict[str, object]:
         return {"status": "ok", "version": __version__, "agent_id": config.agent.id,
                 "uptime_s": round(time.time() - started, 1),
-                "sessions": len(access.sessions)}
+                "sessions": len(access.sessions),
+                "cameras": {c.id: c.hub.status.state for c in cameras}}
 
+    app = server.make_app(health)
+    whep.routes(app)
+    Views(access, cameras, Snapshotter(config.snapshot.cache_seconds,
+                                       config.media.camera_timeout + 5),
+          store.site).routes(app)
     host, port = config.http.host_port
     try:
-        runner = await server.start(server.make_app(health), host, port)
+        runner = await server.start(app, host, port)
     except OSError as exc:
         await access.stop()
         store.close()
@@ -87,6 +115,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
             f"cannot listen on {config.http.listen}: {exc.strerror}. Another program may use "
             "the port: change http.listen."
         ) from None
+    cameras.start()
     log.info("agent_started", version=__version__, agent_id=config.agent.id,
              listen=config.http.listen, state_dir=str(config.state_dir),
              cameras=config.camera_ids, config=config.origin)
@@ -100,7 +129,9 @@ async def run(config: Config, *, quick_start: bool) -> int:
         log.info("agent_stopping")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        await whep.close()
         await runner.cleanup()
+        await cameras.close()
         await access.stop()
         store.close()
     log.info("agent_stopped")

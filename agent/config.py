@@ -8,6 +8,7 @@ they come from files or from systemd credentials (``$CREDENTIALS_DIRECTORY``).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 import socket
@@ -62,6 +63,56 @@ class CameraConfig:
     id: str
     source: str
     name: str = ""
+    #: RTSP transport: tcp (default, works through most networks) or udp.
+    transport: str = "tcp"
+    #: RTSP user name, when it is not in the URL.
+    username: str | None = None
+    #: File holding the RTSP password (else the systemd credential ``camera-<id>``).
+    password_file: Path | None = None
+    #: Keep pulling with no viewer (instant start, GOP always warm) instead of on demand.
+    always_on: bool = False
+    #: auto: G.711 and Opus passed through, AAC transcoded to Opus once; passthrough: no
+    #: transcoding; off: video only.
+    audio: str = "auto"
+
+
+@dataclass(frozen=True)
+class MediaSection:
+    #: Seconds a camera keeps being pulled after its last viewer left.
+    idle_grace: float = 30.0
+    #: Start new viewers from the cached GOP (last keyframe onwards) instead of waiting.
+    gop_cache: bool = True
+    #: Packets a slow viewer may have queued before it skips to the next keyframe.
+    queue_packets: int = 300
+    #: Socket timeout for cameras, seconds (a dead camera is noticed within this).
+    camera_timeout: float = 5.0
+    #: Longest wait between reconnection attempts to an unreachable camera, seconds.
+    reconnect_max: float = 60.0
+
+
+@dataclass(frozen=True)
+class IceServerConfig:
+    urls: list[str]
+    username: str | None = None
+    #: File holding the TURN credential (never inline).
+    credential_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class WebrtcSection:
+    #: Local addresses offered as ICE host candidates (default: every interface's address).
+    host_addresses: list[str] = field(default_factory=list)
+    #: Or: the interfaces whose addresses are offered (e.g. [eth0]); ignored when
+    #: host_addresses is set.
+    interfaces: list[str] = field(default_factory=list)
+    #: STUN/TURN servers for viewers outside this network segment.
+    ice_servers: list[IceServerConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SnapshotSection:
+    #: A JPEG is reused for this long, so a burst of requests decodes once.
+    cache_seconds: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +157,9 @@ class Config:
     state_dir: Path = field(default_factory=_default_state_dir)
     http: HttpSection = field(default_factory=HttpSection)
     cameras: list[CameraConfig] = field(default_factory=_default_cameras)
+    media: MediaSection = field(default_factory=MediaSection)
+    webrtc: WebrtcSection = field(default_factory=WebrtcSection)
+    snapshot: SnapshotSection = field(default_factory=SnapshotSection)
     tokens: TokensSection = field(default_factory=TokensSection)
     audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
@@ -321,6 +375,24 @@ def validate(config: Config) -> None:
         need(scheme in SOURCE_SCHEMES,
              f"cameras[{i}].source: must start with one of "
              f"{', '.join(s + '://' for s in SOURCE_SCHEMES)}")
+        need(cam.transport in ("tcp", "udp"),
+             f"cameras[{i}].transport: {cam.transport!r} must be tcp or udp")
+        need(cam.audio in ("auto", "passthrough", "off"),
+             f"cameras[{i}].audio: {cam.audio!r} must be auto, passthrough or off")
+    m = config.media
+    need(m.idle_grace >= 0, "media.idle_grace: must be 0 or more seconds")
+    need(m.queue_packets >= 10, "media.queue_packets: must be at least 10")
+    need(0 < m.camera_timeout <= 60, "media.camera_timeout: must be between 0 and 60 seconds")
+    need(m.reconnect_max >= 1, "media.reconnect_max: must be at least 1 second")
+    for i, address in enumerate(config.webrtc.host_addresses):
+        need(_is_ip(address),
+             f"webrtc.host_addresses[{i}]: {address!r} must be an IP address like 192.168.1.20")
+    for i, server in enumerate(config.webrtc.ice_servers):
+        for j, url in enumerate(server.urls):
+            need(url.startswith(("stun:", "turn:", "turns:")),
+                 f"webrtc.ice_servers[{i}].urls[{j}]: {url!r} must start with stun:, turn: "
+                 "or turns:")
+    need(config.snapshot.cache_seconds >= 0, "snapshot.cache_seconds: must be 0 or more")
     t = config.tokens
     need(t.max_active >= 1, "tokens.max_active: must be at least 1")
     need(t.max_ips_per_token >= 1, "tokens.max_ips_per_token: must be at least 1")
@@ -339,6 +411,14 @@ def validate(config: Config) -> None:
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 # -- secrets ------------------------------------------------------------------------------

@@ -21,6 +21,9 @@ class Protocol(StrEnum):
 
 #: Requests that need an admin token rather than an access token.
 ADMIN_PROTOCOL = "admin"
+#: Listing the cameras a token may see: any access token, whatever its protocols; the list
+#: is then filtered by the token's scope.
+LISTING_PROTOCOL = "api"
 
 
 class Permission(StrEnum):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-from agent.access.model import ADMIN_PROTOCOL, ScopeLevel, TokenRecord
+from agent.access.model import ADMIN_PROTOCOL, LISTING_PROTOCOL, ScopeLevel, TokenRecord
 from agent.access.tokens import FormatProblem, Kind, check, token_hash
 
 
@@ -153,7 +153,8 @@ def _required_kind(protocol: str) -> Kind:
     return Kind.ADMIN if protocol == ADMIN_PROTOCOL else Kind.ACCESS
 
 
-def _scope_covers(record: TokenRecord, camera: str | None, site: Site) -> bool:
+def scope_covers(record: TokenRecord, camera: str | None, site: Site) -> bool:
+    """Does the token's scope include ``camera`` on this agent? (Exact match only.)"""
     scope = record.scope
     if scope.level is ScopeLevel.CAMERA:
         return camera is not None and camera == scope.value
@@ -185,7 +186,9 @@ def _check(
         return Reason.REVOKED, record.id, record
     if record.expires_at is not None and record.expires_at <= req.now:
         return Reason.EXPIRED, record.id, record
-    if not _scope_covers(record, req.camera, site):
+    if req.protocol == LISTING_PROTOCOL and req.camera is None:
+        return Reason.GRANTED, record.id, record  # the caller filters with scope_covers
+    if not scope_covers(record, req.camera, site):
         return Reason.SCOPE_MISMATCH, record.id, record
     if (
         record.kind is Kind.ACCESS

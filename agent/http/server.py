@@ -12,11 +12,34 @@ log = structlog.get_logger(__name__)
 #: Request bodies beyond this are refused with 413 (SDP offers are a few kB).
 MAX_BODY = 64 * 1024
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# WHEP clients on other origins (a web page elsewhere on the LAN) use these. Tokens travel in
+# Authorization headers, never cookies, so any origin may call (no credentials mode).
+_CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Expose-Headers": "Location, Link, ETag, Accept-Patch, WWW-Authenticate, "
+                                     "Retry-After",
+}
+_PREFLIGHT = {
+    **_CORS,
+    "Access-Control-Allow-Methods": "GET, POST, DELETE, PATCH, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, If-Match",
+    "Access-Control-Max-Age": "600",
+}
+
 
 @web.middleware
-async def _errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
+async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "OPTIONS":
+        return web.Response(status=204, headers=_PREFLIGHT)
+    response = await handler(request)
+    response.headers.update(_CORS)
+    return response
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Client mistakes get a JSON error with a stable code; never a traceback, never a 500."""
     try:
         return await handler(request)
@@ -36,7 +59,7 @@ async def _errors(
 
 
 def make_app(health: Callable[[], dict[str, object]]) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY, middlewares=[_errors])
+    app = web.Application(client_max_size=MAX_BODY, middlewares=[_cors, _errors])
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response(health())

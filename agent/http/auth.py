@@ -1,0 +1,42 @@
+"""Turning an HTTP request into an AccessRequest, and a denial into a plain HTTP answer."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from agent.access.policy import Decision, Reason
+
+RETRY_AFTER_LIMITED = "60"
+
+
+def presented_token(request: web.Request) -> str | None:
+    """``Authorization: Bearer <token>``, else ``?token=`` (players that cannot set headers)."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return request.query.get("token") or None
+
+
+def peer_ip(request: web.Request) -> str | None:
+    return request.remote
+
+
+def denial(decision: Decision) -> web.Response:
+    """401 (with WWW-Authenticate), 403 or 429 (with Retry-After); the reason in the body so
+    the viewer page can say what to do. Nothing more about the token is revealed."""
+    reason = decision.reason
+    headers: dict[str, str] = {}
+    if decision.http_status == 401:
+        error = "invalid_request" if reason is Reason.MISSING else "invalid_token"
+        headers["WWW-Authenticate"] = f'Bearer realm="therelay-agent", error="{error}"'
+    elif decision.http_status == 429:
+        headers["Retry-After"] = RETRY_AFTER_LIMITED
+    return web.json_response(
+        {"error": reason.value, "message": decision.fix}, status=decision.http_status,
+        headers=headers)
+
+
+def error(status: int, code: str, message: str, **headers: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status,
+                             headers=headers)

@@ -1,0 +1,90 @@
+"""Snapshots, the camera list, and the viewer page."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from aiohttp import web
+
+from agent.access.model import LISTING_PROTOCOL
+from agent.access.policy import Site, scope_covers
+from agent.access.service import AccessService
+from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.media.cameras import Cameras
+from agent.media.snapshot import Snapshotter
+
+SNAPSHOT = "snapshot"
+
+
+class Views:
+    def __init__(self, access: AccessService, cameras: Cameras, snapshots: Snapshotter,
+                 site: Site) -> None:
+        self._access = access
+        self._cameras = cameras
+        self._snapshots = snapshots
+        self._site = site
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/snapshot/{camera}.jpg", self.snapshot)
+        app.router.add_get("/api/v1/cameras", self.cameras)
+        app.router.add_get("/", self.page)
+        app.router.add_get("/viewer.js", self.script)
+
+    async def snapshot(self, request: web.Request) -> web.StreamResponse:
+        camera_id = request.match_info["camera"]
+        decision = self._access.authorize(presented_token(request), camera_id, SNAPSHOT,
+                                          peer_ip(request))
+        if not decision.granted:
+            return denial(decision)
+        camera = self._cameras.get(camera_id)
+        if camera is None:
+            return error(404, "unknown_camera", f"there is no camera {camera_id!r} here")
+        if camera.hub.status.state == "unsupported":
+            return error(501, "unsupported_codec", camera.hub.status.error or "")
+        jpeg = await self._snapshots.jpeg(camera.hub)
+        if jpeg is None:
+            return error(503, "camera_offline",
+                         f"camera {camera_id!r} sent no picture: "
+                         f"{camera.hub.status.error or 'still starting'}",
+                         **{"Retry-After": "5"})
+        return web.Response(body=jpeg, content_type="image/jpeg",
+                            headers={"Cache-Control": "no-store"})
+
+    async def cameras(self, request: web.Request) -> web.StreamResponse:
+        decision = self._access.authorize(presented_token(request), None, LISTING_PROTOCOL,
+                                          peer_ip(request))
+        if not decision.granted or decision.record is None:
+            return denial(decision)
+        record = decision.record
+        visible = [c for c in self._cameras if scope_covers(record, c.id, self._site)]
+        return web.json_response({
+            "agent_id": self._site.agent_id,
+            "token": {"id": record.id, "scope": str(record.scope),
+                      "protocols": sorted(record.protocols) or ["all"],
+                      "expires_at": record.expires_at},
+            "cameras": [{"id": c.id, "name": c.name, "viewers": c.hub.consumer_count,
+                         **c.hub.status.as_dict()} for c in visible],
+        })
+
+    async def page(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(text=_asset("viewer.html"), content_type="text/html",
+                            headers=_PAGE_HEADERS)
+
+    async def script(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(text=_asset("viewer.js"), content_type="application/javascript",
+                            headers={"Cache-Control": "no-cache"})
+
+
+# The page loads nothing from elsewhere (the LAN may have no internet) and the token stays in
+# the fragment: no referrer, no framing, no inline script.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob:; media-src 'self' "
+                               "blob:; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'",
+    "Referrer-Policy": "no-referrer",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def _asset(name: str) -> str:
+    return resources.files("agent.http").joinpath("static", name).read_text(encoding="utf-8")

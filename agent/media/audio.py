@@ -1,0 +1,78 @@
+"""A camera's audio on its way to WebRTC: passed through, or transcoded once per camera.
+
+G.711 (PCMU/PCMA) and Opus go through untouched. AAC, which WebRTC cannot carry, is
+decoded and encoded to Opus here, in the camera's pull thread — once for every viewer.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any
+
+import av
+
+from agent.media.stream import PASSTHROUGH_AUDIO, MediaPacket
+
+OPUS_RATE = 48_000
+OPUS_FRAME = 960  # 20 ms
+
+
+class AudioPath:
+    """Turns the camera's audio packets into packets a WebRTC sender can carry."""
+
+    def __init__(self, transcode: bool) -> None:
+        self._transcode = transcode
+        self._decoder: Any = None
+        self._resampler: Any = None
+        self._encoder: Any = None
+        self._samples = 0
+
+    @classmethod
+    def for_stream(cls, stream: Any, mode: str) -> AudioPath | None:
+        """The path for this stream's codec under ``mode``, or None to drop its audio."""
+        name = stream.codec_context.name
+        if name in PASSTHROUGH_AUDIO:
+            return cls(transcode=False)
+        if name == "aac" and mode == "auto":
+            path = cls(transcode=True)
+            path._decoder = av.CodecContext.create("aac", "r")
+            if stream.codec_context.extradata:
+                path._decoder.extradata = stream.codec_context.extradata
+            path._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE,
+                                                frame_size=OPUS_FRAME)
+            enc = av.CodecContext.create("libopus", "w")
+            enc.sample_rate = OPUS_RATE
+            enc.layout = "stereo"
+            enc.format = "s16"
+            enc.time_base = Fraction(1, OPUS_RATE)
+            enc.bit_rate = 32_000
+            enc.open()
+            path._encoder = enc
+            return path
+        return None
+
+    def convert(self, packet: Any) -> list[MediaPacket]:
+        if not self._transcode:
+            return [MediaPacket(False, bytes(packet), int(packet.pts), Fraction(packet.time_base),
+                                False)]
+        out = []
+        try:
+            frames = self._decoder.decode(packet)
+        except av.error.FFmpegError:
+            return []  # one damaged AAC frame costs 20 ms of sound, not the stream
+        for frame in frames:
+            for chunk in self._resampler.resample(frame):
+                chunk.pts = self._samples
+                chunk.time_base = Fraction(1, OPUS_RATE)
+                self._samples += chunk.samples
+                for encoded in self._encoder.encode(chunk):
+                    out.append(MediaPacket(False, bytes(encoded), int(encoded.pts),
+                                           Fraction(1, OPUS_RATE), False))
+        return out
+
+
+def webrtc_audio_codec(codec: str) -> str | None:
+    """The WebRTC codec name a camera's audio codec arrives as (after transcoding)."""
+    if codec in PASSTHROUGH_AUDIO:
+        return PASSTHROUGH_AUDIO[codec]
+    return "opus" if codec == "aac" else None

@@ -1,0 +1,288 @@
+"""The camera hub: one upstream pull per camera, fanned out to every consumer.
+
+The pull runs in its own thread (PyAV blocks) and starts when the first consumer arrives;
+it stops ``idle_grace`` seconds after the last one left, unless the camera is ``always_on``.
+Packets cross to the event loop one ``call_soon_threadsafe`` at a time; the loop keeps the
+GOP cache and offers each packet to every consumer's bounded queue. A camera that fails is
+retried with backoff and jitter while its viewers stay connected; their picture resumes at
+the first keyframe after the camera returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import structlog
+
+from agent.errors import SourceError
+from agent.media.audio import webrtc_audio_codec
+from agent.media.consumer import VIDEO_CLOCK, Consumer
+from agent.media.sources import Source
+from agent.media.stream import VIDEO_CODECS, MediaPacket, StreamInfo
+from agent.retry import FailureLog, backoff
+
+log = structlog.get_logger(__name__)
+
+GOP_CACHE_MAX_PACKETS = 600
+GOP_CACHE_MAX_BYTES = 16 * 1024 * 1024
+UNSUPPORTED_RETRY = 60.0
+
+
+@dataclass(frozen=True)
+class CameraStatus:
+    """What an installer (and the API) sees of a camera."""
+
+    state: str = "idle"  # idle | connecting | online | offline | unsupported
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    codec: str | None = None
+    width: int | None = None
+    height: int | None = None
+    fps: float | None = None
+    bitrate_kbps: float | None = None
+    audio: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+class CameraHub:
+    """One camera: its pull thread, its GOP cache, its consumers and its status."""
+
+    def __init__(
+        self,
+        camera_id: str,
+        open_source: Callable[[], Source],
+        *,
+        idle_grace: float,
+        always_on: bool,
+        gop_cache: bool,
+        queue_packets: int,
+        reconnect_max: float,
+    ) -> None:
+        self.camera_id = camera_id
+        self._open_source = open_source
+        self._idle_grace = idle_grace
+        self._always_on = always_on
+        self._gop_cache_on = gop_cache
+        self._queue_packets = queue_packets
+        self._reconnect_max = reconnect_max
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._consumers: set[Consumer] = set()
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._gop: list[tuple[int, MediaPacket]] = []
+        self._gop_bytes = 0
+        self._epoch = 0
+        self._keyframe_waiters: list[asyncio.Future[None]] = []
+        self._ready: asyncio.Event | None = None
+        self.info: StreamInfo | None = None
+        self.status = CameraStatus()
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+        self._window_frames = 0
+        self.connections = 0  # upstream connections opened so far (one pull per camera)
+
+    # -- consumers (event loop) ---------------------------------------------------------
+
+    def start(self) -> None:
+        """Start pulling now (always_on cameras, or the first consumer)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stop = threading.Event()
+        self._set_status(state="connecting", error=None)
+        self._thread = threading.Thread(target=self._pull, args=(self._stop,),
+                                        name=f"camera-{self.camera_id}", daemon=True)
+        self._thread.start()
+
+    def subscribe(self, video: bool = True) -> Consumer:
+        """A new consumer; video consumers start from the cached GOP."""
+        self.start()
+        replay = list(self._gop) if video and self._gop_cache_on else []
+        clock = VIDEO_CLOCK if video else self._audio_clock()
+        consumer = Consumer(video, self._queue_packets, replay, self._epoch, clock)
+        self._consumers.add(consumer)
+        return consumer
+
+    def unsubscribe(self, consumer: Consumer) -> None:
+        consumer.close()
+        self._consumers.discard(consumer)
+        if not self._consumers and not self._always_on and self._loop is not None:
+            if self._idle_timer is not None:
+                self._idle_timer.cancel()
+            self._idle_timer = self._loop.call_later(self._idle_grace, self.stop)
+
+    async def ready(self, timeout: float) -> bool:
+        """Wait (bounded) until the camera is online; False if it is not by then."""
+        if self.status.state == "online" and self.info is not None:
+            return True
+        if self.status.state == "unsupported":
+            return False
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return self.status.state == "online"
+
+    @property
+    def consumer_count(self) -> int:
+        return len(self._consumers)
+
+    async def keyframe(self, timeout: float) -> tuple[MediaPacket, StreamInfo] | None:
+        """The latest keyframe (starting the pull for a moment if needed), or None."""
+        if not self._gop:
+            holder = self.subscribe()
+            try:
+                waiter = asyncio.get_running_loop().create_future()
+                self._keyframe_waiters.append(waiter)
+                await asyncio.wait_for(waiter, timeout)
+            except TimeoutError:
+                return None
+            finally:
+                self.unsubscribe(holder)
+        if not self._gop or self.info is None:
+            return None
+        return self._gop[0][1], self.info
+
+    def stop(self) -> None:
+        """Stop pulling; consumers stay registered (they get nothing until a restart)."""
+        self._idle_timer = None
+        if self._consumers and self._thread is not None:
+            return  # someone subscribed again during the grace period
+        self._stop.set()
+        self._thread = None
+        self._gop.clear()
+        self._gop_bytes = 0
+        if self.status.state != "unsupported":
+            self._set_status(state="idle", error=None, bitrate_kbps=None)
+
+    async def close(self) -> None:
+        for consumer in list(self._consumers):
+            consumer.close()
+        self._consumers.clear()
+        thread = self._thread
+        self._consumers.clear()
+        self.stop()
+        if thread is not None:
+            await asyncio.to_thread(thread.join, 10)
+
+    def _audio_clock(self) -> int:
+        codec = self.info.audio.codec if self.info and self.info.audio else None
+        return 8000 if codec in ("pcm_mulaw", "pcm_alaw") else 48_000
+
+    # -- from the pull thread, on the loop -----------------------------------------------
+
+    def _deliver(self, epoch: int, packet: MediaPacket) -> None:
+        if epoch != self._epoch:
+            return  # a packet from a pull that has since been replaced
+        if packet.video:
+            self._cache(epoch, packet)
+            self._measure(packet)
+        for consumer in self._consumers:
+            if consumer.video == packet.video:
+                consumer.offer(epoch, packet)
+
+    def _cache(self, epoch: int, packet: MediaPacket) -> None:
+        if packet.keyframe:
+            self._gop = [(epoch, packet)]
+            self._gop_bytes = len(packet.data)
+            for waiter in self._keyframe_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._keyframe_waiters.clear()
+        elif self._gop:
+            self._gop.append((epoch, packet))
+            self._gop_bytes += len(packet.data)
+            if len(self._gop) > GOP_CACHE_MAX_PACKETS or self._gop_bytes > GOP_CACHE_MAX_BYTES:
+                self._gop.clear()  # a camera with a huge GOP: no replay rather than no memory
+                self._gop_bytes = 0
+
+    def _measure(self, packet: MediaPacket) -> None:
+        self._window_bytes += len(packet.data)
+        self._window_frames += 1
+        now = time.monotonic()
+        elapsed = now - self._window_start
+        if elapsed >= 5.0:
+            self.status = replace(
+                self.status, bitrate_kbps=round(self._window_bytes * 8 / elapsed / 1000, 1),
+                fps=round(self._window_frames / elapsed, 1))
+            self._window_start, self._window_bytes, self._window_frames = now, 0, 0
+
+    def _online(self, epoch: int, info: StreamInfo) -> None:
+        self._epoch = epoch
+        self.info = info
+        self._gop.clear()
+        self._gop_bytes = 0
+        audio = webrtc_audio_codec(info.audio.codec) if info.audio else None
+        self._set_status(state="online", error=None, codec=info.codec, width=info.width,
+                         height=info.height, fps=info.fps, audio=audio)
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
+
+    def _set_status(self, **changes: Any) -> None:
+        self.status = replace(self.status, since=time.time(), **changes)
+
+    # -- the pull thread -----------------------------------------------------------------
+
+    def _pull(self, stop: threading.Event) -> None:
+        assert self._loop is not None
+        loop = self._loop
+        failures = FailureLog(log, "camera_unavailable", camera=self.camera_id)
+        delays = backoff(1.0, self._reconnect_max)
+        while not stop.is_set():
+            source: Source | None = None
+            try:
+                source = self._open_source()
+                info = source.open()
+                self.connections += 1
+                if info.codec not in VIDEO_CODECS:
+                    loop.call_soon_threadsafe(self._unsupported, info)
+                    stop.wait(UNSUPPORTED_RETRY)
+                    continue
+                epoch = self._epoch + 1
+                loop.call_soon_threadsafe(self._online, epoch, info)
+                failures.recovered("camera_online", codec=info.codec,
+                                   size=f"{info.width}x{info.height}")
+                delays = backoff(1.0, self._reconnect_max)
+                while not stop.is_set():
+                    loop.call_soon_threadsafe(self._deliver, epoch, source.read())
+            except SourceError as exc:
+                failures.failed(str(exc))
+                loop.call_soon_threadsafe(self._set_status_if_running, stop, str(exc))
+                stop.wait(next(delays))
+            except RuntimeError:  # the event loop closed under us: the agent is stopping
+                return
+            finally:
+                if source is not None:
+                    source.close()
+
+    def _set_status_if_running(self, stop: threading.Event, error: str) -> None:
+        if not stop.is_set():
+            self._set_status(state="offline", error=error)
+            if self._ready is not None:  # waiters learn at once that it failed
+                self._ready.set()
+                self._ready = None
+
+    def _unsupported(self, info: StreamInfo) -> None:
+        self.info = info
+        message = (f"the camera sends {info.codec.upper()} video, which WebRTC viewers cannot "
+                   "play: set the camera (or its substream) to H.264")
+        self._set_status(state="unsupported", error=message, codec=info.codec,
+                         width=info.width, height=info.height)
+        if self._ready is not None:
+            self._ready.set()
+            self._ready = None
+        log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)

@@ -1,0 +1,41 @@
+"""Camera sources. Each is blocking and runs in the hub's pull thread, never on the loop.
+
+``open()`` connects and describes the streams; ``read()`` returns the next packet (pacing
+itself in real time where the source is not live); ``close()`` releases everything.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from agent.config import CameraConfig, read_secret
+from agent.media.stream import MediaPacket, StreamInfo
+
+
+class Source(Protocol):
+    """What the hub needs from a camera source."""
+
+    def open(self) -> StreamInfo: ...
+
+    def read(self) -> MediaPacket: ...
+
+    def close(self) -> None: ...
+
+
+def make_source(camera: CameraConfig, timeout: float) -> Source:
+    """The source for ``cameras[].source``; credentials from the URL, a file or a credential."""
+    scheme = camera.source.partition("://")[0].lower()
+    if scheme == "testsrc":
+        return TestPatternSource(camera.source)
+    if scheme == "file":
+        return file_source(camera.source, camera.audio)
+    password = None
+    if camera.username:
+        password = read_secret(f"camera-{camera.id}", camera.password_file)
+    return rtsp_source(camera.source, transport=camera.transport, timeout=timeout,
+                       username=camera.username, password=password, audio_mode=camera.audio)
+
+
+# At the end: these modules import Source's neighbours, not this package's names.
+from agent.media.sources.pyav import file_source, rtsp_source  # noqa: E402
+from agent.media.sources.testsrc import TestPatternSource  # noqa: E402

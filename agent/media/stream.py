@@ -1,0 +1,87 @@
+"""What flows through the hub: stream descriptions and packets, plus H.264 byte helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import NamedTuple
+
+START_CODE = b"\x00\x00\x00\x01"
+NAL_SPS = 7
+NAL_PPS = 8
+NAL_IDR = 5
+
+#: WebRTC in this agent carries these; anything else is refused with a clear error.
+VIDEO_CODECS = ("h264",)
+PASSTHROUGH_AUDIO = {"pcm_mulaw": "PCMU", "pcm_alaw": "PCMA", "opus": "opus"}
+
+
+@dataclass(frozen=True, slots=True)
+class AudioInfo:
+    codec: str  # FFmpeg name: pcm_mulaw, pcm_alaw, opus, aac, …
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamInfo:
+    """A camera's streams as the source opened them."""
+
+    codec: str  # FFmpeg name of the video codec: h264, hevc, …
+    width: int
+    height: int
+    fps: float | None
+    #: SPS/PPS in Annex-B form (from the SDP or the container), injected before keyframes.
+    parameter_sets: bytes
+    audio: AudioInfo | None = None
+
+
+class MediaPacket(NamedTuple):
+    """One encoded video access unit or audio frame. ``data`` is Annex-B for H.264."""
+
+    video: bool
+    data: bytes
+    pts: int
+    time_base: Fraction
+    keyframe: bool
+
+
+def annexb_parameter_sets(extradata: bytes | None) -> bytes:
+    """SPS/PPS from codec extradata, which is Annex-B (RTSP) or avcC (MP4) → Annex-B."""
+    if not extradata:
+        return b""
+    if extradata.startswith((b"\x00\x00\x01", b"\x00\x00\x00\x01")):
+        return extradata
+    if extradata[0] != 1 or len(extradata) < 7:  # not avcC either
+        return b""
+    out, pos = [], 6
+    count = extradata[5] & 0x1F  # SPS count
+    for kind in ("sps", "pps"):
+        for _ in range(count):
+            size = int.from_bytes(extradata[pos:pos + 2], "big")
+            out.append(START_CODE + extradata[pos + 2:pos + 2 + size])
+            pos += 2 + size
+        if kind == "sps" and pos < len(extradata):
+            count = extradata[pos]
+            pos += 1
+    return b"".join(out)
+
+
+def nal_types(data: bytes, limit: int = 8) -> set[int]:
+    """Types of the first ``limit`` NAL units of an Annex-B access unit."""
+    types: set[int] = set()
+    pos = 0
+    for _ in range(limit):
+        pos = data.find(b"\x00\x00\x01", pos)
+        if pos < 0 or pos + 3 >= len(data):
+            break
+        types.add(data[pos + 3] & 0x1F)
+        pos += 3
+    return types
+
+
+def with_parameter_sets(data: bytes, parameter_sets: bytes) -> bytes:
+    """Prepend SPS/PPS to a keyframe that lacks them (cameras that send them only in SDP)."""
+    if not parameter_sets or NAL_SPS in nal_types(data):
+        return data
+    return parameter_sets + data

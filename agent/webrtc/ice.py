@@ -1,0 +1,74 @@
+"""Which local addresses become ICE host candidates, and which STUN/TURN servers are used.
+
+aioice offers no choice of interfaces (FIELD-NOTES): it takes every address but 127.0.0.1
+and ::1. Multi-homed NVRs, Docker bridges and VPNs need a choice, so the agent replaces
+aioice's address lookup, process-wide, with one that honours ``webrtc.host_addresses`` /
+``webrtc.interfaces``. With neither set, aioice's own behaviour is kept.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+
+import aioice.ice
+import ifaddr
+from aiortc import RTCConfiguration, RTCIceServer
+
+from agent.config import WebrtcSection, read_secret
+from agent.errors import ConfigError
+
+_original_lookup: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
+
+
+def interface_addresses(names: list[str]) -> list[str]:
+    """The IPv4 and global IPv6 addresses of the named interfaces."""
+    found: list[str] = []
+    adapters = {a.nice_name: a for a in ifaddr.get_adapters()}
+    for name in names:
+        adapter = adapters.get(name)
+        if adapter is None:
+            raise ConfigError(f"webrtc.interfaces: no interface named {name!r} "
+                              f"(this machine has {', '.join(sorted(adapters))})")
+        for ip in adapter.ips:
+            if isinstance(ip.ip, str):
+                found.append(ip.ip)
+            elif ip.ip[2] == 0:  # not link-local (no scope id)
+                found.append(ip.ip[0])
+    return found
+
+
+def host_addresses(section: WebrtcSection) -> list[str] | None:
+    """The configured candidate addresses, or None for aioice's default."""
+    if section.host_addresses:
+        return list(section.host_addresses)
+    if section.interfaces:
+        return interface_addresses(section.interfaces)
+    return None
+
+
+def install_host_addresses(addresses: list[str] | None) -> None:
+    """Make aioice offer exactly ``addresses`` (loopback allowed), or restore its default."""
+    if addresses is None:
+        aioice.ice.get_host_addresses = _original_lookup  # type: ignore[assignment]
+        return
+    chosen = list(addresses)
+
+    def lookup(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [a for a in chosen
+                if (use_ipv4 and ipaddress.ip_address(a).version == 4)
+                or (use_ipv6 and ipaddress.ip_address(a).version == 6)]
+
+    aioice.ice.get_host_addresses = lookup
+
+
+def rtc_configuration(section: WebrtcSection) -> RTCConfiguration:
+    """Always an explicit server list: aiortc falls back to a public STUN server otherwise."""
+    servers = []
+    for i, server in enumerate(section.ice_servers):
+        credential = None
+        if server.credential_file is not None:
+            credential = read_secret(f"turn-{i}", server.credential_file)
+        servers.append(RTCIceServer(urls=list(server.urls), username=server.username,
+                                    credential=credential))
+    return RTCConfiguration(iceServers=servers)

@@ -1,0 +1,126 @@
+"""A viewer's WebRTC session: answer a (non-trickle) offer with the camera's tracks.
+
+Codec preferences are forced before ``setRemoteDescription`` (FIELD-NOTES: otherwise aiortc
+negotiates VP8 and sends H.264 bytes labelled VP8): H.264 for video, and for audio exactly
+the codec the camera's audio arrives in (PCMU, PCMA, or Opus after transcoding).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+from collections.abc import Callable
+
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpCodecCapability,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+
+from agent.media.audio import webrtc_audio_codec
+from agent.media.hub import CameraHub
+from agent.webrtc.tracks import HubTrack
+
+
+class OfferError(ValueError):
+    """The client's SDP offer cannot be answered; the message says why."""
+
+
+def _preferences(kind: str, name: str) -> list[RTCRtpCodecCapability]:
+    codecs = RTCRtpSender.getCapabilities(kind).codecs
+    chosen = [c for c in codecs if c.mimeType.lower() == f"{kind}/{name}".lower()]
+    if kind == "video":
+        chosen += [c for c in codecs if c.mimeType.lower() == "video/rtx"]
+    return chosen
+
+
+def _check_offer(sdp: str) -> None:
+    if not sdp.lstrip().startswith("v=0"):
+        raise OfferError("the body is not an SDP offer (it must start with v=0)")
+    if "\nm=video " not in sdp.replace("\r\n", "\n"):
+        raise OfferError("the offer has no video section (m=video): add a recvonly video "
+                         "transceiver")
+
+
+def _explain(exc: Exception) -> str:
+    text = str(exc)
+    if "video description send parameters" in text:
+        return "the offer does not accept H.264 video, the only video codec this agent sends"
+    if "audio description send parameters" in text:
+        return "the offer does not accept the camera's audio codec: offer PCMU, PCMA and Opus"
+    return f"the SDP offer cannot be used: {text or type(exc).__name__}"
+
+
+class ViewerSession:
+    """One peer connection fed by a camera hub; closing it releases the camera."""
+
+    def __init__(self, camera_id: str, hub: CameraHub, pc: RTCPeerConnection) -> None:
+        self.id = secrets.token_urlsafe(18)
+        self.camera_id = camera_id
+        self._hub = hub
+        self.pc = pc
+        self.tracks: list[HubTrack] = []
+        self._closed = asyncio.Event()
+        self.on_closed: Callable[[ViewerSession], None] | None = None
+
+    @classmethod
+    async def answer(
+        cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration
+    ) -> tuple[ViewerSession, str]:
+        """Build the session and its SDP answer (ICE gathered: no trickle needed)."""
+        _check_offer(offer)
+        assert hub.info is not None
+        pc = RTCPeerConnection(configuration)
+        session = cls(camera_id, hub, pc)
+        try:
+            video = pc.addTransceiver("video", direction="sendonly")
+            video.setCodecPreferences(_preferences("video", "H264"))
+            session._add_track(video.sender, hub, video=True)
+            audio_codec = webrtc_audio_codec(hub.info.audio.codec) if hub.info.audio else None
+            if audio_codec and "\nm=audio " in offer.replace("\r\n", "\n"):
+                audio = pc.addTransceiver("audio", direction="sendonly")
+                audio.setCodecPreferences(_preferences("audio", audio_codec))
+                session._add_track(audio.sender, hub, video=False)
+            try:
+                await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
+            except Exception as exc:  # aiortc raises assorted errors on bad SDP
+                raise OfferError(_explain(exc)) from None
+            await pc.setLocalDescription(await pc.createAnswer())
+        except BaseException:
+            await session.close()
+            raise
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await session.close()
+
+        return session, pc.localDescription.sdp
+
+    def _add_track(self, sender: RTCRtpSender, hub: CameraHub, video: bool) -> None:
+        track = HubTrack(hub.subscribe(video=video))
+        sender.replaceTrack(track)
+        self.tracks.append(track)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(t.bytes_sent for t in self.tracks)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def close(self) -> None:
+        """End media at once, release the camera, close the peer connection. Idempotent."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        for track in self.tracks:
+            self._hub.unsubscribe(track._consumer)  # no packet is sent after this
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        if self.on_closed is not None:
+            self.on_closed(self)
