@@ -23,10 +23,12 @@ from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, a
 from agent.access.recorder import AccessRecorder
 from agent.access.sessions import Session, SessionRegistry
 from agent.access.store import TokenStore
+from agent.access.tokens import check as check_format
 
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY = 3600.0
+REFRESH_GAP = 0.05
 
 
 class AccessService:
@@ -52,6 +54,8 @@ class AccessService:
         self._tokens: dict[str, TokenRecord] = {}
         self._rev = 0
         self.sessions = SessionRegistry()
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -74,6 +78,42 @@ class AccessService:
     async def flush(self) -> None:
         """Wait until every access event recorded so far is committed."""
         await asyncio.to_thread(self._recorder.flush)
+
+    async def check(
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+    ) -> Decision:
+        """``authorize``, except that a well-formed id the index has not seen yet first
+        triggers one refresh from the store (coalesced, at most every ``REFRESH_GAP`` s):
+        a token created on the CLI a moment ago works at once."""
+        if token:
+            public_id = check_format(token)
+            if isinstance(public_id, str) and public_id not in self._tokens:
+                await self.refresh()
+        return self.authorize(token, camera, protocol, peer_ip)
+
+    async def refresh(self) -> None:
+        """Apply the store's changes now (one query; concurrent callers share it)."""
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)
+            return
+        if time.monotonic() - self._refreshed_at < REFRESH_GAP:
+            return
+        self._refreshing = asyncio.get_running_loop().create_future()
+        self._refreshing.add_done_callback(lambda f: f.cancelled() or f.exception())
+        try:
+            changed, self._rev = await asyncio.to_thread(self._store.changes_since, self._rev)
+            self.apply_changes(changed)
+        except asyncio.CancelledError:
+            self._refreshing.cancel()
+            raise
+        except Exception as exc:
+            self._refreshing.set_exception(exc)
+            raise
+        else:
+            self._refreshing.set_result(None)
+        finally:
+            self._refreshed_at = time.monotonic()
+            self._refreshing = None
 
     def authorize(
         self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
@@ -149,8 +189,7 @@ class AccessService:
         failing = False
         while True:
             try:
-                changed, self._rev = await asyncio.to_thread(self._store.changes_since, self._rev)
-                self.apply_changes(changed)
+                await self.refresh()  # shared with check(): one reader of the store at a time
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)

@@ -32,7 +32,7 @@ class Views:
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
         camera_id = request.match_info["camera"]
-        decision = self._access.authorize(presented_token(request), camera_id, SNAPSHOT,
+        decision = await self._access.check(presented_token(request), camera_id, SNAPSHOT,
                                           peer_ip(request))
         if not decision.granted:
             return denial(decision)
@@ -51,7 +51,7 @@ class Views:
                             headers={"Cache-Control": "no-store"})
 
     async def cameras(self, request: web.Request) -> web.StreamResponse:
-        decision = self._access.authorize(presented_token(request), None, LISTING_PROTOCOL,
+        decision = await self._access.check(presented_token(request), None, LISTING_PROTOCOL,
                                           peer_ip(request))
         if not decision.granted or decision.record is None:
             return denial(decision)

@@ -60,7 +60,7 @@ class WhepEndpoint:
 
     async def post(self, request: web.Request) -> web.StreamResponse:
         camera_id = request.match_info["camera"]
-        decision = self._access.authorize(presented_token(request), camera_id, PROTOCOL,
+        decision = await self._access.check(presented_token(request), camera_id, PROTOCOL,
                                           peer_ip(request))
         if not decision.granted:
             return denial(decision)
@@ -97,8 +97,8 @@ class WhepEndpoint:
         log.info("whep_session_started", camera=camera_id, session=viewer.id,
                  token_id=decision.token_id, peer_ip=peer_ip(request))
         location = f"/whep/{camera_id}/sessions/{viewer.id}"
-        headers = {"Location": location, "Content-Type": "application/sdp"}
-        response = web.Response(status=201, text=answer, headers=headers)
+        response = web.Response(status=201, body=answer.encode(), content_type="application/sdp",
+                                headers={"Location": location})
         for link in self.ice_links():
             response.headers.add("Link", link)
         return response
@@ -116,7 +116,7 @@ class WhepEndpoint:
     async def delete(self, request: web.Request) -> web.StreamResponse:
         live = self._live.get(request.match_info["session"])
         camera_id = request.match_info["camera"]
-        decision = self._access.authorize(presented_token(request), camera_id, PROTOCOL,
+        decision = await self._access.check(presented_token(request), camera_id, PROTOCOL,
                                           peer_ip(request))
         if not decision.granted:
             return denial(decision)

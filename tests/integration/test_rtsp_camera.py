@@ -53,7 +53,7 @@ def video_packets(container: av.container.InputContainer) -> Iterator[av.Packet]
 
 
 def test_ffprobe_reads_h264_with_the_requested_size(rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(width=352, height=288, fps=25, pattern="smpte")
+    camera = rtsp_camera_factory(width=352, height=288, fps=25, pattern="ball")
     assert camera.url.startswith("rtsp://127.0.0.1:")
     (stream,) = ffprobe(camera.url, "codec_type", "codec_name", "width", "height")
     assert stream == {"codec_type": "video", "codec_name": "h264", "width": 352, "height": 288}

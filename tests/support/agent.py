@@ -1,0 +1,173 @@
+"""The agent as a real daemon process, and a WHEP viewer built on aiortc, for tests.
+
+``AgentProcess`` runs ``python -m agent run --config …`` with a private state directory,
+logs to a file under the test's tmp_path (scanned later by the leak check), and offers the
+CLI against the same state. ``WhepViewer`` is an aiortc peer that POSTs a recvonly offer and
+decodes what the agent sends. Both use loopback only: the agent's ICE host candidates are
+pinned to 127.0.0.1 through ``webrtc.host_addresses``, the viewer's through the same helper.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamTrack
+
+from agent.webrtc.ice import install_host_addresses
+from tests.conftest import remember
+from tests.support.netns import free_port
+
+
+class AgentProcess:
+    def __init__(self, tmp: Path, cameras: list[dict[str, Any]], **sections: Any) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        config = {"agent": {"id": "site1", "account_id": "acme"},
+                  "http": {"listen": f"127.0.0.1:{self.port}"},
+                  "webrtc": {"host_addresses": ["127.0.0.1"]},
+                  "audit": {"flush_interval": 0.1},
+                  "cameras": cameras, **sections}
+        self.config_path = tmp / f"agent-{self.port}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
+                    "THERELAY_LOG_FORMAT": "json", "THERELAY_CONFIG": str(self.config_path)}
+        self.log_path = tmp / f"agent-{self.port}.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=self.env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.base}/healthz", timeout=2):
+                    return
+            except (OSError, urllib.error.URLError):
+                time.sleep(0.1)
+        raise AssertionError("the agent never became healthy")
+
+    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([sys.executable, "-m", "agent", *args], env=self.env,
+                                text=True, capture_output=True, input=stdin, timeout=60,
+                                check=False)
+        remember(result.stdout)
+        return result
+
+    def token(self, *args: str) -> tuple[str, str]:
+        """Create a token with ``token create ARGS``: (id, token)."""
+        result = self.cli("token", "create", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        return data["id"], data["token"]
+
+    def audit(self, *args: str) -> list[dict[str, Any]]:
+        result = self.cli("audit", "--json", "--limit", "1000", *args)
+        assert result.returncode == 0, result.stderr
+        entries: list[dict[str, Any]] = json.loads(result.stdout)
+        return entries
+
+    def log_events(self) -> list[dict[str, Any]]:
+        self._log.flush()
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                out.append({"event": line})
+        return out
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=15)
+        self._log.close()
+        return code
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        await asyncio.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+class WhepViewer:
+    """An aiortc WHEP client: offer, answer, decoded frames."""
+
+    def __init__(self, base: str, camera: str, token: str | None, *, audio: bool = True,
+                 via_query: bool = False) -> None:
+        install_host_addresses(["127.0.0.1"])
+        self.url = f"{base}/whep/{camera}"
+        self.base = base
+        self.token = token
+        self.via_query = via_query
+        self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        self.pc.addTransceiver("video", direction="recvonly")
+        if audio:
+            self.pc.addTransceiver("audio", direction="recvonly")
+        self.tracks: dict[str, MediaStreamTrack] = {}
+        self._video = asyncio.get_running_loop().create_future()
+        self.pc.on("track", self._on_track)
+        self.status = 0
+        self.location: str | None = None
+        self.body = ""
+        self.headers: dict[str, str] = {}
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        self.tracks[track.kind] = track
+        if track.kind == "video" and not self._video.done():
+            self._video.set_result(track)
+
+    def _auth(self) -> tuple[str, dict[str, str]]:
+        if self.token is None:
+            return self.url, {}
+        if self.via_query:
+            return f"{self.url}?token={self.token}", {}
+        return self.url, {"Authorization": f"Bearer {self.token}"}
+
+    async def connect(self, sdp: str | None = None) -> int:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        url, headers = self._auth()
+        async with aiohttp.ClientSession() as http:
+            response = await http.post(url, data=sdp or self.pc.localDescription.sdp,
+                                       headers={**headers, "Content-Type": "application/sdp"})
+            self.status = response.status
+            self.body = await response.text()
+            self.headers = dict(response.headers)
+            self.location = response.headers.get("Location")
+        if self.status == 201:
+            await self.pc.setRemoteDescription(RTCSessionDescription(self.body, "answer"))
+        return self.status
+
+    async def frame(self, timeout: float = 10.0) -> Any:
+        track = await asyncio.wait_for(self._video, timeout)
+        return await asyncio.wait_for(track.recv(), timeout)
+
+    async def delete(self) -> int:
+        assert self.location is not None
+        url, headers = self._auth()
+        target = self.base + self.location + (url[len(self.url):] if self.via_query else "")
+        async with aiohttp.ClientSession() as http:
+            response = await http.delete(target, headers=headers)
+            return response.status
+
+    async def close(self) -> None:
+        await self.pc.close()
