@@ -214,8 +214,10 @@ class RtspCamera:
             return self._cond.wait_for(predicate, timeout)
 
     def stderr_tail(self) -> str:
+        """The camera's last stderr lines (repeated lines once)."""
         with self._cond:
-            return "\n".join(self._stderr)
+            lines = list(self._stderr)
+        return "\n".join(line for i, line in enumerate(lines) if i == 0 or line != lines[i - 1])
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -237,6 +239,8 @@ class RtspCamera:
         if self.running:
             raise CameraError("camera already running")
         deadline = time.monotonic() + self.ready_timeout
+        with self._cond:
+            self._stderr.clear()
         while True:
             status = self._launch_once(deadline)
             # Exit 3: the fixed port is still held (e.g. by a client's TIME_WAIT after a kill).
@@ -244,7 +248,10 @@ class RtspCamera:
                 break
             time.sleep(0.1)
         if not self.url:
-            raise CameraError(f"camera did not start (exit {status}): {self.stderr_tail()}")
+            raise CameraError(
+                f"camera gave no READY within {self.ready_timeout} s (last exit status "
+                f"{status}): {self.stderr_tail()}"
+            )
 
     def _launch_once(self, deadline: float) -> int | None:
         self.url = ""
