@@ -29,6 +29,7 @@ class Views:
         app.router.add_get("/api/v1/cameras", self.cameras)
         app.router.add_get("/", self.page)
         app.router.add_get("/viewer.js", self.script)
+        app.router.add_get("/favicon.ico", self.no_icon)
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
         camera_id = request.match_info["camera"]
@@ -69,6 +70,9 @@ class Views:
     async def page(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(text=_asset("viewer.html"), content_type="text/html",
                             headers=_PAGE_HEADERS)
+
+    async def no_icon(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(status=204)
 
     async def script(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(text=_asset("viewer.js"), content_type="application/javascript",

@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         mark("launched")
         try:
-            context = browser.new_context()
+            # The agent's pages forbid eval (strict CSP); the test's own probes need it.
+            context = browser.new_context(bypass_csp=True)
             if args.expose_host_ips:
                 context.grant_permissions(EXPOSE_HOST_IPS_PERMISSIONS)
             page = context.new_page()

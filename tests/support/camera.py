@@ -168,8 +168,7 @@ class RtspCamera:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.stop()
-        self._remove_secret()
+        self.close()
 
     # -- state --------------------------------------------------------------------------------
 

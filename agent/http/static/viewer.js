@@ -31,7 +31,8 @@ async function explain(response) {
   let body = {};
   try { body = await response.json(); } catch (e) { /* not JSON */ }
   const code = body.error || `http_${response.status}`;
-  return { code, text: `${TITLES[code] || `Error ${response.status}`}. ${body.message || ""}`.trim() };
+  // The agent's message says what happened and what to do; the title is the fallback.
+  return { code, text: body.message || TITLES[code] || `Error ${response.status}.` };
 }
 
 function tokenFromFragment() {
