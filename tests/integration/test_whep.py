@@ -181,6 +181,7 @@ async def test_each_denial_has_its_status_header_and_audit_entry(
     elif case == "revoked":
         token_id, token = agent.token("--camera", "cam1")
         agent.cli("token", "revoke", token_id)
+        await asyncio.sleep(0.5)  # a daemon that knew the token follows the store every 0.2 s
     elif case == "expired":
         token = agent.token("--camera", "cam1", "--ttl", "1s")[1]
         await asyncio.sleep(1.5)
