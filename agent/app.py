@@ -25,6 +25,7 @@ from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
+from agent.webrtc import speedups
 from agent.webrtc.ice import host_addresses, install_host_addresses
 
 log = structlog.get_logger(__name__)
@@ -81,6 +82,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
     publisher_token(config)  # fail early on a bad token file; the relay link uses it later
     install_host_addresses(host_addresses(config.webrtc))
+    speedups.install()
     store = await asyncio.to_thread(open_store, config)
     access = build_access(config, store)
     started = time.time()

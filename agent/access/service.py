@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sqlite3
 import time
 import uuid
@@ -28,6 +29,7 @@ from agent.access.tokens import check as check_format
 log = structlog.get_logger(__name__)
 
 PRUNE_EVERY = 3600.0
+FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
 
 
@@ -184,12 +186,31 @@ class AccessService:
         for record in records:
             self._tokens[record.id] = record
 
+    def _store_signature(self) -> tuple[int, ...]:
+        """Sizes and times of the database files: any commit, by any process, changes them.
+        A few stat() calls, cheap enough for the event loop, spare a query every poll."""
+        out: list[int] = []
+        for suffix in ("", "-wal"):
+            try:
+                st = os.stat(f"{self._store.path}{suffix}")
+            except OSError:
+                out += [0, 0]
+            else:
+                out += [st.st_mtime_ns, st.st_size]
+        return tuple(out)
+
     async def _watch(self) -> None:
         last_prune = 0.0
         failing = False
+        seen: tuple[int, ...] = ()
+        last_query = 0.0
         while True:
             try:
-                await self.refresh()  # shared with check(): one reader of the store at a time
+                signature = self._store_signature()
+                now = time.monotonic()
+                if signature != seen or now - last_query > FULL_POLL or failing:
+                    seen, last_query = signature, now
+                    await self.refresh()  # shared with check(): one store reader at a time
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)

@@ -29,7 +29,8 @@ class Consumer:
         clock: int,
     ) -> None:
         self.video = video
-        self.clock = clock  # output time base is 1/clock
+        self.clock = clock
+        self.time_base = Fraction(1, clock)  # of the timestamps next() returns
         self._maxsize = maxsize
         self._queue: deque[tuple[int, MediaPacket]] = deque()
         self._replay: deque[tuple[int, MediaPacket]] = deque(replay)
@@ -108,7 +109,8 @@ class Consumer:
         return packet, self._emit(ticks)
 
     def _ticks(self, packet: MediaPacket) -> int:
-        return int(packet.pts * packet.time_base * self.clock)
+        tb = packet.time_base  # integer arithmetic: Fraction operators cost microseconds
+        return packet.pts * tb.numerator * self.clock // tb.denominator
 
     def _rebase(self, ticks: int) -> None:
         """Continue the output timeline from the last packet (one frame later)."""
@@ -124,6 +126,4 @@ class Consumer:
         self._last_out, self._last_src = out, ticks
         return out
 
-    @property
-    def time_base(self) -> Fraction:
-        return Fraction(1, self.clock)
+

@@ -85,11 +85,13 @@ class PyAVSource:
         self._loop_span = 0
         self._clock_start: float | None = None
         self._first_pts: int | None = None
+        self._video_tb = Fraction(1, 90_000)
 
     def open(self) -> StreamInfo:
         try:
-            container = av.open(self._url, options={**self._options, **FAST_OPEN},
-                                timeout=float(self._options.get("timeout", "5000000")) / 1e6)
+            # The socket timeout is FFmpeg's own "timeout" option (µs). PyAV's timeout= would
+            # also work, but through an interrupt callback into Python on every I/O wait.
+            container = av.open(self._url, options={**self._options, **FAST_OPEN})
             video = container.streams.video[0] if container.streams.video else None
             if video is not None and not video.codec_context.width:
                 container.close()
@@ -108,6 +110,7 @@ class PyAVSource:
         if codec == "h264" and ctx.extradata and not ctx.extradata.startswith(b"\x00"):
             self._bsf = av.bitstream.BitStreamFilterContext("h264_mp4toannexb", video)
         self._parameter_sets = annexb_parameter_sets(ctx.extradata)
+        self._video_tb = Fraction(video.time_base or Fraction(1, 90_000))
         audio_info = None
         streams: list[Any] = [video]
         if container.streams.audio and self._audio_mode != "off":
@@ -155,7 +158,7 @@ class PyAVSource:
             data = with_parameter_sets(data, self._parameter_sets)
         pts = int(packet.pts) + self._offset
         self._loop_span = max(self._loop_span, int(packet.pts) + int(packet.duration or 0))
-        return MediaPacket(True, data, pts, Fraction(packet.time_base), bool(packet.is_keyframe))
+        return MediaPacket(True, data, pts, self._video_tb, bool(packet.is_keyframe))
 
     def _rewind(self) -> None:
         assert self._container is not None
