@@ -145,3 +145,19 @@ async def test_a_file_loops_in_real_time(recording: Path) -> None:
     assert keyframes >= 2 and decoded >= 25
     hub.unsubscribe(consumer)
     await hub.close()
+
+
+async def test_a_burst_of_snapshots_decodes_once() -> None:
+    from agent.media.snapshot import Snapshotter
+
+    hub = hub_for("testsrc://?size=160x120&fps=15&gop=5")
+    viewer = hub.subscribe()  # keeps the pull (and its GOP cache) alive through the test
+    snapshots = Snapshotter(cache_seconds=1.0, keyframe_timeout=5.0)
+    pictures = await asyncio.gather(*(snapshots.jpeg(hub) for _ in range(8)))
+    assert all(p is not None and p.startswith(b"\xff\xd8") for p in pictures)
+    assert len(set(pictures)) == 1 and snapshots.decodes == 1
+    await asyncio.sleep(1.1)  # cache expired, same keyframe (5 s GOP): still no new decode
+    await snapshots.jpeg(hub)
+    assert snapshots.decodes == 1
+    hub.unsubscribe(viewer)
+    await hub.close()

@@ -93,10 +93,16 @@ class AgentProcess:
         return out
 
     def stop(self) -> int:
+        """SIGTERM and wait. The daemon ran in asyncio debug mode (inherited from the tests):
+        a callback that blocked its loop, or any traceback, fails the test here."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=15)
         self._log.close()
+        problems = [e.get("event", "") for e in self.log_events()
+                    if (e.get("logger") == "asyncio" and " took " in str(e.get("event")))
+                    or "Traceback" in json.dumps(e)]
+        assert not problems, f"the daemon's log shows: {problems[:3]}"
         return code
 
 
