@@ -83,7 +83,8 @@ class AgentProcess:
         return entries
 
     def log_events(self) -> list[dict[str, Any]]:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         out = []
         for line in self.log_path.read_text().splitlines():
             try:
