@@ -42,6 +42,7 @@ class WhepEndpoint:
         self._webrtc = webrtc
         self._timeout = camera_timeout + 1.0
         self._live: dict[str, _Live] = {}
+        self._closing: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/whep/{camera}", self.post)
@@ -106,7 +107,9 @@ class WhepEndpoint:
     def _end(self, viewer: ViewerSession, reason: str) -> None:
         """Called by the access service when the token no longer allows the session."""
         log.info("whep_session_ended", session=viewer.id, reason=reason)
-        asyncio.get_running_loop().create_task(viewer.close())
+        task = asyncio.get_running_loop().create_task(viewer.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _closed(self, viewer: ViewerSession) -> None:
         live = self._live.pop(viewer.id, None)

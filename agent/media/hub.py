@@ -14,7 +14,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import structlog
@@ -48,7 +48,7 @@ class CameraStatus:
     audio: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 class CameraHub:
@@ -169,11 +169,10 @@ class CameraHub:
             self._set_status(state="idle", error=None, bitrate_kbps=None)
 
     async def close(self) -> None:
-        for consumer in list(self._consumers):
+        for consumer in self._consumers:
             consumer.close()
         self._consumers.clear()
         thread = self._thread
-        self._consumers.clear()
         self.stop()
         if thread is not None:
             await asyncio.to_thread(thread.join, 10)
