@@ -5,6 +5,8 @@ from __future__ import annotations
 from aiohttp import web
 
 from agent.access.policy import Decision, Reason
+from agent.access.service import AccessService
+from agent.media.cameras import Camera, Cameras
 
 RETRY_AFTER_LIMITED = "60"
 
@@ -40,3 +42,19 @@ def denial(decision: Decision) -> web.Response:
 def error(status: int, code: str, message: str, **headers: str) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status,
                              headers=headers)
+
+
+async def camera_access(
+    access: AccessService, cameras: Cameras, request: web.Request, protocol: str
+) -> tuple[Decision, Camera] | web.Response:
+    """Authorize a request for ``{camera}`` in the path, then find the camera. Unknown
+    cameras are 404 only to a token whose scope could include them; others are denied first."""
+    camera_id = request.match_info["camera"]
+    decision = await access.check(presented_token(request), camera_id, protocol,
+                                  peer_ip(request))
+    if not decision.granted:
+        return denial(decision)
+    camera = cameras.get(camera_id)
+    if camera is None:
+        return error(404, "unknown_camera", f"there is no camera {camera_id!r} here")
+    return decision, camera

@@ -9,7 +9,7 @@ from aiohttp import web
 from agent.access.model import LISTING_PROTOCOL
 from agent.access.policy import Site, scope_covers
 from agent.access.service import AccessService
-from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 
@@ -32,14 +32,11 @@ class Views:
         app.router.add_get("/favicon.ico", self.no_icon)
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
-        camera_id = request.match_info["camera"]
-        decision = await self._access.check(presented_token(request), camera_id, SNAPSHOT,
-                                          peer_ip(request))
-        if not decision.granted:
-            return denial(decision)
-        camera = self._cameras.get(camera_id)
-        if camera is None:
-            return error(404, "unknown_camera", f"there is no camera {camera_id!r} here")
+        found = await camera_access(self._access, self._cameras, request, SNAPSHOT)
+        if isinstance(found, web.Response):
+            return found
+        _, camera = found
+        camera_id = camera.id
         if camera.hub.status.state == "unsupported":
             return error(501, "unsupported_codec", camera.hub.status.error or "")
         jpeg = await self._snapshots.jpeg(camera.hub)

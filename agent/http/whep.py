@@ -17,7 +17,7 @@ from aiohttp import web
 from agent.access.service import AccessService
 from agent.access.sessions import Session
 from agent.config import WebrtcSection
-from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
 from agent.webrtc.ice import rtc_configuration
 from agent.webrtc.session import OfferError, ViewerSession
@@ -60,14 +60,11 @@ class WhepEndpoint:
         return links
 
     async def post(self, request: web.Request) -> web.StreamResponse:
-        camera_id = request.match_info["camera"]
-        decision = await self._access.check(presented_token(request), camera_id, PROTOCOL,
-                                          peer_ip(request))
-        if not decision.granted:
-            return denial(decision)
-        camera = self._cameras.get(camera_id)
-        if camera is None:
-            return error(404, "unknown_camera", f"there is no camera {camera_id!r} here")
+        found = await camera_access(self._access, self._cameras, request, PROTOCOL)
+        if isinstance(found, web.Response):
+            return found
+        decision, camera = found
+        camera_id = camera.id
         if request.content_type != "application/sdp":
             return error(415, "unsupported_media_type",
                          "send the SDP offer with Content-Type: application/sdp")

@@ -16,6 +16,7 @@ from agent.media.consumer import REPLAY_SPEED, Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
 from agent.media.sources import make_source
 from agent.media.stream import MediaPacket
+from tests.support.media import write_clip
 
 TB = Fraction(1, 90_000)
 FRAME = 6000  # 15 fps at 90 kHz
@@ -111,19 +112,8 @@ async def test_an_unreachable_camera_is_offline_with_a_reason_and_retried() -> N
 @pytest.fixture
 def recording(tmp_path: Path) -> Path:
     """One second of H.264 in MP4 (avcC extradata: the source must convert to Annex-B)."""
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx264", rate=15)
-        stream.width, stream.height, stream.pix_fmt = 192, 108, "yuv420p"
-        stream.options = {"preset": "ultrafast", "g": "15"}
-        for i in range(15):
-            frame = av.VideoFrame(192, 108, "yuv420p")
-            for plane in frame.planes:
-                plane.update(bytes([(i * 16) % 256]) * plane.buffer_size)
-            frame.pts, frame.time_base = i, Fraction(1, 15)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
+    return write_clip(tmp_path / "clip.mp4", "libx264", 192, 108, fps=15, frames=15,
+                      options={"preset": "ultrafast", "g": "15"})
 
 
 async def test_a_file_loops_in_real_time(recording: Path) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import aiohttp
@@ -14,6 +13,7 @@ import pytest
 from aiortc.mediastreams import MediaStreamError
 
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
+from tests.support.media import write_clip
 
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
@@ -21,19 +21,8 @@ SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 @pytest.fixture(scope="module")
 def hevc_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A short H.265 recording: a camera format WebRTC viewers cannot play."""
-    path = tmp_path_factory.mktemp("media") / "hevc.mp4"
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("libx265", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        stream.options = {"x265-params": "log-level=error"}
-        for i in range(10):
-            frame = av.VideoFrame(160, 120, "yuv420p")
-            for plane in frame.planes:
-                plane.update(bytes([(i * 20) % 256]) * plane.buffer_size)
-            frame.pts, frame.time_base = i, Fraction(1, 10)
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
-    return path
+    return write_clip(tmp_path_factory.mktemp("media") / "hevc.mp4", "libx265", 160, 120,
+                      fps=10, frames=10, options={"x265-params": "log-level=error"})
 
 
 @pytest.fixture(scope="module")
