@@ -9,7 +9,7 @@ import av
 
 
 def write_clip(path: Path, codec: str, width: int, height: int, fps: int, frames: int,
-               options: dict[str, str] | None = None) -> Path:
+               options: dict[str, object] | None = None) -> Path:
     """``frames`` frames of changing flat colour, encoded with ``codec`` into ``path``."""
     with av.open(str(path), "w") as out:
         stream = out.add_stream(codec, rate=fps)
