@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections import Counter
 from datetime import timedelta
 
 import ifaddr
@@ -100,7 +101,8 @@ async def run(config: Config, *, quick_start: bool) -> int:
         return {"status": "ok", "version": __version__, "agent_id": config.agent.id,
                 "uptime_s": round(time.time() - started, 1),
                 "sessions": len(access.sessions),
-                "cameras": {c.id: c.hub.status.state for c in cameras}}
+                # counts only: camera ids are for tokens that may see them (/api/v1/cameras)
+                "cameras": dict(Counter(c.hub.status.state for c in cameras))}
 
     app = server.make_app(health)
     whep.routes(app)

@@ -137,12 +137,14 @@ class AccessService:
         peer_ip: str | None,
         close: Callable[[str], None],
         bytes_sent: Callable[[], int] = lambda: 0,
+        session_id: str | None = None,
     ) -> Session:
-        """Register a live session for a granted decision; it ends when its token does."""
+        """Register a live session for a granted decision; it ends when its token does.
+        ``session_id``: the protocol's own id, so logs and the audit log name it alike."""
         if not decision.granted or decision.token_id is None:
             raise ValueError("a session needs a granted decision")
-        session = Session(uuid.uuid4().hex, decision.token_id, camera, protocol, peer_ip,
-                          self._clock(), close, bytes_sent)
+        session = Session(session_id or uuid.uuid4().hex, decision.token_id, camera, protocol,
+                          peer_ip, self._clock(), close, bytes_sent)
         self.sessions.add(session)
         return session
 

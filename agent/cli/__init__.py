@@ -17,7 +17,7 @@ from agent import __version__, app, logs
 from agent.cli import audit as audit_cli
 from agent.cli import tokens as token_cli
 from agent.cli.output import emit_json, table
-from agent.config import DEFAULT_CONFIG_PATH, Config, load, publisher_token
+from agent.config import DEFAULT_CONFIG_PATH, Config, load, publisher_token, read_secret
 from agent.errors import AgentError, ConfigError, UsageError
 
 EXIT_FAILED = 1  # the command ran and the answer is no (denied, refused, tampered)
@@ -62,8 +62,21 @@ def _config_path(args: argparse.Namespace) -> Path | None:
     return None  # $THERELAY_CONFIG, else embedded defaults (decided in config.load)
 
 
+def _check_secrets(config: Config) -> None:
+    """Every secret and interface the config names can be read now, not at the first viewer."""
+    from agent.webrtc.ice import host_addresses, rtc_configuration  # aiortc: only when checking
+
+    for camera in config.cameras:
+        if camera.username and read_secret(f"camera-{camera.id}", camera.password_file) is None:
+            raise ConfigError(f"cameras: {camera.id!r} has a username but no password: set "
+                              f"password_file or load the systemd credential camera-{camera.id}")
+    host_addresses(config.webrtc)
+    rtc_configuration(config.webrtc)
+
+
 def _config_check(args: argparse.Namespace, config: Config) -> int:
     token = publisher_token(config)
+    _check_secrets(config)
     cameras = [{"id": c.id, "name": c.name, "source": logs.redact_text(c.source)}
                for c in config.cameras]
     summary: dict[str, object] = {

@@ -37,9 +37,9 @@ class Views:
             return found
         _, camera = found
         camera_id = camera.id
-        if camera.hub.status.state == "unsupported":
+        jpeg = await self._snapshots.jpeg(camera.hub)  # (re)opens the camera if idle
+        if jpeg is None and camera.hub.status.state == "unsupported":
             return error(501, "unsupported_codec", camera.hub.status.error or "")
-        jpeg = await self._snapshots.jpeg(camera.hub)
         if jpeg is None:
             return error(503, "camera_offline",
                          f"camera {camera_id!r} sent no picture: "
@@ -60,7 +60,7 @@ class Views:
             "token": {"id": record.id, "scope": str(record.scope),
                       "protocols": sorted(record.protocols) or ["all"],
                       "expires_at": record.expires_at},
-            "cameras": [{"id": c.id, "name": c.name, "viewers": c.hub.consumer_count,
+            "cameras": [{"id": c.id, "name": c.name, "viewers": c.hub.viewers,
                          **c.hub.status.as_dict()} for c in visible],
         })
 

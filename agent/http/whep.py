@@ -40,6 +40,7 @@ class WhepEndpoint:
         self._access = access
         self._cameras = cameras
         self._webrtc = webrtc
+        self._rtc_configuration = rtc_configuration(webrtc)  # reads TURN secrets: at start
         self._timeout = camera_timeout + 1.0
         self._live: dict[str, _Live] = {}
         self._closing: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
@@ -55,7 +56,8 @@ class WhepEndpoint:
             for url in server.urls:
                 link = f'<{url}>; rel="ice-server"'
                 if server.username:  # the credential itself is never sent in a header
-                    link += f'; username="{server.username}"'
+                    quoted = server.username.replace("\\", "\\\\").replace('"', '\\"')
+                    link += f'; username="{quoted}"'
                 links.append(link)
         return links
 
@@ -80,7 +82,7 @@ class WhepEndpoint:
                              **{"Retry-After": RETRY_AFTER_OFFLINE})
             try:
                 viewer, answer = await ViewerSession.answer(
-                    camera_id, hub, offer, rtc_configuration(self._webrtc))
+                    camera_id, hub, offer, self._rtc_configuration)
             except OfferError as exc:
                 return error(400, "bad_offer", str(exc))
         finally:
@@ -88,7 +90,7 @@ class WhepEndpoint:
         session = self._access.open_session(
             decision, camera_id, PROTOCOL, peer_ip(request),
             close=lambda reason: self._end(viewer, reason),
-            bytes_sent=lambda: viewer.bytes_sent,
+            bytes_sent=lambda: viewer.bytes_sent, session_id=viewer.id,
         )
         self._live[viewer.id] = _Live(viewer, session)
         viewer.on_closed = self._closed
@@ -134,4 +136,9 @@ class WhepEndpoint:
                      "answer", Allow="DELETE")
 
     async def close(self) -> None:
-        await asyncio.gather(*(live.viewer.close() for live in list(self._live.values())))
+        """The agent is stopping: end every session, audited as such."""
+        live = list(self._live.values())
+        self._live.clear()
+        for session in live:
+            self._access.end_session(session.access.id, "shutdown")
+        await asyncio.gather(*(session.viewer.close() for session in live))

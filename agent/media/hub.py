@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from agent.errors import SourceError
+from agent.errors import AgentError
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import VIDEO_CLOCK, Consumer
 from agent.media.sources import Source
@@ -137,8 +137,9 @@ class CameraHub:
         return self.status.state == "online"
 
     @property
-    def consumer_count(self) -> int:
-        return len(self._consumers)
+    def viewers(self) -> int:
+        """Consumers of video: one per viewer or relay session (audio rides along)."""
+        return sum(1 for c in self._consumers if c.video)
 
     async def keyframe(self, timeout: float) -> tuple[MediaPacket, StreamInfo] | None:
         """The latest keyframe (starting the pull for a moment if needed), or None."""
@@ -147,7 +148,7 @@ class CameraHub:
             try:
                 waiter = asyncio.get_running_loop().create_future()
                 self._keyframe_waiters.append(waiter)
-                await asyncio.wait_for(waiter, timeout)
+                await asyncio.wait_for(waiter, timeout)  # also woken when the camera fails
             except TimeoutError:
                 return None
             finally:
@@ -166,7 +167,7 @@ class CameraHub:
         self._gop.clear()
         self._gop_bytes = 0
         if self.status.state != "unsupported":
-            self._set_status(state="idle", error=None, bitrate_kbps=None)
+            self._set_status(state="idle", error=None, bitrate_kbps=None, fps=None)
 
     async def close(self) -> None:
         for consumer in self._consumers:
@@ -224,12 +225,24 @@ class CameraHub:
         self.info = info
         self._gop.clear()
         self._gop_bytes = 0
+        self._window_start, self._window_bytes, self._window_frames = time.monotonic(), 0, 0
+        log.info("camera_online", camera=self.camera_id, codec=info.codec,
+                 size=f"{info.width}x{info.height}")
         audio = webrtc_audio_codec(info.audio.codec) if info.audio else None
         self._set_status(state="online", error=None, codec=info.codec, width=info.width,
                          height=info.height, fps=info.fps, audio=audio)
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """Whoever waits for the camera learns at once that it is online, failed or unusable."""
         if self._ready is not None:
             self._ready.set()
             self._ready = None
+        if self.status.state != "online":
+            for waiter in self._keyframe_waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+            self._keyframe_waiters.clear()
 
     def _set_status(self, **changes: Any) -> None:
         self.status = replace(self.status, since=time.time(), **changes)
@@ -253,12 +266,11 @@ class CameraHub:
                     continue
                 epoch = self._epoch + 1
                 loop.call_soon_threadsafe(self._online, epoch, info)
-                failures.recovered("camera_online", codec=info.codec,
-                                   size=f"{info.width}x{info.height}")
+                failures.recovered("camera_recovered")
                 delays = backoff(1.0, self._reconnect_max)
                 while not stop.is_set():
                     loop.call_soon_threadsafe(self._deliver, epoch, source.read())
-            except SourceError as exc:
+            except AgentError as exc:  # SourceError, or a camera secret that cannot be read
                 failures.failed(str(exc))
                 loop.call_soon_threadsafe(self._set_status_if_running, stop, str(exc))
                 stop.wait(next(delays))
@@ -271,9 +283,7 @@ class CameraHub:
     def _set_status_if_running(self, stop: threading.Event, error: str) -> None:
         if not stop.is_set():
             self._set_status(state="offline", error=error)
-            if self._ready is not None:  # waiters learn at once that it failed
-                self._ready.set()
-                self._ready = None
+            self._wake_waiters()
 
     def _unsupported(self, info: StreamInfo) -> None:
         self.info = info
@@ -281,7 +291,5 @@ class CameraHub:
                    "play: set the camera (or its substream) to H.264")
         self._set_status(state="unsupported", error=message, codec=info.codec,
                          width=info.width, height=info.height)
-        if self._ready is not None:
-            self._ready.set()
-            self._ready = None
+        self._wake_waiters()
         log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)

@@ -125,3 +125,27 @@ async def test_audio_reaches_the_viewer(tmp_path: Path, rtsp_camera_factory: Fac
         await viewer.close()
     finally:
         assert agent.stop() == 0
+
+
+async def test_a_username_without_password_is_a_clear_error(
+        tmp_path: Path, rtsp_camera_factory: Factory) -> None:
+    camera = rtsp_camera_factory(**CAMERA, user="viewer", password="s3cret-pass")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"cameras: [{{id: door, source: '{camera.url}', username: viewer}}]\n")
+    import subprocess
+    import sys
+
+    checked = subprocess.run([sys.executable, "-m", "agent", "config", "check", "--config",
+                              str(config)], capture_output=True, text=True, check=False,
+                             env={"PATH": "/usr/bin:/bin", "THERELAY_STATE_DIR": str(tmp_path)})
+    assert checked.returncode == 2
+    assert "'door' has a username but no password" in checked.stderr
+    agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url, "username": "viewer"}])
+    try:
+        _, token = agent.token("--camera", "door")
+        viewer = WhepViewer(agent.base, "door", token)
+        assert await viewer.connect() == 503
+        await viewer.close()
+        assert "has a username but no password" in viewer.body
+    finally:
+        assert agent.stop() == 0

@@ -80,6 +80,7 @@ async def test_delete_ends_the_session_and_it_is_audited(agent: AgentProcess) ->
     (ended,) = agent.audit("--token", token_id, "--event", "session.ended")
     assert ended["reason"] == "deleted" and ended["detail"]["bytes"] > 0
     assert ended["protocol"] == "webrtc"
+    assert viewer.location.endswith(ended["detail"]["session"])  # one id everywhere
 
 
 async def test_token_in_the_query_works_and_never_reaches_the_log(agent: AgentProcess) -> None:
@@ -269,6 +270,10 @@ async def test_h265_camera_is_a_clear_error(agent: AgentProcess) -> None:
     assert "H.264" in viewer.body and "HEVC" in viewer.body
     _, _, body = await request("GET", f"{agent.base}/api/v1/cameras", headers=bearer(token))
     assert b'"state": "unsupported"' in body
+    snap_token = agent.token("--camera", "h265", "--protocol", "snapshot")[1]
+    status, _, body = await request("GET", f"{agent.base}/snapshot/h265.jpg",
+                                    headers=bearer(snap_token))
+    assert status == 501 and b"unsupported_codec" in body
 
 
 async def test_offline_camera_is_503_with_retry_after(agent: AgentProcess) -> None:
@@ -278,6 +283,11 @@ async def test_offline_camera_is_503_with_retry_after(agent: AgentProcess) -> No
     await viewer.close()
     assert viewer.headers["Retry-After"] == "5"
     assert "connection refused" in viewer.body
+    started = time.monotonic()
+    status, headers, body = await request("GET", f"{agent.base}/snapshot/gone.jpg",
+                                          headers=bearer(token))
+    assert status == 503 and headers["Retry-After"] == "5"
+    assert time.monotonic() - started < 5  # the failure is known at once, no long wait
 
 
 async def test_snapshot(agent: AgentProcess) -> None:
@@ -317,3 +327,25 @@ async def test_the_viewer_page_is_served_with_a_strict_policy(agent: AgentProces
     assert headers["Referrer-Policy"] == "no-referrer"
     status, headers, body = await request("GET", f"{agent.base}/viewer.js")
     assert status == 200 and b"location.hash" in body
+
+
+async def test_health_tells_no_camera_ids(agent: AgentProcess) -> None:
+    import json
+
+    status, _, body = await request("GET", f"{agent.base}/healthz")
+    health = json.loads(body)
+    assert status == 200 and health["status"] == "ok"
+    assert sum(health["cameras"].values()) == 4
+    assert b"cam1" not in body and b"gone" not in body
+
+
+async def test_stopping_the_agent_ends_sessions_as_shutdown(tmp_path: Path) -> None:
+    agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL}])
+    token_id, token = agent.token("--camera", "cam1")
+    viewer = WhepViewer(agent.base, "cam1", token)
+    assert await viewer.connect() == 201
+    await viewer.frame()
+    assert agent.stop() == 0
+    await viewer.close()
+    (ended,) = agent.audit("--token", token_id, "--event", "session.ended")
+    assert ended["reason"] == "shutdown"

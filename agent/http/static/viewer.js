@@ -153,9 +153,10 @@ async function ended(view, pc) {
   view.ending = true;
   pc.close();
   // Ask the agent why: a revoked or expired token says so; otherwise reconnect.
-  const response = await api(`/api/v1/cameras`);
+  let response = null;
+  try { response = await api(`/api/v1/cameras`); } catch (e) { /* agent unreachable */ }
   view.ending = false;
-  if (!response.ok) {
+  if (response && !response.ok) {
     const why = await explain(response);
     setState(view, `Stream ended. ${why.text}`, true);
     return;

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from agent.config import CameraConfig, read_secret
+from agent.errors import SourceError
 from agent.media.stream import MediaPacket, StreamInfo
 
 
@@ -32,6 +33,9 @@ def make_source(camera: CameraConfig, timeout: float) -> Source:
     password = None
     if camera.username:
         password = read_secret(f"camera-{camera.id}", camera.password_file)
+        if password is None:
+            raise SourceError(f"camera {camera.id!r} has a username but no password: set "
+                              f"password_file, or load the systemd credential camera-{camera.id}")
     return rtsp_source(camera.source, transport=camera.transport, timeout=timeout,
                        username=camera.username, password=password, audio_mode=camera.audio)
 
