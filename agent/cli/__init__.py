@@ -64,7 +64,7 @@ def _config_path(args: argparse.Namespace) -> Path | None:
 
 def _check_secrets(config: Config) -> None:
     """Every secret and interface the config names can be read now, not at the first viewer."""
-    from agent.webrtc.ice import host_addresses, rtc_configuration  # aiortc: only when checking
+    from agent.webrtc.ice import host_addresses, rtc_configuration  # noqa: PLC0415 (aiortc is slow to import)
 
     for camera in config.cameras:
         if camera.username and read_secret(f"camera-{camera.id}", camera.password_file) is None:

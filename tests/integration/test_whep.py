@@ -80,6 +80,7 @@ async def test_delete_ends_the_session_and_it_is_audited(agent: AgentProcess) ->
     (ended,) = agent.audit("--token", token_id, "--event", "session.ended")
     assert ended["reason"] == "deleted" and ended["detail"]["bytes"] > 0
     assert ended["protocol"] == "webrtc"
+    assert viewer.location is not None
     assert viewer.location.endswith(ended["detail"]["session"])  # one id everywhere
 
 
@@ -284,7 +285,7 @@ async def test_offline_camera_is_503_with_retry_after(agent: AgentProcess) -> No
     assert viewer.headers["Retry-After"] == "5"
     assert "connection refused" in viewer.body
     started = time.monotonic()
-    status, headers, body = await request("GET", f"{agent.base}/snapshot/gone.jpg",
+    status, headers, _ = await request("GET", f"{agent.base}/snapshot/gone.jpg",
                                           headers=bearer(token))
     assert status == 503 and headers["Retry-After"] == "5"
     assert time.monotonic() - started < 5  # the failure is known at once, no long wait
