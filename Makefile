@@ -8,5 +8,7 @@ bench:
 	scripts/setup-venv --test
 	.venv/bin/python tests/bench/bench_authorize.py
 	.venv/bin/python tests/bench/bench_revocation.py
+	.venv/bin/python -m tests.bench.bench_media first-frame
+	.venv/bin/python -m tests.bench.bench_media cpu --window 20
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis
