@@ -22,6 +22,8 @@ from agent.access.tokens import Kind
 from agent.config import Config, publisher_token
 from agent.errors import AgentError
 from agent.http import server
+from agent.http.admin import AdminApi
+from agent.http.metrics import LoopLag, Metrics
 from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
 from agent.media.cameras import Cameras
@@ -109,6 +111,9 @@ async def run(config: Config, *, quick_start: bool) -> int:
     Views(access, cameras, Snapshotter(config.snapshot.cache_seconds,
                                        config.media.camera_timeout + 5),
           store.site).routes(app)
+    AdminApi(access, store, cameras, started).routes(app)
+    lag = LoopLag()
+    Metrics(access, cameras, lag).routes(app)
     host, port = config.http.host_port
     try:
         runner = await server.start(app, host, port)
@@ -120,6 +125,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
             "the port: change http.listen."
         ) from None
     cameras.start()
+    lag.start()
     log.info("agent_started", version=__version__, agent_id=config.agent.id,
              listen=config.http.listen, state_dir=str(config.state_dir),
              cameras=config.camera_ids, config=config.origin)
@@ -133,6 +139,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
         log.info("agent_stopping")
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+        lag.stop()
         await whep.close()
         await runner.cleanup()
         await cameras.close()

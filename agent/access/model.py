@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from typing import Any
 
 from agent.access.tokens import Kind, display
 
@@ -168,3 +169,25 @@ class TokenRecord:
         if self.expires_at is not None and self.expires_at <= now:
             return Status.EXPIRED
         return Status.ACTIVE
+
+
+def public_view(record: TokenRecord, now: float) -> dict[str, Any]:
+    """A record as shown to people and programs: never the secret, never its hash."""
+    return {
+        "id": record.id,
+        "display": record.display,
+        "kind": record.kind.value,
+        "scope": str(record.scope),
+        "protocols": sorted(record.protocols) or ["all"],
+        "permission": record.permission.value if record.permission else None,
+        "status": record.status(now).value,
+        "created_at": format_time(record.created_at),
+        "created_by": record.created_by or None,
+        "expires_at": format_time(record.expires_at) if record.expires_at else None,
+        "label": record.label,
+        "origin": record.origin.value,
+        "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
+        "replaced_by": record.replaced_by,
+        "replaces": record.replaces,
+        "last_used_at": format_time(record.last_used_at) if record.last_used_at else None,
+    }

@@ -15,7 +15,7 @@ from enum import StrEnum
 from typing import NamedTuple
 
 from agent.access.model import ADMIN_PROTOCOL, LISTING_PROTOCOL, ScopeLevel, TokenRecord
-from agent.access.tokens import FormatProblem, Kind, check, token_hash
+from agent.access.tokens import KIND_OF_PREFIX, FormatProblem, Kind, check, token_hash
 
 
 class Reason(StrEnum):
@@ -177,6 +177,10 @@ def _check(
     presented = token_hash(req.token)
     # An unknown id costs the same comparison as a known one (no timing oracle).
     if not hmac.compare_digest(presented, record.secret_hash if record else _DUMMY_HASH):
+        if record is None and KIND_OF_PREFIX[req.token[:3]] is not _required_kind(req.protocol):
+            # The prefix (public) already says this token cannot serve here, e.g. a relay
+            # publisher token (never in this store) presented to a viewer or admin endpoint.
+            return Reason.WRONG_KIND, public_id, None
         return (Reason.BAD_SECRET if record else Reason.UNKNOWN), public_id, None
     if record is None:  # only reachable if the dummy hash were ever presented
         return Reason.UNKNOWN, public_id, None

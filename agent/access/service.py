@@ -13,6 +13,7 @@ import os
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 
 import structlog
@@ -57,6 +58,9 @@ class AccessService:
         self._rev = 0
         self.sessions = SessionRegistry()
         self._refreshing: asyncio.Future[None] | None = None
+        #: For /metrics: decisions by reason, bytes of sessions that have ended.
+        self.decisions: Counter[str] = Counter()
+        self.bytes_ended = 0
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
 
@@ -93,12 +97,18 @@ class AccessService:
                 await self.refresh()
         return self.authorize(token, camera, protocol, peer_ip)
 
-    async def refresh(self) -> None:
-        """Apply the store's changes now (one query; concurrent callers share it)."""
+    async def refresh(self, force: bool = False) -> None:
+        """Apply the store's changes now (one query; concurrent callers share it).
+        ``force``: after a change this process just made, a read that began before it
+        does not count."""
         if self._refreshing is not None:
             await asyncio.shield(self._refreshing)
+            if not force:
+                return
+        if not force and time.monotonic() - self._refreshed_at < REFRESH_GAP:
             return
-        if time.monotonic() - self._refreshed_at < REFRESH_GAP:
+        if self._refreshing is not None:  # another forced caller got there first
+            await asyncio.shield(self._refreshing)
             return
         self._refreshing = asyncio.get_running_loop().create_future()
         self._refreshing.add_done_callback(lambda f: f.cancelled() or f.exception())
@@ -124,6 +134,7 @@ class AccessService:
         req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
         decision = authorize(req, self._tokens, self._site, self._limiter)
         self._recorder.record_decision(req, decision)
+        self.decisions[decision.reason.value] += 1
         if not decision.granted:
             log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
                      camera=camera, protocol=protocol, peer_ip=peer_ip)
@@ -156,11 +167,13 @@ class AccessService:
 
     def _audit_end(self, session: Session, why: str) -> None:
         now = self._clock()
+        sent = session.bytes_sent()
+        self.bytes_ended += sent
         self._recorder.record(AuditEntry(
             now, audit.SESSION_ENDED, token_id=session.token_id, camera=session.camera,
             protocol=session.protocol, peer_ip=session.peer_ip, reason=why,
             detail={"duration_s": round(now - session.started_at, 3),
-                    "bytes": session.bytes_sent(), "session": session.id},
+                    "bytes": sent, "session": session.id},
         ))
 
     def sweep(self) -> int:

@@ -62,8 +62,11 @@ def apply(conn: sqlite3.Connection, events: Iterable[UsageEvent], max_ips: int) 
     )
 
 
+HOURS_KEPT_IN_STATS = 7 * 24  # the hourly series a stats answer carries (one week)
+
+
 def stats(conn: sqlite3.Connection, token_id: str) -> dict[str, Any]:
-    """Last used, per-day and per-protocol counts, and the IP table of one token."""
+    """Last used, per-hour (last week), per-day and per-protocol counts, and the IP table."""
     row = conn.execute("SELECT last_used_at FROM tokens WHERE id = ?", (token_id,)).fetchone()
     per_day = [
         {"day": int(day), "granted": int(g), "denied": int(d)}
@@ -89,9 +92,18 @@ def stats(conn: sqlite3.Connection, token_id: str) -> dict[str, Any]:
             (token_id,),
         )
     ]
+    per_hour = [
+        {"hour": int(hour), "granted": int(g), "denied": int(d)}
+        for hour, g, d in conn.execute(
+            "SELECT hour, sum(granted), sum(denied) FROM usage_hourly WHERE token_id = ? "
+            "GROUP BY hour ORDER BY hour DESC LIMIT ?",
+            (token_id, HOURS_KEPT_IN_STATS),
+        )
+    ][::-1]
     return {
         "token_id": token_id,
         "last_used_at": row[0] if row else None,
+        "per_hour": per_hour,
         "uses": sum(d["granted"] for d in per_day),
         "denied": sum(d["denied"] for d in per_day),
         "per_day": per_day,

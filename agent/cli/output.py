@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from agent.access.model import TokenRecord, format_time
+from agent.access.model import TokenRecord, public_view
+
+token_dict = public_view  # the CLI's name for it
 
 
 def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
@@ -21,28 +23,6 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 def emit_json(data: Any) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True, default=str)
     sys.stdout.write("\n")
-
-
-def token_dict(record: TokenRecord, now: float) -> dict[str, Any]:
-    """A record as shown to people and programs: never the secret, never its hash."""
-    return {
-        "id": record.id,
-        "display": record.display,
-        "kind": record.kind.value,
-        "scope": str(record.scope),
-        "protocols": sorted(record.protocols) or ["all"],
-        "permission": record.permission.value if record.permission else None,
-        "status": record.status(now).value,
-        "created_at": format_time(record.created_at),
-        "created_by": record.created_by or None,
-        "expires_at": format_time(record.expires_at) if record.expires_at else None,
-        "label": record.label,
-        "origin": record.origin.value,
-        "revoked_at": format_time(record.revoked_at) if record.revoked_at else None,
-        "replaced_by": record.replaced_by,
-        "replaces": record.replaces,
-        "last_used_at": format_time(record.last_used_at) if record.last_used_at else None,
-    }
 
 
 TOKEN_COLUMNS = ("id", "kind", "scope", "protocols", "status", "created_at", "expires_at",

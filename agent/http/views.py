@@ -9,6 +9,7 @@ from aiohttp import web
 from agent.access.model import LISTING_PROTOCOL
 from agent.access.policy import Site, scope_covers
 from agent.access.service import AccessService
+from agent.http import openapi
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
@@ -30,6 +31,9 @@ class Views:
         app.router.add_get("/", self.page)
         app.router.add_get("/viewer.js", self.script)
         app.router.add_get("/favicon.ico", self.no_icon)
+        app.router.add_get("/studio", self.studio)
+        app.router.add_get("/studio.js", self.studio_script)
+        app.router.add_get("/api/v1/openapi.json", self.openapi)
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
         found = await camera_access(self._access, self._cameras, request, SNAPSHOT)
@@ -67,6 +71,17 @@ class Views:
     async def page(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(text=_asset("viewer.html"), content_type="text/html",
                             headers=_PAGE_HEADERS)
+
+    async def studio(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(text=_asset("studio.html"), content_type="text/html",
+                            headers=_PAGE_HEADERS)
+
+    async def studio_script(self, _request: web.Request) -> web.StreamResponse:
+        return web.Response(text=_asset("studio.js"), content_type="application/javascript",
+                            headers={"Cache-Control": "no-cache"})
+
+    async def openapi(self, _request: web.Request) -> web.StreamResponse:
+        return web.json_response(openapi.document())
 
     async def no_icon(self, _request: web.Request) -> web.StreamResponse:
         return web.Response(status=204)

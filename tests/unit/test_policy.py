@@ -58,6 +58,10 @@ CASES = [
      Reason.WRONG_KIND),
     ("publisher token for viewing",
      lambda: ((x := issue(Kind.PUBLISHER, "host:site1"))[0], [x[1]], {}), Reason.WRONG_KIND),
+    ("relay publisher token (not in the store) for viewing",
+     lambda: (issue(Kind.PUBLISHER, "host:site1")[0], [], {}), Reason.WRONG_KIND),
+    ("unknown access token for the admin api",
+     lambda: (issue()[0], [], {"protocol": "admin", "camera": None}), Reason.WRONG_KIND),
     ("access token for admin api",
      lambda: ((x := issue(Kind.ACCESS, "host:site1"))[0], [x[1]], {"protocol": "admin",
                                                                     "camera": None}),
@@ -114,7 +118,7 @@ def test_reason(name, build, expected) -> None:
         assert decision.token_id is None
     else:
         assert decision.token_id == tokens.parse(token).public_id  # type: ignore[union-attr]
-    if expected in (Reason.UNKNOWN, Reason.BAD_SECRET):
+    if expected in (Reason.UNKNOWN, Reason.BAD_SECRET) or "not in the store" in name:
         assert decision.record is None  # nothing about the record is revealed
 
 

@@ -1,0 +1,303 @@
+"""The admin API (``/api/v1/admin/…``), authorized by admin tokens (``trk_``).
+
+Every request goes through the same ``authorize`` as viewers (protocol ``admin``); every
+change is made in the store by the same calls as the CLI, audited with the admin token as
+the actor, and applied to the running agent at once (live sessions of a revoked token end
+before the response is sent). Errors are JSON ``{"error": code, "message": …}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from agent import __version__
+from agent.access import audit, usage
+from agent.access.audit import AuditQuery
+from agent.access.model import (
+    ADMIN_PROTOCOL,
+    Protocol,
+    Scope,
+    ScopeLevel,
+    Status,
+    parse_duration,
+    parse_protocols,
+    parse_time,
+    public_view,
+)
+from agent.access.policy import Decision
+from agent.access.service import AccessService
+from agent.access.store import NewToken, TokenStore
+from agent.access.tokens import Kind, is_public_id
+from agent.errors import NotFoundError, TokenError, TokenLimitError
+from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.logs import redact_text
+from agent.media.cameras import Cameras
+
+PREFIX = "/api/v1/admin"
+AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_ip", "actor",
+                 "result", "reason", "detail", "prev_hash", "hash")
+
+T = TypeVar("T")
+Handler = Callable[[web.Request, Decision], Awaitable[web.StreamResponse]]
+
+
+class BadRequest(Exception):
+    """A field of the request is unusable; the message names it."""
+
+
+class AdminApi:
+    def __init__(self, access: AccessService, store: TokenStore, cameras: Cameras,
+                 started: float) -> None:
+        self._access = access
+        self._store = store
+        self._cameras = cameras
+        self._started = started
+
+    def routes(self, app: web.Application) -> None:
+        add = app.router.add_route
+        add("GET", f"{PREFIX}/tokens", self._guard(self.list_tokens))
+        add("POST", f"{PREFIX}/tokens", self._guard(self.create_token))
+        add("GET", f"{PREFIX}/tokens/{{id}}", self._guard(self.show_token))
+        add("POST", f"{PREFIX}/tokens/{{id}}/revoke", self._guard(self.revoke_token))
+        add("POST", f"{PREFIX}/tokens/{{id}}/rotate", self._guard(self.rotate_token))
+        add("GET", f"{PREFIX}/tokens/{{id}}/usage", self._guard(self.token_usage))
+        add("GET", f"{PREFIX}/usage/unused", self._guard(self.unused))
+        add("GET", f"{PREFIX}/audit", self._guard(self.audit))
+        add("GET", f"{PREFIX}/cameras", self._guard(self.cameras))
+        add("GET", f"{PREFIX}/hosts", self._guard(self.hosts))
+
+    def _guard(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            decision = await self._access.check(presented_token(request), None, ADMIN_PROTOCOL,
+                                                peer_ip(request))
+            if not decision.granted:
+                return denial(decision)
+            try:
+                return await handler(request, decision)
+            except BadRequest as exc:
+                return error(400, "invalid_request", str(exc))
+            except NotFoundError as exc:
+                return error(404, "not_found", str(exc))
+            except TokenLimitError as exc:
+                return error(409, "token_limit", str(exc))
+            except TokenError as exc:
+                return error(409, "refused", str(exc))
+        return guarded
+
+    @staticmethod
+    def _actor(decision: Decision) -> str:
+        return f"admin:{decision.token_id}"
+
+    async def _applied(self) -> None:
+        """Make a change visible to the running agent now and end what it forbids."""
+        await self._access.refresh(force=True)
+        self._access.sweep()
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    async def list_tokens(self, request: web.Request, _d: Decision) -> web.StreamResponse:
+        now = time.time()
+        kind = _choice(request.query.get("kind"), [k.value for k in Kind], "kind")
+        status = _choice(request.query.get("status"), [s.value for s in Status], "status")
+        scope = request.query.get("scope")
+        records = await asyncio.to_thread(
+            self._store.list_tokens, now, Kind(kind) if kind else None,
+            Status(status) if status else None)
+        views = [public_view(r, now) for r in records if scope is None or str(r.scope) == scope]
+        return web.json_response({"tokens": views})
+
+    async def create_token(self, request: web.Request, decision: Decision) -> web.StreamResponse:
+        body = await _json_object(request)
+        kind = _choice(body.get("kind", "access"), ["access", "admin"], "kind") or "access"
+        scope = self._scope(body.get("scope"), kind)
+        protocols = frozenset[Protocol]()
+        if body.get("protocols"):
+            if not isinstance(body["protocols"], list) or not all(
+                    isinstance(p, str) for p in body["protocols"]):
+                raise BadRequest("protocols: a list like [\"webrtc\", \"snapshot\"]")
+            protocols = _parsed(parse_protocols, ",".join(body["protocols"]), "protocols")
+        ttl = expires = None
+        if body.get("ttl") is not None:
+            ttl = _parsed(parse_duration, _text(body["ttl"], "ttl"), "ttl")
+        if body.get("expires_at") is not None:
+            if ttl is not None:
+                raise BadRequest("give ttl or expires_at, not both")
+            expires = _parsed(parse_time, _text(body["expires_at"], "expires_at"), "expires_at")
+        label = _text(body.get("label", ""), "label")
+        if len(label) > 200:
+            raise BadRequest("label: at most 200 characters")
+        new = await asyncio.to_thread(
+            self._store.create, Kind(kind), scope, time.time(), protocols=protocols,
+            expires_at=expires, ttl=ttl, label=label, created_by=self._actor(decision))
+        await self._applied()
+        return _created(new)
+
+    def _scope(self, value: Any, kind: str) -> Scope:
+        site = self._store.site
+        if value in (None, "host"):
+            return Scope(ScopeLevel.HOST, site.agent_id)
+        if value == "account":
+            return Scope(ScopeLevel.ACCOUNT, site.account_id)
+        if isinstance(value, str) and value.startswith("camera:"):
+            return _parsed(Scope.parse, value, "scope")
+        raise BadRequest("scope: \"host\", \"account\" or \"camera:<id>\"")
+
+    async def show_token(self, request: web.Request, _d: Decision) -> web.StreamResponse:
+        record = await asyncio.to_thread(self._store.get, _token_id(request))
+        return web.json_response(public_view(record, time.time()))
+
+    async def revoke_token(self, request: web.Request, decision: Decision) -> web.StreamResponse:
+        record = await asyncio.to_thread(self._store.revoke, _token_id(request), time.time(),
+                                         self._actor(decision))
+        await self._applied()  # its live sessions end before we answer
+        return web.json_response(public_view(record, time.time()))
+
+    async def rotate_token(self, request: web.Request, decision: Decision) -> web.StreamResponse:
+        body = await _json_object(request, optional=True)
+        grace = None
+        if body.get("grace") is not None:
+            grace = _parsed(parse_duration, _text(body["grace"], "grace"), "grace")
+        new = await asyncio.to_thread(self._store.rotate, _token_id(request), time.time(),
+                                      self._actor(decision), grace)
+        await self._applied()
+        return _created(new)
+
+    # -- usage and audit -------------------------------------------------------------------
+
+    async def token_usage(self, request: web.Request, _d: Decision) -> web.StreamResponse:
+        record = await asyncio.to_thread(self._store.get, _token_id(request))
+        stats = await asyncio.to_thread(self._store.read, lambda c: usage.stats(c, record.id))
+        return web.json_response(stats)
+
+    async def unused(self, request: web.Request, _d: Decision) -> web.StreamResponse:
+        days = _int(request.query.get("days", "30"), "days", 1, 3650)
+        now = time.time()
+        cutoff = now - days * 86400
+        records = await asyncio.to_thread(self._store.list_tokens, now, None, Status.ACTIVE)
+        idle = [public_view(r, now) for r in records
+                if (r.last_used_at or r.created_at) < cutoff]
+        return web.json_response({"days": days, "tokens": idle})
+
+    async def audit(self, request: web.Request, _d: Decision) -> web.StreamResponse:
+        q = request.query
+        fmt = _choice(q.get("format"), ["json", "jsonl", "csv"], "format") or "json"
+        query = AuditQuery(
+            token_id=q.get("token"), camera=q.get("camera"), event=q.get("event"),
+            result=_choice(q.get("result"), ["granted", "denied"], "result"),
+            reason=q.get("reason"), peer_ip=q.get("ip"),
+            since=_parsed(parse_time, q["since"], "since") if "since" in q else None,
+            until=_parsed(parse_time, q["until"], "until") if "until" in q else None,
+            after_seq=_int(q.get("after", "0"), "after", 0, 2**62),
+            limit=_int(q.get("limit", "100"), "limit", 1, 1000),
+        )
+        if fmt == "json":
+            entries = await asyncio.to_thread(self._store.read,
+                                              lambda c: audit.query(c, query))
+            last = entries[-1]["seq"] if entries else None
+            return web.json_response({"entries": entries,
+                                      "next_after": last if len(entries) == query.limit else None})
+        entries = await asyncio.to_thread(self._store.read,
+                                          lambda c: list(audit.iter_all(c, query)))
+        if fmt == "jsonl":
+            text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+            return _download(text, "application/x-ndjson", "audit.jsonl")
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(AUDIT_COLUMNS)
+        for e in entries:
+            writer.writerow([json.dumps(e[c], sort_keys=True) if c == "detail" else e[c]
+                             for c in AUDIT_COLUMNS])
+        return _download(out.getvalue(), "text/csv", "audit.csv")
+
+    # -- cameras and hosts -----------------------------------------------------------------
+
+    async def cameras(self, _request: web.Request, _d: Decision) -> web.StreamResponse:
+        return web.json_response({"cameras": [{
+            "id": c.id, "name": c.name, "source": redact_text(c.config.source),
+            "always_on": c.config.always_on, **c.hub.status.as_dict(),
+            "viewers": {p.value: self._access.sessions.count(c.id, p.value) for p in Protocol},
+        } for c in self._cameras]})
+
+    async def hosts(self, _request: web.Request, _d: Decision) -> web.StreamResponse:
+        site = self._store.site
+        states = [c.hub.status.state for c in self._cameras]
+        return web.json_response({"hosts": [{
+            "id": site.agent_id, "account_id": site.account_id, "version": __version__,
+            "uptime_s": round(time.time() - self._started, 1),
+            "cameras": len(states), "cameras_online": states.count("online"),
+            "sessions": len(self._access.sessions),
+        }]})
+
+
+# -- helpers --------------------------------------------------------------------------------
+
+
+def _created(new: NewToken) -> web.Response:
+    return web.json_response({**public_view(new.record, time.time()), "token": new.token},
+                             status=201, headers={"Cache-Control": "no-store"})
+
+
+def _download(text: str, content_type: str, name: str) -> web.Response:
+    return web.Response(text=text, content_type=content_type,
+                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+
+
+def _token_id(request: web.Request) -> str:
+    token_id = request.match_info["id"]
+    if not is_public_id(token_id):
+        raise NotFoundError(f"no token with id {token_id[:20]!r}")
+    return token_id
+
+
+async def _json_object(request: web.Request, optional: bool = False) -> dict[str, Any]:
+    raw = await request.read()
+    if not raw.strip() and optional:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise BadRequest("the body must be a JSON object")
+    return value
+
+
+def _text(value: Any, name: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{name}: expected text")
+    return value
+
+
+def _choice(value: Any, choices: list[str], name: str) -> str | None:
+    if value is None:
+        return None
+    if value not in choices:
+        raise BadRequest(f"{name}: one of {', '.join(choices)}")
+    return str(value)
+
+
+def _int(value: str, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise BadRequest(f"{name}: a whole number") from None
+    if not low <= number <= high:
+        raise BadRequest(f"{name}: from {low} to {high}")
+    return number
+
+
+def _parsed(parse: Callable[[str], T], value: str, name: str) -> T:
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise BadRequest(f"{name}: {exc}") from None
+
+

@@ -1,0 +1,94 @@
+"""``/metrics`` in the Prometheus text format, and the event-loop lag probe behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+
+from aiohttp import web
+
+from agent.access.model import ADMIN_PROTOCOL, Protocol
+from agent.access.service import AccessService
+from agent.http.auth import denial, peer_ip, presented_token
+from agent.media.cameras import Cameras
+
+
+class LoopLag:
+    """How late the event loop runs a callback that asked to run every ``interval``."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval = interval
+        self.last = 0.0
+        self.worst = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(self.interval)
+            self.last = max(0.0, time.monotonic() - before - self.interval)
+            self.worst = max(self.worst, self.last)
+
+    def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class Metrics:
+    def __init__(self, access: AccessService, cameras: Cameras, lag: LoopLag) -> None:
+        self._access = access
+        self._cameras = cameras
+        self._lag = lag
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_get("/metrics", self.handle)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        """Camera ids are not public: scrapers present an admin token (Prometheus:
+        ``authorization: {credentials_file: …}``)."""
+        decision = await self._access.check(presented_token(request), None, ADMIN_PROTOCOL,
+                                            peer_ip(request))
+        if not decision.granted:
+            return denial(decision)
+        return web.Response(text=self.render(), content_type="text/plain",
+                            headers={"X-Content-Type-Options": "nosniff"})
+
+    def render(self) -> str:
+        out: list[str] = []
+
+        def metric(name: str, kind: str, help_text: str,
+                   samples: list[tuple[dict[str, str], float]]) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+                out.append(f"{name}{{{text}}} {value}" if text else f"{name} {value}")
+
+        states = Counter(c.hub.status.state for c in self._cameras)
+        metric("therelay_cameras", "gauge", "Cameras by state.",
+               [({"state": s}, float(n)) for s, n in sorted(states.items())])
+        metric("therelay_viewers", "gauge", "Live sessions by camera and protocol.",
+               [({"camera": c.id, "protocol": p.value},
+                 float(self._access.sessions.count(c.id, p.value)))
+                for c in self._cameras for p in Protocol])
+        metric("therelay_authorizations_total", "counter",
+               "Authorization decisions by reason.",
+               [({"reason": r}, float(n)) for r, n in sorted(self._access.decisions.items())])
+        live = sum(s.bytes_sent() for s in self._access.sessions)
+        metric("therelay_sent_bytes_total", "counter", "Media bytes sent to viewers.",
+               [({}, float(live + self._access.bytes_ended))])
+        metric("therelay_camera_bitrate_kbps", "gauge", "Measured bitrate of each camera.",
+               [({"camera": c.id}, float(c.hub.status.bitrate_kbps or 0)) for c in self._cameras])
+        metric("therelay_event_loop_lag_seconds", "gauge",
+               "How late the event loop ran a timer, last probe.", [({}, self._lag.last)])
+        metric("therelay_event_loop_lag_max_seconds", "gauge",
+               "Worst event-loop lag since start.", [({}, self._lag.worst)])
+        return "\n".join(out) + "\n"
