@@ -44,6 +44,10 @@ from agent.media.cameras import Cameras
 PREFIX = "/api/v1/admin"
 AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_ip", "actor",
                  "result", "reason", "detail", "prev_hash", "hash")
+#: Bounds that keep every stored time printable (``format_time`` stops at the year 9999):
+#: a token expiring later would break every listing that shows it.
+MAX_DURATION = 100 * 365 * 86400.0
+LATEST_EXPIRY = 253370764800.0  # 9999-01-01T00:00:00Z
 
 T = TypeVar("T")
 Handler = Callable[[web.Request, Decision], Awaitable[web.StreamResponse]]
@@ -126,11 +130,13 @@ class AdminApi:
             protocols = _parsed(parse_protocols, ",".join(body["protocols"]), "protocols")
         ttl = expires = None
         if body.get("ttl") is not None:
-            ttl = _parsed(parse_duration, _text(body["ttl"], "ttl"), "ttl")
+            ttl = _duration(body["ttl"], "ttl")
         if body.get("expires_at") is not None:
             if ttl is not None:
                 raise BadRequest("give ttl or expires_at, not both")
             expires = _parsed(parse_time, _text(body["expires_at"], "expires_at"), "expires_at")
+            if expires >= LATEST_EXPIRY:
+                raise BadRequest("expires_at: must be before 9999-01-01")
         label = _text(body.get("label", ""), "label")
         if len(label) > 200:
             raise BadRequest("label: at most 200 characters")
@@ -164,7 +170,7 @@ class AdminApi:
         body = await _json_object(request, optional=True)
         grace = None
         if body.get("grace") is not None:
-            grace = _parsed(parse_duration, _text(body["grace"], "grace"), "grace")
+            grace = _duration(body["grace"], "grace")
         new = await asyncio.to_thread(self._store.rotate, _token_id(request), time.time(),
                                       self._actor(decision), grace)
         await self._applied()
@@ -263,7 +269,7 @@ async def _json_object(request: web.Request, optional: bool = False) -> dict[str
         return {}
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested too deep
         raise BadRequest("the body must be a JSON object") from None
     if not isinstance(value, dict):
         raise BadRequest("the body must be a JSON object")
@@ -273,7 +279,18 @@ async def _json_object(request: web.Request, optional: bool = False) -> dict[str
 def _text(value: Any, name: str) -> str:
     if not isinstance(value, str):
         raise BadRequest(f"{name}: expected text")
+    try:
+        value.encode("utf-8")  # JSON may carry lone surrogates ("\\ud800"); SQLite cannot
+    except UnicodeEncodeError:
+        raise BadRequest(f"{name}: not valid Unicode text") from None
     return value
+
+
+def _duration(value: Any, name: str) -> float:
+    seconds = _parsed(parse_duration, _text(value, name), name)
+    if seconds > MAX_DURATION:
+        raise BadRequest(f"{name}: at most 100 years (36500d)")
+    return seconds
 
 
 def _choice(value: Any, choices: list[str], name: str) -> str | None:
@@ -299,5 +316,7 @@ def _parsed(parse: Callable[[str], T], value: str, name: str) -> T:
         return parse(value)
     except ValueError as exc:
         raise BadRequest(f"{name}: {exc}") from None
+    except OverflowError:  # e.g. a duration with more digits than a float holds
+        raise BadRequest(f"{name}: {value[:40]!r} is out of range") from None
 
 
