@@ -10,6 +10,7 @@ from datetime import timedelta
 
 import ifaddr
 import structlog
+from aiohttp import web
 
 from agent import __version__
 from agent.access.db import db_path
@@ -28,6 +29,7 @@ from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
+from agent.relay.link import RelayLink, camera_inventory
 from agent.webrtc import speedups
 from agent.webrtc.ice import host_addresses, install_host_addresses
 
@@ -81,69 +83,98 @@ def viewer_urls(config: Config, token: str) -> list[str]:
     return [f"http://{h}:{port}/#token={token}" for h in hosts]
 
 
+class Daemon:
+    """Every long-lived part of a running agent, built and wired in one place."""
+
+    def __init__(self, config: Config, store: TokenStore, relay_token: str | None) -> None:
+        self.config = config
+        self.store = store
+        self.started = time.time()
+        self.access = build_access(config, store)
+        self.cameras = Cameras(config.cameras, config.media)
+        self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
+                                 config.media.camera_timeout)
+        self.lag = LoopLag()
+        self.link: RelayLink | None = None
+        if config.relay.url is not None and relay_token is not None:
+            self.link = RelayLink(config.relay.url, relay_token, config.agent.id, store,
+                                  self.access, camera_inventory(self.cameras))
+        self.app = server.make_app(self.health)
+        self.whep.routes(self.app)
+        Views(self.access, self.cameras,
+              Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
+              store.site).routes(self.app)
+        AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
+        Metrics(self.access, self.cameras, self.lag).routes(self.app)
+        self._runner: web.AppRunner | None = None
+
+    def health(self) -> dict[str, object]:
+        return {"status": "ok", "version": __version__, "agent_id": self.config.agent.id,
+                "uptime_s": round(time.time() - self.started, 1),
+                "sessions": len(self.access.sessions),
+                # counts only: camera ids are for tokens that may see them (/api/v1/cameras)
+                "cameras": dict(Counter(c.hub.status.state for c in self.cameras)),
+                "relay": self.link.state if self.link else "not configured"}
+
+    async def start(self) -> None:
+        await self.access.start()
+        host, port = self.config.http.host_port
+        try:
+            self._runner = await server.start(self.app, host, port)
+        except OSError as exc:
+            await self.access.stop()
+            raise AgentError(
+                f"cannot listen on {self.config.http.listen}: {exc.strerror}. Another program "
+                "may use the port: change http.listen."
+            ) from None
+        self.cameras.start()
+        self.lag.start()
+        if self.link is not None:
+            self.link.start()
+
+    async def stop(self) -> None:
+        """Stop accepting, end sessions (audited), release cameras, flush the audit."""
+        self.lag.stop()
+        if self.link is not None:
+            await self.link.stop()
+        await self.whep.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.cameras.close()
+        await self.access.stop()
+
+
 async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
-    publisher_token(config)  # fail early on a bad token file; the relay link uses it later
+    relay_token = publisher_token(config)  # fails early on a bad token file
     install_host_addresses(host_addresses(config.webrtc))
     speedups.install()
     store = await asyncio.to_thread(open_store, config)
-    access = build_access(config, store)
-    started = time.time()
-    if quick_start and config.cameras:
-        new = await asyncio.to_thread(quick_start_token, config, store, started)
-        links = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
-        print(f"Watch camera '{config.cameras[0].id}' in a browser on this network "
-              f"(access token valid until {format_time(new.record.expires_at)}, shown once):\n"
-              f"{links}", flush=True)
-    await access.start()
-    cameras = Cameras(config.cameras, config.media)
-    whep = WhepEndpoint(access, cameras, config.webrtc, config.media.camera_timeout)
-
-    def health() -> dict[str, object]:
-        return {"status": "ok", "version": __version__, "agent_id": config.agent.id,
-                "uptime_s": round(time.time() - started, 1),
-                "sessions": len(access.sessions),
-                # counts only: camera ids are for tokens that may see them (/api/v1/cameras)
-                "cameras": dict(Counter(c.hub.status.state for c in cameras))}
-
-    app = server.make_app(health)
-    whep.routes(app)
-    Views(access, cameras, Snapshotter(config.snapshot.cache_seconds,
-                                       config.media.camera_timeout + 5),
-          store.site).routes(app)
-    AdminApi(access, store, cameras, started).routes(app)
-    lag = LoopLag()
-    Metrics(access, cameras, lag).routes(app)
-    host, port = config.http.host_port
     try:
-        runner = await server.start(app, host, port)
-    except OSError as exc:
-        await access.stop()
-        store.close()
-        raise AgentError(
-            f"cannot listen on {config.http.listen}: {exc.strerror}. Another program may use "
-            "the port: change http.listen."
-        ) from None
-    cameras.start()
-    lag.start()
-    log.info("agent_started", version=__version__, agent_id=config.agent.id,
-             listen=config.http.listen, state_dir=str(config.state_dir),
-             cameras=config.camera_ids, config=config.origin)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("agent_stopping")
+        daemon = Daemon(config, store, relay_token)
+        if quick_start and config.cameras:
+            new = await asyncio.to_thread(quick_start_token, config, store, time.time())
+            urls = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
+            print(f"Watch camera '{config.cameras[0].id}' in a browser on this network "
+                  f"(access token valid until {format_time(new.record.expires_at)}, shown "
+                  f"once):\n{urls}", flush=True)
+        await daemon.start()
+        log.info("agent_started", version=__version__, agent_id=config.agent.id,
+                 listen=config.http.listen, state_dir=str(config.state_dir),
+                 cameras=config.camera_ids, config=config.origin,
+                 relay=config.relay.url or "not configured")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
-        lag.stop()
-        await whep.close()
-        await runner.cleanup()
-        await cameras.close()
-        await access.stop()
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await stop.wait()
+        finally:
+            log.info("agent_stopping")
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await daemon.stop()
+    finally:
         store.close()
     log.info("agent_stopped")
     return 0

@@ -16,6 +16,7 @@ import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -409,8 +410,19 @@ def validate(config: Config) -> None:
     if config.relay.url is not None:
         need(config.relay.url.startswith(("wss://", "ws://")),
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
+        need(not config.relay.url.startswith("ws://") or _is_lan_url(config.relay.url),
+             "relay.url: ws:// (no TLS) only to a private or loopback IP address; use wss://")
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _is_lan_url(url: str) -> bool:
+    host = (urlsplit(url).hostname or "").strip("[]")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return address.is_private or address.is_loopback
 
 
 def _is_ip(text: str) -> bool:

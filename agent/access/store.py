@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import typing
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,29 @@ def _record(row: tuple[Any, ...]) -> TokenRecord:
         ttl=ttl, label=label, created_by=created_by, origin=Origin(origin), revoked_at=revoked_at,
         replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at, rev=rev,
     )
+
+
+class RelayToken(typing.Protocol):
+    """What a relay-issued token record carries (relay.protocol.SyncedToken)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def sha256(self) -> bytes: ...
+    @property
+    def last4(self) -> str: ...
+    @property
+    def scope(self) -> str: ...
+    @property
+    def protocols(self) -> tuple[str, ...]: ...
+    @property
+    def expires_at(self) -> float | None: ...
+    @property
+    def revoked_at(self) -> float | None: ...
+    @property
+    def label(self) -> str: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +270,79 @@ class TokenStore:
                 detail={**_describe(new.record), "replaces": old.id},
             )])
         return new
+
+    # -- tokens issued by TheRelay cloud (docs/relay-protocol.md §1.5) ----------------------
+
+    def relay_cursor(self) -> str | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT value FROM meta WHERE key = 'relay_cursor'").fetchone()
+        return str(row[0]) if row else None
+
+    def apply_relay_sync(
+        self, tokens: Collection[RelayToken], *, full: bool, cursor: str, now: float
+    ) -> int:
+        """Upsert relay-issued tokens (only their hashes); with ``full``, relay tokens not
+        listed are revoked. Local tokens are never touched. Returns how many changed."""
+        changed = 0
+        with self._lock, transaction(self._conn):
+            listed = set()
+            entries = []
+            for t in tokens:
+                listed.add(t.id)
+                row = self._conn.execute(
+                    "SELECT origin, secret_hash, scope, protocols, expires_at, revoked_at, "
+                    "label FROM tokens WHERE id = ?", (t.id,)).fetchone()
+                values = (t.sha256, t.scope, ",".join(sorted(t.protocols)), t.expires_at,
+                          t.revoked_at, t.label)
+                if row is not None and row[0] != Origin.RELAY.value:
+                    continue  # an id clash with a local token: the local one stays
+                if row is not None and tuple(row[1:]) == values:
+                    continue
+                self._conn.execute(
+                    "INSERT INTO tokens (id, kind, scope, secret_hash, last4, protocols, "
+                    "created_at, expires_at, label, created_by, origin, revoked_at, rev) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'relay', 'relay', ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, "
+                    "secret_hash = excluded.secret_hash, last4 = excluded.last4, "
+                    "protocols = excluded.protocols, expires_at = excluded.expires_at, "
+                    "label = excluded.label, revoked_at = excluded.revoked_at, rev = excluded.rev",
+                    (t.id, t.kind, t.scope, t.sha256, t.last4, ",".join(sorted(t.protocols)),
+                     now, t.expires_at, t.label, t.revoked_at, next_rev(self._conn)))
+                changed += 1
+                event = audit.REVOKED if t.revoked_at is not None else audit.CREATED
+                entries.append(audit.AuditEntry(now, event, token_id=t.id, actor="relay",
+                                                detail={"origin": "relay", "scope": t.scope}))
+            if full:
+                stale = [r[0] for r in self._conn.execute(
+                    "SELECT id FROM tokens WHERE origin = 'relay' AND revoked_at IS NULL")
+                    if r[0] not in listed]
+                for token_id in stale:
+                    self._conn.execute("UPDATE tokens SET revoked_at = ?, rev = ? WHERE id = ?",
+                                       (now, next_rev(self._conn), token_id))
+                    entries.append(audit.AuditEntry(now, audit.REVOKED, token_id=token_id,
+                                                    actor="relay",
+                                                    detail={"why": "absent from a full sync"}))
+                changed += len(stale)
+            audit.append(self._conn, entries)
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                               "VALUES ('relay_cursor', ?)", (cursor,))
+        return changed
+
+    def revoke_relay(self, token_id: str, when: float, now: float) -> bool:
+        """The relay revoked one of its tokens; idempotent. False if the agent has no such
+        relay token."""
+        with self._lock, transaction(self._conn):
+            row = self._conn.execute("SELECT origin, revoked_at FROM tokens WHERE id = ?",
+                                     (token_id,)).fetchone()
+            if row is None or row[0] != Origin.RELAY.value:
+                return False
+            if row[1] is None:
+                self._conn.execute("UPDATE tokens SET revoked_at = ?, rev = ? WHERE id = ?",
+                                   (min(when, now), next_rev(self._conn), token_id))
+                audit.append(self._conn, [audit.AuditEntry(now, audit.REVOKED,
+                                                           token_id=token_id, actor="relay")])
+            return True
 
     # -- helpers --------------------------------------------------------------------------
 

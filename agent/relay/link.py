@@ -1,0 +1,243 @@
+"""The control channel to TheRelay cloud: connect, hello, follow tokens, reconnect politely.
+
+Implements docs/relay-protocol.md version 1 for what this agent version offers: the camera
+inventory, token sync and instant revocation. Publishing (WHIP) is not offered yet, so the
+agent does not announce the ``whip`` capability and refuses ``publish`` with ``unsupported``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import structlog
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from agent import __version__
+from agent.access.service import AccessService
+from agent.access.store import TokenStore
+from agent.relay import protocol
+from agent.relay.protocol import (
+    CLOSE_REASONS,
+    TOKEN_REJECTIONS,
+    Acked,
+    ProtocolError,
+    Publish,
+    TokensRevoke,
+    TokensSync,
+    Unpublish,
+    Unsupported,
+    Welcome,
+)
+from agent.retry import FailureLog, backoff
+
+log = structlog.get_logger(__name__)
+
+WELCOME_TIMEOUT = 10.0
+INVENTORY_EVERY = 2.0
+REJECTED_MIN, REJECTED_MAX = 30.0, 300.0  # a refused publisher token: never hammer the relay
+
+
+class Rejected(Exception):
+    """The relay refused the publisher token or this agent; ``reason`` is the code."""
+
+    def __init__(self, reason: str, message: str = "") -> None:
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+ADVICE = {
+    "token_invalid": "the publisher token is not valid: copy it again from TheRelay Dashboard "
+                     "(Settings > Tokens) into relay.publisher_token_file",
+    "token_expired": "the publisher token has expired: create a new one in TheRelay Dashboard",
+    "token_revoked": "the publisher token was revoked: create a new one in TheRelay Dashboard",
+    "agent_not_allowed": "the publisher token is bound to another agent: set agent.id to the "
+                         "agent the token was made for, or use an account-level token",
+    "version_unsupported": "the relay does not speak this agent's protocol version: upgrade "
+                           "the agent",
+}
+
+
+class RelayLink:
+    def __init__(self, url: str, publisher_token: str, agent_id: str, store: TokenStore,
+                 access: AccessService, inventory: Callable[[], list[dict[str, Any]]]) -> None:
+        self._url = url
+        self._token = publisher_token
+        self._agent_id = agent_id
+        self._store = store
+        self._access = access
+        self._inventory = inventory
+        self.state = "disconnected"  # connecting | connected | rejected | disconnected
+        self.last_error: str | None = None
+        self.welcome: Welcome | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-link")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self.state = "disconnected"
+
+    async def _run(self) -> None:
+        failures = FailureLog(log, "relay_unavailable", url=self._url)
+        ordinary: Iterator[float] = backoff(1.0, 60.0)
+        rejected: Iterator[float] = backoff(REJECTED_MIN, REJECTED_MAX)
+        while True:
+            self.state = "connecting"
+            try:
+                await self._connect_once()
+                ordinary, rejected = backoff(1.0, 60.0), backoff(REJECTED_MIN, REJECTED_MAX)
+                delay = next(ordinary)
+                failures.recovered("relay_reconnecting")
+            except Rejected as exc:
+                self.state, self.last_error = "rejected", exc.reason
+                if failures.count == 0 or self.last_error != exc.reason:
+                    log.error("relay_rejected_agent", reason=exc.reason,
+                              fix=ADVICE.get(exc.reason, str(exc)))
+                failures.failed(exc.reason)
+                delay = next(rejected)
+            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed,
+                    ProtocolError) as exc:
+                self.state, self.last_error = "disconnected", _describe(exc)
+                failures.failed(self.last_error)
+                delay = next(ordinary)
+            await asyncio.sleep(delay)
+
+    async def _connect_once(self) -> None:
+        try:
+            ws = await connect(
+                self._url, subprotocols=[protocol.SUBPROTOCOL],  # type: ignore[list-item]
+                additional_headers={"Authorization": f"Bearer {self._token}"},
+                user_agent_header=f"therelay-agent/{__version__}", proxy=None,
+                max_size=protocol.MAX_MESSAGE, open_timeout=10)
+        except InvalidStatus as exc:
+            raise _rejection(exc) from None
+        try:
+            await self._session(ws)
+        except ConnectionClosed as exc:
+            reason = CLOSE_REASONS.get(exc.rcvd.code if exc.rcvd else 0)
+            if reason in TOKEN_REJECTIONS:
+                raise Rejected(reason) from None
+            raise
+        except ProtocolError as exc:
+            log.warning("relay_protocol_error", error=str(exc))
+            await ws.close(4009, "protocol_error")
+            raise
+        finally:
+            await ws.close()
+            self.state = "disconnected"
+
+    async def _session(self, ws: ClientConnection) -> None:
+        cursor = await asyncio.to_thread(self._store.relay_cursor)
+        await _send(ws, protocol.hello(self._agent_id, __version__, cursor, self._inventory()))
+        first = protocol.parse(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT))
+        if not isinstance(first, Welcome):
+            raise ProtocolError("the relay must answer hello with welcome")
+        if first.agent_id != self._agent_id:
+            raise Rejected("agent_not_allowed",
+                           f"the token belongs to agent {first.agent_id!r}")
+        self.welcome, self.state, self.last_error = first, "connected", None
+        skew = round(time.time() - first.server_time, 3)
+        log.info("relay_connected", account=first.account_id, agent=first.agent_id,
+                 permission=first.permission, clock_skew_s=skew)
+        if first.permission == "read":
+            log.warning("relay_read_only", fix="this publisher token is read-only: cameras are "
+                        "registered and reported, never published")
+        reporter = asyncio.get_running_loop().create_task(self._report_inventory(ws))
+        try:
+            async for text in ws:
+                await self._handle(ws, protocol.parse(text))
+        finally:
+            reporter.cancel()
+
+    async def _handle(self, ws: ClientConnection, event: protocol.Event) -> None:
+        if isinstance(event, TokensSync):
+            changed = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
+                                              full=event.full, cursor=event.cursor,
+                                              now=time.time())
+            await self._applied()
+            log.info("relay_tokens_synced", full=event.full, tokens=len(event.tokens),
+                     changed=changed, cursor=event.cursor)
+            await _send(ws, protocol.ack(event.message_id, cursor=event.cursor))
+        elif isinstance(event, TokensRevoke):
+            known = await asyncio.to_thread(self._store.revoke_relay, event.token_id,
+                                            event.revoked_at, time.time())
+            await self._applied()  # live sessions under it end now
+            log.info("relay_token_revoked", token_id=event.token_id, known=known)
+            await _send(ws, protocol.ack(event.message_id))
+        elif isinstance(event, Publish | Unpublish):
+            await _send(ws, protocol.ack(event.message_id, error=(
+                "unsupported", "this agent version does not publish (no whip capability)")))
+        elif isinstance(event, Unsupported):
+            await _send(ws, protocol.ack(event.message_id, error=(
+                "unsupported", f"unknown message type {event.kind!r}")))
+        elif isinstance(event, Acked) and not event.ok:
+            log.warning("relay_refused_message", ack=event.message_id, error=event.error)
+
+    async def _applied(self) -> None:
+        await self._access.refresh(force=True)
+        self._access.sweep()
+
+    async def _report_inventory(self, ws: ClientConnection) -> None:
+        """cameras.update whenever a camera's state, format or audio changes."""
+        last = {c["id"]: c for c in self._inventory()}
+        while True:
+            await asyncio.sleep(INVENTORY_EVERY)
+            now = {c["id"]: c for c in self._inventory()}
+            changed = [c for cid, c in now.items() if last.get(cid) != c]
+            removed = [cid for cid in last if cid not in now]
+            if changed or removed:
+                await _send(ws, protocol.envelope("cameras.update", cameras=changed,
+                                                  removed=removed))
+            last = now
+
+
+async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:
+    await ws.send(json.dumps(message, separators=(",", ":")))
+
+
+def _rejection(exc: InvalidStatus) -> Exception:
+    response = exc.response
+    try:
+        body = json.loads(bytes(response.body or b"").decode() or "{}")
+    except ValueError:
+        body = {}
+    code = body.get("error") if isinstance(body, dict) else None
+    if response.status_code in (401, 403, 426) and code in TOKEN_REJECTIONS:
+        return Rejected(code, str(body.get("message") or code))
+    if response.status_code == 401:
+        return Rejected("token_invalid")
+    return OSError(f"the relay answered HTTP {response.status_code}")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed):
+        code = exc.rcvd.code if exc.rcvd else 1006
+        return f"connection closed ({code} {CLOSE_REASONS.get(code, '')})".strip()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def camera_inventory(cameras: Any) -> Callable[[], list[dict[str, Any]]]:
+    """hello/cameras.update entries (§1.3): no source URL, no credentials."""
+    def build() -> list[dict[str, Any]]:
+        out = []
+        for camera in cameras:
+            s = camera.hub.status
+            out.append({"id": camera.id, "name": camera.name, "state": s.state, "error": s.error,
+                        "video": {"codec": s.codec, "width": s.width, "height": s.height,
+                                  "fps": s.fps} if s.codec else None,
+                        "audio": {"codec": s.audio.lower()} if s.audio else None})
+        return out
+    return build
