@@ -297,6 +297,9 @@ class TokenStore:
                           t.revoked_at, t.label)
                 if row is not None and row[0] != Origin.RELAY.value:
                     continue  # an id clash with a local token: the local one stays
+                if self._conn.execute("SELECT 1 FROM tokens WHERE secret_hash = ? AND id != ?",
+                                      (t.sha256, t.id)).fetchone():
+                    continue  # the same hash under two ids: a broken sync, never applied
                 if row is not None and tuple(row[1:]) == values:
                     continue
                 self._conn.execute(

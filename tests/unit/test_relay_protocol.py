@@ -1,0 +1,128 @@
+"""The relay control protocol without I/O: exact messages in, exact events out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from agent.access.model import Origin, Scope
+from agent.access.policy import AccessRequest, Reason, Site, authorize
+from agent.access.store import TokenStore
+from agent.access.tokens import Kind, generate
+from agent.relay import protocol
+from agent.relay.protocol import (
+    Acked,
+    ProtocolError,
+    Publish,
+    TokensRevoke,
+    TokensSync,
+    Unsupported,
+    Welcome,
+)
+from tests.conftest import remember
+
+NOW = 1_800_000_000.0
+H = "ab" * 32
+
+
+def msg(kind: str, **fields: object) -> str:
+    return json.dumps({"type": kind, "id": "m1", "ts": NOW, **fields})
+
+
+def test_welcome() -> None:
+    event = protocol.parse(msg("welcome", account_id="acme", agent_id="nvr1",
+                               permission="read", token_scope="agent", ice_servers=[],
+                               server_time=NOW, heartbeat_s=15))
+    assert event == Welcome("acme", "nvr1", "read", "agent", [], NOW, 15.0)
+
+
+def test_tokens_sync_and_revoke_and_publish() -> None:
+    sync = protocol.parse(msg("tokens.sync", full=True, cursor="c-9", tokens=[{
+        "id": "Ab3dE5gH7jK9", "kind": "access", "sha256": H, "last4": "99S2",
+        "scope": "camera:door", "protocols": ["webrtc"], "expires_at": NOW + 60,
+        "revoked_at": None, "label": "guard", "future_field": 1}]))
+    assert isinstance(sync, TokensSync) and sync.full and sync.cursor == "c-9"
+    (token,) = sync.tokens
+    assert (token.id, token.sha256, token.protocols, token.expires_at) == (
+        "Ab3dE5gH7jK9", bytes.fromhex(H), ("webrtc",), NOW + 60)
+    assert protocol.needs_ack(sync)
+    revoke = protocol.parse(msg("tokens.revoke", token_id="Ab3dE5gH7jK9", revoked_at=NOW))
+    assert revoke == TokensRevoke("m1", "Ab3dE5gH7jK9", NOW)
+    publish = protocol.parse(msg("publish", session_id="s1", camera_id="door",
+                                 whip_url="https://w/s1"))
+    assert publish == Publish("m1", "s1", "door", "https://w/s1", None)
+    assert protocol.parse(msg("brand.new")) == Unsupported("m1", "brand.new")
+    assert protocol.parse(msg("ack", ack="x", ok=False, error={"code": "c"})) == Acked(
+        "x", False, {"code": "c"}, {})
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("not json", "not valid JSON"),
+        ("[1]", "JSON object"),
+        (json.dumps({"id": "x"}), "'type'"),
+        (json.dumps({"type": "welcome"}), "'id'"),
+        (msg("welcome", account_id="a", agent_id="b", permission="admin", server_time=1),
+         "permission must be publish or read"),
+        (msg("tokens.sync", cursor="c", tokens={}), "tokens must be a list"),
+        (msg("tokens.sync", cursor="c", tokens=[{"id": "x", "kind": "access", "sha256": "zz",
+                                                 "last4": "1", "scope": "host:a"}]),
+         "sha256 must be 64"),
+        (msg("tokens.revoke"), "'token_id'"),
+        ("x" * (protocol.MAX_MESSAGE + 1), "larger than 1 MiB"),
+    ],
+)
+def test_broken_messages_are_protocol_errors(text: str, problem: str) -> None:
+    with pytest.raises(ProtocolError, match=problem):
+        protocol.parse(text)
+
+
+def test_outgoing_messages() -> None:
+    hello = protocol.hello("nvr1", "1.0", "c-3", [{"id": "door"}])
+    assert hello["type"] == "hello" and hello["token_cursor"] == "c-3"
+    assert "whip" not in hello["capabilities"]  # not offered until implemented
+    refused = protocol.ack("m1", error=("unsupported", "no"))
+    assert (refused["ack"], refused["ok"], refused["error"]["code"]) == ("m1", False,
+                                                                         "unsupported")
+    assert protocol.ack("m2", cursor="c")["cursor"] == "c"
+
+
+def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "agent.db", Site("nvr1", "acme"), 1, lambda: {"door"})
+    store.create(Kind.ACCESS, Scope.parse("host:nvr1"), NOW)  # the one local token allowed
+    issued = generate(Kind.ACCESS)
+    remember(issued.text)
+    token = protocol.parse(msg("tokens.sync", full=False, cursor="c-1", tokens=[{
+        "id": issued.public_id, "kind": "access",
+        "sha256": hashlib.sha256(issued.text.encode()).hexdigest(), "last4": issued.text[-4:],
+        "scope": "camera:door", "protocols": [], "expires_at": None, "revoked_at": None}]))
+    assert isinstance(token, TokensSync)
+    assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW) == 1
+    assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW) == 0
+    assert store.relay_cursor() == "c-1"
+    record = store.get(issued.public_id)
+    assert record.origin is Origin.RELAY and record.created_by == "relay"
+    assert issued.text.encode() not in (tmp_path / "agent.db").read_bytes()
+
+    def decide(at: float) -> Reason:
+        return authorize(AccessRequest(issued.text, "door", "webrtc", "10.0.0.2", at),
+                         store.load_all()[0], store.site).reason
+
+    assert decide(NOW) is Reason.GRANTED  # relay tokens do not count against max_active
+    assert store.revoke_relay(issued.public_id, NOW + 5, NOW + 5)
+    assert decide(NOW + 6) is Reason.REVOKED
+    assert not store.revoke_relay("Zz0000000000", NOW, NOW)  # unknown: nothing to do
+    # A full sync revokes relay tokens it does not list, and never touches local ones.
+    clash = replace(token.tokens[0], id="Xx0000000000")  # same hash, another id: refused
+    other = replace(token.tokens[0], id="Yy0000000000", sha256=bytes(32))
+    assert store.apply_relay_sync([clash, other], full=False, cursor="c-2", now=NOW + 7) == 1
+    assert store.apply_relay_sync([], full=True, cursor="c-3", now=NOW + 8) == 1
+    assert store.get("Yy0000000000").revoked_at == NOW + 8
+    assert all(r.status(NOW + 9).value == "active" for r in store.list_tokens(NOW + 9)
+               if r.origin is Origin.LOCAL)
+    store.close()
