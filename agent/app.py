@@ -31,7 +31,12 @@ from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.link import RelayLink, camera_inventory
 from agent.webrtc import speedups
-from agent.webrtc.ice import host_addresses, install_host_addresses
+from agent.webrtc.ice import (
+    host_addresses,
+    install_host_addresses,
+    rtc_configuration,
+    with_relay_servers,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -97,8 +102,12 @@ class Daemon:
         self.lag = LoopLag()
         self.link: RelayLink | None = None
         if config.relay.url is not None and relay_token is not None:
-            self.link = RelayLink(config.relay.url, relay_token, config.agent.id, store,
-                                  self.access, camera_inventory(self.cameras))
+            base = rtc_configuration(config.webrtc)
+            self.link = RelayLink(
+                config.relay.url, relay_token, config.agent.id, store, self.access,
+                camera_inventory(self.cameras),
+                hubs=lambda camera_id: (c.hub if (c := self.cameras.get(camera_id)) else None),
+                ice=lambda servers: with_relay_servers(base, servers))
         self.app = server.make_app(self.health)
         self.whep.routes(self.app)
         Views(self.access, self.cameras,

@@ -11,28 +11,93 @@ from agent import __version__
 
 _ERROR = {"type": "object", "required": ["error", "message"],
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
+_STR = {"type": "string"}
+_INT = {"type": "integer", "minimum": 0}
+_NUMBER = {"type": "number"}
 _NULLABLE_STR = {"type": "string", "nullable": True}
+_NULLABLE_NUMBER = {"type": "number", "nullable": True}
+_TIME = {"type": "string", "format": "date-time", "description": "UTC, e.g. 2026-12-01T00:00:00Z"}
+_NULLABLE_TIME = {**_TIME, "nullable": True}
+_PROTOCOLS = ["webrtc", "rtsp", "hls", "snapshot"]
+#: What parse_duration accepts: 30m, 1h, 1d, 1w, 1h30m… (at most 100 years).
+_DURATION = {"type": "string", "pattern": "^([0-9]+[smhdw])+$"}
+
+
+def _object(required: list[str], **properties: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
 _TOKEN = {
     "type": "object",
-    "required": ["id", "display", "kind", "scope", "protocols", "status", "created_at",
-                 "origin", "label"],
+    "required": ["id", "display", "kind", "scope", "protocols", "permission", "status",
+                 "created_at", "created_by", "expires_at", "label", "origin", "revoked_at",
+                 "replaced_by", "replaces", "last_used_at"],
     "properties": {
-        "id": {"type": "string"}, "display": {"type": "string"},
+        "id": {"type": "string", "pattern": "^[0-9A-Za-z]{12}$"},
+        "display": {"type": "string"},
         "kind": {"type": "string", "enum": ["access", "publisher", "admin"]},
-        "scope": {"type": "string"},
-        "protocols": {"type": "array", "items": {"type": "string"}},
-        "permission": _NULLABLE_STR,
+        "scope": {"type": "string", "pattern": "^(camera|host|account):"},
+        "protocols": {"type": "array", "minItems": 1,
+                      "items": {"type": "string", "enum": [*_PROTOCOLS, "all"]}},
+        "permission": {"type": "string", "enum": ["read", "publish"], "nullable": True},
         "status": {"type": "string", "enum": ["active", "revoked", "expired"]},
-        "created_at": {"type": "string"}, "created_by": _NULLABLE_STR,
-        "expires_at": _NULLABLE_STR, "label": {"type": "string"},
+        "created_at": _TIME, "created_by": _NULLABLE_STR,
+        "expires_at": _NULLABLE_TIME, "label": {"type": "string"},
         "origin": {"type": "string", "enum": ["local", "relay"]},
-        "revoked_at": _NULLABLE_STR, "replaced_by": _NULLABLE_STR, "replaces": _NULLABLE_STR,
-        "last_used_at": _NULLABLE_STR,
+        "revoked_at": _NULLABLE_TIME, "replaced_by": _NULLABLE_STR, "replaces": _NULLABLE_STR,
+        "last_used_at": _NULLABLE_TIME,
     },
 }
 _NEW_TOKEN = {"allOf": [{"$ref": "#/components/schemas/Token"},
                         {"type": "object", "required": ["token"],
-                         "properties": {"token": {"type": "string"}}}]}
+                         "properties": {"token": {
+                             "type": "string",
+                             "pattern": "^tr[ak]_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}$"}}}]}
+_COUNTS = _object(["granted", "denied"], granted=_INT, denied=_INT)
+_USAGE = _object(
+    ["token_id", "last_used_at", "per_hour", "uses", "denied", "per_day", "per_protocol",
+     "ips"],
+    token_id=_STR,
+    last_used_at={**_NULLABLE_NUMBER, "description": "epoch seconds"},
+    per_hour={"type": "array", "description": "the last week, oldest first",
+              "items": _object(["hour", "granted", "denied"], hour=_INT, granted=_INT,
+                               denied=_INT)},
+    uses=_INT, denied=_INT,
+    per_day={"type": "array", "items": _object(["day", "granted", "denied"], day=_INT,
+                                               granted=_INT, denied=_INT)},
+    per_protocol={"type": "object", "additionalProperties": _COUNTS},
+    ips={"type": "array", "items": _object(["ip", "count", "last_seen"], ip=_STR, count=_INT,
+                                           last_seen={**_NUMBER,
+                                                      "description": "epoch seconds"})},
+)
+_AUDIT_ENTRY = _object(
+    ["seq", "ts", "event", "token_id", "camera", "protocol", "peer_ip", "actor", "result",
+     "reason", "detail", "prev_hash", "hash"],
+    seq={"type": "integer", "minimum": 1}, ts={**_NUMBER, "description": "epoch seconds"},
+    event=_STR, token_id=_NULLABLE_STR, camera=_NULLABLE_STR, protocol=_NULLABLE_STR,
+    peer_ip=_NULLABLE_STR, actor=_NULLABLE_STR,
+    result={"type": "string", "enum": ["granted", "denied"], "nullable": True},
+    reason=_NULLABLE_STR, detail={"type": "object"},
+    prev_hash={"type": "string", "pattern": "^[0-9a-f]{64}$"},
+    hash={"type": "string", "pattern": "^[0-9a-f]{64}$"},
+)
+_CAMERA = _object(
+    ["id", "name", "source", "always_on", "state", "viewers"],
+    id=_STR, name=_STR, source={**_STR, "description": "secrets redacted"},
+    always_on={"type": "boolean"},
+    state={"type": "string", "enum": ["idle", "connecting", "online", "offline",
+                                      "unsupported"]},
+    error=_NULLABLE_STR, since={**_NUMBER, "description": "epoch seconds"},
+    codec=_NULLABLE_STR, width={"type": "integer", "nullable": True},
+    height={"type": "integer", "nullable": True}, fps=_NULLABLE_NUMBER,
+    bitrate_kbps=_NULLABLE_NUMBER, audio=_NULLABLE_STR,
+    viewers=_object(_PROTOCOLS, **dict.fromkeys(_PROTOCOLS, _INT)),
+)
+_HOST = _object(
+    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions"],
+    id=_STR, account_id=_STR, version=_STR, uptime_s={"type": "number", "minimum": 0},
+    cameras=_INT, cameras_online=_INT, sessions=_INT,
+)
 
 
 def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
@@ -56,7 +121,6 @@ def _query(name: str, schema: dict[str, Any], description: str) -> dict[str, Any
 
 
 def document() -> dict[str, Any]:
-    obj: dict[str, Any] = {"type": "object"}
     return {
         "openapi": "3.0.3",
         "info": {"title": "TheRelay Agent admin API", "version": __version__,
@@ -65,7 +129,9 @@ def document() -> dict[str, Any]:
         "security": [{"bearer": []}],
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": _ERROR, "Token": _TOKEN, "NewToken": _NEW_TOKEN},
+            "schemas": {"Error": _ERROR, "Token": _TOKEN, "NewToken": _NEW_TOKEN,
+                        "Usage": _USAGE, "AuditEntry": _AUDIT_ENTRY, "Camera": _CAMERA,
+                        "Host": _HOST},
         },
         "paths": {
             "/api/v1/admin/tokens": {
@@ -91,12 +157,17 @@ def document() -> dict[str, Any]:
                         "schema": {"type": "object", "properties": {
                             "kind": {"type": "string", "enum": ["access", "admin"]},
                             "scope": {"type": "string",
+                                      "pattern": "^(host|account|camera:[A-Za-z0-9]"
+                                                 "[A-Za-z0-9._-]{0,63})$",
                                       "description": "host, account or camera:<id>"},
                             "protocols": {"type": "array", "items": {
-                                "type": "string",
-                                "enum": ["webrtc", "rtsp", "hls", "snapshot"]}},
-                            "ttl": {"type": "string", "description": "30m, 1h, 1d, 1w…"},
-                            "expires_at": {"type": "string", "description": "ISO 8601"},
+                                "type": "string", "enum": _PROTOCOLS}},
+                            "ttl": {**_DURATION, "nullable": True,
+                                    "description": "30m, 1h, 1d, 1w… (at most 100 years); "
+                                                   "not with expires_at"},
+                            "expires_at": {"type": "string", "format": "date-time",
+                                           "nullable": True,
+                                           "description": "ISO 8601, before 9999-01-01"},
                             "label": {"type": "string", "maxLength": 200},
                         }}}}},
                     "responses": {"201": _json({"$ref": "#/components/schemas/NewToken"},
@@ -118,8 +189,9 @@ def document() -> dict[str, Any]:
                 "parameters": [_ID],
                 "requestBody": {"required": False, "content": {"application/json": {
                     "schema": {"type": "object", "properties": {
-                        "grace": {"type": "string",
-                                  "description": "how long the old token keeps working"},
+                        "grace": {**_DURATION, "nullable": True,
+                                  "description": "how long the old token keeps working "
+                                                 "(at most 100 years); none: revoked now"},
                     }}}}},
                 "responses": {"201": _json({"$ref": "#/components/schemas/NewToken"},
                                            "Created"),
@@ -127,14 +199,15 @@ def document() -> dict[str, Any]:
             "/api/v1/admin/tokens/{id}/usage": {"get": {
                 "summary": "Last used, uses per hour and day, protocols, IP addresses",
                 "parameters": [_ID],
-                "responses": {"200": _json({"type": "object", "required": [
-                    "token_id", "per_hour", "per_day", "per_protocol", "ips", "uses",
-                    "denied"]}), **_errors(*_AUTH, 404)}}},
+                "responses": {"200": _json({"$ref": "#/components/schemas/Usage"}),
+                              **_errors(*_AUTH, 404)}}},
             "/api/v1/admin/usage/unused": {"get": {
-                "summary": "Active tokens not used for a number of days",
+                "summary": "Active tokens neither used nor created in a number of days",
                 "parameters": [_query("days", {"type": "integer", "minimum": 1,
                                                "maximum": 3650}, "default 30")],
-                "responses": {"200": _json({"type": "object", "required": ["days", "tokens"]}),
+                "responses": {"200": _json(_object(
+                    ["days", "tokens"], days={"type": "integer", "minimum": 1},
+                    tokens={"type": "array", "items": {"$ref": "#/components/schemas/Token"}})),
                               **_errors(400, *_AUTH)}}},
             "/api/v1/admin/audit": {"get": {
                 "summary": "The audit log, filtered, paginated, or exported",
@@ -146,29 +219,34 @@ def document() -> dict[str, Any]:
                            "result"),
                     _query("reason", {"type": "string"}, "e.g. revoked"),
                     _query("ip", {"type": "string"}, "peer address"),
-                    _query("since", {"type": "string"}, "ISO 8601"),
-                    _query("until", {"type": "string"}, "ISO 8601"),
-                    _query("after", {"type": "integer", "minimum": 0}, "last seq seen"),
+                    _query("since", {"type": "string", "format": "date-time"}, "ISO 8601"),
+                    _query("until", {"type": "string", "format": "date-time"}, "ISO 8601"),
+                    _query("after", {"type": "integer", "minimum": 0, "maximum": 2**62},
+                           "last seq seen"),
                     _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
                            "page size (json)"),
                     _query("format", {"type": "string", "enum": ["json", "jsonl", "csv"]},
                            "json (default), or an export"),
                 ],
                 "responses": {"200": {"description": "Entries", "content": {
-                    "application/json": {"schema": {"type": "object",
-                                                    "required": ["entries", "next_after"]}},
+                    "application/json": {"schema": _object(
+                        ["entries", "next_after"],
+                        entries={"type": "array",
+                                 "items": {"$ref": "#/components/schemas/AuditEntry"}},
+                        next_after={"type": "integer", "nullable": True,
+                                    "description": "pass as after= for the next page"})},
                     "application/x-ndjson": {"schema": {"type": "string"}},
                     "text/csv": {"schema": {"type": "string"}}}},
                     **_errors(400, *_AUTH)}}},
             "/api/v1/admin/cameras": {"get": {
                 "summary": "Cameras with status and viewers per protocol",
-                "responses": {"200": _json({"type": "object", "required": ["cameras"],
-                                            "properties": {"cameras": {"type": "array",
-                                                                       "items": obj}}}),
+                "responses": {"200": _json(_object(["cameras"], cameras={
+                    "type": "array", "items": {"$ref": "#/components/schemas/Camera"}})),
                               **_errors(*_AUTH)}}},
             "/api/v1/admin/hosts": {"get": {
                 "summary": "This agent",
-                "responses": {"200": _json({"type": "object", "required": ["hosts"]}),
+                "responses": {"200": _json(_object(["hosts"], hosts={
+                    "type": "array", "items": {"$ref": "#/components/schemas/Host"}})),
                               **_errors(*_AUTH)}}},
         },
     }

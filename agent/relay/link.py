@@ -1,8 +1,9 @@
 """The control channel to TheRelay cloud: connect, hello, follow tokens, reconnect politely.
 
-Implements docs/relay-protocol.md version 1 for what this agent version offers: the camera
-inventory, token sync and instant revocation. Publishing (WHIP) is not offered yet, so the
-agent does not announce the ``whip`` capability and refuses ``publish`` with ``unsupported``.
+Implements docs/relay-protocol.md version 1: the camera inventory, token sync, instant
+revocation, and on-demand WHIP publishing. Usage batches are not sent yet (the agent does
+not announce ``usage.v1``). When the control channel drops, running publish sessions stop;
+the relay asks again after the agent's next ``hello``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import structlog
+from aiortc import RTCConfiguration
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from agent import __version__
 from agent.access.service import AccessService
 from agent.access.store import TokenStore
+from agent.media.hub import CameraHub
 from agent.relay import protocol
 from agent.relay.protocol import (
     CLOSE_REASONS,
@@ -35,6 +38,7 @@ from agent.relay.protocol import (
     Welcome,
 )
 from agent.retry import FailureLog, backoff
+from agent.webrtc.whip import WhipError, WhipPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -65,13 +69,19 @@ ADVICE = {
 
 class RelayLink:
     def __init__(self, url: str, publisher_token: str, agent_id: str, store: TokenStore,
-                 access: AccessService, inventory: Callable[[], list[dict[str, Any]]]) -> None:
+                 access: AccessService, inventory: Callable[[], list[dict[str, Any]]],
+                 hubs: Callable[[str], CameraHub | None],
+                 ice: Callable[[list[dict[str, Any]]], RTCConfiguration]) -> None:
         self._url = url
         self._token = publisher_token
         self._agent_id = agent_id
         self._store = store
         self._access = access
         self._inventory = inventory
+        self._hubs = hubs
+        self._ice = ice
+        self.publishers: dict[str, WhipPublisher] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self.state = "disconnected"  # connecting | connected | rejected | disconnected
         self.last_error: str | None = None
         self.welcome: Welcome | None = None
@@ -159,6 +169,7 @@ class RelayLink:
                 await self._handle(ws, protocol.parse(text))
         finally:
             reporter.cancel()
+            await self._stop_publishing()
 
     async def _handle(self, ws: ClientConnection, event: protocol.Event) -> None:
         if isinstance(event, TokensSync):
@@ -175,14 +186,72 @@ class RelayLink:
             await self._applied()  # live sessions under it end now
             log.info("relay_token_revoked", token_id=event.token_id, known=known)
             await _send(ws, protocol.ack(event.message_id))
-        elif isinstance(event, Publish | Unpublish):
-            await _send(ws, protocol.ack(event.message_id, error=(
-                "unsupported", "this agent version does not publish (no whip capability)")))
+        elif isinstance(event, Publish):
+            await self._publish(ws, event)
+        elif isinstance(event, Unpublish):
+            await _send(ws, protocol.ack(event.message_id))
+            publisher = self.publishers.pop(event.session_id, None)
+            if publisher is not None:
+                await publisher.stop()
+                await self._status(ws, event.session_id, "stopped")
         elif isinstance(event, Unsupported):
             await _send(ws, protocol.ack(event.message_id, error=(
                 "unsupported", f"unknown message type {event.kind!r}")))
         elif isinstance(event, Acked) and not event.ok:
             log.warning("relay_refused_message", ack=event.message_id, error=event.error)
+
+    async def _publish(self, ws: ClientConnection, event: Publish) -> None:
+        assert self.welcome is not None
+        hub = self._hubs(event.camera_id)
+        if self.welcome.permission != "publish":
+            await _send(ws, protocol.ack(event.message_id, error=(
+                "read_only", "the publisher token is read-only")))
+            return
+        if hub is None:
+            await _send(ws, protocol.ack(event.message_id, error=(
+                "unknown_camera", f"no camera {event.camera_id!r} on this agent")))
+            return
+        await _send(ws, protocol.ack(event.message_id))
+        publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
+                                  self._ice(self.welcome.ice_servers))
+        self.publishers[event.session_id] = publisher
+        task = asyncio.get_running_loop().create_task(
+            self._run_publisher(ws, event.session_id, publisher))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_publisher(self, ws: ClientConnection, session_id: str,
+                             publisher: WhipPublisher) -> None:
+        await self._status(ws, session_id, "starting")
+        try:
+            await publisher.start(timeout=15)
+            await asyncio.wait_for(publisher.connected.wait(), 15)
+        except (WhipError, TimeoutError) as exc:
+            code = exc.code if isinstance(exc, WhipError) else "ice_failed"
+            log.warning("whip_publish_failed", session=session_id, code=code, error=str(exc))
+            self.publishers.pop(session_id, None)
+            await publisher.stop()
+            await self._status(ws, session_id, "failed", (code, str(exc) or code))
+            return
+        log.info("whip_publishing", session=session_id)
+        await self._status(ws, session_id, "live")
+        await publisher.failed.wait()
+        if self.publishers.pop(session_id, None) is not None:
+            await publisher.stop()
+            await self._status(ws, session_id, "failed", ("ice_failed", "connection lost"))
+
+    async def _status(self, ws: ClientConnection, session_id: str, state: str,
+                      error: tuple[str, str] | None = None) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await _send(ws, protocol.envelope(
+                "publish.status", session_id=session_id, state=state,
+                error={"code": error[0], "message": error[1]} if error else None))
+
+    async def _stop_publishing(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        publishers, self.publishers = list(self.publishers.values()), {}
+        await asyncio.gather(*(p.stop() for p in publishers), return_exceptions=True)
 
     async def _applied(self) -> None:
         await self._access.refresh(force=True)

@@ -214,5 +214,5 @@ def needs_ack(event: Event) -> bool:
 def hello(agent_id: str, version: str, cursor: str | None,
           cameras: list[dict[str, Any]]) -> dict[str, Any]:
     return envelope("hello", agent_id=agent_id, version=version,
-                    capabilities=["tokens.sync.v1", "audio.opus", "audio.g711"],
+                    capabilities=["whip", "tokens.sync.v1", "audio.opus", "audio.g711"],
                     token_cursor=cursor, cameras=cameras)

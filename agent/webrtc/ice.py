@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
+from typing import Any
 
 import aioice.ice
 import ifaddr
@@ -72,3 +73,16 @@ def rtc_configuration(section: WebrtcSection) -> RTCConfiguration:
         servers.append(RTCIceServer(urls=list(server.urls), username=server.username,
                                     credential=credential))
     return RTCConfiguration(iceServers=servers)
+
+
+def with_relay_servers(base: RTCConfiguration, servers: list[dict[str, Any]]) -> RTCConfiguration:
+    """The configured servers plus those the relay's welcome named (well-formed ones only)."""
+    extra = []
+    for server in servers:
+        urls = server.get("urls")
+        if isinstance(urls, str):
+            urls = [urls]
+        if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+            extra.append(RTCIceServer(urls=urls, username=server.get("username"),
+                                      credential=server.get("credential")))
+    return RTCConfiguration(iceServers=[*(base.iceServers or []), *extra])

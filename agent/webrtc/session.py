@@ -29,7 +29,7 @@ class OfferError(ValueError):
     """The client's SDP offer cannot be answered; the message says why."""
 
 
-def _preferences(kind: str, name: str) -> list[RTCRtpCodecCapability]:
+def preferences(kind: str, name: str) -> list[RTCRtpCodecCapability]:
     codecs = RTCRtpSender.getCapabilities(kind).codecs
     chosen = [c for c in codecs if c.mimeType.lower() == f"{kind}/{name}".lower()]
     if kind == "video":
@@ -77,12 +77,12 @@ class ViewerSession:
         session = cls(camera_id, hub, pc)
         try:
             video = pc.addTransceiver("video", direction="sendonly")
-            video.setCodecPreferences(_preferences("video", "H264"))
+            video.setCodecPreferences(preferences("video", "H264"))
             session._add_track(video.sender, hub, video=True)
             audio_codec = webrtc_audio_codec(hub.info.audio.codec) if hub.info.audio else None
             if audio_codec and "\nm=audio " in offer.replace("\r\n", "\n"):
                 audio = pc.addTransceiver("audio", direction="sendonly")
-                audio.setCodecPreferences(_preferences("audio", audio_codec))
+                audio.setCodecPreferences(preferences("audio", audio_codec))
                 session._add_track(audio.sender, hub, video=False)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))

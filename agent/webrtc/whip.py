@@ -1,0 +1,148 @@
+"""WHIP publishing (RFC 9725): send a camera to a relay (or any WHIP server).
+
+The tracks are the same passthrough tracks LAN viewers get, from the same single camera
+pull. ICE is gathered before the offer is sent (no trickle); redirects are followed; the
+session ends with a DELETE on the resource the server named.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+from urllib.parse import urljoin
+
+import aiohttp
+import structlog
+from aiortc import (
+    RTCConfiguration,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+
+from agent.media.audio import webrtc_audio_codec
+from agent.media.hub import CameraHub
+from agent.webrtc.session import preferences
+from agent.webrtc.tracks import HubTrack
+
+log = structlog.get_logger(__name__)
+
+MAX_REDIRECTS = 3
+_LINK = re.compile(r'<([^>]+)>\s*;([^,]*rel="?ice-server"?[^,]*)')
+_PARAM = re.compile(r'(\w[\w-]*)="([^"]*)"')
+
+
+class WhipError(Exception):
+    """The WHIP server refused or failed the session; ``code`` goes to publish.status."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def ice_servers_from_links(headers: list[str]) -> list[RTCIceServer]:
+    """RFC 9725 §4.6: ``Link: <turn:…>; rel="ice-server"; username=…; credential=…``."""
+    servers = []
+    for header in headers:
+        for url, params in _LINK.findall(header):
+            fields = dict(_PARAM.findall(params))
+            servers.append(RTCIceServer(urls=[url], username=fields.get("username"),
+                                        credential=fields.get("credential")))
+    return servers
+
+
+class WhipPublisher:
+    def __init__(self, hub: CameraHub, url: str, bearer: str,
+                 configuration: RTCConfiguration) -> None:
+        self._hub = hub
+        self._url = url
+        self._bearer = bearer
+        self._configuration = configuration
+        self.pc: RTCPeerConnection | None = None
+        self.tracks: list[HubTrack] = []
+        self.resource: str | None = None
+        self.connected = asyncio.Event()
+        self.failed = asyncio.Event()
+
+    async def start(self, timeout: float) -> None:
+        """Offer, POST, answer. Raises WhipError with a code for publish.status."""
+        if not await self._hub.ready(timeout):
+            raise WhipError("camera_offline", self._hub.status.error or "camera not ready")
+        assert self._hub.info is not None
+        pc = self.pc = RTCPeerConnection(self._configuration)
+        video = pc.addTransceiver("video", direction="sendonly")
+        video.setCodecPreferences(preferences("video", "H264"))
+        self._add(video.sender, video=True)
+        audio_codec = (webrtc_audio_codec(self._hub.info.audio.codec)
+                       if self._hub.info.audio else None)
+        if audio_codec:
+            audio = pc.addTransceiver("audio", direction="sendonly")
+            audio.setCodecPreferences(preferences("audio", audio_codec))
+            self._add(audio.sender, video=False)
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState == "connected":
+                self.connected.set()
+            elif pc.connectionState in ("failed", "closed"):
+                self.failed.set()
+
+        await pc.setLocalDescription(await pc.createOffer())
+        answer, location = await self._post(pc.localDescription.sdp, timeout)
+        self.resource = location
+        await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+
+    def _add(self, sender: RTCRtpSender, video: bool) -> None:
+        track = HubTrack(self._hub.subscribe(video=video))
+        sender.replaceTrack(track)
+        self.tracks.append(track)
+
+    async def _post(self, offer: str, timeout: float) -> tuple[str, str]:
+        headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self._bearer}"}
+        url = self._url
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
+            for _ in range(MAX_REDIRECTS + 1):
+                try:
+                    response = await http.post(url, data=offer, headers=headers,
+                                               allow_redirects=False)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    raise WhipError("unreachable", f"WHIP server unreachable: {exc}") from None
+                async with response:
+                    if response.status in (307, 308) and "Location" in response.headers:
+                        url = urljoin(url, response.headers["Location"])  # RFC 9725 §4.5
+                        continue
+                    body = await response.text()
+                    if response.status != 201:
+                        raise WhipError(f"http_{response.status}",
+                                        f"WHIP server answered {response.status}: "
+                                        f"{body[:200]}")
+                    location = response.headers.get("Location")
+                    if not location:
+                        raise WhipError("no_location", "WHIP answer without Location")
+                    links = response.headers.getall("Link", [])
+                    if links:
+                        log.debug("whip_ice_servers", count=len(ice_servers_from_links(links)))
+                    return body, urljoin(url, location)
+        raise WhipError("redirect_loop", f"more than {MAX_REDIRECTS} redirects")
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(t.bytes_sent for t in self.tracks)
+
+    async def stop(self) -> None:
+        """DELETE the WHIP resource, release the camera, close the peer. Idempotent."""
+        for track in self.tracks:
+            self._hub.unsubscribe(track._consumer)
+        self.tracks = []
+        if self.resource is not None:
+            resource, self.resource = self.resource, None
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                async with aiohttp.ClientSession(
+                        timeout=aiohttp.ClientTimeout(total=5)) as http:
+                    await http.delete(resource,
+                                      headers={"Authorization": f"Bearer {self._bearer}"})
+        if self.pc is not None:
+            with contextlib.suppress(Exception):
+                await self.pc.close()
