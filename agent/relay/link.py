@@ -29,6 +29,7 @@ from agent.relay.protocol import (
     CLOSE_REASONS,
     TOKEN_REJECTIONS,
     Acked,
+    Ping,
     ProtocolError,
     Publish,
     TokensRevoke,
@@ -86,23 +87,29 @@ class RelayLink:
         self.last_error: str | None = None
         self.welcome: Welcome | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-link")
 
     async def stop(self) -> None:
+        """Stop publishing and close the channel; bounded, whatever the relay does."""
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # A cancellation can land inside a library call that absorbs it (a WebSocket
+            # handshake or close); the flag ends the loop then, and the wait is bounded.
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), 3)
             self._task = None
+        await self._stop_publishing()
         self.state = "disconnected"
 
     async def _run(self) -> None:
         failures = FailureLog(log, "relay_unavailable", url=self._url)
         ordinary: Iterator[float] = backoff(1.0, 60.0)
         rejected: Iterator[float] = backoff(REJECTED_MIN, REJECTED_MAX)
-        while True:
+        while not self._stopping:
             self.state = "connecting"
             try:
                 await self._connect_once()
@@ -121,7 +128,8 @@ class RelayLink:
                 self.state, self.last_error = "disconnected", _describe(exc)
                 failures.failed(self.last_error)
                 delay = next(ordinary)
-            await asyncio.sleep(delay)
+            if not self._stopping:
+                await asyncio.sleep(delay)
 
     async def _connect_once(self) -> None:
         try:
@@ -129,7 +137,7 @@ class RelayLink:
                 self._url, subprotocols=[protocol.SUBPROTOCOL],  # type: ignore[list-item]
                 additional_headers={"Authorization": f"Bearer {self._token}"},
                 user_agent_header=f"therelay-agent/{__version__}", proxy=None,
-                max_size=protocol.MAX_MESSAGE, open_timeout=10)
+                max_size=protocol.MAX_MESSAGE, open_timeout=10, close_timeout=2)
         except InvalidStatus as exc:
             raise _rejection(exc) from None
         try:
@@ -166,6 +174,8 @@ class RelayLink:
         reporter = asyncio.get_running_loop().create_task(self._report_inventory(ws))
         try:
             async for text in ws:
+                if self._stopping:
+                    break
                 await self._handle(ws, protocol.parse(text))
         finally:
             reporter.cancel()
@@ -194,6 +204,8 @@ class RelayLink:
             if publisher is not None:
                 await publisher.stop()
                 await self._status(ws, event.session_id, "stopped")
+        elif isinstance(event, Ping):
+            await _send(ws, protocol.pong(event.message_id))
         elif isinstance(event, Unsupported):
             await _send(ws, protocol.ack(event.message_id, error=(
                 "unsupported", f"unknown message type {event.kind!r}")))

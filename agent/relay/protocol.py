@@ -110,6 +110,11 @@ class Acked:
 
 
 @dataclass(frozen=True)
+class Ping:
+    message_id: str
+
+
+@dataclass(frozen=True)
 class Unsupported:
     """A message type this version does not know; answered if it asked for an ack."""
 
@@ -117,7 +122,7 @@ class Unsupported:
     kind: str
 
 
-Event = Welcome | TokensSync | TokensRevoke | Publish | Unpublish | Acked | Unsupported
+Event = Welcome | TokensSync | TokensRevoke | Publish | Unpublish | Acked | Ping | Unsupported
 
 ACKED_TYPES = {"publish", "unpublish", "tokens.sync", "tokens.revoke"}
 
@@ -199,6 +204,10 @@ def parse(text: str | bytes) -> Event:
                        _str(msg, "whip_url"), _str(msg, "bearer", optional=True))
     if kind == "unpublish":
         return Unpublish(message_id, _str(msg, "session_id"))
+    if kind == "ping":
+        return Ping(message_id)
+    if kind == "pong":
+        return Acked(message_id, True)  # nothing to do: the connection is alive
     if kind == "ack":
         error = msg.get("error") if isinstance(msg.get("error"), dict) else None
         extra = {k: v for k, v in msg.items() if k not in ("type", "id", "ts", "ack", "ok",
@@ -209,6 +218,11 @@ def parse(text: str | bytes) -> Event:
 
 def needs_ack(event: Event) -> bool:
     return isinstance(event, TokensSync | TokensRevoke | Publish | Unpublish)
+
+
+def pong(ping_id: str) -> dict[str, Any]:
+    """The answer to the relay's ping (section 1.4): it names the ping's id."""
+    return envelope("pong", ping=ping_id)
 
 
 def hello(agent_id: str, version: str, cursor: str | None,

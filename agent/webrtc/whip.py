@@ -68,8 +68,12 @@ class WhipPublisher:
 
     async def start(self, timeout: float) -> None:
         """Offer, POST, answer. Raises WhipError with a code for publish.status."""
-        if not await self._hub.ready(timeout):
-            raise WhipError("camera_offline", self._hub.status.error or "camera not ready")
+        holder = self._hub.subscribe()  # starts the pull if the camera is idle
+        try:
+            if not await self._hub.ready(timeout):
+                raise WhipError("camera_offline", self._hub.status.error or "camera not ready")
+        finally:
+            self._hub.unsubscribe(holder)  # the tracks below keep it running
         assert self._hub.info is not None
         pc = self.pc = RTCPeerConnection(self._configuration)
         video = pc.addTransceiver("video", direction="sendonly")
@@ -140,7 +144,7 @@ class WhipPublisher:
             resource, self.resource = self.resource, None
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with aiohttp.ClientSession(
-                        timeout=aiohttp.ClientTimeout(total=5)) as http:
+                        timeout=aiohttp.ClientTimeout(total=2)) as http:
                     await http.delete(resource,
                                       headers={"Authorization": f"Bearer {self._bearer}"})
         if self.pc is not None:

@@ -647,8 +647,8 @@ def test_stats(run_cli: Run) -> None:
     detail = run_cli("stats", token_id, "--json")
     assert detail.code == 0, detail.err
     assert json.loads(detail.out) == {
-        "token_id": token_id, "last_used_at": None, "uses": 0, "denied": 0, "per_day": [], "per_hour": [],
-        "per_protocol": {}, "ips": [],
+        "token_id": token_id, "last_used_at": None, "uses": 0, "denied": 0, "per_day": [],
+        "per_hour": [], "per_protocol": {}, "ips": [],
     }
     missing = run_cli("stats", "AAAAAAAAAAAA")
     assert missing.code == 1

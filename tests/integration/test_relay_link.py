@@ -1,0 +1,164 @@
+"""The agent's relay link against a faithful fake of TheRelay cloud (docs/relay-protocol.md).
+
+The fake (tests/support/fake_relay.py) speaks the documented protocol over real sockets on
+127.0.0.1; the agent is the real daemon. Every test ends with the fake's list of contract
+violations empty.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+
+from tests.support.agent import AgentProcess, WhepViewer, wait_until
+from tests.support.fake_relay import FakeRelay
+
+SMALL = "testsrc://?size=320x240&fps=15&gop=1"
+
+
+def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
+    secret = tmp / "publisher-token.secret"
+    secret.write_text(token + "\n")
+    return AgentProcess(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
+                        agent={"id": "nvr1", "account_id": "acme"},
+                        relay={"url": relay.url, "publisher_token_file": str(secret)}, **extra)
+
+
+async def snapshot_status(agent: AgentProcess, token: str) -> int:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{agent.base}/snapshot/cam1.jpg", headers={"Authorization": f"Bearer {token}"}) as r:
+        return r.status
+
+
+async def test_hello_inventory_token_sync_and_instant_revocation(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        try:
+            hello = await relay.wait_agent(timeout=20)
+            assert hello["agent_id"] == "nvr1" and "whip" in hello["capabilities"]
+            assert [c["id"] for c in hello["cameras"]] == ["cam1"]
+            assert "source" not in hello["cameras"][0]
+            # A token issued in the cloud works on the LAN once synced (only its hash came).
+            text, record = relay.issue_access_token("camera:cam1", protocols=["webrtc",
+                                                                             "snapshot"])
+            message = await relay.send_tokens([record])
+            assert message is not None
+            assert (await relay.wait_ack(message))["ok"] is True
+            assert await snapshot_status(agent, text) == 200
+            viewer = WhepViewer(agent.base, "cam1", text)
+            assert await viewer.connect() == 201
+            await viewer.frame()
+            # Revoked in the cloud: the live session ends and the token stops working.
+            revoke = await relay.revoke(record["id"])
+            assert (await relay.wait_ack(revoke))["ok"] is True
+            await wait_until(lambda: viewer.pc.connectionState in ("closed", "failed"), 10)
+            await viewer.close()
+            assert await snapshot_status(agent, text) == 401
+            ended = agent.audit("--token", record["id"], "--event", "session.ended")
+            assert ended and ended[0]["reason"] == "revoked"
+            assert agent.audit("--token", record["id"], "--event", "token.revoked")[0][
+                "actor"] == "relay"
+            pong = await relay.ping()
+            assert pong["type"] == "pong"
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+        assert relay.violations == []
+
+
+async def test_publish_on_demand_over_whip(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            session = await relay.publish("cam1")
+            await relay.wait_status(session, "live", timeout=20)
+            frame = await relay.whip_frame(session)
+            assert (frame.width, frame.height) == (320, 240)
+            await relay.unpublish(session)
+            await relay.wait_whip_deleted(session)
+            await relay.wait_status(session, "stopped")
+            await relay.publish("nope")
+            refused = await relay.wait_for("ack", lambda m: m.get("ok") is False, timeout=10)
+            assert refused["error"]["code"] == "unknown_camera"
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+        assert relay.violations == []
+
+
+async def test_redirects_are_followed_and_failures_reported(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        relay.whip_redirect = True
+        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            session = await relay.publish("cam1")
+            await relay.wait_status(session, "live", timeout=20)
+            relay.whip_redirect = False
+            relay.whip_fail = 503
+            failing = await relay.publish("cam1")
+            status = await relay.wait_status(failing, "failed", timeout=20)
+            assert status["error"]["code"] == "http_503"
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+        assert relay.violations == []
+
+
+async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = start_agent(tmp_path, relay, relay.issue_publisher(permission="read"))
+        try:
+            await relay.wait_agent(timeout=20)
+            message = await relay.publish("cam1")
+            ack = await relay.wait_for("ack", lambda m: m.get("ok") is False, timeout=10)
+            assert ack["error"]["code"] == "read_only"
+            assert relay.whip_resource(message) is None
+            await wait_until(lambda: any(e.get("event") == "relay_read_only"
+                                         for e in agent.log_events()), 5)
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+
+
+async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        token = relay.issue_publisher(revoked=True)
+        agent = start_agent(tmp_path, relay, token)
+        try:
+            await wait_until(lambda: len(relay.attempts) >= 1, 20)
+            await asyncio.sleep(5)
+            assert len(relay.attempts) == 1  # no hammering: the next try is >= 15 s away
+            assert relay.attempts[0].status == 401
+            rejected = [e for e in agent.log_events() if e.get("event") == "relay_rejected_agent"]
+            assert len(rejected) == 1 and rejected[0]["reason"] == "token_revoked"
+            assert "TheRelay Dashboard" in rejected[0]["fix"]
+            assert token not in agent.log_path.read_text()
+            status, _, body = await _get(f"{agent.base}/healthz")
+            assert status == 200 and b'"relay": "rejected"' in body
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+
+
+async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            _, record = relay.issue_access_token("host:nvr1")
+            message = await relay.send_tokens([record])
+            assert message is not None
+            ack = await relay.wait_ack(message)
+            mark = len(relay.received)
+            await relay.close_agent(1001, "restart")
+            hello = await relay.wait_for("hello", since=mark, timeout=20)
+            assert hello["token_cursor"] == ack["cursor"]
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+        assert relay.violations == []
+
+
+async def _get(url: str) -> tuple[int, dict, bytes]:
+    async with aiohttp.ClientSession() as http, http.get(url) as r:
+        return r.status, dict(r.headers), await r.read()
