@@ -58,13 +58,15 @@ def run_in_browser(
     wait_for: str | None = None,
     expose_host_ips: bool = False,
     chromium_args: Sequence[str] = (),
+    viewport: tuple[int, int] | None = None,
 ) -> BrowserReport:
     """Open ``url`` in Chromium in the viewer namespace and return the JSON value of ``result``.
 
     Waits until ``wait_for`` (a JS expression or function source; default ``result !==
     undefined``) is truthy, at most ``timeout`` seconds after the page loaded. Chromium names
     its WebRTC host candidates ``<uuid>.local`` (mDNS) like a real browser does, unless
-    ``expose_host_ips`` grants the page camera/microphone permission.
+    ``expose_host_ips`` grants the page camera/microphone permission. ``viewport`` is the
+    page size in CSS pixels (Playwright's default is 1280x720).
     """
     argv = [sys.executable, "-m", "tests.support.browser_driver", url,
             "--result", result, "--timeout", str(timeout)]
@@ -74,6 +76,8 @@ def run_in_browser(
         argv += ["--screenshot", str(screenshot)]
     if expose_host_ips:
         argv.append("--expose-host-ips")
+    if viewport is not None:
+        argv += ["--viewport", f"{viewport[0]}x{viewport[1]}"]
     for arg in chromium_args:
         argv.append(f"--chromium-arg={arg}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}

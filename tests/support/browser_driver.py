@@ -4,7 +4,7 @@ Run inside a network namespace (see ``tests.support.browser.run_in_browser``)::
 
     python -m tests.support.browser_driver URL [--wait-for E] [--result R]
         [--timeout SECONDS] [--screenshot PATH] [--expose-host-ips]
-        [--chromium-arg ARG ...] [--allow-host HOST ...]
+        [--chromium-arg ARG ...] [--allow-host HOST ...] [--viewport WxH]
 
 opens URL, waits until the JavaScript expression E is truthy (default: ``R !== undefined``),
 evaluates R (default ``window.__result``), saves a screenshot to PATH and prints one JSON
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="host Chromium may resolve besides the URL's (repeatable)")
     parser.add_argument("--expose-host-ips", action="store_true",
                         help="grant camera+microphone so WebRTC host candidates carry real IPs")
+    parser.add_argument("--viewport", default=None, metavar="WxH",
+                        help="page size in CSS pixels, e.g. 390x844 for a phone")
     parser.add_argument("--executable", default=CHROMIUM)
     args = parser.parse_args(argv)
     url_host = urlsplit(args.url).hostname
@@ -100,7 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         mark("launched")
         try:
             # The agent's pages forbid eval (strict CSP); the test's own probes need it.
-            context = browser.new_context(bypass_csp=True)
+            options: dict[str, Any] = {"bypass_csp": True}
+            if args.viewport:
+                width, _, height = args.viewport.partition("x")
+                options["viewport"] = {"width": int(width), "height": int(height)}
+            context = browser.new_context(**options)
             if args.expose_host_ips:
                 context.grant_permissions(EXPOSE_HOST_IPS_PERMISSIONS)
             page = context.new_page()

@@ -61,9 +61,17 @@ function s(tag, attrs = {}, ...children) {
   return el;
 }
 
-/** A table cell carrying its column name, which the phone layout shows before the value. */
+/** A table cell carrying its column name, which the phone layout shows before the value
+ * (the value is wrapped in one element so that layout has exactly two columns). */
 function cell(label, ...children) {
-  return h("td", { "data-label": label }, ...children);
+  // An empty value ("—") is left out of the phone's cards, which stay short that way.
+  const empty = children.every((c) => c === "—" || c === null || c === undefined);
+  return h("td", { "data-label": label, class: empty ? "none" : null }, h("div", {}, ...children));
+}
+
+/** The last cell of a row: its buttons, which wrap when the table is narrow. */
+function actions(...buttons) {
+  return h("td", { class: "actions" }, h("div", { class: "buttons-row" }, ...buttons));
 }
 
 function badge(text, kind = text) {
@@ -81,22 +89,33 @@ function toDate(value) {
   return Number.isNaN(date.getTime()) ? null : date;
 }
 
+/** Local time, short: the year only when it is not this one; seconds for the audit log. */
+function shortTime(date, seconds = false) {
+  const thisYear = date.getFullYear() === new Date().getFullYear();
+  return date.toLocaleString(undefined, {
+    year: thisYear ? undefined : "numeric", month: "short", day: "numeric",
+    hour: "2-digit", minute: "2-digit", second: seconds ? "2-digit" : undefined,
+  });
+}
+
 /** A <time> element in local time (ISO in datetime/title for the precise value). */
-function when(value, none = "never") {
+function when(value, none = "never", seconds = false) {
   const date = toDate(value);
   if (!date) return h("span", { class: "sub" }, none);
   const iso = date.toISOString();
-  return h("time", { datetime: iso, title: iso },
-           date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" }));
+  return h("time", { datetime: iso, title: iso }, shortTime(date, seconds));
 }
 
+/** 93784 → "1 d 2 h": the two largest units that are not zero. */
 function duration(seconds) {
-  const s = Math.floor(seconds);
-  const d = Math.floor(s / 86400), hr = Math.floor((s % 86400) / 3600), m = Math.floor((s % 3600) / 60);
-  if (d) return `${d} d ${hr} h`;
-  if (hr) return `${hr} h ${m} min`;
-  if (m) return `${m} min`;
-  return `${s} s`;
+  let rest = Math.floor(seconds);
+  const parts = [];
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["min", 60], ["s", 1]]) {
+    const n = Math.floor(rest / size);
+    rest -= n * size;
+    if (n && parts.length < 2) parts.push(`${n} ${unit}`);
+  }
+  return parts.join(" ") || "0 s";
 }
 
 function setStatus(text, isError = false) {
@@ -312,7 +331,7 @@ async function loadHosts() {
     cell("Uptime", duration(host.uptime_s)),
     cell("Cameras online", `${host.cameras_online} of ${host.cameras}`),
     cell("Sessions", String(host.sessions)),
-    h("td", { class: "actions" },
+    actions(
       h("button", { type: "button", class: "small", onclick: () => openCreate({ scope: "host" }) },
         "Create token for this host")),
   )));
@@ -348,7 +367,7 @@ async function loadCameras() {
       cell("Codec", camera.codec || "—", camera.audio ? h("span", { class: "sub" }, ` + ${camera.audio}`) : null),
       cell("Size", size + fps),
       cell("Viewers", ...viewerCounts(camera.viewers)),
-      h("td", { class: "actions" },
+      actions(
         h("button", {
           type: "button", class: "small",
           "aria-label": `Create token for this camera: ${camera.name}`,
@@ -388,7 +407,7 @@ function protocolsText(protocols) {
 
 function tokenActions(token) {
   const active = token.status === "active";
-  return h("td", { class: "actions" },
+  return actions(
     h("button", { type: "button", class: "small", "aria-label": `Usage of ${token.display}`,
                   onclick: () => openUsage(token.id) }, "Usage"),
     active && !token.replaced_by && token.origin === "local"
@@ -406,7 +425,7 @@ function statusCell(token) {
   const notes = [];
   if (token.replaced_by) notes.push(`replaced by ${token.replaced_by}`);
   if (token.replaces) notes.push(`replaces ${token.replaces}`);
-  if (token.revoked_at) notes.push(`revoked ${toDate(token.revoked_at)?.toLocaleString() || ""}`);
+  if (token.revoked_at) notes.push(`revoked ${shortTime(toDate(token.revoked_at))}`);
   return cell("Status", badge(token.status),
               notes.length ? h("div", { class: "sub" }, notes.join("; ")) : null);
 }
@@ -499,18 +518,21 @@ async function submitCreate(event) {
 
 /**
  * Show a new token (from create or rotate). The token text is taken out of the response
- * object and lives only in the two read-only inputs' values (properties, not attributes,
- * so it is never part of the serialized DOM) until the dialog closes.
+ * object and lives only in the two read-only textareas' values (properties, not their
+ * content, so it is never part of the serialized DOM) until the dialog closes.
  */
+let secretFor = null; // the display form of the token the secret dialog shows (for the status)
+
 function showSecret(created, verb) {
   const token = created.token;
   delete created.token;
+  secretFor = created.display;
   studio.lastCreatedId = created.id;
   $("secret-title").textContent = verb === "rotated" ? "Token rotated — the new token" : "Token created";
   $("secret-summary").textContent =
     `${created.display} · ${created.kind} · scope ${created.scope} · protocols ` +
     `${protocolsText(created.protocols)} · expires ` +
-    `${toDate(created.expires_at)?.toLocaleString() || "never"}${created.label ? ` · “${created.label}”` : ""}`;
+    `${created.expires_at ? shortTime(toDate(created.expires_at)) : "never"}${created.label ? ` · “${created.label}”` : ""}`;
   $("secret-token").value = token;
   const viewer = created.kind === "access";
   $("secret-link-field").hidden = !viewer;
@@ -524,6 +546,8 @@ function showSecret(created, verb) {
 }
 
 function wipeSecret() {
+  if (secretFor) setStatus(`${secretFor} is ready. Its full text is not shown again.`);
+  secretFor = null;
   $("secret-token").value = "";
   $("secret-link").value = "";
   $("secret-copied").textContent = "";
@@ -629,6 +653,12 @@ async function refreshAfterChange() {
 // ---------------------------------------------------------------------------------------
 // Audit
 
+/** The Studio's own (granted) admin API requests: every page load makes some. Hidden on
+ * request, in the page, as the API cannot filter by protocol. Denied ones always show. */
+function ownRequest(entry) {
+  return entry.protocol === "admin" && entry.result === "granted";
+}
+
 function auditFilters() {
   return {
     token: $("audit-token").value.trim(), camera: $("audit-camera").value,
@@ -642,16 +672,22 @@ function resultText(entry) {
   return entry.reason && entry.reason !== entry.result ? `${entry.result}: ${entry.reason}` : entry.result;
 }
 
+/** An entry's details (what a token was created with, rotation links…) in words. */
 function detailText(detail) {
-  return Object.entries(detail || {}).map(([k, v]) =>
-    `${k}=${typeof v === "object" ? JSON.stringify(v) : v}`).join(" ");
+  return Object.entries(detail || {}).map(([key, value]) => {
+    if (key.endsWith("_at") && typeof value === "number") return `${key.slice(0, -3)} ${shortTime(toDate(value))}`;
+    if (key.endsWith("_seconds") && typeof value === "number") return `${key.slice(0, -8)} ${duration(value)}`;
+    if (Array.isArray(value)) return `${key} ${value.join(", ") || "all"}`;
+    if (value !== null && typeof value === "object") return `${key} ${JSON.stringify(value)}`;
+    return `${key} ${value}`;
+  }).join(" · ");
 }
 
 function auditRow(entry) {
   const result = resultText(entry);
   const detail = detailText(entry.detail);
   return h("tr", { dataset: { seq: entry.seq, event: entry.event } },
-    cell("Time", when(entry.ts, "—")),
+    cell("Time", when(entry.ts, "—", true)),
     cell("Event", entry.event),
     cell("Token", entry.token_id ? code(entry.token_id) : "—"),
     cell("Camera", entry.camera || "—"),
@@ -672,24 +708,30 @@ function auditRow(entry) {
 const AUDIT_WALK_PAGES = 100; // at most 100 000 entries walked for "newest first"
 
 async function loadAudit(reset) {
+  if (!data.cameras.length) await fetchCameras(); // for the camera filter
   const order = $("audit-order").value;
   if (reset || !data.audit) {
     data.audit = { filters: auditFilters(), order, shown: [], buffer: [], nextAfter: 0, done: false };
     $("audit-table").tBodies[0].replaceChildren();
   }
   const state = data.audit;
+  const hide = $("audit-hide-admin").checked;
+  const wanted = (entry) => !(hide && ownRequest(entry));
   let page = [];
   if (state.order === "oldest") {
-    const answer = await api(`${API}/audit${query({ ...state.filters, after: state.nextAfter, limit: AUDIT_PAGE })}`);
-    page = answer.entries;
-    state.nextAfter = answer.next_after;
-    state.done = answer.next_after === null;
+    // Fetch until a page has something to show (a run of hidden entries can fill pages).
+    for (let tries = 0; tries < 20 && !page.length && !state.done; tries += 1) {
+      const answer = await api(`${API}/audit${query({ ...state.filters, after: state.nextAfter, limit: AUDIT_PAGE })}`);
+      page = answer.entries.filter(wanted);
+      state.nextAfter = answer.next_after;
+      state.done = answer.next_after === null;
+    }
   } else {
     if (reset) {
       let after = 0, pages = 0;
       for (;;) {
         const answer = await api(`${API}/audit${query({ ...state.filters, after, limit: 1000 })}`);
-        state.buffer.push(...answer.entries);
+        state.buffer.push(...answer.entries.filter(wanted));
         pages += 1;
         if (answer.next_after === null) break;
         if (pages >= AUDIT_WALK_PAGES) {
@@ -829,8 +871,10 @@ function drawChart(stats) {
       const text = span === "hour"
         ? p.start.toLocaleDateString(undefined, { weekday: "short", day: "numeric" })
         : label(p.start);
+      const anchor = x > width - minGap ? "end" : "start"; // keep the last label inside
       svg.append(s("line", { class: "grid", x1: x, x2: x, y1: y(0), y2: y(0) + 4 }),
-                 s("text", { x, y: height - 8 }, text));
+                 s("text", { x: anchor === "end" ? width - pad.right : x, y: height - 8,
+                             "text-anchor": anchor }, text));
     }
   });
   box.replaceChildren(svg);
@@ -916,6 +960,7 @@ function wire() {
     $(id).addEventListener("close", () => { pending = null; });
   }
 
+  $("audit-hide-admin").addEventListener("change", () => attempt("load audit", () => loadAudit(true)));
   $("audit-form").addEventListener("submit", (event) => {
     event.preventDefault();
     attempt("load audit", () => loadAudit(true));
