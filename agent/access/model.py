@@ -86,8 +86,13 @@ _DURATION = re.compile(r"(\d+)\s*(s|m|h|d|w)")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+MAX_DURATION = 100 * 365 * 86400.0  # longer would reach past year 9999 soon enough
+
+
 def parse_duration(text: str) -> float:
     """``90s``, ``10m``, ``1h``, ``1d``, ``1w``, or combinations like ``1h30m`` → seconds."""
+    if len(text) > 32:  # also keeps the scan below linear in practice
+        raise ValueError("duration must be at most 32 characters, like 1h30m")
     compact = text.strip().lower().replace(" ", "")
     pos, total = 0, 0
     for m in _DURATION.finditer(compact):
@@ -97,6 +102,8 @@ def parse_duration(text: str) -> float:
         pos = m.end()
     if not compact or pos != len(compact) or total <= 0:
         raise ValueError(f"duration {text!r} must look like 30m, 1h, 1d, 1w or 1h30m")
+    if total > MAX_DURATION:
+        raise ValueError("duration must be at most 100 years")
     return float(total)
 
 
@@ -113,6 +120,12 @@ def parse_time(text: str) -> float:
         ) from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
+    try:
+        utc = moment.astimezone(UTC)
+    except OverflowError:
+        utc = datetime.max.replace(tzinfo=UTC)
+    if utc.year >= 9999:
+        raise ValueError(f"time {text!r} must be before the year 9999")
     return moment.timestamp()
 
 

@@ -20,7 +20,7 @@ _TIME = {"type": "string", "format": "date-time", "description": "UTC, e.g. 2026
 _NULLABLE_TIME = {**_TIME, "nullable": True}
 _PROTOCOLS = ["webrtc", "rtsp", "hls", "snapshot"]
 #: What parse_duration accepts: 30m, 1h, 1d, 1w, 1h30m… (at most 100 years).
-_DURATION = {"type": "string", "pattern": "^([0-9]+[smhdw])+$"}
+_DURATION = {"type": "string", "maxLength": 32, "pattern": "^([0-9]+[smhdw])+$"}
 
 
 def _object(required: list[str], **properties: Any) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -101,10 +102,20 @@ class AgentProcess:
         code = self.proc.wait(timeout=15)
         self._log.close()
         problems = [e.get("event", "") for e in self.log_events()
-                    if (e.get("logger") == "asyncio" and " took " in str(e.get("event")))
+                    if (e.get("logger") == "asyncio" and _blocked_for(str(e.get("event"))) > 0.5)
                     or "Traceback" in json.dumps(e)]
         assert not problems, f"the daemon's log shows: {problems[:3]}"
         return code
+
+
+def _blocked_for(message: str) -> float:
+    """Seconds from asyncio's "Executing <…> took 0.123 seconds" (0 for other messages).
+
+    asyncio reports callbacks over 100 ms; on a loaded 2-core CI machine the scheduler alone
+    can stretch one that far, so only a block of half a second counts as the agent's fault.
+    """
+    match = re.search(r" took (\d+\.\d+) seconds", message)
+    return float(match.group(1)) if match else 0.0
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.05) -> None:
