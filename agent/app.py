@@ -29,6 +29,7 @@ from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
+from agent.relay.always import AlwaysPublisher
 from agent.relay.link import RelayLink, camera_inventory
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
@@ -101,8 +102,15 @@ class Daemon:
                                  config.media.camera_timeout)
         self.lag = LoopLag()
         self.link: RelayLink | None = None
+        self.always: AlwaysPublisher | None = None
+        base = rtc_configuration(config.webrtc)
+        if config.relay.publish == "always" and relay_token is not None:
+            assert config.relay.whip_url_template is not None  # validated
+            chosen = config.relay.always_cameras or config.camera_ids
+            self.always = AlwaysPublisher(
+                [c for c in self.cameras if c.id in chosen], config.relay.whip_url_template,
+                config.agent.id, relay_token, lambda: base)
         if config.relay.url is not None and relay_token is not None:
-            base = rtc_configuration(config.webrtc)
             self.link = RelayLink(
                 config.relay.url, relay_token, config.agent.id, store, self.access,
                 camera_inventory(self.cameras),
@@ -114,7 +122,7 @@ class Daemon:
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
-        Metrics(self.access, self.cameras, self.lag).routes(self.app)
+        Metrics(self.access, self.cameras, self.lag, self.link).routes(self.app)
         self._runner: web.AppRunner | None = None
 
     def health(self) -> dict[str, object]:
@@ -140,12 +148,16 @@ class Daemon:
         self.lag.start()
         if self.link is not None:
             self.link.start()
+        if self.always is not None:
+            self.always.start()
 
     async def stop(self) -> None:
         """Stop accepting, end sessions (audited), release cameras, flush the audit."""
         self.lag.stop()
         if self.link is not None:
             await self.link.stop()
+        if self.always is not None:
+            await self.always.stop()
         await self.whep.close()
         if self._runner is not None:
             await self._runner.cleanup()

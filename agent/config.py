@@ -146,6 +146,13 @@ class LogSection:
 class RelaySection:
     url: str | None = None
     publisher_token_file: Path | None = None
+    #: on_demand: publish only what the relay asks for; always: publish continuously to
+    #: whip_url_template (any WHIP server), with or without a control channel.
+    publish: str = "on_demand"
+    #: For publish: always — {agent_id} and {camera_id} are filled in.
+    whip_url_template: str | None = None
+    #: For publish: always — the cameras to publish (empty: every camera).
+    always_cameras: list[str] = field(default_factory=list)
 
 
 def _default_cameras() -> list[CameraConfig]:
@@ -407,6 +414,17 @@ def validate(config: Config) -> None:
          f"log.format: {config.log.format!r} must be json, console or auto")
     need(config.log.level.lower() in LOG_LEVELS,
          f"log.level: {config.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
+    r = config.relay
+    need(r.publish in ("on_demand", "always"),
+         f"relay.publish: {r.publish!r} must be on_demand or always")
+    if r.publish == "always":
+        need(r.whip_url_template is not None and "{camera_id}" in r.whip_url_template
+             and r.whip_url_template.startswith(("https://", "http://")),
+             "relay.whip_url_template: publish: always needs an http(s) URL with {camera_id}, "
+             "like https://whip.example.net/{agent_id}/{camera_id}")
+    for i, camera_id in enumerate(r.always_cameras):
+        need(camera_id in config.camera_ids,
+             f"relay.always_cameras[{i}]: {camera_id!r} is not one of the cameras")
     if config.relay.url is not None:
         need(config.relay.url.startswith(("wss://", "ws://")),
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
@@ -458,9 +476,9 @@ def publisher_token(config: Config, environ: dict[str, str] | None = None) -> st
     """The publisher token, checked offline for shape, checksum and kind."""
     token = read_secret("publisher-token", config.relay.publisher_token_file, environ)
     if token is None:
-        if config.relay.url is not None:
+        if config.relay.url is not None or config.relay.publish == "always":
             raise ConfigError(
-                "relay.publisher_token_file: relay.url is set but no publisher token was "
+                "relay.publisher_token_file: the relay is configured but no publisher token was "
                 "found: point publisher_token_file at a file holding the trp_ token, or load "
                 "the systemd credential 'publisher-token'"
             )

@@ -274,9 +274,20 @@ class TokenStore:
     # -- tokens issued by TheRelay cloud (docs/relay-protocol.md §1.5) ----------------------
 
     def relay_cursor(self) -> str | None:
+        return self._meta("relay_cursor")
+
+    def usage_sent_through(self) -> int:
+        """The last audit seq whose access events the relay acknowledged (usage.v1)."""
+        return int(self._meta("relay_usage_seq") or 0)
+
+    def mark_usage_sent(self, seq: int) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                               "VALUES ('relay_usage_seq', ?)", (str(seq),))
+
+    def _meta(self, key: str) -> str | None:
         with self._lock:
-            row = self._conn.execute(
-                "SELECT value FROM meta WHERE key = 'relay_cursor'").fetchone()
+            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return str(row[0]) if row else None
 
     def apply_relay_sync(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from collections import Counter
 
 from aiohttp import web
@@ -42,11 +43,22 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+class RelayState(typing.Protocol):
+    """What /metrics reads from the relay link."""
+
+    state: str
+
+    @property
+    def publish_sessions(self) -> int: ...
+
+
 class Metrics:
-    def __init__(self, access: AccessService, cameras: Cameras, lag: LoopLag) -> None:
+    def __init__(self, access: AccessService, cameras: Cameras, lag: LoopLag,
+                 relay: RelayState | None = None) -> None:
         self._access = access
         self._cameras = cameras
         self._lag = lag
+        self._relay = relay
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/metrics", self.handle)
@@ -87,6 +99,12 @@ class Metrics:
                [({}, float(live + self._access.bytes_ended))])
         metric("therelay_camera_bitrate_kbps", "gauge", "Measured bitrate of each camera.",
                [({"camera": c.id}, float(c.hub.status.bitrate_kbps or 0)) for c in self._cameras])
+        if self._relay is not None:
+            metric("therelay_relay_link", "gauge", "Relay control channel state (1 = current).",
+                   [({"state": s}, float(self._relay.state == s))
+                    for s in ("connecting", "connected", "rejected", "disconnected")])
+            metric("therelay_publish_sessions", "gauge", "WHIP sessions to the relay.",
+                   [({}, float(self._relay.publish_sessions))])
         metric("therelay_event_loop_lag_seconds", "gauge",
                "How late the event loop ran a timer, last probe.", [({}, self._lag.last)])
         metric("therelay_event_loop_lag_max_seconds", "gauge",

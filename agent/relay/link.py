@@ -1,9 +1,11 @@
 """The control channel to TheRelay cloud: connect, hello, follow tokens, reconnect politely.
 
 Implements docs/relay-protocol.md version 1: the camera inventory, token sync, instant
-revocation, and on-demand WHIP publishing. Usage batches are not sent yet (the agent does
-not announce ``usage.v1``). When the control channel drops, running publish sessions stop;
-the relay asks again after the agent's next ``hello``.
+revocation, usage batches, and on-demand WHIP publishing. The audit log is the durable
+outbox of usage: batches are read from it after the last acknowledged seq, so nothing
+acknowledged is lost and nothing unacknowledged is forgotten across restarts. When the
+control channel drops, running publish sessions stop; the relay asks again after the
+agent's next ``hello``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from agent import __version__
+from agent.access import audit
 from agent.access.service import AccessService
 from agent.access.store import TokenStore
 from agent.media.hub import CameraHub
@@ -45,6 +48,8 @@ log = structlog.get_logger(__name__)
 
 WELCOME_TIMEOUT = 10.0
 INVENTORY_EVERY = 2.0
+USAGE_EVERY = 5.0  # at most this long between an access and its report (section 1.5)
+USAGE_ACK_TIMEOUT = 30.0
 REJECTED_MIN, REJECTED_MAX = 30.0, 300.0  # a refused publisher token: never hammer the relay
 
 
@@ -88,6 +93,11 @@ class RelayLink:
         self.welcome: Welcome | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._acks: dict[str, asyncio.Future[Acked]] = {}
+
+    @property
+    def publish_sessions(self) -> int:
+        return len(self.publishers)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="relay-link")
@@ -172,6 +182,7 @@ class RelayLink:
             log.warning("relay_read_only", fix="this publisher token is read-only: cameras are "
                         "registered and reported, never published")
         reporter = asyncio.get_running_loop().create_task(self._report_inventory(ws))
+        usage = asyncio.get_running_loop().create_task(self._report_usage(ws))
         try:
             async for text in ws:
                 if self._stopping:
@@ -179,6 +190,7 @@ class RelayLink:
                 await self._handle(ws, protocol.parse(text))
         finally:
             reporter.cancel()
+            usage.cancel()
             await self._stop_publishing()
 
     async def _handle(self, ws: ClientConnection, event: protocol.Event) -> None:
@@ -209,8 +221,12 @@ class RelayLink:
         elif isinstance(event, Unsupported):
             await _send(ws, protocol.ack(event.message_id, error=(
                 "unsupported", f"unknown message type {event.kind!r}")))
-        elif isinstance(event, Acked) and not event.ok:
-            log.warning("relay_refused_message", ack=event.message_id, error=event.error)
+        elif isinstance(event, Acked):
+            waiter = self._acks.pop(event.message_id, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(event)
+            if not event.ok:
+                log.warning("relay_refused_message", ack=event.message_id, error=event.error)
 
     async def _publish(self, ws: ClientConnection, event: Publish) -> None:
         assert self.welcome is not None
@@ -264,6 +280,33 @@ class RelayLink:
             task.cancel()
         publishers, self.publishers = list(self.publishers.values()), {}
         await asyncio.gather(*(p.stop() for p in publishers), return_exceptions=True)
+
+    async def _report_usage(self, ws: ClientConnection) -> None:
+        """Send access events in acknowledged batches, at most one outstanding."""
+        while True:
+            after = await asyncio.to_thread(self._store.usage_sent_through)
+            query = audit.AuditQuery(after_seq=after, limit=protocol.USAGE_BATCH)
+            entries = await asyncio.to_thread(self._store.read,
+                                              lambda c, q=query: audit.query(c, q))
+            message = protocol.usage_batch(entries)
+            if message is None:
+                if entries:  # nothing to report in this stretch: move past it
+                    await asyncio.to_thread(self._store.mark_usage_sent, entries[-1]["seq"])
+                    continue
+                await asyncio.sleep(USAGE_EVERY)
+                continue
+            waiter: asyncio.Future[Acked] = asyncio.get_running_loop().create_future()
+            self._acks[message["id"]] = waiter
+            await _send(ws, message)
+            try:
+                acked = await asyncio.wait_for(waiter, USAGE_ACK_TIMEOUT)
+            except TimeoutError:
+                self._acks.pop(message["id"], None)
+                continue  # sent again (same batch name) on the next round
+            if acked.ok:
+                await asyncio.to_thread(self._store.mark_usage_sent, entries[-1]["seq"])
+            else:
+                await asyncio.sleep(USAGE_EVERY)
 
     async def _applied(self) -> None:
         await self._access.refresh(force=True)

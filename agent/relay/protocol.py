@@ -220,6 +220,22 @@ def needs_ack(event: Event) -> bool:
     return isinstance(event, TokensSync | TokensRevoke | Publish | Unpublish)
 
 
+USAGE_BATCH = 1000
+
+
+def usage_batch(entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A ``usage`` message (section 1.5) from audit entries, named by their seq range so a
+    resend after a reconnect is the same batch; None if none of them is an access event."""
+    events = [{"token_id": e["token_id"], "ts": e["ts"], "camera": e["camera"],
+               "protocol": e["protocol"], "ip": e["peer_ip"], "result": e["result"],
+               "reason": e["reason"]}
+              for e in entries if e["event"] in ("access.granted", "access.denied")]
+    if not events:
+        return None
+    return envelope("usage", batch=f"b-{entries[0]['seq']}-{entries[-1]['seq']}",
+                    events=events[:USAGE_BATCH])
+
+
 def pong(ping_id: str) -> dict[str, Any]:
     """The answer to the relay's ping (section 1.4): it names the ping's id."""
     return envelope("pong", ping=ping_id)
@@ -228,5 +244,6 @@ def pong(ping_id: str) -> dict[str, Any]:
 def hello(agent_id: str, version: str, cursor: str | None,
           cameras: list[dict[str, Any]]) -> dict[str, Any]:
     return envelope("hello", agent_id=agent_id, version=version,
-                    capabilities=["whip", "tokens.sync.v1", "audio.opus", "audio.g711"],
+                    capabilities=["whip", "tokens.sync.v1", "usage.v1", "audio.opus",
+                                  "audio.g711"],
                     token_cursor=cursor, cameras=cameras)

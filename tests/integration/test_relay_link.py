@@ -162,3 +162,54 @@ async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
 async def _get(url: str) -> tuple[int, dict, bytes]:
     async with aiohttp.ClientSession() as http, http.get(url) as r:
         return r.status, dict(r.headers), await r.read()
+
+
+async def test_always_mode_publishes_to_any_whip_server_without_a_control_channel(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        token = relay.issue_publisher()
+        secret = tmp_path / "publisher-token.secret"
+        secret.write_text(token + "\n")
+        agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL},
+                                        {"id": "cam2", "source": SMALL}],
+                             agent={"id": "nvr1"},
+                             relay={"publish": "always", "publisher_token_file": str(secret),
+                                    "whip_url_template": relay.whip_url_template,
+                                    "always_cameras": ["cam2"]})
+        try:
+            frame = await relay.whip_frame(relay.always_session("nvr1", "cam2"), timeout=20)
+            assert (frame.width, frame.height) == (320, 240)
+            assert relay.whip_resource(relay.always_session("nvr1", "cam1")) is None
+            assert relay.connections == 0  # no control channel was needed
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        await relay.wait_whip_deleted(relay.always_session("nvr1", "cam2"))
+
+
+async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        try:
+            await relay.wait_agent(timeout=20)
+            text, record = relay.issue_access_token("host:nvr1")
+            assert await relay.send_tokens([record]) is not None
+            await wait_until(lambda: any(m["type"] == "ack" for m in relay.received), 10)
+            relay.ack_usage = False  # the first batch is never acknowledged…
+            for _ in range(3):
+                assert await snapshot_status(agent, text) == 200
+            assert await snapshot_status(agent, "junk") == 401
+            first = await relay.wait_for("usage", timeout=20)
+            mark = len(relay.received)
+            relay.ack_usage = True
+            await relay.close_agent(1001, "restart")  # …so it comes again after reconnecting
+            again = await relay.wait_for("usage", lambda m: m["batch"] == first["batch"],
+                                         since=mark, timeout=40)
+            assert again["events"] == first["events"]
+            mine = [e for e in relay.usage_events if e["token_id"] == record["id"]]
+            assert [e["result"] for e in mine] == ["granted"] * 3
+            assert {e["protocol"] for e in mine} == {"snapshot"}
+            assert any(e["token_id"] is None and e["reason"] == "malformed"
+                       for e in relay.usage_events)
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []

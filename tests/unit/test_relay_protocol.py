@@ -85,7 +85,7 @@ def test_broken_messages_are_protocol_errors(text: str, problem: str) -> None:
 def test_outgoing_messages() -> None:
     hello = protocol.hello("nvr1", "1.0", "c-3", [{"id": "door"}])
     assert hello["type"] == "hello" and hello["token_cursor"] == "c-3"
-    assert "whip" in hello["capabilities"] and "usage.v1" not in hello["capabilities"]
+    assert {"whip", "usage.v1", "tokens.sync.v1"} <= set(hello["capabilities"])
     refused = protocol.ack("m1", error=("unsupported", "no"))
     assert (refused["ack"], refused["ok"], refused["error"]["code"]) == ("m1", False,
                                                                          "unsupported")

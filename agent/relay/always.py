@@ -1,0 +1,77 @@
+"""``relay.publish: always``: cameras published continuously to a WHIP URL template.
+
+Works with any standard WHIP server (MediaMTX, go2rtc, Janus, Cloudflare…) and needs no
+control channel. Each camera has a supervisor that publishes, waits for the session to
+fail, and publishes again with the agent's backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import structlog
+from aiortc import RTCConfiguration
+
+from agent.media.cameras import Camera
+from agent.retry import FailureLog, backoff
+from agent.webrtc.whip import WhipError, WhipPublisher
+
+log = structlog.get_logger(__name__)
+
+
+class AlwaysPublisher:
+    def __init__(self, cameras: list[Camera], template: str, agent_id: str, bearer: str,
+                 configuration: Callable[[], RTCConfiguration]) -> None:
+        self._cameras = cameras
+        self._template = template
+        self._agent_id = agent_id
+        self._bearer = bearer
+        self._configuration = configuration
+        self._tasks: list[asyncio.Task[None]] = []
+        self.live: dict[str, WhipPublisher] = {}
+
+    def url(self, camera_id: str) -> str:
+        return self._template.format(agent_id=self._agent_id, camera_id=camera_id)
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._supervise(c), name=f"whip-{c.id}")
+                       for c in self._cameras]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        publishers, self.live = list(self.live.values()), {}
+        await asyncio.gather(*(p.stop() for p in publishers), return_exceptions=True)
+
+    async def _supervise(self, camera: Camera) -> None:
+        url = self.url(camera.id)
+        failures = FailureLog(log, "whip_always_unavailable", camera=camera.id)
+        delays = backoff(1.0, 60.0)
+        while True:
+            publisher = WhipPublisher(camera.hub, url, self._bearer, self._configuration())
+            try:
+                await publisher.start(timeout=15)
+                await asyncio.wait_for(publisher.connected.wait(), 15)
+            except (WhipError, TimeoutError) as exc:
+                failures.failed(f"{getattr(exc, 'code', 'ice_failed')}: {exc}")
+                await publisher.stop()
+                await asyncio.sleep(next(delays))
+                continue
+            self.live[camera.id] = publisher
+            failures.recovered("whip_always_live")
+            log.info("whip_always_publishing", camera=camera.id)
+            delays = backoff(1.0, 60.0)
+            try:
+                await publisher.failed.wait()
+            finally:
+                self.live.pop(camera.id, None)
+                await publisher.stop()
+            log.warning("whip_always_lost", camera=camera.id)
+            await asyncio.sleep(next(delays))
