@@ -48,6 +48,7 @@ log = structlog.get_logger(__name__)
 
 WELCOME_TIMEOUT = 10.0
 INVENTORY_EVERY = 2.0
+CLOCK_SKEW_WARN = 30.0
 USAGE_EVERY = 5.0  # at most this long between an access and its report (section 1.5)
 USAGE_ACK_TIMEOUT = 30.0
 REJECTED_MIN, REJECTED_MAX = 30.0, 300.0  # a refused publisher token: never hammer the relay
@@ -178,6 +179,10 @@ class RelayLink:
         skew = round(time.time() - first.server_time, 3)
         log.info("relay_connected", account=first.account_id, agent=first.agent_id,
                  permission=first.permission, clock_skew_s=skew)
+        if abs(skew) > CLOCK_SKEW_WARN:
+            log.warning("clock_skew", seconds=skew,
+                        fix="this machine's clock differs from the relay's: token expiry "
+                            "depends on it; enable NTP (timedatectl set-ntp true)")
         if first.permission == "read":
             log.warning("relay_read_only", fix="this publisher token is read-only: cameras are "
                         "registered and reported, never published")

@@ -8,12 +8,17 @@ violations empty.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
+from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay
+
+__all__ = ["rtsp_camera_factory_fixture"]
+Factory = Callable[..., RtspCamera]
 
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
@@ -213,3 +218,48 @@ async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -
         finally:
             assert await asyncio.to_thread(agent.stop) == 0
         assert relay.violations == []
+
+
+async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
+        tmp_path: Path, rtsp_camera_factory: Factory) -> None:
+    camera = rtsp_camera_factory(width=320, height=240, fps=15, gop=15, bitrate=300)
+    async with FakeRelay() as relay:
+        relay.clock_offset = 120.0  # the relay's clock is two minutes ahead
+        secret = tmp_path / "publisher-token.secret"
+        secret.write_text(relay.issue_publisher() + "\n")
+        agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
+                             agent={"id": "nvr1"}, media={"idle_grace": 1.0},
+                             relay={"url": relay.url, "publisher_token_file": str(secret)})
+        try:
+            await relay.wait_agent(timeout=20)
+            assert camera.total_connections == 0  # nothing is pulled before publish
+            session = await relay.publish("door")
+            await relay.wait_status(session, "live", timeout=20)
+            frame = await relay.whip_frame(session)
+            assert (frame.width, frame.height) == (320, 240)
+            # A LAN viewer shares the same single pull.
+            _, token = await asyncio.to_thread(agent.token, "--camera", "door")
+            viewer = WhepViewer(agent.base, "door", token)
+            assert await viewer.connect() == 201
+            await viewer.frame()
+            assert camera.connected == 1
+            # Garbage from the relay: the agent closes the channel (4009) and comes back,
+            # and LAN viewing never stops.
+            mark = len(relay.received)
+            await relay.send_raw("{not json")
+            await relay.wait_for("hello", since=mark, timeout=20)
+            assert any(c.code == 4009 for c in relay.closed)
+            await viewer.frame()
+            # The relay asks again after the reconnect; unpublish, and the pull stops when the
+            # last consumer (the viewer) has gone too.
+            again = await relay.publish("door")
+            await relay.wait_status(again, "live", timeout=20)
+            await relay.unpublish(again)
+            await relay.wait_whip_deleted(again)
+            await viewer.delete()
+            await viewer.close()
+            await wait_until(lambda: camera.connected == 0, 15)
+            assert camera.total_connections == 1
+            assert any(e.get("event") == "clock_skew" for e in agent.log_events())
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
