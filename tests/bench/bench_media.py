@@ -2,6 +2,7 @@
 
     .venv/bin/python -m tests.bench.bench_media cpu           # agent CPU per viewer
     .venv/bin/python -m tests.bench.bench_media first-frame   # WHEP time to first frame
+    .venv/bin/python -m tests.bench.bench_media relay         # CPU: relay publish + 2 viewers
 
 cpu: one 1920x1080@30, 4 Mbit/s camera; the agent's own CPU (utime+stime from
 /proc/PID/stat, % of one core) with no viewer, then 1 to 5 viewers. The viewers run in
@@ -135,17 +136,57 @@ def bench_first_frame(trials: int) -> None:
                     agent.stop()
 
 
+def bench_relay(window: float) -> None:
+    """Agent CPU for one camera published to the relay while two LAN viewers watch."""
+    from tests.support.fake_relay import FakeRelay
+
+    async def scenario() -> None:
+        with tempfile.TemporaryDirectory() as tmp, RtspCamera.start(
+                width=1920, height=1080, fps=30, gop=60, bitrate=4000) as camera:
+            async with FakeRelay() as relay:
+                secret = Path(tmp) / "publisher.secret"
+                secret.write_text(relay.issue_publisher())
+                agent = AgentProcess(Path(tmp), [{"id": "cam", "source": camera.url}],
+                                     agent={"id": "nvr1"},
+                                     relay={"url": relay.url,
+                                            "publisher_token_file": str(secret)})
+                try:
+                    _, token = agent.token("--camera", "cam")
+                    await relay.wait_agent(timeout=20)
+                    session = await relay.publish("cam")
+                    await relay.wait_status(session, "live", timeout=20)
+                    viewers = subprocess.Popen(
+                        [sys.executable, "-c", VIEWERS_SCRIPT, agent.base, token],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    assert viewers.stdin is not None and viewers.stdout is not None
+                    for _ in range(2):
+                        viewers.stdin.write("add\n")
+                        viewers.stdin.flush()
+                        await asyncio.to_thread(viewers.stdout.readline)
+                    load = await asyncio.to_thread(measure, agent.proc.pid, window)
+                    print(f"agent CPU, 1080p30 4 Mbit/s camera published to the relay + 2 LAN "
+                          f"viewers: {load:5.2f} % of one core (camera connections: "
+                          f"{camera.total_connections})")
+                    viewers.kill()
+                finally:
+                    await asyncio.to_thread(agent.stop)
+
+    asyncio.run(scenario())
+
+
 def main() -> None:
     # Importing the test support turned asyncio debug mode on (tests/conftest.py); measure
     # the agent as it runs in production.
     os.environ.pop("PYTHONASYNCIODEBUG", None)
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["cpu", "first-frame"])
+    parser.add_argument("what", choices=["cpu", "first-frame", "relay"])
     parser.add_argument("--window", type=float, default=10.0, help="seconds per CPU reading")
     parser.add_argument("--trials", type=int, default=20)
     args = parser.parse_args()
     if args.what == "cpu":
         bench_cpu(args.window)
+    elif args.what == "relay":
+        bench_relay(args.window)
     else:
         bench_first_frame(args.trials)
 
