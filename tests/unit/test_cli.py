@@ -151,7 +151,8 @@ def test_therelay_config_beats_the_default_path(
         pytest.param("- a\n", "expected a mapping of sections at the top", id="list"),
         pytest.param("log: {level: loud}\n", "log.level: 'loud' must be one of", id="invalid"),
         pytest.param("relay: {url: 'wss://r.example'}\n",
-                     "relay.publisher_token_file: relay.url is set", id="no-publisher-token"),
+                     "relay.publisher_token_file: the relay is configured",
+                     id="no-publisher-token"),
     ],
 )
 def test_config_check_bad_config(run_cli: Run, tmp_path: Path, text: str, expected: str) -> None:

@@ -562,8 +562,8 @@ def test_relay_url_without_token_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         publisher_token(config, {})
     message = str(info.value)
-    assert message.startswith("relay.publisher_token_file: relay.url is set but no publisher "
-                              "token was found")
+    assert message.startswith("relay.publisher_token_file: the relay is configured but no "
+                              "publisher token was found")
     assert "publisher-token" in message  # names the systemd credential, too
 
 
