@@ -9,17 +9,13 @@ Screenshots go to test-artifacts/browser/.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import remember
+from tests.support.agent import NamespacedAgent
 from tests.support.browser import artifact_path, chromium_available, run_in_browser
 from tests.support.netns import NetnsPair, netns_pair
 
@@ -28,53 +24,12 @@ __all__ = ["netns_pair"]
 pytestmark = pytest.mark.skipif(not chromium_available(), reason="Debian's chromium is needed")
 
 
-class NamespacedAgent:
-    def __init__(self, pair: NetnsPair, tmp: Path) -> None:
-        self.pair = pair
-        self.port = 8800
-        self.base = f"http://{pair.agent_ip}:{self.port}"
-        config = tmp / "agent.yaml"
-        config.write_text(yaml.safe_dump({
-            "agent": {"id": "site1"},
-            "http": {"listen": f"{pair.agent_ip}:{self.port}"},
-            "cameras": [
-                {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15"},
-                {"id": "yard", "name": "Yard", "source": "testsrc://?size=320x240&fps=15"},
-            ],
-        }))
-        self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
-                    "THERELAY_CONFIG": str(config), "THERELAY_LOG_FORMAT": "json"}
-        self.log = (tmp / "agent.log").open("w")
-        self.proc = pair.popen(pair.agent_ns, [sys.executable, "-m", "agent", "run"],
-                               env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait()
-
-    def _wait(self) -> None:
-        for _ in range(150):
-            done = self.pair.run(self.pair.agent_ns, [
-                sys.executable, "-c",
-                f"import urllib.request; urllib.request.urlopen('{self.base}/healthz', timeout=1)"],
-                capture_output=True)
-            if done.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise AssertionError("the agent did not start in its namespace")
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "agent", *args], env=self.env, text=True,
-                              capture_output=True, timeout=60, check=False)
-        remember(done.stdout)
-        return done
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=15)
-        self.log.close()
-
-
 @pytest.fixture
 def agent(netns_pair: NetnsPair, tmp_path: Path):
-    process = NamespacedAgent(netns_pair, tmp_path)
+    process = NamespacedAgent(netns_pair, tmp_path, [
+        {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15"},
+        {"id": "yard", "name": "Yard", "source": "testsrc://?size=320x240&fps=15"},
+    ])
     yield process
     process.stop()
 

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import calendar
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from importlib import resources
@@ -22,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.conftest import remember
+from tests.support.agent import NamespacedAgent
 from tests.support.browser import artifact_path, chromium_available, run_in_browser
 from tests.support.netns import NetnsPair, netns_pair
 
@@ -48,55 +45,20 @@ print(json.dumps({"status": status, "headers": headers, "body": data.decode("lat
 """
 
 
-class StudioAgent:
-    """The agent daemon inside the agent namespace, its CLI, and HTTP from either side."""
+class StudioAgent(NamespacedAgent):
+    """The agent in its namespace, an admin token, and HTTP from either side."""
 
     def __init__(self, pair: NetnsPair, tmp: Path) -> None:
-        self.pair = pair
-        self.port = 8800
-        self.base = f"http://{pair.agent_ip}:{self.port}"
-        config = tmp / "agent.yaml"
-        config.write_text(yaml.safe_dump({
-            "agent": {"id": "site1", "account_id": "acme"},
-            "http": {"listen": f"{pair.agent_ip}:{self.port}"},
-            "audit": {"flush_interval": 0.1},
-            "cameras": [
-                {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15",
-                 "always_on": True},
-                {"id": "yard", "name": "Yard", "source": "testsrc://?size=320x240&fps=15"},
-            ],
-        }))
-        self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
-                    "THERELAY_CONFIG": str(config), "THERELAY_LOG_FORMAT": "json"}
-        self.log_path = tmp / "agent.log"
-        self.log = self.log_path.open("w")
-        self.proc = pair.popen(pair.agent_ns, [sys.executable, "-m", "agent", "run"],
-                               env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
-        self._wait()
+        super().__init__(pair, tmp, [
+            {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15",
+             "always_on": True},
+            {"id": "yard", "name": "Yard", "source": "testsrc://?size=320x240&fps=15"},
+        ], audit={"flush_interval": 0.1})
         created = self.cli("token", "create", "--admin", "--label", "studio test", "--json")
         assert created.returncode == 0, created.stderr
         admin = json.loads(created.stdout)
         self.admin_token: str = admin["token"]
         self.admin_id: str = admin["id"]
-
-    def _wait(self) -> None:
-        for _ in range(150):
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the agent exited: {self.log_path.read_text()[-2000:]}")
-            done = self.pair.run(self.pair.agent_ns, [
-                sys.executable, "-c",
-                f"import urllib.request; urllib.request.urlopen('{self.base}/healthz', timeout=1)"],
-                capture_output=True)
-            if done.returncode == 0:
-                return
-            time.sleep(0.2)
-        raise AssertionError("the agent did not start in its namespace")
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run([sys.executable, "-m", "agent", *args], env=self.env, text=True,
-                              capture_output=True, timeout=60, check=False)
-        remember(done.stdout)
-        return done
 
     def http(self, method: str, path: str, token: str | None = None, body: str | None = None,
              content_type: str = "application/json", ns: str = "viewer") -> dict[str, Any]:
@@ -117,13 +79,6 @@ class StudioAgent:
         assert answer["status"] < 300, answer
         return json.loads(answer["body"])
 
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=15)
-        self.log.close()
-        tracebacks = [line for line in self.log_path.read_text().splitlines()
-                      if "Traceback" in line]
-        assert not tracebacks, tracebacks[:3]
 
 
 @pytest.fixture

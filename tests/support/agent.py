@@ -29,7 +29,7 @@ from aiortc.mediastreams import MediaStreamTrack
 
 from agent.webrtc.ice import install_host_addresses
 from tests.conftest import remember
-from tests.support.netns import free_port
+from tests.support.netns import NetnsPair, free_port
 
 
 class AgentProcess:
@@ -189,3 +189,52 @@ class WhepViewer:
 
     async def close(self) -> None:
         await self.pc.close()
+
+
+class NamespacedAgent:
+    """The daemon inside the agent namespace of a NetnsPair (browser tests), and its CLI."""
+
+    def __init__(self, pair: NetnsPair, tmp: Path, cameras: list[dict[str, Any]],
+                 **sections: Any) -> None:
+        self.pair = pair
+        self.port = 8800
+        self.base = f"http://{pair.agent_ip}:{self.port}"
+        config = tmp / "agent.yaml"
+        config.write_text(yaml.safe_dump({
+            "agent": {"id": "site1", "account_id": "acme"},
+            "http": {"listen": f"{pair.agent_ip}:{self.port}"},
+            "cameras": cameras, **sections,
+        }))
+        self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
+                    "THERELAY_CONFIG": str(config), "THERELAY_LOG_FORMAT": "json"}
+        self.log_path = tmp / "agent.log"
+        self.log = self.log_path.open("w")
+        self.proc = pair.popen(pair.agent_ns, [sys.executable, "-m", "agent", "run"],
+                               env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
+        self._wait()
+
+    def _wait(self) -> None:
+        probe = f"import urllib.request; urllib.request.urlopen('{self.base}/healthz', timeout=1)"
+        for _ in range(150):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the agent exited: {self.log_path.read_text()[-2000:]}")
+            if self.pair.run(self.pair.agent_ns, [sys.executable, "-c", probe],
+                             capture_output=True).returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError("the agent did not start in its namespace")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([sys.executable, "-m", "agent", *args], env=self.env, text=True,
+                              capture_output=True, timeout=60, check=False)
+        remember(done.stdout)
+        return done
+
+    def stop(self) -> None:
+        """SIGTERM and wait; a traceback in the daemon's log fails the test."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=15)
+        self.log.close()
+        tracebacks = [line for line in self.log_path.read_text().splitlines()
+                      if "Traceback" in line]
+        assert not tracebacks, tracebacks[:3]
