@@ -16,7 +16,7 @@ from aiortc import RTCConfiguration
 
 from agent.media.cameras import Camera
 from agent.retry import FailureLog, backoff
-from agent.webrtc.whip import WhipError, WhipPublisher
+from agent.webrtc.whip import WhipPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -59,8 +59,8 @@ class AlwaysPublisher:
             try:
                 await publisher.start(timeout=15)
                 await asyncio.wait_for(publisher.connected.wait(), 15)
-            except (WhipError, TimeoutError) as exc:
-                failures.failed(f"{getattr(exc, 'code', 'ice_failed')}: {exc}")
+            except Exception as exc:  # WhipError, ICE timeout, or anything aiortc raises
+                failures.failed(f"{getattr(exc, 'code', type(exc).__name__)}: {exc}")
                 await publisher.stop()
                 await asyncio.sleep(next(delays))
                 continue

@@ -259,8 +259,9 @@ class RelayLink:
         try:
             await publisher.start(timeout=15)
             await asyncio.wait_for(publisher.connected.wait(), 15)
-        except (WhipError, TimeoutError) as exc:
-            code = exc.code if isinstance(exc, WhipError) else "ice_failed"
+        except Exception as exc:  # WhipError, ICE timeout, or anything aiortc raises
+            code = (exc.code if isinstance(exc, WhipError)
+                    else "ice_failed" if isinstance(exc, TimeoutError) else "internal")
             log.warning("whip_publish_failed", session=session_id, code=code, error=str(exc))
             self.publishers.pop(session_id, None)
             await publisher.stop()
@@ -288,6 +289,16 @@ class RelayLink:
 
     async def _report_usage(self, ws: ClientConnection) -> None:
         """Send access events in acknowledged batches, at most one outstanding."""
+        while True:
+            try:
+                await self._report_usage_once(ws)
+            except ConnectionClosed:
+                return  # the session is ending; the next one resumes from the last ack
+            except Exception as exc:  # a busy database: try again, never lose the task
+                log.warning("relay_usage_delayed", error=str(exc))
+                await asyncio.sleep(USAGE_EVERY)
+
+    async def _report_usage_once(self, ws: ClientConnection) -> None:
         while True:
             after = await asyncio.to_thread(self._store.usage_sent_through)
             query = audit.AuditQuery(after_seq=after, limit=protocol.USAGE_BATCH)
