@@ -163,6 +163,8 @@ class AuditQuery:
     since: float | None = None
     until: float | None = None
     after_seq: int = 0
+    #: Only entries before this seq (exclusive): paging backwards with newest_first.
+    before_seq: int | None = None
     limit: int = 100
     newest_first: bool = False
 
@@ -177,6 +179,9 @@ def query(conn: sqlite3.Connection, q: AuditQuery) -> list[dict[str, Any]]:
         if value is not None:
             where.append(f"{column} = ?")
             args.append(value)
+    if q.before_seq is not None:
+        where.append("seq < ?")
+        args.append(q.before_seq)
     if q.since is not None:
         where.append("ts >= ?")
         args.append(q.since)

@@ -14,6 +14,7 @@ import io
 import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -203,14 +204,18 @@ class AdminApi:
             since=_parsed(parse_time, q["since"], "since") if "since" in q else None,
             until=_parsed(parse_time, q["until"], "until") if "until" in q else None,
             after_seq=_int(q.get("after", "0"), "after", 0, 2**62),
+            before_seq=_int(q["before"], "before", 1, 2**62) if "before" in q else None,
             limit=_int(q.get("limit", "100"), "limit", 1, 1000),
         )
+        newest = _choice(q.get("order"), ["oldest", "newest"], "order") == "newest"
         if fmt == "json":
+            query = replace(query, newest_first=newest)
             entries = await asyncio.to_thread(self._store.read,
                                               lambda c: audit.query(c, query))
-            last = entries[-1]["seq"] if entries else None
+            last = entries[-1]["seq"] if entries and len(entries) == query.limit else None
             return web.json_response({"entries": entries,
-                                      "next_after": last if len(entries) == query.limit else None})
+                                      "next_after": None if newest else last,
+                                      "next_before": last if newest else None})
         entries = await asyncio.to_thread(self._store.read,
                                           lambda c: list(audit.iter_all(c, query)))
         if fmt == "jsonl":

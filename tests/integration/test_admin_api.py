@@ -825,7 +825,22 @@ async def test_audit_pages(agent: AgentProcess, admin: tuple[str, str]) -> None:
     assert answer.json["next_after"] == mine[-1]["seq"]  # a full page says: ask again
     answer = await call(agent, "GET", f"{API}/audit", admin_token,
                         params={"token": token_id, "after": str(mine[-1]["seq"])})
-    assert answer.json == {"entries": [], "next_after": None}
+    assert answer.json == {"entries": [], "next_after": None, "next_before": None}
+    # Newest first, paging backwards with before=.
+    pages, before = [], None
+    while True:
+        params = {"token": token_id, "limit": "2", "order": "newest"}
+        if before is not None:
+            params["before"] = before
+        answer = await call(agent, "GET", f"{API}/audit", admin_token, params=params)
+        assert answer.status == 200 and answer.json["next_after"] is None
+        pages.append(answer.json["entries"])
+        if answer.json["next_before"] is None:
+            break
+        before = str(answer.json["next_before"])
+    assert [e for p in pages for e in p] == mine[::-1]
+    bad = await call(agent, "GET", f"{API}/audit", admin_token, params={"order": "sideways"})
+    assert bad.status == 400
 
 
 async def test_audit_exports(agent: AgentProcess, admin: tuple[str, str]) -> None:

@@ -701,48 +701,30 @@ function auditRow(entry) {
 }
 
 /**
- * The API pages oldest first (after=<seq>). "Oldest first" follows it page by page.
- * "Newest first" has no server-side support (no descending order or before=), so it walks
- * to the end of the matching entries and shows them from the newest back, a page at a time.
+ * The API pages oldest first (after=<seq>) or newest first (order=newest, before=<seq>);
+ * either way one page at a time, so a long log never has to be read whole.
  */
-const AUDIT_WALK_PAGES = 100; // at most 100 000 entries walked for "newest first"
-
 async function loadAudit(reset) {
   if (!data.cameras.length) await fetchCameras(); // for the camera filter
   const order = $("audit-order").value;
   if (reset || !data.audit) {
-    data.audit = { filters: auditFilters(), order, shown: [], buffer: [], nextAfter: 0, done: false };
+    data.audit = { filters: auditFilters(), order, shown: [], cursor: null, done: false };
     $("audit-table").tBodies[0].replaceChildren();
   }
   const state = data.audit;
   const hide = $("audit-hide-admin").checked;
   const wanted = (entry) => !(hide && ownRequest(entry));
+  const newest = state.order !== "oldest";
   let page = [];
-  if (state.order === "oldest") {
-    // Fetch until a page has something to show (a run of hidden entries can fill pages).
-    for (let tries = 0; tries < 20 && !page.length && !state.done; tries += 1) {
-      const answer = await api(`${API}/audit${query({ ...state.filters, after: state.nextAfter, limit: AUDIT_PAGE })}`);
-      page = answer.entries.filter(wanted);
-      state.nextAfter = answer.next_after;
-      state.done = answer.next_after === null;
-    }
-  } else {
-    if (reset) {
-      let after = 0, pages = 0;
-      for (;;) {
-        const answer = await api(`${API}/audit${query({ ...state.filters, after, limit: 1000 })}`);
-        state.buffer.push(...answer.entries.filter(wanted));
-        pages += 1;
-        if (answer.next_after === null) break;
-        if (pages >= AUDIT_WALK_PAGES) {
-          setStatus("Very many entries match: showing the newest of the first 100 000. Narrow the filters.");
-          break;
-        }
-        after = answer.next_after;
-      }
-    }
-    page = state.buffer.splice(Math.max(0, state.buffer.length - AUDIT_PAGE)).reverse();
-    state.done = state.buffer.length === 0;
+  // Fetch until a page has something to show (a run of hidden entries can fill pages).
+  for (let tries = 0; tries < 20 && !page.length && !state.done; tries += 1) {
+    const paging = newest
+      ? { order: "newest", ...(state.cursor ? { before: state.cursor } : {}) }
+      : { after: state.cursor || 0 };
+    const answer = await api(`${API}/audit${query({ ...state.filters, ...paging, limit: AUDIT_PAGE })}`);
+    page = answer.entries.filter(wanted);
+    state.cursor = newest ? answer.next_before : answer.next_after;
+    state.done = state.cursor === null;
   }
   state.shown.push(...page);
   $("audit-table").tBodies[0].append(...page.map(auditRow));
