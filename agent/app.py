@@ -31,6 +31,7 @@ from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import RelayLink, camera_inventory
+from agent.systemd import Notifier
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
     host_addresses,
@@ -180,6 +181,10 @@ async def run(config: Config, *, quick_start: bool) -> int:
                   f"(access token valid until {format_time(new.record.expires_at)}, shown "
                   f"once):\n{urls}", flush=True)
         await daemon.start()
+        notifier = Notifier()
+        notifier.notify("READY=1", f"STATUS=serving {len(config.cameras)} camera(s) on "
+                                   f"{config.http.listen}")
+        notifier.start_watchdog()
         log.info("agent_started", version=__version__, agent_id=config.agent.id,
                  listen=config.http.listen, state_dir=str(config.state_dir),
                  cameras=config.camera_ids, config=config.origin,
@@ -192,6 +197,8 @@ async def run(config: Config, *, quick_start: bool) -> int:
             await stop.wait()
         finally:
             log.info("agent_stopping")
+            notifier.notify("STOPPING=1", "STATUS=stopping")
+            await notifier.stop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await daemon.stop()
