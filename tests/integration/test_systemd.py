@@ -31,7 +31,7 @@ def test_ready_watchdog_and_stopping_reach_the_notify_socket(tmp_path: Path) -> 
     proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
-        messages = []
+        messages: list[str] = []
         while not any(m.startswith("READY=1") for m in messages):
             messages.append(listener.recv(4096).decode())
         assert "STATUS=serving 1 camera(s)" in messages[-1]
