@@ -6,7 +6,9 @@ import asyncio
 import signal
 import time
 from collections import Counter
+from dataclasses import fields, replace
 from datetime import timedelta
+from pathlib import Path
 
 import ifaddr
 import structlog
@@ -20,7 +22,7 @@ from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
-from agent.config import Config, publisher_token
+from agent.config import Config, load, publisher_token
 from agent.errors import AgentError
 from agent.http import server
 from agent.http.admin import AdminApi
@@ -51,6 +53,11 @@ def open_store(config: Config) -> TokenStore:
     site = Site(config.agent.id, config.agent.account_id)
     cameras = frozenset(config.camera_ids)
     return TokenStore(db_path(config.state_dir), site, config.tokens.max_active, lambda: cameras)
+
+
+def follow_cameras(store: TokenStore, cameras: Cameras) -> None:
+    """The daemon's store knows the cameras of the running set (they change on reload)."""
+    store.known_cameras = lambda: cameras.ids
 
 
 def build_access(config: Config, store: TokenStore) -> AccessService:
@@ -99,6 +106,7 @@ class Daemon:
         self.started = time.time()
         self.access = build_access(config, store)
         self.cameras = Cameras(config.cameras, config.media)
+        follow_cameras(store, self.cameras)
         self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
                                  config.media.camera_timeout)
         self.lag = LoopLag()
@@ -152,6 +160,27 @@ class Daemon:
         if self.always is not None:
             self.always.start()
 
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file; apply camera changes only, leaving the viewers
+        of unchanged cameras alone. An invalid file keeps the running config."""
+        if self.config.origin == "embedded defaults":
+            log.info("reload_nothing_to_do", why="running on the embedded defaults")
+            return
+        try:
+            new = await asyncio.to_thread(load, Path(self.config.origin))
+        except AgentError as exc:
+            log.error("reload_failed", error=str(exc), kept=self.config.origin)
+            return
+        added, removed, changed = await self.cameras.apply(new.cameras)
+        for camera_id in removed + changed:
+            await self.whep.close_camera(camera_id, "camera_removed" if camera_id in removed
+                                         else "camera_changed")
+        others = [f.name for f in fields(Config) if f.name not in ("cameras", "origin")
+                  and getattr(new, f.name) != getattr(self.config, f.name)]
+        self.config = replace(self.config, cameras=new.cameras)
+        log.info("reloaded", added=added, removed=removed, changed=changed,
+                 needs_restart=others or None)
+
     async def stop(self) -> None:
         """Stop accepting, end sessions (audited), release cameras, flush the audit."""
         self.lag.stop()
@@ -193,13 +222,21 @@ async def run(config: Config, *, quick_start: bool) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        reloading: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(daemon.reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             await stop.wait()
         finally:
             log.info("agent_stopping")
             notifier.notify("STOPPING=1", "STATUS=stopping")
             await notifier.stop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await daemon.stop()
     finally:

@@ -100,7 +100,7 @@ class TokenStore:
         self.path = path
         self.site = site
         self.max_active = max_active
-        self._known_cameras = known_cameras
+        self.known_cameras = known_cameras
 
     def close(self) -> None:
         with self._lock:
@@ -379,7 +379,7 @@ class TokenStore:
         if scope.level is ScopeLevel.CAMERA:
             if kind is Kind.ADMIN:
                 raise TokenError("admin tokens are scoped to the host or the account")
-            if scope.value not in self._known_cameras():
+            if scope.value not in self.known_cameras():
                 raise TokenError(
                     f"camera {scope.value!r} does not exist on this agent: check the id with "
                     "the cameras in the config ('therelay-agent config check')"

@@ -135,6 +135,14 @@ class WhepEndpoint:
                      "trickle ICE and ICE restarts are not supported: candidates are in the "
                      "answer", Allow="DELETE")
 
+    async def close_camera(self, camera_id: str, why: str) -> None:
+        """A camera left the configuration (or changed): end its sessions, audited."""
+        live = [s for s in self._live.values() if s.viewer.camera_id == camera_id]
+        for session in live:
+            self._live.pop(session.viewer.id, None)
+            self._access.end_session(session.access.id, why)
+        await asyncio.gather(*(session.viewer.close() for session in live))
+
     async def close(self) -> None:
         """The agent is stopping: end every session, audited as such."""
         live = list(self._live.values())

@@ -27,16 +27,40 @@ class Camera:
 
 class Cameras:
     def __init__(self, configs: list[CameraConfig], media: MediaSection) -> None:
-        self._cameras: dict[str, Camera] = {}
-        for config in configs:
-            hub = CameraHub(
-                config.id,
-                lambda c=config: make_source(c, media.camera_timeout),  # type: ignore[misc]
-                idle_grace=media.idle_grace, always_on=config.always_on,
-                gop_cache=media.gop_cache, queue_packets=media.queue_packets,
-                reconnect_max=media.reconnect_max,
-            )
-            self._cameras[config.id] = Camera(config, hub)
+        self._media = media
+        self._cameras: dict[str, Camera] = {c.id: self._build(c) for c in configs}
+
+    def _build(self, config: CameraConfig) -> Camera:
+        media = self._media
+        hub = CameraHub(
+            config.id,
+            lambda c=config: make_source(c, media.camera_timeout),  # type: ignore[misc]
+            idle_grace=media.idle_grace, always_on=config.always_on,
+            gop_cache=media.gop_cache, queue_packets=media.queue_packets,
+            reconnect_max=media.reconnect_max,
+        )
+        return Camera(config, hub)
+
+    async def apply(self, configs: list[CameraConfig]) -> tuple[list[str], list[str], list[str]]:
+        """Make the camera set match ``configs``: cameras whose entry is unchanged keep their
+        hub, pull and viewers. Returns (added, removed, changed) ids."""
+        wanted = {c.id: c for c in configs}
+        removed = [i for i in self._cameras if i not in wanted]
+        changed = [i for i, c in wanted.items() if i in self._cameras
+                   and self._cameras[i].config != c]
+        added = [i for i in wanted if i not in self._cameras]
+        for camera_id in removed + changed:
+            await self._cameras.pop(camera_id).hub.close()
+        for camera_id in changed + added:
+            self._cameras[camera_id] = self._build(wanted[camera_id])
+            if wanted[camera_id].always_on:
+                self._cameras[camera_id].hub.start()
+        self._cameras = {i: self._cameras[i] for i in wanted}  # the config's order
+        return added, removed, changed
+
+    @property
+    def ids(self) -> frozenset[str]:
+        return frozenset(self._cameras)
 
     def get(self, camera_id: str) -> Camera | None:
         return self._cameras.get(camera_id)
