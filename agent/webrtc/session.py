@@ -15,26 +15,15 @@ from collections.abc import Callable
 from aiortc import (
     RTCConfiguration,
     RTCPeerConnection,
-    RTCRtpCodecCapability,
-    RTCRtpSender,
     RTCSessionDescription,
 )
 
-from agent.media.audio import webrtc_audio_codec
 from agent.media.hub import CameraHub
-from agent.webrtc.tracks import HubTrack
+from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 
 class OfferError(ValueError):
     """The client's SDP offer cannot be answered; the message says why."""
-
-
-def preferences(kind: str, name: str) -> list[RTCRtpCodecCapability]:
-    codecs = RTCRtpSender.getCapabilities(kind).codecs
-    chosen = [c for c in codecs if c.mimeType.lower() == f"{kind}/{name}".lower()]
-    if kind == "video":
-        chosen += [c for c in codecs if c.mimeType.lower() == "video/rtx"]
-    return chosen
 
 
 def _check_offer(sdp: str) -> None:
@@ -76,14 +65,8 @@ class ViewerSession:
         pc = RTCPeerConnection(configuration)
         session = cls(camera_id, hub, pc)
         try:
-            video = pc.addTransceiver("video", direction="sendonly")
-            video.setCodecPreferences(preferences("video", "H264"))
-            session._add_track(video.sender, hub, video=True)
-            audio_codec = webrtc_audio_codec(hub.info.audio.codec) if hub.info.audio else None
-            if audio_codec and "\nm=audio " in offer.replace("\r\n", "\n"):
-                audio = pc.addTransceiver("audio", direction="sendonly")
-                audio.setCodecPreferences(preferences("audio", audio_codec))
-                session._add_track(audio.sender, hub, video=False)
+            session.tracks = add_camera_tracks(
+                pc, hub, audio="\nm=audio " in offer.replace("\r\n", "\n"))
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             except Exception as exc:  # aiortc raises assorted errors on bad SDP
@@ -99,11 +82,6 @@ class ViewerSession:
                 await session.close()
 
         return session, pc.localDescription.sdp
-
-    def _add_track(self, sender: RTCRtpSender, hub: CameraHub, video: bool) -> None:
-        track = HubTrack(hub.subscribe(video=video))
-        sender.replaceTrack(track)
-        self.tracks.append(track)
 
     @property
     def bytes_sent(self) -> int:

@@ -18,14 +18,11 @@ from aiortc import (
     RTCConfiguration,
     RTCIceServer,
     RTCPeerConnection,
-    RTCRtpSender,
     RTCSessionDescription,
 )
 
-from agent.media.audio import webrtc_audio_codec
 from agent.media.hub import CameraHub
-from agent.webrtc.session import preferences
-from agent.webrtc.tracks import HubTrack
+from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 log = structlog.get_logger(__name__)
 
@@ -76,15 +73,7 @@ class WhipPublisher:
             self._hub.unsubscribe(holder)  # the tracks below keep it running
         assert self._hub.info is not None
         pc = self.pc = RTCPeerConnection(self._configuration)
-        video = pc.addTransceiver("video", direction="sendonly")
-        video.setCodecPreferences(preferences("video", "H264"))
-        self._add(video.sender, video=True)
-        audio_codec = (webrtc_audio_codec(self._hub.info.audio.codec)
-                       if self._hub.info.audio else None)
-        if audio_codec:
-            audio = pc.addTransceiver("audio", direction="sendonly")
-            audio.setCodecPreferences(preferences("audio", audio_codec))
-            self._add(audio.sender, video=False)
+        self.tracks = add_camera_tracks(pc, self._hub, audio=True)
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -97,11 +86,6 @@ class WhipPublisher:
         answer, location = await self._post(pc.localDescription.sdp, timeout)
         self.resource = location
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
-
-    def _add(self, sender: RTCRtpSender, video: bool) -> None:
-        track = HubTrack(self._hub.subscribe(video=video))
-        sender.replaceTrack(track)
-        self.tracks.append(track)
 
     async def _post(self, offer: str, timeout: float) -> tuple[str, str]:
         headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self._bearer}"}
