@@ -74,6 +74,27 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (token_id, ip)
     ) WITHOUT ROWID;
     """,
+    # 2: cameras adopted from discovery (agent/discovery/adopted.py) and the last sightings
+    """
+    CREATE TABLE adopted_cameras (
+        id TEXT PRIMARY KEY,
+        identity TEXT NOT NULL UNIQUE,
+        method TEXT NOT NULL,
+        name TEXT NOT NULL DEFAULT '',
+        source TEXT NOT NULL,
+        username TEXT,
+        profile TEXT NOT NULL DEFAULT 'main',
+        xaddr TEXT,
+        transport TEXT NOT NULL DEFAULT 'tcp',
+        adopted_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE sightings (
+        identity TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
+        last_seen REAL NOT NULL
+    );
+    """,
 )
 
 
