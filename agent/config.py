@@ -155,6 +155,32 @@ class RelaySection:
     always_cameras: list[str] = field(default_factory=list)
 
 
+def _default_mdns_types() -> list[str]:
+    return ["_rtsp._tcp.local.", "_rtsps._tcp.local.", "_axis-video._tcp.local."]
+
+
+@dataclass(frozen=True)
+class DiscoverySection:
+    #: Watch the network in the background: ONVIF Hello/Bye, mDNS announcements and periodic
+    #: probes; an adopted camera that moves to another address is followed there.
+    enabled: bool = True
+    #: Seconds between background probes (0: only listen for announcements).
+    interval: float = 300.0
+    #: Seconds a probe (and `therelay-agent discover`) waits for answers.
+    probe_timeout: float = 3.0
+    #: Look for ONVIF cameras (WS-Discovery on UDP 3702, multicast 239.255.255.250).
+    onvif: bool = True
+    #: Look for cameras announced over mDNS/DNS-SD (UDP 5353) of these service types.
+    mdns: bool = True
+    mdns_types: list[str] = field(default_factory=_default_mdns_types)
+    #: Interfaces (names like eth0, or their IPv4 addresses) to discover and announce on;
+    #: empty: every IPv4 interface but loopback.
+    interfaces: list[str] = field(default_factory=list)
+    #: Announce the agent as _therelay._tcp.local. (agent id, version, viewer and WHEP paths)
+    #: so apps and installers on the LAN find it.
+    advertise: bool = True
+
+
 def _default_cameras() -> list[CameraConfig]:
     return [CameraConfig(id="demo", name="Test pattern", source="testsrc://")]
 
@@ -172,6 +198,7 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
     relay: RelaySection = field(default_factory=RelaySection)
+    discovery: DiscoverySection = field(default_factory=DiscoverySection)
     #: Where this config came from (a path, or "embedded defaults"); not a YAML key.
     origin: str = field(default="embedded defaults", compare=False)
 
@@ -430,6 +457,13 @@ def validate(config: Config) -> None:
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
         need(not config.relay.url.startswith("ws://") or _is_lan_url(config.relay.url),
              "relay.url: ws:// (no TLS) only to a private or loopback IP address; use wss://")
+    d = config.discovery
+    need(d.interval == 0 or d.interval >= 10,
+         "discovery.interval: must be 0 (announcements only) or at least 10 seconds")
+    need(0.5 <= d.probe_timeout <= 30, "discovery.probe_timeout: must be 0.5 to 30 seconds")
+    for i, service_type in enumerate(d.mdns_types):
+        need(re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is not None,
+             f"discovery.mdns_types[{i}]: {service_type!r} must look like _rtsp._tcp.local.")
     if problems:
         raise ConfigError("\n".join(problems))
 

@@ -27,6 +27,11 @@ from agent.access.tokens import Kind, ParsedToken
 # Every event loop in the tests runs in debug mode: a callback that blocks the loop for more
 # than 100 ms is logged by asyncio, and the fixture below turns that into a test failure.
 os.environ["PYTHONASYNCIODEBUG"] = "1"
+# Network discipline: an agent started by a test in the host's namespace must not probe or
+# announce on the host's real interfaces. Tests of discovery run the agent inside network
+# namespaces they create and set these back to true there.
+os.environ["THERELAY_DISCOVERY_ENABLED"] = "false"
+os.environ["THERELAY_DISCOVERY_ADVERTISE"] = "false"
 
 ISSUED: set[str] = set()
 TOKEN_RE = re.compile(r"tr[apk]_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}")

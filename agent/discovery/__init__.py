@@ -1,0 +1,1 @@
+"""Finding cameras (ONVIF WS-Discovery, mDNS), asking them for streams, adopting them."""
