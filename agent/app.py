@@ -33,6 +33,7 @@ from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import RelayLink, camera_inventory
+from agent.stopping import DetachedExecutor, StopBudget
 from agent.systemd import Notifier
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
@@ -46,6 +47,10 @@ log = structlog.get_logger(__name__)
 
 QUICK_START_LABEL = "quick-start"
 QUICK_START_TTL = timedelta(days=1)
+#: SIGTERM to exit: systemd's stop timeout is 5 s; the audit flush and exit take the rest.
+STOP_WITHIN = 4.0
+REQUEST_GRACE = 1.0
+CAMERA_RELEASE = 1.0
 
 
 def open_store(config: Config) -> TokenStore:
@@ -182,17 +187,32 @@ class Daemon:
                  needs_restart=others or None)
 
     async def stop(self) -> None:
-        """Stop accepting, end sessions (audited), release cameras, flush the audit."""
+        """Stop accepting, end sessions (audited), DELETE WHIP sessions, release cameras,
+        flush the audit: within STOP_WITHIN seconds whatever peers and cameras do."""
+        asyncio.get_running_loop().set_default_executor(DetachedExecutor())
+        budget = StopBudget(STOP_WITHIN)
         self.lag.stop()
-        if self.link is not None:
-            await self.link.stop()
-        if self.always is not None:
-            await self.always.stop()
-        await self.whep.close()
-        if self._runner is not None:
-            await self._runner.cleanup()
-        await self.cameras.close()
-        await self.access.stop()
+        runner = self._runner
+        if runner is not None:
+            await budget.run("stop_listening", asyncio.gather(*(s.stop() for s in runner.sites)))
+        publishing = [p.stop() for p in (self.link, self.always) if p is not None]
+        await budget.run("stop_publishing", asyncio.gather(
+            *publishing, self._drain_requests(min(REQUEST_GRACE, budget.remaining / 2))))
+        await budget.run("end_sessions", self.whep.close())
+        if runner is not None:
+            await budget.run("close_http", runner.cleanup())
+        # A healthy pull thread ends within a frame; one stuck in a camera's network timeout
+        # is a daemon thread and dies with the process: waiting longer buys nothing.
+        await budget.run("release_cameras", self.cameras.close(), at_most=CAMERA_RELEASE)
+        await self.access.stop()  # unbounded: the audit tail must reach the disk
+
+    async def _drain_requests(self, grace: float) -> None:
+        """Requests in flight (a WHEP offer waiting for its camera) get ``grace`` seconds,
+        then are cancelled; aiohttp's own default would wait a minute."""
+        server = self._runner.server if self._runner is not None else None
+        if server is not None:
+            server.pre_shutdown()
+            await server.shutdown(grace)
 
 
 async def run(config: Config, *, quick_start: bool) -> int:
