@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent import __version__, app, logs
 from agent.cli import audit as audit_cli
+from agent.cli import doctor as doctor_cli
 from agent.cli import tokens as token_cli
 from agent.cli.output import emit_json, table
 from agent.config import DEFAULT_CONFIG_PATH, Config, load, publisher_token, read_secret
@@ -49,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     token_cli.add_parsers(sub, common)
     audit_cli.add_parsers(sub, common)
+    doctor_cli.add_parsers(sub, common)
     return parser
 
 
@@ -106,6 +108,8 @@ def _config_check(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "doctor":  # an invalid config is one of doctor's findings
+        return doctor_cli.main(args, _config_path(args))
     try:
         config = load(_config_path(args))
     except AgentError as exc:
