@@ -310,7 +310,10 @@ def _translate(exc: BaseException, where: str) -> OnvifError:
                 "cameras keep ONVIF users apart from web users, and lock out after failures)"
             )
         if exc.code is None and not exc.subcodes:
-            return NotOnvifError(f"the device at {where} answered, but not as an ONVIF device")
+            return NotOnvifError(
+                f"the device at {where} answers HTTP but is not an ONVIF device (no SOAP "
+                "answer); check the address and port, and that ONVIF is enabled in the camera"
+            )
         return OnvifProtocolError(f"the camera at {where} refused the request: {exc.message}")
     if isinstance(exc, zeep.exceptions.TransportError):
         if exc.status_code == 401:
@@ -327,11 +330,14 @@ def _translate(exc: BaseException, where: str) -> OnvifError:
             "sends; refused without expanding them"
         )
     if isinstance(exc, zeep.exceptions.XMLSyntaxError | zeep.exceptions.XMLParseError):
-        return NotOnvifError(f"the device at {where} did not answer with ONVIF (SOAP) XML")
+        return NotOnvifError(
+            f"the device at {where} is not an ONVIF device (its answer is not SOAP XML); "
+            "check the address and port"
+        )
     if isinstance(exc, aiohttp.ClientConnectionError | OSError):
         return OnvifUnreachableError(f"the connection to {where} failed: {exc.__class__.__name__}")
     if isinstance(exc, aiohttp.ClientError):
-        return NotOnvifError(f"the device at {where} did not answer HTTP correctly")
+        return NotOnvifError(f"the device at {where} is not an ONVIF device (bad HTTP answer)")
     return OnvifProtocolError(
         f"the camera at {where} sent an answer that could not be read ({exc.__class__.__name__})"
     )
