@@ -162,7 +162,8 @@ async def _connect(g: str, t: rtsp.Target, addresses: list[str],
 def _judge_describe(g: str, camera: CameraConfig, d: rtsp.Description) -> Result:
     r = d.response
     if r.status == 200:
-        how = f" with {d.auth_scheme.capitalize()} authentication" if d.auth_scheme else ""
+        # (Not "Basic authentication": redact_text takes the word after Basic for a secret.)
+        how = f"; credentials accepted ({d.auth_scheme.capitalize()})" if d.auth_scheme else ""
         return result(g, "rtsp", Status.OK, f"DESCRIBE answered 200{how}")
     if r.status == 401 and d.sent_credentials:
         return result(g, "rtsp", Status.FAIL,
@@ -174,8 +175,8 @@ def _judge_describe(g: str, camera: CameraConfig, d: rtsp.Description) -> Result
         if camera.username or urlsplit(camera.source).username:
             return result(g, "rtsp", Status.FAIL,
                           f"the camera asks for {', '.join(schemes)} authentication, which "
-                          "this agent cannot answer", "create a user on the camera that "
-                          "may use Basic or Digest (MD5/SHA-256) authentication")
+                          "this agent cannot answer", "create a camera user allowed to use "
+                          "Digest (MD5, SHA-256) or Basic")
         return result(g, "rtsp", Status.FAIL,
                       f"the camera needs credentials ({', '.join(schemes)}) and none are set",
                       "set username and password_file for this camera (or the systemd "

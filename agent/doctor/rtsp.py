@@ -203,7 +203,7 @@ def authorization(challenges: list[Challenge], method: str, uri: str, username: 
 # -- SDP (RFC 8866) -----------------------------------------------------------------------
 
 #: RFC 3551 static payload types for video that need no rtpmap line.
-_STATIC_VIDEO = {26: "jpeg", 31: "h261", 32: "mpv", 34: "h263"}
+_STATIC_VIDEO = {26: "mjpeg", 31: "h261", 32: "mpeg1video", 34: "h263"}
 #: RTP encoding names → FFmpeg codec names, as the agent reports codecs.
 _ENCODINGS = {"h264": "h264", "h265": "hevc", "hevc": "hevc", "jpeg": "mjpeg",
               "mp4v-es": "mpeg4", "vp8": "vp8", "vp9": "vp9", "av1": "av1"}
@@ -276,10 +276,6 @@ class Connection:
             server_hostname=t.host if context is not None else None)
         return cls(reader, writer)
 
-    @property
-    def at_eof(self) -> bool:
-        return self._reader.at_eof()
-
     async def ask(self, method: str, url: str, headers: dict[str, str] | None = None) -> Response:
         self._cseq += 1
         self._writer.write(request(method, url, self._cseq, headers))
@@ -326,7 +322,7 @@ async def describe(conn: Connection, t: Target, address: str | None = None) -> D
     """OPTIONS, then DESCRIBE; once more with credentials when the camera asks for them.
 
     Takes ownership of ``conn`` (closed on return). A camera that closed the connection
-    after its 401 is asked again on a new one, to ``address`` (what the first went to).
+    after its 401 is asked again on a new one, to ``address`` (where the first went).
     """
     try:
         await conn.ask("OPTIONS", t.url)  # some cameras want it first (FFmpeg sends it too)
@@ -338,10 +334,14 @@ async def describe(conn: Connection, t: Target, address: str | None = None) -> D
         answer = authorization(challenges, "DESCRIBE", t.url, t.username, t.password or "")
         if answer is None:
             return Description(first, False, None, challenges)
-        if conn.at_eof:
+        headers["Authorization"] = answer
+        try:
+            second = await conn.ask("DESCRIBE", t.url, headers)
+        except ConnectionError:
+            # Many cameras hang up after a 401; FFmpeg reconnects for the retry as well.
             await conn.close()
             conn = await Connection.open(t, address)
-        second = await conn.ask("DESCRIBE", t.url, {**headers, "Authorization": answer})
+            second = await conn.ask("DESCRIBE", t.url, headers)
         return Description(second, True, answer.split(" ", 1)[0].lower(), challenges)
     finally:
         await conn.close()
