@@ -2,14 +2,19 @@
 
 ``record_*`` only appends to a list under a lock, so it is safe and cheap to call from the
 event loop; a writer thread commits everything pending in one transaction per interval.
+``durable(ticket)`` asks for one event to be on disk: the writer commits at once, together
+with whatever else is pending (group commit), so a granted request can be answered only
+after its audit entry would survive a crash, without a transaction per request.
 Memory is bounded: past ``max_pending`` events, further ones are counted and written as a
 single ``audit.overflow`` entry instead of being kept one by one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
+from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
 import structlog
@@ -49,17 +54,40 @@ class AccessRecorder:
         self._requested_batches = 0
         self._stopping = False
         self._thread: threading.Thread | None = None
+        #: Tickets: the n-th event recorded has ticket n; the first ``_committed`` are on
+        #: disk (events folded into an ``audit.overflow`` entry count as written with it).
+        self._recorded = 0
+        self._committed = 0
+        self._waiters: list[tuple[int, Future[None]]] = []
 
     # -- producers (any thread, including the event loop) --------------------------------
 
-    def record(self, entry: AuditEntry, event: UsageEvent | None = None) -> None:
+    def record(self, entry: AuditEntry, event: UsageEvent | None = None) -> int:
+        """Queue one event; returns its ticket (see ``durable``)."""
         with self._lock:
+            self._recorded += 1
             if len(self._pending) >= self._max_pending:
                 self._overflowed += 1
-                return
-            self._pending.append((entry, event))
+            else:
+                self._pending.append((entry, event))
+            return self._recorded
 
-    def record_decision(self, req: AccessRequest, decision: Decision) -> None:
+    def durable(self, ticket: int) -> Future[None]:
+        """Done once the event with ``ticket`` is committed; the writer is woken at once.
+        Not started (tests, the CLI): written here, synchronously."""
+        future: Future[None] = Future()
+        with self._lock:
+            if self._committed >= ticket:
+                future.set_result(None)
+                return future
+            self._waiters.append((ticket, future))
+        if self._thread is None:
+            self._write_pending()
+        else:
+            self._wake.set()
+        return future
+
+    def record_decision(self, req: AccessRequest, decision: Decision) -> int:
         """Audit one authorization and count it for its token."""
         entry = AuditEntry(
             req.now,
@@ -76,7 +104,7 @@ class AccessRecorder:
         if decision.record is not None:
             event = UsageEvent(decision.record.id, req.now, req.protocol, req.peer_ip,
                                decision.granted)
-        self.record(entry, event)
+        return self.record(entry, event)
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -138,6 +166,7 @@ class AccessRecorder:
             with transaction(db):
                 audit.append(db, entries)
                 usage.apply(db, [e for _, e in batch if e is not None], self._max_ips)
+            self._committed_more(len(batch) + overflowed)
         except Exception as exc:  # the daemon must survive a full disk; say so loudly
             log.error("audit_write_failed", error=str(exc), entries=len(entries))
             with self._lock:  # keep them for the next attempt, within the bound
@@ -147,3 +176,13 @@ class AccessRecorder:
         finally:
             if conn is None:
                 db.close()
+
+    def _committed_more(self, count: int) -> None:
+        """``count`` more events (in ticket order) are on disk: release their waiters."""
+        with self._lock:
+            self._committed += count
+            ready = [f for t, f in self._waiters if t <= self._committed]
+            self._waiters = [(t, f) for t, f in self._waiters if t > self._committed]
+        for future in ready:
+            with contextlib.suppress(InvalidStateError):  # the waiter gave up meanwhile
+                future.set_result(None)

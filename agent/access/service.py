@@ -3,6 +3,11 @@
 It keeps the token index in memory (so ``authorize`` never touches the disk), follows the
 store for changes made anywhere (CLI, admin API, relay sync) every ``poll_interval``, and
 ends live sessions whose token was revoked or expired within that interval.
+
+Durability promise: ``check`` returns a grant only once its ``access.granted`` entry (and
+usage count) is committed, so a response sent under a grant is in the audit log even if the
+agent is killed right after. Denials and ``session.ended`` entries are batched (every
+``audit.flush_interval``): a crash can lose the last second of them, a clean stop does not.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+#: How long a grant waits for its audit entry to reach the disk. The daemon survives a
+#: failing disk (it keeps serving, loudly): past this, the request goes on unrecorded.
+DURABLE_WAIT = 2.0
 
 
 class AccessService:
@@ -63,6 +71,7 @@ class AccessService:
         self.bytes_ended = 0
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
+        self._audit_lagging = False
 
     async def start(self) -> None:
         self._tokens, self._rev = await asyncio.to_thread(self._store.load_all)
@@ -95,7 +104,23 @@ class AccessService:
             public_id = check_format(token)
             if isinstance(public_id, str) and public_id not in self._tokens:
                 await self.refresh()
-        return self.authorize(token, camera, protocol, peer_ip)
+        decision, ticket = self._decide(token, camera, protocol, peer_ip)
+        if decision.granted:
+            await self._durable(ticket)
+        return decision
+
+    async def _durable(self, ticket: int) -> None:
+        """Wait (bounded) until the event with ``ticket`` is committed."""
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(self._recorder.durable(ticket)),
+                                   DURABLE_WAIT)
+        except TimeoutError:
+            if not self._audit_lagging:
+                log.error("audit_not_durable", waited_s=DURABLE_WAIT,
+                          fix="the state database cannot be written: check the disk")
+            self._audit_lagging = True
+        else:
+            self._audit_lagging = False
 
     async def refresh(self, force: bool = False) -> None:
         """Apply the store's changes now (one query; concurrent callers share it).
@@ -130,15 +155,21 @@ class AccessService:
     def authorize(
         self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
     ) -> Decision:
-        """Decide and record one request. Never blocks: safe on the event loop."""
+        """Decide and record one request. Never blocks: safe on the event loop. The audit
+        entry is written with the next batch; ``check`` waits for it."""
+        return self._decide(token, camera, protocol, peer_ip)[0]
+
+    def _decide(
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+    ) -> tuple[Decision, int]:
         req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
         decision = authorize(req, self._tokens, self._site, self._limiter)
-        self._recorder.record_decision(req, decision)
+        ticket = self._recorder.record_decision(req, decision)
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
             log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
                      camera=camera, protocol=protocol, peer_ip=peer_ip)
-        return decision
+        return decision, ticket
 
     def open_session(
         self,

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import random
 import signal
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from tests.conftest import remember
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.fake_relay import FakeRelay
 from tests.support.netns import free_port
@@ -78,7 +84,7 @@ async def test_sigterm_with_a_live_viewer_ends_its_session_as_shutdown(tmp_path:
                                     "session.ended")
     assert [e["reason"] for e in ended] == ["shutdown"]
     assert ended[0]["detail"]["bytes"] > 0
-    verified(agent)
+    await asyncio.to_thread(verified, agent)
 
 
 async def test_sigterm_deletes_the_whip_session_at_the_relay(tmp_path: Path) -> None:
@@ -100,7 +106,7 @@ async def test_sigterm_deletes_the_whip_session_at_the_relay(tmp_path: Path) -> 
             if agent.proc.poll() is None:
                 await asyncio.to_thread(agent.stop)
         assert relay.violations == []
-    verified(agent)
+    await asyncio.to_thread(verified, agent)
 
 
 async def test_sigterm_while_a_camera_hangs_and_a_viewer_is_negotiating(
@@ -130,4 +136,195 @@ async def test_sigterm_while_a_camera_hangs_and_a_viewer_is_negotiating(
         finally:
             if agent.proc.poll() is None:
                 await asyncio.to_thread(agent.stop)
+    await asyncio.to_thread(verified, agent)
+
+
+# -- SIGKILL: nothing acknowledged is lost ----------------------------------------------------
+#
+# The promise (docs/tokens.md section 10): a token change is committed with its audit entry
+# before the CLI prints the token or the admin API answers; a request the agent granted is
+# answered only after its access.granted entry and usage count are committed. Denials and
+# session ends are batched (audit.flush_interval) and may lose their last second to a crash.
+
+
+@dataclass
+class Acknowledged:
+    created: dict[str, str] = field(default_factory=dict)  # token id -> "cli" | "api"
+    revoked: set[str] = field(default_factory=set)
+    rotated: dict[str, str] = field(default_factory=dict)  # old id -> new id (grace 1h)
+    granted: Counter[str] = field(default_factory=Counter)  # protocol -> answered grants
+    admin_answers: int = 0  # admin API answers under a granted admin token
+
+    def made(self, token_id: str, how: str) -> None:
+        self.created[token_id] = how
+
+
+async def cli_worker(agent: AgentProcess, acked: Acknowledged, stop: asyncio.Event) -> None:
+    mine: list[str] = []
+    step = 0
+    while not stop.is_set():
+        step += 1
+        if step % 3 == 0 and mine:
+            old = mine.pop(0)
+            done = await asyncio.to_thread(agent.cli, "token", "rotate", old, "--grace", "1h",
+                                           "--json")
+            if done.returncode == 0:
+                new = json.loads(done.stdout)["id"]
+                acked.rotated[old] = new
+                acked.made(new, "cli")
+        elif step % 3 == 2 and mine:
+            old = mine.pop(0)
+            done = await asyncio.to_thread(agent.cli, "token", "revoke", old)
+            if done.returncode == 0:
+                acked.revoked.add(old)
+        else:
+            done = await asyncio.to_thread(agent.cli, "token", "create", "--camera", "cam1",
+                                           "--json", "--label", "crash-cli")
+            if done.returncode == 0 and json.loads(done.stdout).get("token"):
+                token_id = json.loads(done.stdout)["id"]
+                acked.made(token_id, "cli")
+                mine.append(token_id)
+
+
+async def api_worker(agent: AgentProcess, admin: str, acked: Acknowledged,
+                     stop: asyncio.Event) -> None:
+    base = f"{agent.base}/api/v1/admin/tokens"
+    headers = {"Authorization": f"Bearer {admin}"}
+    mine: list[str] = []
+    step = 0
+    async with aiohttp.ClientSession(headers=headers) as http:
+        while not stop.is_set():
+            step += 1
+            try:
+                if step % 3 == 0 and mine:
+                    old = mine.pop(0)
+                    async with http.post(f"{base}/{old}/rotate", json={"grace": "1h"}) as r:
+                        text = await r.text()
+                        if r.status == 201:
+                            remember(text)
+                            acked.rotated[old] = json.loads(text)["id"]
+                            acked.made(json.loads(text)["id"], "api")
+                elif step % 3 == 2 and mine:
+                    old = mine.pop(0)
+                    async with http.post(f"{base}/{old}/revoke") as r:
+                        await r.read()
+                        if r.status == 200:
+                            acked.revoked.add(old)
+                else:
+                    async with http.post(base, json={"scope": "camera:cam1",
+                                                     "label": "crash-api"}) as r:
+                        text = await r.text()
+                        if r.status == 201:
+                            remember(text)
+                            mine.append(json.loads(text)["id"])
+                            acked.made(mine[-1], "api")
+                if r.status not in (401, 403, 429):
+                    acked.admin_answers += 1
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.05)  # the daemon is gone: nothing was acknowledged
+
+
+async def usage_worker(agent: AgentProcess, token: str, acked: Acknowledged,
+                       stop: asyncio.Event) -> None:
+    """Snapshots (granted), and denied attempts with a corrupted and a made-up token."""
+    good = {"Authorization": f"Bearer {token}"}
+    bad = [{"Authorization": f"Bearer {token[:-1]}x"}, {"Authorization": "Bearer nonsense"}]
+    step = 0
+    async with aiohttp.ClientSession() as http:
+        while not stop.is_set():
+            step += 1
+            try:
+                if step % 4 == 0:
+                    async with http.get(f"{agent.base}/snapshot/cam1.jpg",
+                                        headers=bad[step % 8 // 4]) as r:
+                        await r.read()
+                    continue
+                async with http.get(f"{agent.base}/snapshot/cam1.jpg", headers=good) as r:
+                    await r.read()
+                    if r.status == 200:
+                        acked.granted["snapshot"] += 1
+            except (TimeoutError, aiohttp.ClientError):
+                await asyncio.sleep(0.05)
+
+
+async def whep_worker(agent: AgentProcess, token: str, acked: Acknowledged,
+                      stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        viewer = WhepViewer(agent.base, "cam1", token, audio=False)
+        try:
+            if await viewer.connect() == 201:
+                acked.granted["webrtc"] += 1
+                await viewer.delete()
+        except (TimeoutError, aiohttp.ClientError):
+            await asyncio.sleep(0.05)
+        finally:
+            await viewer.close()
+
+
+def export(agent: AgentProcess) -> list[dict[str, Any]]:
+    done = agent.cli("audit", "--export", "jsonl")
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+
+
+async def test_sigkill_during_heavy_activity_loses_nothing_acknowledged(
+        tmp_path: Path) -> None:
+    cameras = [{"id": "cam1", "source": SMALL}]
+    sections: dict[str, Any] = {"audit": {"flush_interval": 1.0},  # the shipped default
+                                "tokens": {"max_active": 100_000}}
+    agent = AgentProcess(tmp_path, cameras, **sections)
+    admin_id, admin = await asyncio.to_thread(agent.token, "--admin")
+    viewer_id, viewer = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    acked = Acknowledged()
+    stop = asyncio.Event()
+    workers = [asyncio.create_task(w) for w in (
+        cli_worker(agent, acked, stop), api_worker(agent, admin, acked, stop),
+        api_worker(agent, admin, acked, stop), usage_worker(agent, viewer, acked, stop),
+        usage_worker(agent, viewer, acked, stop), whep_worker(agent, viewer, acked, stop))]
+    moment = random.uniform(2.0, 5.0)
+    await asyncio.sleep(moment)
+    agent.proc.kill()
+    await asyncio.to_thread(agent.proc.wait, 10)
+    stop.set()
+    await asyncio.gather(*workers)
+    await asyncio.to_thread(agent.stop)  # already dead: checks its log only
+    print(f"\nSIGKILL after {moment:.2f} s: {len(acked.created)} tokens created, "
+          f"{len(acked.revoked)} revoked, {len(acked.rotated)} rotated, grants answered "
+          f"{dict(acked.granted)}, admin answers {acked.admin_answers}")
+    assert acked.created and acked.granted["snapshot"] and acked.admin_answers
+
+    again = await asyncio.to_thread(AgentProcess, tmp_path, cameras, **sections)  # same state
+    try:
+        await asyncio.to_thread(nothing_acknowledged_lost, again, acked, admin_id, viewer_id)
+    finally:
+        assert await asyncio.to_thread(again.stop) == 0
+
+
+def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id: str,
+                              viewer_id: str) -> None:
+    """Every acknowledged change and grant is in the store and the audit log; it verifies."""
     verified(agent)
+    tokens = {t["id"]: t for t in json.loads(agent.cli("token", "list", "--json").stdout)}
+    assert set(acked.created) <= set(tokens)
+    for token_id in acked.revoked:
+        assert tokens[token_id]["status"] == "revoked", token_id
+    for old, new in acked.rotated.items():
+        assert tokens[old]["replaced_by"] == new
+        assert tokens[old]["status"] == "active" and tokens[old]["expires_at"]  # its grace
+        assert tokens[new]["replaces"] == old
+    entries = export(agent)
+    by_event: dict[str, set[str]] = {}
+    for e in entries:
+        by_event.setdefault(e["event"], set()).add(e["token_id"])
+    assert set(acked.created) <= by_event["token.created"]
+    assert acked.revoked <= by_event["token.revoked"]
+    assert set(acked.rotated) <= by_event["token.rotated"]
+    granted = Counter(e["protocol"] for e in entries
+                      if e["event"] == "access.granted" and e["token_id"] == viewer_id)
+    for protocol, answered in acked.granted.items():
+        assert granted[protocol] >= answered, (protocol, granted, acked.granted)
+    admin_granted = sum(1 for e in entries
+                        if e["event"] == "access.granted" and e["token_id"] == admin_id)
+    assert admin_granted >= acked.admin_answers
+    stats = json.loads(agent.cli("stats", viewer_id, "--json").stdout)
+    assert stats["uses"] >= sum(acked.granted.values())
