@@ -13,7 +13,6 @@ run at once. (Zeroconf's own record cache is bounded only by record TTLs, not by
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -493,10 +492,13 @@ class AgentAdvertiser:
         info, self._info = self._info, None
         if info is None:
             return
-        with contextlib.suppress(Exception):  # zeroconf already closed: nothing to withdraw
+        try:
             goodbyes = await self._zc.async_unregister_service(info)
             await goodbyes
-            log.info("mdns_advertising_stopped", instance=info.name)
+        except Exception as exc:  # zeroconf closed first (it sent the goodbyes then)
+            log.info("mdns_goodbye_skipped", instance=info.name, reason=str(exc)[:200])
+            return
+        log.info("mdns_advertising_stopped", instance=info.name)
 
 
 # -- sockets ---------------------------------------------------------------------------------

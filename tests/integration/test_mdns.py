@@ -8,7 +8,9 @@ Needs root and avahi (the fixtures skip otherwise).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import subprocess
 import sys
 import threading
@@ -19,7 +21,14 @@ from typing import Any
 
 import pytest
 
-from agent.discovery.mdns import agent_txt
+from agent.discovery.mdns import (
+    AgentAdvertiser,
+    MdnsBrowser,
+    MdnsService,
+    agent_txt,
+    open_zeroconf,
+)
+from agent.errors import ConfigError
 from tests.support.avahi import Avahi, missing_programs, wait_until
 from tests.support.netns import NetnsPair, netns_pair
 
@@ -160,6 +169,34 @@ def test_browse_finds_avahi_cameras_follows_updates_and_removals(
     agent.quit()
 
 
+def test_address_change_is_an_update_without_the_stale_address(
+    netns_pair: NetnsPair, avahi: Avahi, tmp_path: Path
+) -> None:
+    # TEST-NET-1 addresses: only announced, never contacted.
+    cam, host = "Cam 3._rtsp._tcp.local.", f"{avahi.host}-cam3.local"
+    published = [avahi.publish_address(host, "192.0.2.10"),
+                 avahi.publish("Cam 3", "_rtsp._tcp", 554, {"path": "/h264"}, host=host)]
+    agent = MdnsAgent(netns_pair, tmp_path)
+    first = agent.change("added", cam)
+    assert first["addresses"] == ["192.0.2.10"]
+    assert first["rtsp_url"] == "rtsp://192.0.2.10:554/h264"
+
+    # Renumbered (DHCP) after a restart: the new A record flushes the cached one, which
+    # lingers for a second (RFC 6762 §10.2); the update must not carry both.
+    mark = len(agent.events)
+    avahi.crash(published)
+    avahi.start_daemon()
+    avahi.publish_address(host, "192.0.2.11")
+    avahi.publish("Cam 3", "_rtsp._tcp", 554, {"path": "/h264"}, host=host)
+    moved = agent.change("updated", cam, after=mark, timeout=15)
+    assert moved["addresses"] == ["192.0.2.11"]
+    assert moved["rtsp_url"] == "rtsp://192.0.2.11:554/h264"
+    time.sleep(2)  # nothing else follows: no flapping back to the old address
+    later = [e for e in agent.events[mark:] if e["event"] == "change"]
+    assert [e["kind"] for e in later] == ["updated"]
+    agent.quit()
+
+
 def test_one_shot_browse_lists_what_answered(
     netns_pair: NetnsPair, avahi: Avahi, tmp_path: Path
 ) -> None:
@@ -279,3 +316,68 @@ def test_a_flood_of_announcements_is_capped(netns_pair: NetnsPair, tmp_path: Pat
           f"table {after['count']}, dropped {after['dropped']}, "
           f"max RSS {before['max_rss_kib']} → {after['max_rss_kib']} KiB")
     agent.quit()
+
+
+# -- in-process, on loopback only (multicast on lo stays on this machine) ----------------------
+
+
+async def test_name_conflicts_are_renamed_and_loopback_is_never_announced() -> None:
+    agent_id = f"lo-{secrets.token_hex(3)}"
+    seen: list[tuple[str, MdnsService]] = []
+
+    def on_change(kind: str, service: MdnsService) -> None:
+        if agent_id in service.instance:
+            seen.append((kind, service))
+        raise RuntimeError("a consumer bug")  # must not stop discovery
+
+    first, second, watcher = (open_zeroconf(["127.0.0.1"]) for _ in range(3))
+    browser = MdnsBrowser(watcher, ["_therelay._tcp"], on_change)
+    await browser.start()
+    one = AgentAdvertiser(first, agent_id, "1", 8800, ["10.9.9.1", "127.0.0.1"])
+    two = AgentAdvertiser(second, agent_id, "1", 8801, ["10.9.9.2"])
+    only_loopback = AgentAdvertiser(second, f"{agent_id}-lo", "1", 8802, ["127.0.0.1"])
+    try:
+        await one.start()
+        await two.start()  # same agent id on another machine: probing finds the name taken
+        await only_loopback.start()
+        assert one.instance == f"TheRelay Agent {agent_id}._therelay._tcp.local."
+        assert two.instance == f"TheRelay Agent {agent_id}-2._therelay._tcp.local."
+        assert only_loopback.instance is None
+
+        def both() -> bool:
+            names = {s.instance for s in browser.services.values()}
+            return {one.instance, two.instance} <= names
+
+        for _ in range(50):
+            if both():
+                break
+            await asyncio.sleep(0.1)
+        services = browser.services
+        assert services[str(one.instance)].addresses == ("10.9.9.1",)
+        assert services[str(two.instance)].port == 8801
+        assert not [s for s in services.values() if f"{agent_id}-lo" in s.instance]
+
+        first_name = str(one.instance)
+        await one.stop()
+        assert one.instance is None
+        for _ in range(30):
+            if first_name not in browser.services:
+                break
+            await asyncio.sleep(0.1)
+        assert first_name not in browser.services  # the goodbye, not a TTL expiry
+        assert two.instance in browser.services
+        assert ("removed", services[first_name]) in seen
+    finally:
+        await browser.stop()
+        await first.async_close()
+        await second.async_close()
+        # Stopping after zeroconf closed (it sent the goodbyes then) neither hangs nor raises.
+        await two.stop()
+        await watcher.async_close()
+
+
+async def test_open_zeroconf_refuses_unknown_interfaces() -> None:
+    with pytest.raises(ConfigError, match="no interface named"):
+        open_zeroconf(["no-such-if0"])
+    with pytest.raises(ConfigError, match=r"cannot listen on 192\.0\.2\.77"):
+        open_zeroconf(["192.0.2.77"])  # not an address of this machine: nothing is sent

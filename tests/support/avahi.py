@@ -211,10 +211,19 @@ class Avahi:
     # -- what tests do -----------------------------------------------------------------------
 
     def publish(self, name: str, service_type: str, port: int,
-                txt: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
-        """``avahi-publish-service``; returns once avahi says the name is established."""
-        argv = ["stdbuf", "-oL", "avahi-publish-service", name, service_type, str(port),
-                *(f"{k}={v}" for k, v in (txt or {}).items())]
+                txt: Mapping[str, str] | None = None, host: str | None = None
+                ) -> subprocess.Popen[str]:
+        """``avahi-publish-service`` (on ``host``, default avahi's own name); returns once
+        avahi says the name is established."""
+        argv = ["stdbuf", "-oL", "avahi-publish-service", *(["-H", host] if host else []),
+                name, service_type, str(port), *(f"{k}={v}" for k, v in (txt or {}).items())]
+        return self._publisher(argv)
+
+    def publish_address(self, host: str, address: str) -> subprocess.Popen[str]:
+        """``avahi-publish-address``: an A record for ``host`` (no reverse PTR)."""
+        return self._publisher(["stdbuf", "-oL", "avahi-publish-address", "-R", host, address])
+
+    def _publisher(self, argv: list[str]) -> subprocess.Popen[str]:
         log = self.dir / f"publish-{len(self._procs)}.log"
         proc = self._spawn("publish", argv, log=log)
         self._wait_for(lambda: "Established under name" in log.read_text(errors="replace"),
