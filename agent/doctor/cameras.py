@@ -25,8 +25,9 @@ from agent.errors import ConfigError, SourceError
 from agent.logs import redact_text
 from agent.media.stream import VIDEO_CODECS
 
-ONVIF_PATH = "/onvif/device_service"  # ONVIF Core Specification §5.1.1: the device service
-# ONVIF Device Management: GetSystemDateAndTime needs no authentication (Core §5.9.4).
+ONVIF_PATH = "/onvif/device_service"  # the device service's usual address (ONVIF Core)
+# ONVIF Core lets GetSystemDateAndTime be called without authentication: clients need the
+# device clock before they can build a WS-UsernameToken digest.
 ONVIF_BODY = (
     '<?xml version="1.0" encoding="UTF-8"?>'
     '<s:Envelope xmlns:s="http://www.w3.org/2003/05/soap-envelope">'
@@ -223,8 +224,8 @@ async def check_onvif(camera: CameraConfig, timeout: float) -> Result:
 
 
 def _client_error(exc: BaseException) -> str:
-    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.strerror:
-        return exc.os_error.strerror.lower()
+    if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
+        return os.strerror(exc.os_error.errno).lower()
     return redact_text(str(exc)) or type(exc).__name__
 
 
