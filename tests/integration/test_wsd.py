@@ -141,6 +141,11 @@ def test_a_flood_leaves_the_listener_bounded_and_working(netns_pair: NetnsPair) 
     assert stats["tracked_ids"] <= MAX_SEEN_IDS
     assert peak < 8 * 1024  # a few MiB at most, whatever the flood size
     assert listener.proc.poll() is None
+    listener.send("stop")
+    assert listener.proc.wait(timeout=10) == 0
+    assert listener.proc.stderr is not None
+    # The peer inherits PYTHONASYNCIODEBUG=1: asyncio would log any step over 100 ms.
+    assert " took " not in listener.proc.stderr.read()
 
 
 def test_no_usable_interface_is_a_clear_error(netns_pair: NetnsPair) -> None:
