@@ -280,10 +280,24 @@ class TokenStore:
         """The last audit seq whose access events the relay acknowledged (usage.v1)."""
         return int(self._meta("relay_usage_seq") or 0)
 
+    def usage_outstanding(self) -> int | None:
+        """The last audit seq of the usage batch sent and not yet acknowledged, if any: a
+        resend (after a reconnect or a restart) covers exactly the same entries, so it has
+        the same batch name and the relay counts it once."""
+        value = self._meta("relay_usage_pending")
+        return int(value) if value else None
+
+    def mark_usage_outstanding(self, seq: int) -> None:
+        with self._lock, transaction(self._conn):
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
+                               "VALUES ('relay_usage_pending', ?)", (str(seq),))
+
     def mark_usage_sent(self, seq: int) -> None:
+        """The relay acknowledged everything through ``seq``; nothing is outstanding."""
         with self._lock, transaction(self._conn):
             self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
                                "VALUES ('relay_usage_seq', ?)", (str(seq),))
+            self._conn.execute("DELETE FROM meta WHERE key = 'relay_usage_pending'")
 
     def _meta(self, key: str) -> str | None:
         with self._lock:

@@ -301,7 +301,12 @@ class RelayLink:
     async def _report_usage_once(self, ws: ClientConnection) -> None:
         while True:
             after = await asyncio.to_thread(self._store.usage_sent_through)
-            query = audit.AuditQuery(after_seq=after, limit=protocol.USAGE_BATCH)
+            outstanding = await asyncio.to_thread(self._store.usage_outstanding)
+            # A batch once sent is pinned to its seq range until acknowledged: entries
+            # written since then go in the next batch, never into a renamed resend.
+            query = audit.AuditQuery(after_seq=after, limit=protocol.USAGE_BATCH,
+                                     before_seq=None if outstanding is None
+                                     else outstanding + 1)
             entries = await asyncio.to_thread(self._store.read,
                                               lambda c, q=query: audit.query(c, q))
             message = protocol.usage_batch(entries)
@@ -311,6 +316,8 @@ class RelayLink:
                     continue
                 await asyncio.sleep(USAGE_EVERY)
                 continue
+            if outstanding is None:
+                await asyncio.to_thread(self._store.mark_usage_outstanding, entries[-1]["seq"])
             waiter: asyncio.Future[Acked] = asyncio.get_running_loop().create_future()
             self._acks[message["id"]] = waiter
             await _send(ws, message)

@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import signal
+import sqlite3
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -23,7 +27,7 @@ import aiohttp
 
 from tests.conftest import remember
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
-from tests.support.fake_relay import FakeRelay
+from tests.support.fake_relay import FakeRelay, Message
 from tests.support.netns import free_port
 
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
@@ -328,3 +332,122 @@ def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id
     assert admin_granted >= acked.admin_answers
     stats = json.loads(agent.cli("stats", viewer_id, "--json").stdout)
     assert stats["uses"] >= sum(acked.granted.values())
+
+
+def relay_agent(tmp: Path, relay: FakeRelay, token: str) -> AgentProcess:
+    secret = tmp / "publisher-token.secret"
+    secret.write_text(token + "\n")
+    return AgentProcess(tmp, [{"id": "cam1", "source": SMALL}],
+                        agent={"id": "nvr1", "account_id": "acme"},
+                        relay={"url": relay.url, "publisher_token_file": str(secret)})
+
+
+def outbox(agent: AgentProcess) -> dict[str, str]:
+    """The relay usage bookmarks in the agent's state database (read-only look)."""
+    db = Path(agent.env["THERELAY_STATE_DIR"]) / "agent.db"
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        return dict(conn.execute("SELECT key, value FROM meta WHERE key LIKE 'relay_usage%'"))
+
+
+async def snapshots(agent: AgentProcess, token: str, count: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(count):
+            async with http.get(f"{agent.base}/snapshot/cam1.jpg",
+                                headers={"Authorization": f"Bearer {token}"}) as r:
+                assert r.status == 200
+
+
+async def test_usage_batches_across_sigkill_are_counted_once(tmp_path: Path) -> None:
+    """Acknowledged batches are not sent again after a SIGKILL; an unacknowledged one is
+    resent under its name with the same events, even though more were written since."""
+    async with FakeRelay() as relay:
+        publisher = relay.issue_publisher(agent_id="nvr1")
+        agent = await asyncio.to_thread(relay_agent, tmp_path, relay, publisher)
+        again: AgentProcess | None = None
+        try:
+            await relay.wait_agent(timeout=20)
+            text, record = relay.issue_access_token("host:nvr1")
+            sync = await relay.send_tokens([record])
+            assert sync is not None
+            await relay.wait_ack(sync)
+
+            def mine() -> list[Message]:
+                return [e for e in relay.usage_events if e["token_id"] == record["id"]]
+
+            await snapshots(agent, text, 3)  # acknowledged before the kill
+            await wait_until(lambda: len(mine()) == 3, 20)
+            for _ in range(100):  # the agent has recorded the relay's ack
+                if "relay_usage_pending" not in await asyncio.to_thread(outbox, agent):
+                    break
+                await asyncio.sleep(0.1)
+            else:
+                raise AssertionError("the acknowledged batch is still outstanding")
+            relay.ack_usage = False
+            mark = len(relay.received)
+            await snapshots(agent, text, 2)  # sent, never acknowledged
+            pending = await relay.wait_for(
+                "usage", lambda m: any(e["token_id"] == record["id"] for e in m["events"]),
+                since=mark, timeout=20)
+            await snapshots(agent, text, 2)  # written after that batch went out
+            agent.proc.kill()
+            await asyncio.to_thread(agent.proc.wait, 10)
+            await asyncio.to_thread(agent.stop)
+            relay.ack_usage = True
+            mark = len(relay.received)
+            again = await asyncio.to_thread(relay_agent, tmp_path, relay, publisher)
+            resent = await relay.wait_for("usage", since=mark, timeout=30)
+            assert resent["batch"] == pending["batch"]
+            assert resent["events"] == pending["events"]
+            await wait_until(lambda: len(mine()) >= 7, 30)
+            granted = await asyncio.to_thread(again.audit, "--token", record["id"],
+                                              "--event", "access.granted")
+            assert sorted(e["ts"] for e in mine()) == sorted(e["ts"] for e in granted)
+            assert len(granted) == 7
+            batches = [m["batch"] for m in relay.received if m["type"] == "usage"]
+            print(f"\nusage batches sent: {batches}")
+        finally:
+            for process in (agent, again):
+                if process is not None and process.proc.poll() is None:
+                    await asyncio.to_thread(process.stop)
+        assert relay.violations == []
+
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from agent.access import audit
+from agent.access.db import connect, transaction
+conn = connect(Path(sys.argv[1]))
+n = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0]) * 1000
+print("ready", flush=True)
+while True:  # big appends and prunes, back to back, as the daemon's writer and retention do
+    with transaction(conn):
+        audit.append(conn, [audit.AuditEntry(float(n + i), audit.DENIED, reason="malformed",
+                                             peer_ip="10.0.0.1", detail={"i": n + i})
+                            for i in range(300)])
+    n += 300
+    with transaction(conn):
+        audit.prune(conn, float(n - 450), time.time(), actor="retention")
+"""
+
+
+def test_sigkill_in_the_middle_of_audit_writes_and_prunes_keeps_the_chain(
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    env = {**os.environ, "THERELAY_STATE_DIR": str(state)}
+    rng = random.Random()
+    for _ in range(8):
+        writer = subprocess.Popen([sys.executable, "-c", WRITER, str(state / "agent.db")],
+                                  env=env, stdout=subprocess.PIPE, text=True)
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n"
+        time.sleep(rng.uniform(0.05, 0.6))
+        writer.kill()
+        writer.wait(10)
+        writer.stdout.close()
+        result = subprocess.run([sys.executable, "-m", "agent", "audit", "verify"], env=env,
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        print(result.stdout.strip())
+    with contextlib.closing(sqlite3.connect(state / "agent.db")) as conn:
+        pruned = conn.execute("SELECT count(*) FROM audit WHERE event = 'audit.pruned'")
+        assert pruned.fetchone()[0] > 0  # the kills did land among prunes too
