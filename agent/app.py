@@ -207,12 +207,13 @@ class Daemon:
         await self.access.stop()  # unbounded: the audit tail must reach the disk
 
     async def _drain_requests(self, grace: float) -> None:
-        """Requests in flight (a WHEP offer waiting for its camera) get ``grace`` seconds,
-        then are cancelled; aiohttp's own default would wait a minute."""
+        """Requests in flight (a WHEP offer waiting for its camera) get ``grace`` seconds
+        in all, then are cancelled; aiohttp's own default would wait a minute."""
         server = self._runner.server if self._runner is not None else None
         if server is not None:
             server.pre_shutdown()
-            await server.shutdown(grace)
+            # aiohttp waits this long for the handler, then as long again after cancelling it
+            await server.shutdown(grace / 2)
 
 
 async def run(config: Config, *, quick_start: bool) -> int:
