@@ -396,7 +396,7 @@ class TokenStore:
             if scope.value not in self.known_cameras():
                 raise TokenError(
                     f"camera {scope.value!r} does not exist on this agent: check the id with "
-                    "the cameras in the config ('therelay-agent config check')"
+                    "'therelay-agent cameras list'"
                 )
         elif scope.level is ScopeLevel.HOST and scope.value != self.site.agent_id:
             raise TokenError(

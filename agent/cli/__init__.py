@@ -15,6 +15,7 @@ from pathlib import Path
 
 from agent import __version__, app, logs
 from agent.cli import audit as audit_cli
+from agent.cli import cameras as cameras_cli
 from agent.cli import doctor as doctor_cli
 from agent.cli import tokens as token_cli
 from agent.cli.output import emit_json, table
@@ -51,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     token_cli.add_parsers(sub, common)
     audit_cli.add_parsers(sub, common)
     doctor_cli.add_parsers(sub, common)
+    cameras_cli.add_parsers(sub, common)
     return parser
 
 

@@ -71,7 +71,7 @@ class AdoptedCameras:
 
     # -- reads ----------------------------------------------------------------------------
 
-    def list(self) -> list[AdoptedCamera]:
+    def all(self) -> list[AdoptedCamera]:
         rows = self._store.read(
             lambda c: c.execute(f"{_SELECT} ORDER BY adopted_at, id").fetchall())
         return [_row(r) for r in rows]

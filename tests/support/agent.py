@@ -131,8 +131,8 @@ class WhepViewer:
     """An aiortc WHEP client: offer, answer, decoded frames."""
 
     def __init__(self, base: str, camera: str, token: str | None, *, audio: bool = True,
-                 via_query: bool = False) -> None:
-        install_host_addresses(["127.0.0.1"])
+                 via_query: bool = False, host_address: str = "127.0.0.1") -> None:
+        install_host_addresses([host_address])
         self.url = f"{base}/whep/{camera}"
         self.base = base
         self.token = token
@@ -195,7 +195,7 @@ class NamespacedAgent:
     """The daemon inside the agent namespace of a NetnsPair (browser tests), and its CLI."""
 
     def __init__(self, pair: NetnsPair, tmp: Path, cameras: list[dict[str, Any]],
-                 **sections: Any) -> None:
+                 env: dict[str, str] | None = None, **sections: Any) -> None:
         self.pair = pair
         self.port = 8800
         self.base = f"http://{pair.agent_ip}:{self.port}"
@@ -206,7 +206,8 @@ class NamespacedAgent:
             "cameras": cameras, **sections,
         }))
         self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
-                    "THERELAY_CONFIG": str(config), "THERELAY_LOG_FORMAT": "json"}
+                    "THERELAY_CONFIG": str(config), "THERELAY_LOG_FORMAT": "json",
+                    **(env or {})}
         self.log_path = tmp / "agent.log"
         self.log = self.log_path.open("w")
         self.proc = pair.popen(pair.agent_ns, [sys.executable, "-m", "agent", "run"],

@@ -108,6 +108,7 @@ class RtspCamera:
         *,
         password: str | None = None,
         ready_timeout: float = READY_TIMEOUT,
+        netns: str | None = None,
         **options: Any,
     ) -> None:
         unknown = set(options) - set(_OPTION_FLAGS)
@@ -119,6 +120,7 @@ class RtspCamera:
         self.options = options
         self.password = password
         self.ready_timeout = ready_timeout
+        self.netns = netns  # run inside this network namespace (give address= too)
         self.host = str(options.get("address", "127.0.0.1"))
         self.path = str(options.get("path", "/stream"))
         self.url = ""
@@ -222,6 +224,8 @@ class RtspCamera:
 
     def _command(self) -> list[str]:
         command = [SYSTEM_PYTHON, "-u", str(SCRIPT), "--port", str(self.port)]
+        if self.netns is not None:
+            command = ["ip", "netns", "exec", self.netns, *command]
         for name, flag in _OPTION_FLAGS.items():
             if name in self.options and self.options[name] is not None:
                 command += [flag, str(self.options[name])]

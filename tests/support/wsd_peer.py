@@ -4,7 +4,8 @@ Sockets belong to the namespace of the process that creates them, so every side 
 ``python -m tests.support.wsd_peer MODE ...`` through ``NetnsPair.popen``. Each prints one
 JSON object per line on stdout::
 
-    publish NAME HARDWARE XADDR   the WSDiscovery package's ThreadedWSPublishing (a real
+    publish NAME HARDWARE XADDR [UUID]
+                                  the WSDiscovery package's ThreadedWSPublishing (a real
                                   third-party responder) publishes a dn:NetworkVideoTransmitter;
                                   prints {"published": uuid}; on a "stop" line in stdin it
                                   stops (sending Bye) and prints {"stopped": uuid}
@@ -35,7 +36,7 @@ def emit(obj: Any) -> None:
     print(json.dumps(obj), flush=True)
 
 
-def publish(name: str, hardware: str, xaddr: str) -> None:
+def publish(name: str, hardware: str, xaddr: str, endpoint: str | None = None) -> None:
     from wsdiscovery import threaded  # type: ignore[import-untyped]
     from wsdiscovery.publishing import ThreadedWSPublishing  # type: ignore[import-untyped]
     from wsdiscovery.qname import QName  # type: ignore[import-untyped]
@@ -50,6 +51,8 @@ def publish(name: str, hardware: str, xaddr: str) -> None:
     threaded.NetworkingThreadIPv6 = NoIPv6
     publisher = ThreadedWSPublishing()
     publisher.start()
+    if endpoint is not None:  # the same camera again, at another address
+        publisher.uuid = endpoint
     types = [QName("http://www.onvif.org/ver10/network/wsdl", "NetworkVideoTransmitter", "dn")]
     scopes = [Scope(f"onvif://www.onvif.org/name/{name}"),
               Scope(f"onvif://www.onvif.org/hardware/{hardware}")]

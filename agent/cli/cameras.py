@@ -1,0 +1,254 @@
+"""``discover`` and ``cameras list|adopt|remove``: find cameras and add them without YAML.
+
+Adopted cameras live in the state database; the running daemon picks an adoption or a removal
+up within a second. Passwords are read from files and never printed back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from agent import logs
+from agent.access.store import TokenStore
+from agent.cli.output import emit_json, table
+from agent.config import Config, read_secret
+from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
+from agent.discovery.catalog import Sighting, camera_id_for, find, host_of
+from agent.errors import AgentError, UsageError
+
+
+def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    disc = sub.add_parser("discover", parents=[common],
+                          help="list the cameras that answer on this network (ONVIF, mDNS)")
+    disc.add_argument("--timeout", type=float, metavar="S",
+                      help="seconds to wait for answers (default: discovery.probe_timeout)")
+    _credentials(disc, "asks each ONVIF camera for its profiles and stream URLs with these")
+    disc.set_defaults(handler=discover)
+
+    cams = sub.add_parser("cameras", help="list, adopt and remove cameras")
+    csub = cams.add_subparsers(dest="cameras_command", required=True, metavar="COMMAND")
+    ls = csub.add_parser("list", parents=[common],
+                         help="the cameras of this agent: from the config file and adopted")
+    ls.set_defaults(handler=list_cameras)
+
+    adopt = csub.add_parser("adopt", parents=[common],
+                            help="add a discovered camera (see: therelay-agent discover)")
+    adopt.add_argument("camera", metavar="DISCOVERED_ID",
+                       help="the ID column of `discover` (or the camera's IP address)")
+    adopt.add_argument("--profile", default="main", metavar="main|sub|TOKEN",
+                       help="ONVIF stream: main (highest resolution, default), sub (lowest), "
+                       "or a profile token")
+    adopt.add_argument("--id", dest="camera_id", metavar="NAME",
+                       help="the camera id used in tokens and URLs (default: from its name)")
+    adopt.add_argument("--transport", choices=("tcp", "udp"), default="tcp",
+                       help="RTSP transport (default tcp)")
+    _credentials(adopt, "the camera's user")
+    adopt.set_defaults(handler=adopt_camera)
+
+    rm = csub.add_parser("remove", parents=[common], help="remove an adopted camera")
+    rm.add_argument("camera_id", metavar="ID")
+    rm.set_defaults(handler=remove_camera)
+
+
+def _credentials(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--user", metavar="U", help=what)
+    parser.add_argument("--password-file", type=Path, metavar="F",
+                        help="file holding the camera's password (never on the command line)")
+
+
+def _password(args: argparse.Namespace) -> str | None:
+    if args.password_file is not None and args.user is None:
+        raise UsageError("--password-file needs --user")
+    if args.password_file is None:
+        return None
+    return read_secret("camera password", args.password_file)
+
+
+def _adopted_by_identity(adopted: AdoptedCameras) -> dict[str, str]:
+    return {c.identity: c.id for c in adopted.all()}
+
+
+# -- discover -----------------------------------------------------------------------------
+
+
+def discover(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    from agent.discovery.scan import scan  # noqa: PLC0415 (zeroconf and zeep load slowly)
+
+    timeout = args.timeout if args.timeout is not None else config.discovery.probe_timeout
+    if not 0.5 <= timeout <= 60:
+        raise UsageError("--timeout must be between 0.5 and 60 seconds")
+    password = _password(args)
+    result = asyncio.run(scan(config.discovery, timeout, username=args.user,
+                              password=password))
+    adopted = AdoptedCameras(store, config.state_dir)
+    adopted.remember((s.identity, s.to_dict()) for s in result.sightings)
+    owners = _adopted_by_identity(adopted)
+    if args.json:
+        emit_json({"cameras": [{"id": s.short_id, **_public(s, args.user),
+                                "adopted_as": owners.get(s.identity)}
+                               for s in result.sightings],
+                   "problems": result.problems})
+        return 0
+    for problem in result.problems:
+        print(f"warning: {problem}")
+    if not result.sightings:
+        print(f"no camera answered within {timeout:g} s. Check that this machine is on the "
+              "cameras' network and that ONVIF discovery is on in the cameras' settings.")
+        return 0
+    rows = [[s.short_id, "+".join(s.methods), s.name or "-", _model(s),
+             ", ".join(s.addresses[:2]) or "-", owners.get(s.identity, "no")]
+            for s in result.sightings]
+    print(table(rows, ["id", "found by", "name", "model", "address", "adopted"]))
+    for s in result.sightings:
+        lines = _streams(s, args.user)
+        if lines:
+            print(f"\n{s.short_id} {s.name or ''}".rstrip())
+            for line in lines:
+                print(f"  {line}")
+    print("\nAdopt one with: therelay-agent cameras adopt ID --user U --password-file F")
+    return 0
+
+
+def _model(s: Sighting) -> str:
+    parts = [p for p in (s.manufacturer, s.model) if p]
+    return " ".join(parts) or s.hardware or "-"
+
+
+def _with_user(url: str | None, user: str | None) -> str | None:
+    """The URL to use, with the user name in it; the password is never printed."""
+    if not url or not user or "@" in url.partition("://")[2].partition("/")[0]:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{user}@{rest}"
+
+
+def _streams(s: Sighting, user: str | None) -> list[str]:
+    out = []
+    for p in s.profiles:
+        size = f"{p['width']}x{p['height']}" if p.get("width") else "?"
+        fps = f"@{p['fps']:g}" if p.get("fps") else ""
+        url = _with_user(p.get("stream_uri"), user) or "(no RTSP stream)"
+        out.append(f"profile {p['token']} ({p.get('name') or '-'}): {p.get('encoding') or '?'} "
+                   f"{size}{fps}  {logs.redact_text(url)}")
+    out += [f"mDNS: {logs.redact_text(url)}" for url in s.rtsp_urls]
+    if s.onvif_error:
+        out.append(f"ONVIF: {s.onvif_error}")
+    return out
+
+
+def _public(s: Sighting, user: str | None) -> dict[str, Any]:
+    data = s.to_dict()
+    data["profiles"] = [{**p, "stream_uri": _with_user(p.get("stream_uri"), user)}
+                        for p in s.profiles]
+    return data
+
+
+# -- cameras list / adopt / remove -----------------------------------------------------------
+
+
+def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    adopted = AdoptedCameras(store, config.state_dir)
+    rows: list[dict[str, Any]] = [
+        {"id": c.id, "name": c.name, "from": "config", "source": logs.redact_text(c.source),
+         "username": c.username} for c in config.cameras]
+    configured = set(config.camera_ids)
+    for a in adopted.all():
+        rows.append({"id": a.id, "name": a.name, "from": f"adopted ({a.method})",
+                     "source": logs.redact_text(a.source), "username": a.username,
+                     "identity": a.identity, "profile": a.profile,
+                     "ignored": a.id in configured or None})
+    if args.json:
+        emit_json({"cameras": rows})
+        return 0
+    print(table([[r["id"], r["name"] or "-", r["from"], r["source"], r["username"] or "-"]
+                 for r in rows], ["id", "name", "from", "source", "user"]))
+    for r in rows:
+        if r.get("ignored"):
+            print(f"warning: adopted camera {r['id']!r} is hidden by a camera of the same id in "
+                  "the config file")
+    return 0
+
+
+def adopt_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    adopted = AdoptedCameras(store, config.state_dir)
+    password = _password(args)
+    sightings = [Sighting.from_dict(data) for data, _ in adopted.sightings()]
+    sighting = find(sightings, args.camera)
+    if sighting is None:  # not in the cache of the last `discover`: look now
+        from agent.discovery.scan import scan  # noqa: PLC0415
+
+        result = asyncio.run(scan(config.discovery, config.discovery.probe_timeout,
+                                  query=False))
+        adopted.remember((s.identity, s.to_dict()) for s in result.sightings)
+        sighting = find(result.sightings, args.camera)
+    if sighting is None:
+        raise UsageError(f"no discovered camera {args.camera!r}: run `therelay-agent discover` "
+                         "and use its ID column")
+    source, xaddr, method = asyncio.run(_stream_of(sighting, args, password))
+    taken = [*config.camera_ids, *(c.id for c in adopted.all())]
+    camera = AdoptedCamera(
+        id=args.camera_id or camera_id_for(sighting, taken), identity=sighting.identity,
+        method=method, source=source, name=sighting.name or "", username=args.user,
+        profile=args.profile, xaddr=xaddr, transport=args.transport)
+    camera = adopted.add(camera, password, taken=config.camera_ids, actor="cli",
+                         now=time.time())
+    if args.json:
+        emit_json({"adopted": {**_adopted_view(camera)}})
+        return 0
+    print(f"adopted {sighting.name or sighting.short_id!s} as camera {camera.id!r}\n"
+          f"  stream: {logs.redact_text(camera.source)}\n"
+          "A running agent serves it within a second. Give someone access with:\n"
+          f"  therelay-agent token create --camera {camera.id} --ttl 7d")
+    return 0
+
+
+async def _stream_of(sighting: Sighting, args: argparse.Namespace,
+                     password: str | None) -> tuple[str, str | None, str]:
+    """(stream URL, ONVIF device URL, method) for the camera, asking it over ONVIF if it can."""
+    from agent.discovery import onvif  # noqa: PLC0415
+
+    if sighting.xaddrs:
+        xaddr = sighting.xaddrs[0]
+        try:
+            device = await onvif.query_device(xaddr, args.user, password, timeout=10.0)
+        except onvif.OnvifAuthError as exc:
+            hint = "" if args.user else " (give --user and --password-file)"
+            raise AgentError(f"{exc}{hint}") from None
+        profile = onvif.choose_profile(device, args.profile)
+        if not profile.stream_uri:
+            raise AgentError(f"the camera gave no RTSP stream for profile {profile.token!r}: "
+                             "choose another with --profile")
+        host = host_of(xaddr)
+        uri = onvif.with_host(profile.stream_uri, host) if host else profile.stream_uri
+        return uri, xaddr, "onvif"
+    if args.profile != "main":
+        raise UsageError("--profile applies to ONVIF cameras; this one was found over mDNS")
+    if not sighting.rtsp_urls:
+        raise AgentError("this camera announced no RTSP stream over mDNS: add it in the config "
+                         "file with its RTSP URL instead")
+    return sighting.rtsp_urls[0], None, "mdns"
+
+
+def _adopted_view(camera: AdoptedCamera) -> dict[str, Any]:
+    return {"id": camera.id, "name": camera.name, "method": camera.method,
+            "identity": camera.identity, "source": logs.redact_text(camera.source),
+            "username": camera.username, "profile": camera.profile}
+
+
+def remove_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    if args.camera_id in config.camera_ids:
+        raise UsageError(f"camera {args.camera_id!r} comes from the config file "
+                         f"({config.origin}): remove it there, then `systemctl reload "
+                         "therelay-agent`")
+    AdoptedCameras(store, config.state_dir).remove(args.camera_id, actor="cli",
+                                                   now=time.time())
+    if args.json:
+        emit_json({"removed": args.camera_id})
+    else:
+        print(f"removed camera {args.camera_id!r}; its viewers are disconnected within a "
+              "second. Tokens scoped to it stay until you revoke them.")
+    return 0

@@ -1,0 +1,210 @@
+"""Discovery end to end, in two network namespaces: find → adopt → watch → the camera moves.
+
+The camera side (the pair's viewer namespace) runs real peers: Debian's GStreamer RTSP server
+as the camera's stream, the test ONVIF device replaying a Hikvision's answers with real
+WS-Security checks (tests/support/onvif_device.py), and the `WSDiscovery` package's publisher
+announcing it. The agent daemon and its CLI run in the agent namespace. A WHEP viewer (aiortc)
+runs on the camera side, as a phone on the same LAN would.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.agent import NamespacedAgent
+from tests.support.camera import RtspCamera, gst_rtsp_server_missing
+from tests.support.netns import NetnsPair, netns_pair, wait_for_output
+
+__all__ = ["netns_pair"]
+
+PASSWORD = "s3cret-Camera-Pw"
+NEW_IP = "10.204.7.2"  # the camera's address after the "DHCP renewal"
+
+pytestmark = pytest.mark.skipif(gst_rtsp_server_missing() is not None,
+                                reason=str(gst_rtsp_server_missing()))
+
+
+class CameraSite:
+    """One ONVIF camera at ``ip`` in the camera namespace: RTSP stream, ONVIF device, WS-D."""
+
+    def __init__(self, pair: NetnsPair, tmp: Path, ip: str, endpoint: str | None = None):
+        self.pair, self.ip = pair, ip
+        creds = tmp / "creds"
+        creds.mkdir(exist_ok=True)
+        self.password_file = creds / "camera.password"
+        self.password_file.write_text(PASSWORD)
+        self.rtsp = RtspCamera.start(8554, netns=pair.viewer_ns, address=ip,
+                                     path="/Streaming/Channels/101", user="admin",
+                                     password=PASSWORD, width=320, height=240, fps=15)
+        self.onvif = pair.popen(pair.viewer_ns, [
+            sys.executable, "-m", "tests.support.onvif_device", "--model", "hikvision",
+            "--host", ip, "--port", "8080", "--user", "admin",
+            "--password-file", str(self.password_file), "--stream-host", f"{ip}:8554",
+        ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.xaddr = wait_for_output(self.onvif, "READY", timeout=30).split("READY ")[-1].strip()
+        self.wsd = pair.popen(pair.viewer_ns, [
+            sys.executable, "-m", "tests.support.wsd_peer", "publish", "Front door",
+            "DS-2CD2043G2-I", self.xaddr, *([endpoint] if endpoint else []),
+        ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        published = wait_for_output(self.wsd, "published", timeout=20)
+        self.uuid = json.loads(published.strip().splitlines()[-1])["published"]
+
+    def close(self) -> None:
+        assert self.wsd.stdin is not None
+        self.wsd.stdin.write("stop\n")
+        self.wsd.stdin.flush()
+        try:
+            self.wsd.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.wsd.kill()
+        self.onvif.terminate()
+        self.onvif.wait(timeout=10)
+        self.rtsp.close()
+
+
+@pytest.fixture
+def agent(netns_pair: NetnsPair, tmp_path: Path) -> Iterator[NamespacedAgent]:
+    process = NamespacedAgent(
+        netns_pair, tmp_path, [{"id": "demo", "source": "testsrc://"}],
+        env={"THERELAY_DISCOVERY_ENABLED": "true", "THERELAY_DISCOVERY_ADVERTISE": "true"},
+        discovery={"probe_timeout": 2, "interval": 0},
+    )
+    yield process
+    process.stop()
+
+
+def agent_cli(agent: NamespacedAgent, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI inside the agent's namespace (discovery needs the camera network)."""
+    done = agent.pair.run(agent.pair.agent_ns, [sys.executable, "-m", "agent", *args],
+                          env=agent.env, capture_output=True, text=True, timeout=90)
+    assert PASSWORD not in done.stdout + done.stderr
+    return done
+
+
+def watch(agent: NamespacedAgent, camera: str, token: str, until: int = 201) -> dict[str, Any]:
+    """A WHEP viewer on the camera network; its status and the size of its first frame.
+    Tries again (the daemon applies an adoption or a removal within a second or two) until
+    the status is ``until``."""
+    pair = agent.pair
+    for _ in range(20):
+        done = pair.run(pair.viewer_ns, [
+            sys.executable, "-m", "tests.support.ns_viewer", agent.base, camera, pair.viewer_ip,
+        ], env={**agent.env, "VIEWER_TOKEN": token}, capture_output=True, text=True,
+            timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        if result["status"] == until:
+            return result
+        time.sleep(0.25)
+    return result
+
+
+def log_event(agent: NamespacedAgent, event: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        agent.log.flush()
+        for line in agent.log_path.read_text().splitlines():
+            if f'"{event}"' in line:
+                entry: dict[str, Any] = json.loads(line)
+                return entry
+        time.sleep(0.2)
+    raise AssertionError(f"no {event} in the agent's log: {agent.log_path.read_text()[-3000:]}")
+
+
+def test_discover_adopt_watch_and_follow_a_moved_camera(
+    agent: NamespacedAgent, netns_pair: NetnsPair, tmp_path: Path
+) -> None:
+    pair = netns_pair
+    site = CameraSite(pair, tmp_path, pair.viewer_ip)
+    try:
+        # 1. discover: found over ONVIF, profiles asked with the credentials
+        done = agent_cli(agent, "discover", "--json", "--timeout", "2", "--user", "admin",
+                         "--password-file", str(site.password_file))
+        assert done.returncode == 0, done.stderr
+        cameras = json.loads(done.stdout)["cameras"]
+        (found,) = [c for c in cameras if c["identity"] == site.uuid]
+        assert found["methods"] == ["onvif"]
+        assert found["name"] == "Front door"
+        assert found["adopted_as"] is None
+        assert found["onvif_error"] is None
+        uris = {p["token"]: p["stream_uri"] for p in found["profiles"]}
+        assert uris["Profile_1"].startswith(
+            f"rtsp://admin@{pair.viewer_ip}:8554/Streaming/Channels/101")
+
+        # the table for people names it too, without the password
+        table = agent_cli(agent, "discover", "--timeout", "2")
+        assert found["id"] in table.stdout and "Front door" in table.stdout
+
+        # 2. adopt it: no YAML edit, no restart
+        done = agent_cli(agent, "cameras", "adopt", found["id"], "--user", "admin",
+                         "--password-file", str(site.password_file), "--id", "door")
+        assert done.returncode == 0, done.stderr
+        listed = json.loads(agent_cli(agent, "cameras", "list", "--json").stdout)["cameras"]
+        door = next(c for c in listed if c["id"] == "door")
+        assert door["from"] == "adopted (onvif)" and door["identity"] == site.uuid
+        assert pair.viewer_ip in door["source"]
+        credential = Path(agent.env["THERELAY_STATE_DIR"]) / "camera-credentials" / "door"
+        assert credential.read_text() == PASSWORD
+        assert credential.stat().st_mode & 0o777 == 0o600
+
+        # 3. a viewer plays it
+        token = json.loads(agent.cli("token", "create", "--camera", "door", "--json").stdout)
+        seen = watch(agent, "door", token["token"])
+        assert seen == {"status": 201, "width": 320, "height": 240}, seen
+        first_pulls = site.rtsp.total_connections
+        assert first_pulls >= 1
+    finally:
+        site.close()
+
+    # 4. the camera comes back at another address (same ONVIF endpoint): the agent follows
+    for ns, ifname, address in ((pair.viewer_ns, pair.viewer_if, f"{NEW_IP}/24"),
+                                (pair.agent_ns, pair.agent_if, "10.204.7.1/24")):
+        subprocess.run(["ip", "-n", ns, "addr", "add", address, "dev", ifname], check=True)
+    moved = CameraSite(pair, tmp_path, NEW_IP, endpoint=site.uuid)
+    try:
+        entry = log_event(agent, "camera_moved")
+        assert entry["camera"] == "door" and entry["new"] == NEW_IP
+        listed = json.loads(agent_cli(agent, "cameras", "list", "--json").stdout)["cameras"]
+        door = next(c for c in listed if c["id"] == "door")
+        assert door["source"].startswith(f"rtsp://{NEW_IP}:8554/Streaming/Channels/101")
+        assert door["identity"] == site.uuid  # same camera, same id
+        seen = watch(agent, "door", token["token"])
+        assert seen == {"status": 201, "width": 320, "height": 240}, seen
+        assert moved.rtsp.total_connections >= 1
+        audit = json.loads(agent.cli("audit", "--camera", "door", "--json").stdout)
+        events = [e["event"] for e in audit]
+        assert "camera.adopted" in events and "camera.moved" in events
+    finally:
+        moved.close()
+
+    # 5. removal: gone from the list and from the daemon
+    done = agent_cli(agent, "cameras", "remove", "door")
+    assert done.returncode == 0, done.stderr
+    assert not credential.exists()
+    assert watch(agent, "door", token["token"], until=404)["status"] == 404
+
+
+def test_agent_announces_itself_over_mdns(agent: NamespacedAgent, netns_pair: NetnsPair) -> None:
+    """Another machine on the LAN browsing _therelay._tcp finds the agent at its address."""
+    script = (
+        "import asyncio, json\n"
+        "from agent.discovery import mdns\n"
+        "found = asyncio.run(mdns.browse(['_therelay._tcp.local.'], 4))\n"
+        "print(json.dumps([{'port': s.port, 'addresses': s.addresses, 'txt': dict(s.txt)}"
+        " for s in found]))\n"
+    )
+    done = netns_pair.run(netns_pair.viewer_ns, [sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (service,) = json.loads(done.stdout.strip().splitlines()[-1])
+    assert service["port"] == agent.port
+    assert service["addresses"] == [netns_pair.agent_ip]
+    assert service["txt"]["id"] == "site1"
