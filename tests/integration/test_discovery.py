@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from tests.support.agent import NamespacedAgent
+from tests.support.avahi import Avahi, missing_programs
 from tests.support.camera import RtspCamera, gst_rtsp_server_missing
 from tests.support.netns import NetnsPair, netns_pair, wait_for_output
 
@@ -208,3 +209,47 @@ def test_agent_announces_itself_over_mdns(agent: NamespacedAgent, netns_pair: Ne
     assert service["port"] == agent.port
     assert service["addresses"] == [netns_pair.agent_ip]
     assert service["txt"]["id"] == "site1"
+
+
+def test_an_mdns_camera_announced_by_avahi_is_found_adopted_and_watched(
+    agent: NamespacedAgent, netns_pair: NetnsPair, tmp_path: Path
+) -> None:
+    """avahi-daemon + avahi-publish-service announce an _rtsp._tcp camera (no ONVIF); the
+    agent finds it, adopts its announced URL with credentials, and avahi sees the agent."""
+    missing = missing_programs()
+    if missing:
+        pytest.skip(f"avahi test peer unavailable: {', '.join(missing)} not installed")
+    pair = netns_pair
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    password_file = creds / "garage.password"
+    password_file.write_text(PASSWORD)
+    camera = RtspCamera.start(8555, netns=pair.viewer_ns, address=pair.viewer_ip,
+                              path="/garage", user="viewer", password=PASSWORD,
+                              width=320, height=240, fps=15)
+    try:
+        with Avahi(pair, "viewer", tmp_path / "avahi") as avahi:
+            avahi.publish("Garage camera", "_rtsp._tcp", 8555, {"path": "/garage"})
+            done = agent_cli(agent, "discover", "--json", "--timeout", "3")
+            assert done.returncode == 0, done.stderr
+            cameras = json.loads(done.stdout)["cameras"]
+            (found,) = [c for c in cameras if c["name"] == "Garage camera"]
+            assert found["methods"] == ["mdns"]
+            assert found["identity"] == "Garage camera._rtsp._tcp.local."
+            assert found["rtsp_urls"] == [f"rtsp://{pair.viewer_ip}:8555/garage"]
+
+            done = agent_cli(agent, "cameras", "adopt", found["id"], "--user", "viewer",
+                             "--password-file", str(password_file))
+            assert done.returncode == 0, done.stderr
+            assert "as camera 'garage-camera'" in done.stdout
+            token = json.loads(agent.cli("token", "create", "--camera", "garage-camera",
+                                         "--json").stdout)
+            seen = watch(agent, "garage-camera", token["token"])
+            assert seen == {"status": 201, "width": 320, "height": 240}, seen
+
+            # the running daemon's own announcement, as avahi-browse reports it
+            (entry,) = [e for e in avahi.browse("_therelay._tcp") if e.address]
+            assert entry.address == pair.agent_ip and entry.port == agent.port
+            assert entry.txt["id"] == "site1"
+    finally:
+        camera.close()

@@ -186,7 +186,8 @@ def test_move_and_remove(adopted: AdoptedCameras) -> None:
                   "http://192.168.1.99/onvif/device_service", now=5.0,
                   detail={"from": "192.168.1.64", "to": "192.168.1.99"})
     assert adopted.signature() != before
-    assert adopted.by_identity("urn:uuid:hik-1").source.startswith("rtsp://192.168.1.99")
+    moved = adopted.by_identity("urn:uuid:hik-1")
+    assert moved is not None and moved.source.startswith("rtsp://192.168.1.99")
     adopted.remove("door", actor="cli", now=6.0)
     assert adopted.all() == [] and not adopted.password_file("door").exists()
     with pytest.raises(NotFoundError):
