@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.access import audit
+from agent.access.db import db_path
 from agent.access.model import is_identifier
 from agent.access.store import TokenStore
 from agent.config import CameraConfig
@@ -59,6 +60,16 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM adopted_cameras"
 
 def _row(row: tuple[Any, ...]) -> AdoptedCamera:
     return AdoptedCamera(**dict(zip(_COLUMNS, row, strict=True)))
+
+
+def camera_config(camera: AdoptedCamera, credentials: Path) -> CameraConfig:
+    """The camera as the hub builds it (the password is read from its file at connect time)."""
+    password = credentials / camera.id
+    return CameraConfig(
+        id=camera.id, source=camera.source, name=camera.name, transport=camera.transport,
+        username=camera.username,
+        password_file=password if camera.username and password.exists() else None,
+    )
 
 
 class AdoptedCameras:
@@ -99,13 +110,7 @@ class AdoptedCameras:
         return self.credentials / camera_id
 
     def config(self, camera: AdoptedCamera) -> CameraConfig:
-        """The camera as the hub builds it (password read from its file at connect time)."""
-        password = self.password_file(camera.id)
-        return CameraConfig(
-            id=camera.id, source=camera.source, name=camera.name, transport=camera.transport,
-            username=camera.username,
-            password_file=password if camera.username and password.exists() else None,
-        )
+        return camera_config(camera, self.credentials)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -212,3 +217,20 @@ class AdoptedCameras:
         rows = self._store.read(lambda c: c.execute(
             "SELECT data, last_seen FROM sightings ORDER BY last_seen DESC").fetchall())
         return [(json.loads(data), last_seen) for data, last_seen in rows]
+
+
+def read_adopted(state_dir: Path) -> list[CameraConfig]:
+    """The adopted cameras as camera configs, read without writing (for ``doctor``, which
+    must not migrate or lock the database of a running daemon). Empty when there is none."""
+    path = db_path(state_dir)
+    if not path.exists():
+        return []
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)
+        try:
+            rows = conn.execute(f"{_SELECT} ORDER BY adopted_at, id").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error:  # no table yet (older schema), damaged: doctor's database check says
+        return []
+    return [camera_config(_row(r), state_dir / CREDENTIALS_DIR) for r in rows]

@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 
 from agent.config import CameraConfig, Config, load
+from agent.discovery.adopted import read_adopted
 from agent.doctor import cameras, local
 from agent.doctor.model import Report, Result, Status, result
 from agent.doctor.relay import check_relay
@@ -57,7 +58,7 @@ async def _guard(group: str, name: str, timeout: float,
 
 async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report:
     """Every check for ``config``, concurrently; results in a stable order."""
-    cameras_n = len(config.cameras)
+    cameras_n = len(config.cameras)  # adopted cameras are checked too, listed by id
     relay = config.relay.url or "not configured"
     head = [result("agent", "config", Status.OK,
                    f"valid: {config.origin}, agent {config.agent.id}, {cameras_n} camera(s), "
@@ -91,7 +92,10 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
         _guard("agent", "http", timeout * 2, http),
     ]
-    for camera in config.cameras:
+    configured = set(config.camera_ids)
+    adopted = [c for c in await asyncio.to_thread(read_adopted, config.state_dir)
+               if c.id not in configured]
+    for camera in [*config.cameras, *adopted]:
         jobs.extend(_camera_jobs(camera, timeout, slow))
     jobs.append(_guard("relay", "token", timeout * 3, relay_check))
     try:

@@ -160,8 +160,13 @@ def test_discover_adopt_watch_and_follow_a_moved_camera(
         token = json.loads(agent.cli("token", "create", "--camera", "door", "--json").stdout)
         seen = watch(agent, "door", token["token"])
         assert seen == {"status": 201, "width": 320, "height": 240}, seen
-        first_pulls = site.rtsp.total_connections
-        assert first_pulls >= 1
+        assert site.rtsp.total_connections >= 1
+
+        # doctor checks adopted cameras too, with their stored credentials
+        report = json.loads(agent_cli(agent, "doctor", "--json").stdout)
+        door_checks = {c["check"]: c["status"] for c in report["checks"]
+                       if c["group"] == "camera door"}
+        assert door_checks["rtsp"] == "ok" and door_checks["codec"] == "ok", report
     finally:
         site.close()
 
