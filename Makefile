@@ -11,5 +11,6 @@ bench:
 	.venv/bin/python -m tests.bench.bench_media first-frame
 	.venv/bin/python -m tests.bench.bench_media cpu --window 20
 	.venv/bin/python -m tests.bench.bench_media relay --window 20
+	.venv/bin/python -m tests.bench.bench_stop
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis
