@@ -26,7 +26,7 @@ from agent.config import Config, publisher_token
 from agent.doctor.model import Result, Status, result
 from agent.errors import ConfigError
 from agent.relay import protocol
-from agent.relay.link import ADVICE, CLOCK_SKEW_WARN, Rejected, _rejection
+from agent.relay.link import ADVICE, CLOCK_SKEW_WARN, Rejected, rejection_of
 from agent.relay.protocol import CLOSE_REASONS, TOKEN_REJECTIONS, ProtocolError, Welcome
 
 GROUP = "relay"
@@ -93,7 +93,7 @@ async def check_relay(config: Config, timeout: float, daemon_running: bool,
             user_agent_header=f"therelay-agent/{__version__} doctor", proxy=None,
             max_size=protocol.MAX_MESSAGE, open_timeout=timeout, close_timeout=1), timeout)
     except InvalidStatus as exc:
-        rejection = _rejection(exc)
+        rejection = rejection_of(exc)
         if isinstance(rejection, Rejected):
             return _rejected(rejection.reason, str(rejection))
         return _unreachable(url, str(rejection))

@@ -150,7 +150,7 @@ class RelayLink:
                 user_agent_header=f"therelay-agent/{__version__}", proxy=None,
                 max_size=protocol.MAX_MESSAGE, open_timeout=10, close_timeout=2)
         except InvalidStatus as exc:
-            raise _rejection(exc) from None
+            raise rejection_of(exc) from None
         try:
             await self._session(ws)
         except ConnectionClosed as exc:
@@ -353,7 +353,7 @@ async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:
     await ws.send(json.dumps(message, separators=(",", ":")))
 
 
-def _rejection(exc: InvalidStatus) -> Exception:
+def rejection_of(exc: InvalidStatus) -> Exception:
     response = exc.response
     try:
         body = json.loads(bytes(response.body or b"").decode() or "{}")
