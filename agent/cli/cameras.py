@@ -241,8 +241,12 @@ def _adopted_view(camera: AdoptedCamera) -> dict[str, Any]:
 
 def remove_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
     if args.camera_id in config.camera_ids:
+        if config.origin == "embedded defaults":
+            raise UsageError(f"camera {args.camera_id!r} is the built-in test pattern of the "
+                             "embedded defaults: write a config file with your cameras "
+                             "(see config.example.yaml) to replace it")
         raise UsageError(f"camera {args.camera_id!r} comes from the config file "
-                         f"({config.origin}): remove it there, then `systemctl reload "
+                         f"{config.origin}: remove it there, then `sudo systemctl reload "
                          "therelay-agent`")
     AdoptedCameras(store, config.state_dir).remove(args.camera_id, actor="cli",
                                                    now=time.time())

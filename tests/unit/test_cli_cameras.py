@@ -1,0 +1,83 @@
+"""`discover` and `cameras list|adopt|remove` without a network: discovery switched off, the
+sightings cache filled by hand (the namespace tests in tests/integration/test_discovery.py
+cover the real peers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.access.db import db_path
+from agent.access.policy import Site
+from agent.access.store import TokenStore
+from agent.discovery.adopted import AdoptedCameras
+from agent.discovery.catalog import Sighting, short_id
+
+GARAGE = Sighting("Garage._rtsp._tcp.local.", methods=["mdns"], name="Garage",
+                  addresses=["192.0.2.80"], mdns=["Garage._rtsp._tcp.local."],
+                  rtsp_urls=["rtsp://192.0.2.80:554/live"])
+
+
+@pytest.fixture
+def cli(run_cli, monkeypatch: pytest.MonkeyPatch, state_dir: Path):
+    monkeypatch.setenv("THERELAY_DISCOVERY_ONVIF", "false")  # nothing leaves the machine
+    monkeypatch.setenv("THERELAY_DISCOVERY_MDNS", "false")
+    store = TokenStore(db_path(state_dir), Site("site1", "acme"), 10, lambda: ())
+    AdoptedCameras(store, state_dir).remember([(GARAGE.identity, GARAGE.to_dict())])
+    store.close()
+    return run_cli
+
+
+def test_list_shows_the_config_cameras(cli) -> None:
+    result = cli("cameras", "list", "--json")
+    assert result.code == 0
+    assert json.loads(result.out)["cameras"][0] == {
+        "id": "demo", "name": "Test pattern", "from": "config", "source": "testsrc://",
+        "username": None}
+
+
+def test_discover_with_nothing_to_look_with_says_so(cli) -> None:
+    result = cli("discover")
+    assert result.code == 0 and "no camera answered" in result.out
+    assert cli("discover", "--timeout", "0").code == 2
+
+
+def test_adopt_from_the_cache_then_token_then_remove(cli, state_dir: Path) -> None:
+    secret = state_dir.parent / "garage.password"
+    secret.write_text("pw-garage\n")
+    result = cli("cameras", "adopt", short_id(GARAGE.identity), "--user", "viewer",
+                 "--password-file", str(secret))
+    assert result.code == 0, result.err
+    assert "as camera 'garage'" in result.out and "pw-garage" not in result.out
+    stored = state_dir / "camera-credentials" / "garage"
+    assert stored.read_text() == "pw-garage"  # trimmed like every secret file
+
+    listed = json.loads(cli("cameras", "list", "--json").out)["cameras"]
+    assert listed[1]["id"] == "garage" and listed[1]["from"] == "adopted (mdns)"
+    assert listed[1]["source"] == "rtsp://192.0.2.80:554/live"
+
+    # the adopted camera is a camera like any other for tokens
+    assert cli("token", "create", "--camera", "garage", "--json").code == 0
+
+    again = cli("cameras", "adopt", "192.0.2.80")
+    assert again.code == 2 and "already adopted as 'garage'" in again.err
+
+    assert cli("cameras", "remove", "garage").code == 0
+    assert not stored.exists()
+    assert cli("cameras", "remove", "garage").code == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["cameras", "adopt", "d0000000"], "no discovered camera 'd0000000'"),
+    (["cameras", "adopt", "192.0.2.80", "--profile", "sub"], "--profile applies to ONVIF"),
+    (["cameras", "adopt", "192.0.2.80", "--password-file", "x"], "--password-file needs --user"),
+    (["cameras", "adopt", "192.0.2.80", "--id", "demo"], "already used in the config file"),
+    (["cameras", "adopt", "192.0.2.80", "--id", "no spaces"], "must be 1-64"),
+    (["cameras", "remove", "demo"], "built-in test pattern"),
+])
+def test_mistakes_are_explained_and_change_nothing(cli, args: list[str], message: str) -> None:
+    result = cli(*args)
+    assert result.code == 2 and message in result.err
+    assert len(json.loads(cli("cameras", "list", "--json").out)["cameras"]) == 1
