@@ -91,7 +91,8 @@ def configure(fmt: str = "auto", level: str = "info", stream: TextIO | None = No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for chatty in ("aioice", "aiortc"):  # every ICE check at info level otherwise
+    # aioice/aiortc log every ICE check at info level; zeep and onvif every SOAP exchange
+    for chatty in ("aioice", "aiortc", "zeep", "onvif", "zeroconf"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, root.level))
     structlog.configure(
         processors=[
