@@ -28,6 +28,8 @@ ENV_PREFIX = "THERELAY_"
 DEFAULT_CONFIG_PATH = Path("/etc/therelay-agent/config.yaml")
 SOURCE_SCHEMES = ("rtsp", "rtsps", "testsrc", "file")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+#: Where systemd looks for ``LoadCredential=NAME`` (systemd.exec(5)); read by the CLI too.
+CREDENTIAL_STORES = ("/etc/credstore", "/run/credstore", "/usr/lib/credstore")
 
 
 def _default_agent_id() -> str:
@@ -489,12 +491,18 @@ def _is_ip(text: str) -> bool:
 
 
 def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = None) -> str | None:
-    """A secret from ``path``, else from the systemd credential ``name``, else None."""
+    """A secret from ``path``, else from the systemd credential ``name``, else None.
+
+    Outside the service (``sudo therelay-agent doctor``, a manual ``run``), the credential
+    stores systemd itself reads from are searched too, when this user may read them."""
     env = os.environ if environ is None else environ
     where = path
     if where is None and env.get("CREDENTIALS_DIRECTORY"):
         candidate = Path(env["CREDENTIALS_DIRECTORY"]) / name
         where = candidate if candidate.exists() else None
+    elif where is None:
+        where = next((c for c in (Path(d) / name for d in CREDENTIAL_STORES)
+                      if os.access(c, os.R_OK)), None)
     if where is None:
         return None
     try:

@@ -76,7 +76,7 @@ def test_the_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
     assert exposure <= 2.0
     text = UNIT.read_text()
     for needed in ("Type=notify", "WatchdogSec=", "Restart=on-failure",
-                   "LoadCredential=publisher-token:", "StateDirectory=therelay-agent",
+                   "LoadCredential=publisher-token\n", "StateDirectory=therelay-agent",
                    "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX AF_NETLINK",
                    "CapabilityBoundingSet=\n", "NoNewPrivileges=yes"):
         assert needed in text, needed
