@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import importlib
 import signal
 import time
 from collections import Counter
@@ -272,7 +273,9 @@ class Daemon:
         d = self.config.discovery
         if not (d.advertise or d.enabled):
             return
-        from agent.discovery import mdns  # noqa: PLC0415 (zeroconf is slow to import)
+        # zeroconf, zeep and onvif take ~0.2 s to import: in a thread, not on the loop
+        await asyncio.to_thread(importlib.import_module, "agent.discovery.follow")
+        from agent.discovery import mdns  # noqa: PLC0415 (imported above)
         from agent.discovery.follow import CameraFollower  # noqa: PLC0415
 
         if d.advertise or (d.enabled and d.mdns):

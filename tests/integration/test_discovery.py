@@ -256,5 +256,14 @@ def test_an_mdns_camera_announced_by_avahi_is_found_adopted_and_watched(
             (entry,) = [e for e in avahi.browse("_therelay._tcp") if e.address]
             assert entry.address == pair.agent_ip and entry.port == agent.port
             assert entry.txt["id"] == "site1"
+
+            # SIGTERM withdraws it (goodbye packets): avahi forgets it one second later
+            # (RFC 6762 §10.1), not after the records' time to live (75 minutes for SRV)
+            agent.stop()
+            for _ in range(20):
+                if not [e for e in avahi.browse("_therelay._tcp") if e.address]:
+                    break
+                time.sleep(0.25)
+            assert [e for e in avahi.browse("_therelay._tcp") if e.address] == []
     finally:
         camera.close()
