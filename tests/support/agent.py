@@ -232,10 +232,11 @@ class NamespacedAgent:
         return done
 
     def stop(self) -> None:
-        """SIGTERM and wait; a traceback in the daemon's log fails the test."""
+        """SIGTERM and wait; a traceback, or a callback that blocked the daemon's loop for
+        half a second (asyncio debug mode, inherited from the tests), fails the test."""
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=15)
         self.log.close()
-        tracebacks = [line for line in self.log_path.read_text().splitlines()
-                      if "Traceback" in line]
-        assert not tracebacks, tracebacks[:3]
+        problems = [line for line in self.log_path.read_text().splitlines()
+                    if "Traceback" in line or _blocked_for(line) > 0.5]
+        assert not problems, problems[:3]
