@@ -12,5 +12,6 @@ bench:
 	.venv/bin/python -m tests.bench.bench_media cpu --window 20
 	.venv/bin/python -m tests.bench.bench_media relay --window 20
 	.venv/bin/python -m tests.bench.bench_stop
+	.venv/bin/python -m tests.bench.bench_discovery
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

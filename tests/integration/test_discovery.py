@@ -22,53 +22,15 @@ import pytest
 from tests.support.agent import NamespacedAgent
 from tests.support.avahi import Avahi, missing_programs
 from tests.support.camera import RtspCamera, gst_rtsp_server_missing
-from tests.support.netns import NetnsPair, netns_pair, wait_for_output
+from tests.support.netns import NetnsPair, netns_pair
+from tests.support.onvif_site import PASSWORD, CameraSite
 
 __all__ = ["netns_pair"]
 
-PASSWORD = "s3cret-Camera-Pw"
 NEW_IP = "10.204.7.2"  # the camera's address after the "DHCP renewal"
 
 pytestmark = pytest.mark.skipif(gst_rtsp_server_missing() is not None,
                                 reason=str(gst_rtsp_server_missing()))
-
-
-class CameraSite:
-    """One ONVIF camera at ``ip`` in the camera namespace: RTSP stream, ONVIF device, WS-D."""
-
-    def __init__(self, pair: NetnsPair, tmp: Path, ip: str, endpoint: str | None = None):
-        self.pair, self.ip = pair, ip
-        creds = tmp / "creds"
-        creds.mkdir(exist_ok=True)
-        self.password_file = creds / "camera.password"
-        self.password_file.write_text(PASSWORD)
-        self.rtsp = RtspCamera.start(8554, netns=pair.viewer_ns, address=ip,
-                                     path="/Streaming/Channels/101", user="admin",
-                                     password=PASSWORD, width=320, height=240, fps=15)
-        self.onvif = pair.popen(pair.viewer_ns, [
-            sys.executable, "-m", "tests.support.onvif_device", "--model", "hikvision",
-            "--host", ip, "--port", "8080", "--user", "admin",
-            "--password-file", str(self.password_file), "--stream-host", f"{ip}:8554",
-        ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.xaddr = wait_for_output(self.onvif, "READY", timeout=30).split("READY ")[-1].strip()
-        self.wsd = pair.popen(pair.viewer_ns, [
-            sys.executable, "-m", "tests.support.wsd_peer", "publish", "Front door",
-            "DS-2CD2043G2-I", self.xaddr, *([endpoint] if endpoint else []),
-        ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        published = wait_for_output(self.wsd, "published", timeout=20)
-        self.uuid = json.loads(published.strip().splitlines()[-1])["published"]
-
-    def close(self) -> None:
-        assert self.wsd.stdin is not None
-        self.wsd.stdin.write("stop\n")
-        self.wsd.stdin.flush()
-        try:
-            self.wsd.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.wsd.kill()
-        self.onvif.terminate()
-        self.onvif.wait(timeout=10)
-        self.rtsp.close()
 
 
 @pytest.fixture
