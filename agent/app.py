@@ -149,6 +149,7 @@ class Daemon:
         self._zc: AsyncZeroconf | None = None
         self.advertiser: AgentAdvertiser | None = None
         self.follower: CameraFollower | None = None
+        self.notifier: Notifier | None = None  # set by run(): STATUS= when cameras change
         self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
                                  config.media.camera_timeout)
         self.lag = LoopLag()
@@ -241,6 +242,9 @@ class Daemon:
                                              if camera_id in removed else "camera_changed")
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
+            if self.notifier is not None and (added or removed):
+                self.notifier.notify(f"STATUS=serving {len(self.cameras.ids)} camera(s) on "
+                                     f"{self.config.http.listen}")
             return added, removed, changed
 
     async def _sync_adopted(self) -> bool:
@@ -366,7 +370,8 @@ async def run(config: Config, *, quick_start: bool) -> int:
                   f"once):\n{urls}", flush=True)
         await daemon.start()
         notifier = Notifier()
-        notifier.notify("READY=1", f"STATUS=serving {len(config.cameras)} camera(s) on "
+        daemon.notifier = notifier
+        notifier.notify("READY=1", f"STATUS=serving {len(daemon.cameras.ids)} camera(s) on "
                                    f"{config.http.listen}")
         notifier.start_watchdog()
         log.info("agent_started", version=__version__, agent_id=config.agent.id,

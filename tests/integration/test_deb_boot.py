@@ -173,6 +173,7 @@ def test_reload_adds_a_camera_without_a_restart(container: nspawn.Booted) -> Non
     assert _show(box, "MainPID")["MainPID"] == pid  # the same process: reloaded, not restarted
     health = json.loads(box.run("python3", "-c", HEALTHZ).stdout)
     assert health["cameras"] == {"idle": 2}
+    assert _show(box, "StatusText")["StatusText"].startswith("serving 2 camera(s)")
     assert not _problems(_events(journal)), journal[-3000:]
 
 
