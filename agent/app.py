@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import importlib
 import signal
@@ -38,7 +37,7 @@ from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import RelayLink, camera_inventory
-from agent.stopping import DetachedExecutor, StopBudget
+from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
 from agent.systemd import Notifier
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
@@ -117,17 +116,6 @@ def viewer_urls(config: Config, token: str) -> list[str]:
     else:
         hosts = [f"[{host}]" if ":" in host else host]
     return [f"http://{h}:{port}/#token={token}" for h in hosts]
-
-
-def advertised_addresses(listen_host: str, interfaces: list[str]) -> list[str]:
-    """The IPv4 addresses the agent is announced at: the listen address if it is one, else
-    the discovery interfaces' (default: every interface but loopback)."""
-    if listen_host not in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
-        return [listen_host]
-    wanted = set(interfaces)
-    return [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-            if isinstance(ip.ip, str) and not ip.ip.startswith("127.")
-            and (not wanted or adapter.nice_name in wanted or ip.ip in wanted)]
 
 
 class Daemon:
@@ -281,6 +269,7 @@ class Daemon:
         await asyncio.to_thread(importlib.import_module, "agent.discovery.follow")
         from agent.discovery import mdns  # noqa: PLC0415 (imported above)
         from agent.discovery.follow import CameraFollower  # noqa: PLC0415
+        from agent.discovery.interfaces import multicast_interfaces  # noqa: PLC0415
 
         if d.advertise or (d.enabled and d.mdns):
             try:
@@ -289,10 +278,12 @@ class Daemon:
                 log.warning("mdns_unavailable", error=str(exc))
         if d.advertise and self._zc is not None:
             host, port = self.config.http.host_port
-            self.advertiser = mdns.AgentAdvertiser(
-                self._zc, self.config.agent.id, __version__, port,
-                advertised_addresses(host, d.interfaces))
             try:
+                # the listen address if it is one, else the discovery interfaces' addresses
+                addresses = ([host] if host not in ("0.0.0.0", "::", "")  # noqa: S104
+                             else multicast_interfaces(d.interfaces))
+                self.advertiser = mdns.AgentAdvertiser(
+                    self._zc, self.config.agent.id, __version__, port, addresses)
                 await self.advertiser.start()
             except (AgentError, OSError) as exc:
                 log.warning("mdns_announce_failed", error=str(exc))
@@ -311,11 +302,7 @@ class Daemon:
 
     async def _stop_discovery(self) -> None:
         """Withdraw the announcement (goodbye packets) and stop listening."""
-        for task in (self._adopted_watch, self._discovery):
-            if task is not None and not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        await cancel_and_wait(self._adopted_watch, self._discovery)
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.follower is not None:

@@ -9,6 +9,7 @@ network timeout) gets what is left of one budget, and the audit flush comes last
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,6 +21,16 @@ log = structlog.get_logger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")
+
+
+async def cancel_and_wait(*tasks: asyncio.Task[object] | None) -> None:
+    """Cancel ``tasks`` (None and finished ones are skipped) and wait until they have ended."""
+    running = [t for t in tasks if t is not None and not t.done()]
+    for task in running:
+        task.cancel()
+    for task in running:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class StopBudget:

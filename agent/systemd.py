@@ -8,11 +8,12 @@ all when the agent is not started by systemd. WATCHDOG=1 is sent every half of
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import socket
 
 import structlog
+
+from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -52,8 +53,5 @@ class Notifier:
             await asyncio.sleep(self.watchdog_interval)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None

@@ -13,7 +13,6 @@ agent is killed right after. Denials and ``session.ended`` entries are batched (
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sqlite3
 import time
@@ -31,6 +30,7 @@ from agent.access.recorder import AccessRecorder
 from agent.access.sessions import Session, SessionRegistry
 from agent.access.store import TokenStore
 from agent.access.tokens import check as check_format
+from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -80,11 +80,8 @@ class AccessService:
         log.info("access_ready", tokens=len(self._tokens))
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         for session in self.sessions:
             self.end_session(session.id, "shutdown")
             self._close_quietly(session, "shutdown")

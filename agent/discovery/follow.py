@@ -27,6 +27,7 @@ from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.discovery.catalog import Sighting, host_of
 from agent.discovery.scan import scan
 from agent.errors import AgentError
+from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
 
@@ -66,13 +67,7 @@ class CameraFollower:
         self._periodic = asyncio.create_task(self._probe_every(), name="discovery-probe")
 
     async def stop(self) -> None:
-        if self._periodic is not None:
-            self._periodic.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._periodic
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._periodic, *self._tasks)
         if self._listener is not None:
             await self._listener.stop()
         if self._browser is not None:

@@ -21,7 +21,6 @@ from types import MappingProxyType
 from typing import Any, Literal
 from urllib.parse import quote
 
-import ifaddr
 import structlog
 from zeroconf import (
     BadTypeInNameException,
@@ -32,6 +31,7 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
+from agent.discovery.interfaces import multicast_interfaces
 from agent.errors import ConfigError
 
 log = structlog.get_logger(__name__)
@@ -504,33 +504,6 @@ class AgentAdvertiser:
 # -- sockets ---------------------------------------------------------------------------------
 
 
-def interface_ipv4(interfaces: Sequence[str]) -> list[str]:
-    """IPv4 addresses for ``interfaces`` given as interface names or IPv4 addresses."""
-    adapters: dict[str, ifaddr.Adapter] | None = None
-    found: list[str] = []
-    for entry in interfaces:
-        try:
-            parsed = ipaddress.ip_address(entry)
-        except ValueError:
-            parsed = None
-        if parsed is not None:
-            if parsed.version != 4:
-                raise ConfigError(f"mDNS runs on IPv4 here: {entry!r} is an IPv6 address")
-            found.append(str(parsed))
-            continue
-        if adapters is None:
-            adapters = {a.nice_name: a for a in ifaddr.get_adapters()}
-        adapter = adapters.get(entry)
-        if adapter is None:
-            raise ConfigError(f"mDNS: no interface named {entry!r} "
-                              f"(this machine has {', '.join(sorted(adapters))})")
-        ipv4 = [ip.ip for ip in adapter.ips if isinstance(ip.ip, str)]
-        if not ipv4:
-            raise ConfigError(f"mDNS: interface {entry!r} has no IPv4 address")
-        found.extend(ipv4)
-    return list(dict.fromkeys(found))
-
-
 def open_zeroconf(interfaces: Sequence[str] | None = None) -> AsyncZeroconf:
     """An IPv4 ``AsyncZeroconf`` on ``interfaces`` (names or addresses), or on all of them.
 
@@ -538,7 +511,7 @@ def open_zeroconf(interfaces: Sequence[str] | None = None) -> AsyncZeroconf:
     bind with SO_REUSEADDR/SO_REUSEPORT).
     """
     chosen: InterfaceChoice | list[str | int] = (
-        list(interface_ipv4(interfaces)) if interfaces else InterfaceChoice.All
+        list(multicast_interfaces(interfaces)) if interfaces else InterfaceChoice.All
     )
     try:
         return AsyncZeroconf(interfaces=chosen, ip_version=IPVersion.V4Only)

@@ -8,7 +8,6 @@ fail, and publishes again with the agent's backoff.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -16,6 +15,7 @@ from aiortc import RTCConfiguration
 
 from agent.media.cameras import Camera
 from agent.retry import FailureLog, backoff
+from agent.stopping import cancel_and_wait
 from agent.webrtc.whip import WhipPublisher
 
 log = structlog.get_logger(__name__)
@@ -41,11 +41,7 @@ class AlwaysPublisher:
                        for c in self._cameras]
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         publishers, self.live = list(self.live.values()), {}
         await asyncio.gather(*(p.stop() for p in publishers), return_exceptions=True)

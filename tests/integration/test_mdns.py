@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 
+from agent.discovery.interfaces import DiscoveryError
 from agent.discovery.mdns import (
     AgentAdvertiser,
     MdnsBrowser,
@@ -28,7 +29,6 @@ from agent.discovery.mdns import (
     agent_txt,
     open_zeroconf,
 )
-from agent.errors import ConfigError
 from tests.support.avahi import Avahi, missing_programs, wait_until
 from tests.support.netns import NetnsPair, netns_pair
 
@@ -377,7 +377,11 @@ async def test_name_conflicts_are_renamed_and_loopback_is_never_announced() -> N
 
 
 async def test_open_zeroconf_refuses_unknown_interfaces() -> None:
-    with pytest.raises(ConfigError, match="no interface named"):
+    """The same rule as WS-Discovery (agent/discovery/interfaces.py): checked before any
+    socket is opened, so nothing is sent."""
+    with pytest.raises(DiscoveryError, match="no interface named 'no-such-if0'"):
         open_zeroconf(["no-such-if0"])
-    with pytest.raises(ConfigError, match=r"cannot listen on 192\.0\.2\.77"):
-        open_zeroconf(["192.0.2.77"])  # not an address of this machine: nothing is sent
+    with pytest.raises(DiscoveryError, match=r"192\.0\.2\.77 is not an IPv4 address of this"):
+        open_zeroconf(["192.0.2.77"])
+    with pytest.raises(DiscoveryError, match="IPv6"):
+        open_zeroconf(["2001:db8::1"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from agent.discovery import mdns
-from agent.errors import ConfigError
 
 
 def wire(*strings: bytes) -> bytes:
@@ -179,10 +178,3 @@ def test_advertisable_never_loopback() -> None:
     assert mdns.advertisable(given) == ["192.168.1.20", "2001:db8::2"]
 
 
-def test_interface_ipv4() -> None:
-    assert mdns.interface_ipv4(["10.0.0.1", "10.0.0.1"]) == ["10.0.0.1"]
-    assert mdns.interface_ipv4(["lo"]) == ["127.0.0.1"]
-    with pytest.raises(ConfigError, match="no interface named 'nope0'"):
-        mdns.interface_ipv4(["nope0"])
-    with pytest.raises(ConfigError, match="IPv6"):
-        mdns.interface_ipv4(["2001:db8::1"])
