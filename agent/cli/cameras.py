@@ -17,7 +17,7 @@ from agent.access.store import TokenStore
 from agent.cli.output import emit_json, table
 from agent.config import Config, read_secret
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
-from agent.discovery.catalog import Sighting, camera_id_for, find, host_of
+from agent.discovery.catalog import Sighting, camera_id_for, find
 from agent.errors import AgentError, UsageError
 
 
@@ -210,20 +210,15 @@ async def _stream_of(sighting: Sighting, args: argparse.Namespace,
                      password: str | None) -> tuple[str, str | None, str]:
     """(stream URL, ONVIF device URL, method) for the camera, asking it over ONVIF if it can."""
     from agent.discovery import onvif  # noqa: PLC0415
+    from agent.discovery.scan import stream_url  # noqa: PLC0415
 
     if sighting.xaddrs:
         xaddr = sighting.xaddrs[0]
         try:
-            device = await onvif.query_device(xaddr, args.user, password, timeout=10.0)
+            uri = await stream_url(xaddr, args.user, password, args.profile, timeout=10.0)
         except onvif.OnvifAuthError as exc:
             hint = "" if args.user else " (give --user and --password-file)"
             raise AgentError(f"{exc}{hint}") from None
-        profile = onvif.choose_profile(device, args.profile)
-        if not profile.stream_uri:
-            raise AgentError(f"the camera gave no RTSP stream for profile {profile.token!r}: "
-                             "choose another with --profile")
-        host = host_of(xaddr)
-        uri = onvif.with_host(profile.stream_uri, host) if host else profile.stream_uri
         return uri, xaddr, "onvif"
     if args.profile != "main":
         raise UsageError("--profile applies to ONVIF cameras; this one was found over mDNS")

@@ -25,7 +25,7 @@ from agent.config import DiscoverySection, read_secret
 from agent.discovery import mdns, onvif, wsd
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.discovery.catalog import Sighting, host_of
-from agent.discovery.scan import scan
+from agent.discovery.scan import scan, stream_url
 from agent.errors import AgentError
 from agent.stopping import cancel_and_wait
 
@@ -152,16 +152,12 @@ class CameraFollower:
     async def _ask_stream(self, camera: AdoptedCamera, xaddr: str) -> str:
         """The stream URL at the camera's new address: asked over ONVIF, else the old URL
         with the new host (when the camera does not answer the question right now)."""
-        host = host_of(xaddr) or ""
         try:
             password = await asyncio.to_thread(
                 read_secret, f"camera-{camera.id}", self._adopted.password_file(camera.id)
                 if camera.username else None)
-            device = await onvif.query_device(xaddr, camera.username, password,
-                                              timeout=self._section.probe_timeout + 5)
-            profile = onvif.choose_profile(device, camera.profile)
-            if profile.stream_uri:
-                return onvif.with_host(profile.stream_uri, host)
+            return await stream_url(xaddr, camera.username, password, camera.profile,
+                                    timeout=self._section.probe_timeout + 5)
         except AgentError as exc:
             log.warning("camera_moved_onvif_failed", camera=camera.id, error=str(exc))
-        return onvif.with_host(camera.source, host)
+        return onvif.with_host(camera.source, host_of(xaddr) or "")

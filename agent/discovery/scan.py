@@ -40,6 +40,19 @@ def profile_dict(profile: onvif.OnvifProfile, host: str | None) -> dict[str, obj
     return out
 
 
+async def stream_url(xaddr: str, username: str | None, password: str | None, want: str,
+                     timeout: float) -> str:
+    """The RTSP URL of profile ``want`` (main, sub or a token), asked over ONVIF, pointing at
+    the address the device answers on (a camera may report a stale host in its URIs)."""
+    device = await onvif.query_device(xaddr, username, password, timeout=timeout)
+    profile = onvif.choose_profile(device, want)
+    if not profile.stream_uri:
+        raise onvif.OnvifProfileError(f"the camera gave no RTSP stream for profile "
+                                      f"{profile.token!r}: choose another with --profile")
+    host = host_of(xaddr)
+    return onvif.with_host(profile.stream_uri, host) if host else profile.stream_uri
+
+
 async def ask_onvif(sighting: Sighting, username: str | None, password: str | None,
                     timeout: float) -> None:
     """Fill in model and profiles from the camera's ONVIF services (or the reason it said no)."""

@@ -40,6 +40,8 @@ class AgentProcess:
                   "http": {"listen": f"127.0.0.1:{self.port}"},
                   "webrtc": {"host_addresses": ["127.0.0.1"]},
                   "audit": {"flush_interval": 0.1},
+                  # the host's namespace: never probe or announce on its real interfaces
+                  "discovery": {"enabled": False, "advertise": False},
                   "cameras": cameras, **sections}
         self.config_path = tmp / f"agent-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
