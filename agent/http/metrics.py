@@ -46,7 +46,8 @@ def _escape(value: str) -> str:
 class RelayState(typing.Protocol):
     """What /metrics reads from the relay link."""
 
-    state: str
+    @property
+    def state(self) -> str: ...
 
     @property
     def publish_sessions(self) -> int: ...

@@ -69,5 +69,5 @@ class AlwaysPublisher:
             finally:
                 self.live.pop(camera.id, None)
                 await publisher.stop()
-            log.warning("whip_always_lost", camera=camera.id)
+            log.warning("whip_always_lost", camera=camera.id, error=publisher.failure)
             await asyncio.sleep(next(delays))
