@@ -120,7 +120,7 @@ def test_counts_restart_only_after_a_30_s_session(lasted: float, resets: bool) -
 def test_a_relay_closing_right_after_welcome_is_not_hammered() -> None:
     p = proto(seed=7)
     total = 0.0
-    for n in range(30):  # 1000 right after every welcome (the independent relay's case)
+    for _n in range(30):  # 1000 right after every welcome (the independent relay's case)
         connect(p, now=total)
         total += p.connection_ended(Closed(1000), total + 0.01).delay
     assert total > 300  # 30 reconnects take minutes, not the 33 s of a flat 1.1 s
@@ -479,7 +479,7 @@ def test_a_big_tokens_sync_is_parsed_in_steps_and_others_are_limited() -> None:
             break
     assert isinstance(event, TokensSync) and len(event.tokens) == 10_000
     assert pauses >= 10_000 // messages.CHUNK
-    bad = tokens[:5] + [dict(record, sha256="XX")]
+    bad = [*tokens[:5], dict(record, sha256="XX")]
     invalid = messages.parse(text("tokens.sync", "b", full=True, cursor="c", tokens=bad))
     assert isinstance(invalid, messages.Invalid) and "tokens[5]" in invalid.problem
     with pytest.raises(ProtocolError, match="larger than 1 MiB"):
