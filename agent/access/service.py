@@ -37,6 +37,7 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+APPLY_SLICE = 2000  # records indexed per event-loop step by refresh()
 #: How long a grant waits for its audit entry to reach the disk. The daemon survives a
 #: failing disk (it keeps serving, loudly): past this, the request goes on unrecorded.
 DURABLE_WAIT = 2.0
@@ -135,8 +136,14 @@ class AccessService:
         self._refreshing = asyncio.get_running_loop().create_future()
         self._refreshing.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            changed, self._rev = await asyncio.to_thread(self._store.changes_since, self._rev)
-            self.apply_changes(changed)
+            changed, rev = await asyncio.to_thread(self._store.changes_since, self._rev)
+            # A relay sync can change 100,000 records: index them a slice at a time so the
+            # event loop keeps its 50 ms promise (docs/relay-protocol.md 1.2).
+            for start in range(0, len(changed), APPLY_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                self.apply_changes(changed[start:start + APPLY_SLICE])
+            self._rev = rev
         except asyncio.CancelledError:
             self._refreshing.cancel()
             raise

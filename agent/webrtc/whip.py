@@ -30,13 +30,14 @@ log = structlog.get_logger(__name__)
 MAX_REDIRECTS = 3
 USER_AGENT = f"therelay-agent/{__version__}"
 #: A connected peer that sends nothing (no RTCP receiver report, no NACK, no DTLS record)
-#: for this long, or for 3x the longest gap seen so far if larger, is taken for dead: a
+#: for this long, or for 2x the longest gap seen so far if larger, is taken for dead: a
 #: crashed WHIP server sends no DTLS alert, and ICE consent (RFC 7675 §5.1) would only
 #: expire after 30 s. WebRTC receivers (libwebrtc, Pion, aiortc) send RTCP receiver
-#: reports about every second (RFC 3550 §6.2 leaves the interval to the profile), so 3 s
-#: is about three missed reports; a peer that reports more sparsely widens the window.
-SILENT_PEER = 3.0
-WATCH_EVERY = 0.5
+#: reports about every second (RFC 3550 §6.2 leaves the interval to the profile; aiortc
+#: waits 0.5–1.5 s), so 2.5 s is two missed reports or more; a peer that reports more
+#: sparsely widens the window.
+SILENT_PEER = 2.5
+WATCH_EVERY = 0.25
 _LINK = re.compile(r'<([^>]+)>\s*;([^,]*rel="?ice-server"?[^,]*)')
 _PARAM = re.compile(r'(\w[\w-]*)="([^"]*)"')
 
@@ -119,7 +120,7 @@ class WhipPublisher:
                 if last_count >= 0:
                     longest = max(longest, now - last_at)
                 last_count, last_at = count, now
-            elif now - last_at >= max(SILENT_PEER, 3 * longest):
+            elif now - last_at >= max(SILENT_PEER, 2 * longest):
                 log.warning("whip_peer_silent", url=self._url, seconds=round(now - last_at, 1))
                 self._fail(f"the WHIP peer sent nothing for {now - last_at:.1f} s")
 

@@ -8,11 +8,14 @@ violations empty.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
+from tests.bench import bench_relay_sync
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay
@@ -118,11 +121,15 @@ async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -
             message = await relay.publish("cam1")
             ack = await relay.wait_for("ack", lambda m: m.get("ok") is False, timeout=10)
             assert ack["error"]["code"] == "read_only"
+            # v1.1 (1.3): the refusal is also the session's terminal publish.status.
+            status = await relay.wait_status(message, "failed")
+            assert status["error"]["code"] == "read_only"
             assert relay.whip_resource(message) is None
             await wait_until(lambda: any(e.get("event") == "relay_read_only"
                                          for e in agent.log_events()), 5)
         finally:
             assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+        assert relay.violations == []
 
 
 async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
@@ -155,10 +162,17 @@ async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
             message = await relay.send_tokens([record])
             assert message is not None
             ack = await relay.wait_ack(message)
+            session = await relay.publish("cam1")
+            await relay.wait_status(session, "live", timeout=20)
             mark = len(relay.received)
             await relay.close_agent(1001, "restart")
             hello = await relay.wait_for("hello", since=mark, timeout=20)
             assert hello["token_cursor"] == ack["cursor"]
+            # v1.1 (section 3): the session the drop ended is reported after the welcome.
+            await relay.wait_whip_deleted(session)
+            stopped = await relay.wait_status(session, "stopped")
+            assert stopped["error"]["code"] == "channel_lost"
+            assert relay.received.index(stopped) > relay.received.index(hello)
         finally:
             assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
         assert relay.violations == []
@@ -263,3 +277,143 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
             assert any(e.get("event") == "clock_skew" for e in agent.log_events())
         finally:
             assert await asyncio.to_thread(agent.stop) == 0
+
+
+def events(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in agent.log_events() if e.get("event") == name]
+
+
+async def test_a_rejection_after_other_failures_is_still_said_once(tmp_path: Path) -> None:
+    """The independent relay's finding: a relay restart, an overloaded relay, then 401
+    token_revoked — one relay_rejected_agent error, no relay_unavailable for it."""
+    async with FakeRelay() as relay:
+        token = relay.issue_publisher(agent_id="nvr1")
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay, token)
+        try:
+            await relay.wait_agent(timeout=20)
+            await relay.revoke_publisher(token, close=False)  # seen at the next upgrade
+            relay.fail_upgrades(503)
+            await relay.close_agent(1001, "restart")
+            await wait_until(lambda: [a.status for a in relay.attempts[1:]] == [503, 401], 15)
+            await wait_until(lambda: events(agent, "relay_rejected_agent"), 5)
+            (rejected,) = events(agent, "relay_rejected_agent")
+            assert rejected["level"] == "error" and rejected["reason"] == "token_revoked"
+            assert "TheRelay Dashboard" in rejected["fix"] and rejected["retry_in_s"] >= 15
+            unavailable = events(agent, "relay_unavailable")
+            assert [e["error"] for e in unavailable] == [
+                "the relay closed the connection (1001 going_away)",
+                "the relay answered HTTP 503 (unavailable)"]
+            assert token not in agent.log_path.read_text()
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []
+
+
+async def test_a_welcome_naming_another_agent_is_closed_4005(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        relay.welcome_agent_id = "nvr-elsewhere"
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        try:
+            closed = await relay.wait_closed(timeout=20)
+            assert (closed.code, closed.by_relay) == (4005, False)
+            await wait_until(lambda: events(agent, "relay_rejected_agent"), 5)
+            (rejected,) = events(agent, "relay_rejected_agent")
+            assert rejected["reason"] == "agent_not_allowed" and "agent.id" in rejected["fix"]
+            await asyncio.sleep(3)
+            assert relay.connections == 1  # the next try is 15 s or more away
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []
+
+
+async def test_a_relay_that_never_welcomes(tmp_path: Path) -> None:
+    """It accepts the upgrade and the hello, then says nothing: the agent says so, closes
+    (4009), comes back, and LAN viewing never notices."""
+    async with FakeRelay() as relay:
+        relay.send_welcome = False
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        try:
+            _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+            closed = await relay.wait_closed(timeout=25)
+            assert (closed.code, closed.by_relay) == (4009, False)
+            await wait_until(lambda: events(agent, "relay_unavailable"), 5)
+            (line,) = events(agent, "relay_unavailable")
+            assert line["error"] == ("the relay accepted the connection but sent no welcome "
+                                     "within 10 s")
+            assert await snapshot_status(agent, token) == 200
+            relay.send_welcome = True
+            await relay.wait_agent(timeout=20)
+            assert await snapshot_status(agent, token) == 200
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []
+
+
+async def test_bad_input_from_the_relay(tmp_path: Path) -> None:
+    """A bad field is refused with an ack, the connection stays; a too-big message is the
+    agent's own 1009, logged as such."""
+    async with FakeRelay() as relay:
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            bad = await relay.send("publish", session_id="s-1", whip_url="x" * 5000)
+            ack = await relay.wait_ack(bad)
+            assert ack["ok"] is False and ack["error"]["code"] == "invalid"
+            unknown = await relay.send("ack", ack="never-sent", ok=True)
+            assert unknown and relay.connections == 1
+            pong = await relay.ping()  # the connection is still up
+            assert pong["type"] == "pong" and relay.connections == 1
+            mark = len(relay.closed)
+            await relay.send_raw(json.dumps({"type": "ping", "id": "big",
+                                             "pad": "x" * (2 << 20)}))
+            closed = await relay.wait_closed(since=mark)
+            assert (closed.code, closed.by_relay) == (1009, False)
+            await wait_until(lambda: events(agent, "relay_unavailable"), 5)
+            assert events(agent, "relay_unavailable")[0]["error"] == (
+                "the agent closed the connection (1009 message_too_big)")
+            await relay.wait_agent(timeout=20)
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []
+
+
+async def test_always_mode_republishes_within_5_s_after_the_whip_server_dies(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        secret = tmp_path / "publisher-token.secret"
+        secret.write_text(relay.issue_publisher() + "\n")
+        agent = await asyncio.to_thread(
+            AgentProcess, tmp_path, [{"id": "cam1", "source": SMALL}], agent={"id": "nvr1"},
+            relay={"publish": "always", "publisher_token_file": str(secret),
+                   "whip_url_template": relay.whip_url_template})
+        key = relay.always_session("nvr1", "cam1")
+        try:
+            await relay.whip_frame(key, timeout=20)
+            loop = asyncio.get_running_loop()
+            live_since = loop.time()
+            await wait_until(lambda: events(agent, "whip_always_publishing"), 5)
+            await asyncio.sleep(max(0.0, 10.5 - (loop.time() - live_since)))  # it had worked
+            dead = relay.crash_whip(key)
+            crashed = loop.time()
+            await wait_until(lambda: (r := relay.whip_resource(key)) is not None
+                             and r is not dead, 10)
+            took = loop.time() - crashed
+            print(f"republished {took:.2f} s after the WHIP peer died")
+            assert took <= 5.0
+            await relay.whip_frame(key, timeout=10)
+            (lost,) = events(agent, "whip_always_lost")
+            assert "sent nothing" in lost["error"]
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []
+
+
+async def test_a_sync_of_100000_tokens_keeps_the_event_loop_responsive(
+        tmp_path: Path) -> None:
+    result = await bench_relay_sync.measure(100_000, tmp_path)
+    print(bench_relay_sync.report(100_000, result))
+    assert result["tokens"] >= 100_000
+    # The agent's own work never holds the loop above 50 ms beyond the machine's noise;
+    # CPython's full collections are reported apart (docs/field-notes.md).
+    assert result["worst_lag_outside_gc_ms"] - result["idle_lag_ms"] <= 50
+    assert result["seconds"] < 120 and result["rss_growth_mib"] < 1024

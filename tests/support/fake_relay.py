@@ -441,6 +441,22 @@ class FakeRelay:
             self.sessions[session_id].unpublished = True
         return await self.send("unpublish", session_id=session_id)
 
+    def crash_whip(self, session_id: str) -> WhipResource:
+        """The WHIP server side of the session's newest resource dies without a word: its
+        UDP sockets close, so no DTLS alert, no RTCP and no ICE answer reach the agent (a
+        crashed or unplugged server). Returns the dead resource."""
+        resource = self.whip_resource(session_id)
+        if resource is None:
+            raise RuntimeError(f"no live WHIP resource for {session_id}")
+        for transceiver in resource.pc.getTransceivers():
+            ice = transceiver.receiver.transport.transport
+            for stun in list(ice._connection._protocols):
+                if stun.transport is not None:
+                    stun.transport.close()
+        resource.deleted = True  # gone: a later DELETE finds nothing
+        self._notify()
+        return resource
+
     def always_session(self, agent_id: str, camera_id: str) -> str:
         """The session id under which ``always``-mode POSTs to the template are kept."""
         return f"{agent_id}/{camera_id}"
@@ -468,10 +484,17 @@ class FakeRelay:
                 raise  # an acked message stays queued and is repeated after a reconnect
         return str(message["id"])
 
-    async def send_raw(self, data: str | bytes) -> None:
-        """Send a frame as is (to test the agent's handling of garbage)."""
+    async def send_raw(self, data: str | bytes, fragment: int | None = None) -> None:
+        """Send a frame as is (to test the agent's handling of garbage). With
+        ``fragment``, ``data`` (UTF-8 bytes) goes as one text message in fragments of that
+        many bytes (RFC 6455 §5.4), as a relay sends a big tokens.sync."""
         link = self._require_link()
-        await link.ws.send(data)
+        if fragment is None:
+            await link.ws.send(data)
+            return
+        raw = data.encode() if isinstance(data, str) else data
+        await link.ws.send([raw[i:i + fragment] for i in range(0, len(raw), fragment)],
+                           text=True)
 
     async def ping(self, timeout: float = 5.0) -> Message:
         """Send ``ping`` and return the agent's ``pong``."""

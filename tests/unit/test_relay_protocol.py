@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -121,8 +120,8 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
     assert decide(NOW + 6) is Reason.REVOKED
     assert not store.revoke_relay("Zz0000000000", NOW, NOW)  # unknown: nothing to do
     # A full sync revokes relay tokens it does not list, and never touches local ones.
-    clash = replace(token.tokens[0], id="Xx0000000000")  # same hash, another id: refused
-    other = replace(token.tokens[0], id="Yy0000000000", sha256=bytes(32))
+    clash = token.tokens[0]._replace(id="Xx0000000000")  # same hash, another id: refused
+    other = token.tokens[0]._replace(id="Yy0000000000", sha256=bytes(32))
     assert store.apply_relay_sync([clash, other], full=False, cursor="c-2", now=NOW + 7) == 1
     assert store.apply_relay_sync([], full=True, cursor="c-3", now=NOW + 8) == 1
     assert store.get("Yy0000000000").revoked_at == NOW + 8

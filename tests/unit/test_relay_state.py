@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from agent.relay import messages
-from agent.relay.messages import ProtocolError, TokensSync
+from agent.relay.messages import ProtocolError, SyncedTokens, TokensSync
 from agent.relay.protocol import (
     HEARTBEAT_MAX,
     MAX_SESSIONS,
@@ -318,7 +318,7 @@ def test_tokens_sync_and_revoke_are_applied_then_acked_once() -> None:
     assert ack["cursor"] == "c-2" and ack["ok"] is True and "refused" not in ack
     assert sent(feed(p, raw)) == [ack]  # a repeat afterwards: the same answer
     # the ack is ready to carry per-token refusals
-    other = TokensSync("t9", False, "c-3", [])
+    other = TokensSync("t9", False, "c-3", SyncedTokens())
     assert sent(p.sync_applied(other, [{"id": "Ab3", "code": "x"}]))[0]["refused"] == [
         {"id": "Ab3", "code": "x"}]
     (revoke,) = feed(p, text("tokens.revoke", "r1", token_id="Ab3dE5gH7jK9", revoked_at=5))
