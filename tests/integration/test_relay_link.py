@@ -417,3 +417,19 @@ async def test_a_sync_of_100000_tokens_keeps_the_event_loop_responsive(
     # CPython's full collections are reported apart (docs/field-notes.md).
     assert result["worst_lag_outside_gc_ms"] - result["idle_lag_ms"] <= 50
     assert result["seconds"] < 120 and result["rss_growth_mib"] < 1024
+
+
+async def test_the_heartbeat_follows_welcome(tmp_path: Path) -> None:
+    async with FakeRelay(heartbeat_s=5) as relay:
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            await asyncio.sleep(11.5)
+            link = relay._current()
+            assert link is not None and link.welcomed_at is not None
+            gaps = [b - a for a, b in zip([link.welcomed_at, *link.pings], link.pings,
+                                          strict=False)]
+            assert len(gaps) == 2 and all(4.5 <= g <= 6 for g in gaps), gaps  # not 20 s
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []

@@ -51,6 +51,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from multidict import CIMultiDict
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
@@ -148,6 +149,7 @@ class Link:
     closed_by_relay: bool = False
     welcomed_at: float | None = None  # time.monotonic() of the welcome
     mismatch: bool = False  # the welcome named another agent id than the hello
+    pings: list[float] = field(default_factory=list)  # time.monotonic() of ping frames
 
     @property
     def agent_id(self) -> str | None:
@@ -697,6 +699,7 @@ class FakeRelay:
             await ws.close(CLOSE[publisher], publisher)
             return
         link = Link(ws, publisher)
+        self._record_pings(link)
         self._links.append(link)
         self.connections += 1
         self._notify()
@@ -760,6 +763,23 @@ class FakeRelay:
             if not done():
                 self.violations.append(what)
         self._spawn(check())
+
+    def _record_pings(self, link: Link) -> None:
+        """Note the agent's WebSocket ping frames; each gap after the welcome must be about
+        ``heartbeat_s`` (1.3: the agent honours it, within 5–120 s)."""
+        receive = link.ws.protocol.recv_frame
+
+        def recv_frame(frame: Frame) -> None:
+            if frame.opcode is Opcode.PING:
+                now = time.monotonic()
+                last = link.pings[-1] if link.pings else link.welcomed_at
+                wanted = min(120.0, max(5.0, self.heartbeat_s))
+                if last is not None and not wanted - 0.5 <= now - last <= wanted + 3.0:
+                    self.violations.append(f"a ping frame {now - last:.1f} s after the last "
+                                           f"(heartbeat_s {wanted:g})")
+                link.pings.append(now)
+            receive(frame)
+        link.ws.protocol.recv_frame = recv_frame  # type: ignore[method-assign]
 
     def _expect_stopped(self, sid: str) -> None:
         mark = len(self.statuses.get(sid, []))
