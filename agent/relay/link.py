@@ -78,6 +78,7 @@ class RelayLink:
         self.protocol = RelayProtocol(agent_id, __version__, lambda cid: hubs(cid) is not None)
         self.publishers: dict[str, WhipPublisher] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sessions: dict[str, asyncio.Task[None]] = {}  # session id → its publisher task
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._acks: dict[str, asyncio.Future[Acked]] = {}
@@ -213,6 +214,9 @@ class RelayLink:
             elif isinstance(action, StartPublish):
                 self._start_publisher(ws, action.event)
             elif isinstance(action, StopPublish):
+                task = self._sessions.pop(action.session_id, None)
+                if task is not None:  # it may be half-way through its POST: end that too
+                    task.cancel()
                 publisher = self.publishers.pop(action.session_id, None)
                 if publisher is not None:
                     await publisher.stop()
@@ -265,12 +269,20 @@ class RelayLink:
         publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
                                   self._ice(welcome.ice_servers))
         self.publishers[event.session_id] = publisher
-        self._spawn(self._run_publisher(ws, event.session_id, publisher))
+        sid = event.session_id
+        task = self._spawn(self._run_publisher(ws, sid, publisher))
+        self._sessions[sid] = task
 
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._sessions.get(sid) is done:
+                del self._sessions[sid]
+        task.add_done_callback(forget)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     async def _report(self, ws: ClientConnection, session_id: str, state: str,
                       error: tuple[str, str] | None = None) -> None:

@@ -47,6 +47,10 @@ class ProtocolError(ValueError):
     """The relay broke the envelope of section 1.2; the link closes with 4009."""
 
 
+class TooBig(ProtocolError):
+    """A message over the size limit (1.2); the link closes with 1009."""
+
+
 class FieldError(ValueError):
     """One field of a known message is missing, of the wrong type or too long."""
 
@@ -349,7 +353,7 @@ def _walk(text: str) -> Generator[None, None, tuple[dict[str, Any], _Tokens | No
                 item, i = _DECODER.raw_decode(text, i)
                 tokens.add(item)
                 if tokens.count > MAX_SYNC_TOKENS:
-                    raise ProtocolError(f"tokens.sync with more than {MAX_SYNC_TOKENS} tokens")
+                    raise TooBig(f"tokens.sync with more than {MAX_SYNC_TOKENS} tokens")
                 if tokens.count % CHUNK == 0:
                     yield
                 i = _skip(text, i)
@@ -375,7 +379,7 @@ def parse_steps(text: str | bytes) -> Generator[None, None, Event]:
     if isinstance(text, bytes):
         raise ProtocolError("binary frames are not part of the protocol")
     if len(text) > MAX_SYNC_MESSAGE:
-        raise ProtocolError("message larger than 64 MiB")
+        raise TooBig("message larger than 64 MiB")
     try:
         msg, items = yield from _walk(text)
     except (ValueError, IndexError, RecursionError) as exc:
@@ -388,7 +392,7 @@ def parse_steps(text: str | bytes) -> Generator[None, None, Event]:
     if not isinstance(mid, str) or not mid or len(mid) > MAX_ID:
         raise ProtocolError("'id' must be a non-empty string of at most 128 characters")
     if len(text) > MAX_MESSAGE and kind != "tokens.sync":
-        raise ProtocolError("message larger than 1 MiB")
+        raise TooBig("message larger than 1 MiB")
     try:
         if kind == "tokens.sync" and items is None and isinstance(msg.get("tokens"), list):
             items = _Tokens()  # a small message decoded at once by raw_decode

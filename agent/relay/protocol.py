@@ -34,6 +34,7 @@ from agent.relay.messages import (
     SyncedToken,
     TokensRevoke,
     TokensSync,
+    TooBig,
     Unpublish,
     Unsupported,
     Welcome,
@@ -272,7 +273,7 @@ class RelayProtocol:
     def protocol_error(self, error: ProtocolError) -> list[Action]:
         """The relay broke the envelope: close with 4009 (or 1009 for a too-big message)."""
         log.warning("relay_protocol_error", error=str(error))
-        too_big = "larger than" in str(error)
+        too_big = isinstance(error, TooBig)
         self._closing = "message_too_big" if too_big else "protocol_error"
         return [Close(1009 if too_big else CLOSE_CODES["protocol_error"],
                       "message too big" if too_big else "protocol_error")]
