@@ -220,8 +220,8 @@ class RelayLink:
                 publisher = self.publishers.pop(action.session_id, None)
                 if publisher is not None:
                     await publisher.stop()
-                await self._perform(ws, self.protocol.publish_state(action.session_id,
-                                                                    "stopped"))
+                await self._perform(ws, self.protocol.publish_state(
+                    action.session_id, "stopped", action.error))
             elif isinstance(action, AckReceived):
                 waiter = self._acks.pop(action.event.message_id, None)
                 if waiter is not None and not waiter.done():

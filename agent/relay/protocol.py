@@ -135,6 +135,7 @@ class StartPublish:
 @dataclass(frozen=True)
 class StopPublish:
     session_id: str
+    error: tuple[str, str] | None = None  # reported with "stopped", if any
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class RelayProtocol:
         self._answered: OrderedDict[str, dict[str, Any] | None] = OrderedDict()
         self._awaiting: OrderedDict[str, str] = OrderedDict()  # message id → type
         self.sessions: dict[str, str] = {}  # session id → last reported state
+        self._camera_of: dict[str, str] = {}  # running session id → its camera id
         self._lost: dict[str, dict[str, Any]] = {}  # session id → its unacked "stopped"
         self._reported: dict[str, dict[str, Any]] = {}  # camera id → entry last sent
         self._read_only_said = False
@@ -368,6 +370,7 @@ class RelayProtocol:
             return [self._answer(event.message_id, refusal),
                     Send(self._track(publish_status(sid, "failed", refusal)))]
         self.sessions[sid] = "accepted"
+        self._camera_of[sid] = event.camera_id
         return [self._answer(event.message_id), StartPublish(event)]
 
     def _acked(self, event: Acked) -> list[Action]:
@@ -420,6 +423,7 @@ class RelayProtocol:
         if state in ("failed", "stopped"):
             del self.sessions[session_id]
             self.sessions[session_id] = state
+            self._camera_of.pop(session_id, None)
             self._forget_ended()
         if self.welcome is None:
             return []
@@ -436,10 +440,16 @@ class RelayProtocol:
         changed = [c for cid, c in now.items() if self._reported.get(cid) != c]
         removed = [cid for cid in self._reported if cid not in now]
         self._reported = now
-        if not changed and not removed:
-            return []
-        return [Send(self._track(envelope("cameras.update", cameras=changed,
-                                          removed=removed)))]
+        actions: list[Action] = []
+        if changed or removed:
+            actions.append(Send(self._track(envelope("cameras.update", cameras=changed,
+                                                     removed=removed))))
+        # A camera removed from the agent ends its sessions (1.4: stopped, camera_removed).
+        for sid, cid in list(self._camera_of.items()):
+            if cid not in now and self.sessions.get(sid) in ("accepted", "starting", "live"):
+                actions.append(StopPublish(sid, ("camera_removed",
+                                                 f"camera {cid!r} was removed from the agent")))
+        return actions
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -451,6 +461,7 @@ class RelayProtocol:
         for sid, state in list(self.sessions.items()):
             if state in ("accepted", "starting", "live"):
                 self.sessions[sid] = "stopped"
+                self._camera_of.pop(sid, None)
                 self._lost[sid] = self._track(publish_status(
                     sid, "stopped", ("channel_lost", "the control channel dropped")))
         self.welcome, self._welcomed_at = None, None

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import yaml
 
 from tests.bench import bench_relay_sync
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
@@ -432,4 +434,38 @@ async def test_the_heartbeat_follows_welcome(tmp_path: Path) -> None:
             assert len(gaps) == 2 and all(4.5 <= g <= 6 for g in gaps), gaps  # not 20 s
         finally:
             assert await asyncio.to_thread(agent.stop) == 0
+        assert relay.violations == []
+
+
+async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        secret = tmp_path / "publisher-token.secret"
+        secret.write_text(relay.issue_publisher() + "\n")
+        agent = await asyncio.to_thread(
+            AgentProcess, tmp_path, [{"id": "cam1", "source": SMALL},
+                                     {"id": "cam2", "source": SMALL}],
+            agent={"id": "nvr1"}, relay={"url": relay.url, "publisher_token_file": str(secret)})
+        try:
+            await relay.wait_agent(timeout=20)
+            doomed = await relay.publish("cam2")
+            await relay.wait_status(doomed, "live", timeout=20)
+            config = yaml.safe_load(agent.config_path.read_text())
+            config["cameras"] = config["cameras"][:1]
+            agent.config_path.write_text(yaml.safe_dump(config))
+            agent.proc.send_signal(signal.SIGHUP)
+            stopped = await relay.wait_status(doomed, "stopped", timeout=15)
+            assert stopped["error"]["code"] == "camera_removed"
+            await relay.wait_whip_deleted(doomed)
+            await wait_until(lambda: "cam2" not in relay.cameras, 5)
+            again = await relay.publish("cam2")
+            failed = await relay.wait_status(again, "failed")
+            assert failed["error"]["code"] == "unknown_camera"
+            live = await relay.publish("cam1")
+            await relay.wait_status(live, "live", timeout=20)
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
+        # Section 2: at shutdown the session is DELETEd and reported stopped.
+        await relay.wait_whip_deleted(live)
+        assert relay.statuses[live][-1]["state"] == "stopped"
         assert relay.violations == []

@@ -484,3 +484,23 @@ def test_a_big_tokens_sync_is_parsed_in_steps_and_others_are_limited() -> None:
     assert isinstance(invalid, messages.Invalid) and "tokens[5]" in invalid.problem
     with pytest.raises(ProtocolError, match="larger than 1 MiB"):
         messages.parse(text("unpublish", "u", session_id="s", pad="x" * messages.MAX_MESSAGE))
+
+
+def test_a_removed_camera_ends_its_sessions_and_refuses_new_ones() -> None:
+    cameras = {"door", "yard"}
+    p = RelayProtocol(AGENT, "1.0", lambda cid: cid in cameras, rng=random.Random(1))
+    p.connecting()
+    p.hello(None, [cam(), dict(cam(), id="yard")])
+    feed(p, welcome())
+    feed(p, publish("s1", camera="yard"))
+    p.publish_state("s1", "live")
+    cameras.discard("yard")
+    update, stop = p.inventory([cam()])
+    assert isinstance(update, Send) and update.message["removed"] == ["yard"]
+    assert stop == StopPublish("s1", ("camera_removed", "camera 'yard' was removed from the "
+                                                        "agent"))
+    (status,) = sent(p.publish_state("s1", "stopped", stop.error))
+    assert status["error"]["code"] == "camera_removed"
+    assert p.inventory([cam()]) == []
+    ack, failed = sent(feed(p, publish("s2", camera="yard", mid="p2")))
+    assert ack["error"]["code"] == failed["error"]["code"] == "unknown_camera"
