@@ -176,6 +176,7 @@ class RelayLink:
         finally:
             for task in helpers:
                 task.cancel()
+            self._acks.clear()  # their messages are answered on the next connection, if ever
             if self._stopping:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(self._shutdown_report(ws), SHUTDOWN_REPORT)
@@ -262,9 +263,8 @@ class RelayLink:
         welcome = self.protocol.welcome
         assert welcome is not None
         if hub is None:  # removed since the protocol looked
-            self._spawn(self._perform(ws, self.protocol.publish_state(
-                event.session_id, "failed", ("unknown_camera",
-                                             f"no camera {event.camera_id!r} on this agent"))))
+            self._spawn(self._report(ws, event.session_id, "failed", (
+                "unknown_camera", f"no camera {event.camera_id!r} on this agent")))
             return
         publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
                                   self._ice(welcome.ice_servers))
@@ -377,9 +377,10 @@ class RelayLink:
 
     async def _report_inventory(self, ws: ClientConnection) -> None:
         """cameras.update whenever a camera's state, format or audio changes."""
-        while True:
-            await asyncio.sleep(INVENTORY_EVERY)
-            await self._perform(ws, self.protocol.inventory(self._inventory()))
+        with contextlib.suppress(ConnectionClosed):  # the session is ending
+            while True:
+                await asyncio.sleep(INVENTORY_EVERY)
+                await self._perform(ws, self.protocol.inventory(self._inventory()))
 
 
 async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:

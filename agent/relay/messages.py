@@ -37,7 +37,7 @@ MAX_URL = 2048
 MAX_BEARER = 4096
 MAX_ICE_SERVERS = 16
 #: Records decoded per step of a big tokens.sync (a step takes a few milliseconds).
-CHUNK = 500
+CHUNK = 250
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _WS = re.compile(r"[ \t\n\r]*")

@@ -415,9 +415,10 @@ async def test_a_sync_of_100000_tokens_keeps_the_event_loop_responsive(
     result = await bench_relay_sync.measure(100_000, tmp_path)
     print(bench_relay_sync.report(100_000, result))
     assert result["tokens"] >= 100_000
-    # The agent's own work never holds the loop above 50 ms beyond the machine's noise;
-    # CPython's full collections are reported apart (docs/field-notes.md).
-    assert result["worst_lag_outside_gc_ms"] - result["idle_lag_ms"] <= 50
+    # No event-loop step of the agent's work takes more than 50 ms; the wall-clock lag
+    # (printed) adds this busy machine's waits for a CPU and CPython's full collections
+    # (docs/field-notes.md).
+    assert result["longest_step_ms"] <= 50
     assert result["seconds"] < 120 and result["rss_growth_mib"] < 1024
 
 
