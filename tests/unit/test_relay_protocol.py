@@ -1,4 +1,4 @@
-"""The relay control protocol without I/O: exact messages in, exact events out."""
+"""The relay messages without I/O (agent/relay/messages.py): exact text in, events out."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from agent.access.model import Origin, Scope
 from agent.access.policy import AccessRequest, Reason, Site, authorize
 from agent.access.store import TokenStore
 from agent.access.tokens import Kind, generate
-from agent.relay import messages as protocol
+from agent.relay import messages
 from agent.relay.messages import (
     Acked,
     ProtocolError,
@@ -33,14 +33,14 @@ def msg(kind: str, **fields: object) -> str:
 
 
 def test_welcome() -> None:
-    event = protocol.parse(msg("welcome", account_id="acme", agent_id="nvr1",
+    event = messages.parse(msg("welcome", account_id="acme", agent_id="nvr1",
                                permission="read", token_scope="agent", ice_servers=[],
                                server_time=NOW, heartbeat_s=15))
     assert event == Welcome("acme", "nvr1", "read", "agent", [], NOW, 15.0)
 
 
 def test_tokens_sync_and_revoke_and_publish() -> None:
-    sync = protocol.parse(msg("tokens.sync", full=True, cursor="c-9", tokens=[{
+    sync = messages.parse(msg("tokens.sync", full=True, cursor="c-9", tokens=[{
         "id": "Ab3dE5gH7jK9", "kind": "access", "sha256": H, "last4": "99S2",
         "scope": "camera:door", "protocols": ["webrtc"], "expires_at": NOW + 60,
         "revoked_at": None, "label": "guard", "future_field": 1}]))
@@ -48,14 +48,14 @@ def test_tokens_sync_and_revoke_and_publish() -> None:
     (token,) = sync.tokens
     assert (token.id, token.sha256, token.protocols, token.expires_at) == (
         "Ab3dE5gH7jK9", bytes.fromhex(H), ("webrtc",), NOW + 60)
-    assert "tokens.sync" in protocol.ACKED_TYPES
-    revoke = protocol.parse(msg("tokens.revoke", token_id="Ab3dE5gH7jK9", revoked_at=NOW))
+    assert "tokens.sync" in messages.ACKED_TYPES
+    revoke = messages.parse(msg("tokens.revoke", token_id="Ab3dE5gH7jK9", revoked_at=NOW))
     assert revoke == TokensRevoke("m1", "Ab3dE5gH7jK9", NOW)
-    publish = protocol.parse(msg("publish", session_id="s1", camera_id="door",
+    publish = messages.parse(msg("publish", session_id="s1", camera_id="door",
                                  whip_url="https://w/s1"))
     assert publish == Publish("m1", "s1", "door", "https://w/s1", None)
-    assert protocol.parse(msg("brand.new")) == Unsupported("m1", "brand.new")
-    assert protocol.parse(msg("ack", ack="x", ok=False, error={"code": "c"})) == Acked(
+    assert messages.parse(msg("brand.new")) == Unsupported("m1", "brand.new")
+    assert messages.parse(msg("ack", ack="x", ok=False, error={"code": "c"})) == Acked(
         "x", False, {"code": "c"}, {})
 
 
@@ -78,20 +78,20 @@ def test_tokens_sync_and_revoke_and_publish() -> None:
 def test_broken_fields_are_invalid_events(text: str, problem: str) -> None:
     if problem in ("not valid JSON", "JSON object", "'type'", "'id'"):
         with pytest.raises(ProtocolError, match=problem):
-            protocol.parse(text)
+            messages.parse(text)
     else:
-        event = protocol.parse(text)
-        assert isinstance(event, protocol.Invalid) and problem in event.problem
+        event = messages.parse(text)
+        assert isinstance(event, messages.Invalid) and problem in event.problem
 
 
 def test_outgoing_messages() -> None:
-    hello = protocol.hello("nvr1", "1.0", "c-3", [{"id": "door"}])
+    hello = messages.hello("nvr1", "1.0", "c-3", [{"id": "door"}])
     assert hello["type"] == "hello" and hello["token_cursor"] == "c-3"
     assert {"whip", "usage.v1", "tokens.sync.v1"} <= set(hello["capabilities"])
-    refused = protocol.ack("m1", error=("unsupported", "no"))
+    refused = messages.ack("m1", error=("unsupported", "no"))
     assert (refused["ack"], refused["ok"], refused["error"]["code"]) == ("m1", False,
                                                                          "unsupported")
-    assert protocol.ack("m2", cursor="c")["cursor"] == "c"
+    assert messages.ack("m2", cursor="c")["cursor"] == "c"
 
 
 def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
     store.create(Kind.ACCESS, Scope.parse("host:nvr1"), NOW)  # the one local token allowed
     issued = generate(Kind.ACCESS)
     remember(issued.text)
-    token = protocol.parse(msg("tokens.sync", full=False, cursor="c-1", tokens=[{
+    token = messages.parse(msg("tokens.sync", full=False, cursor="c-1", tokens=[{
         "id": issued.public_id, "kind": "access",
         "sha256": hashlib.sha256(issued.text.encode()).hexdigest(), "last4": issued.text[-4:],
         "scope": "camera:door", "protocols": [], "expires_at": None, "revoked_at": None}]))
