@@ -290,7 +290,8 @@ class RelayProtocol:
             return [Send(pong(event.message_id))]
         if isinstance(event, Pong):
             return []
-        if isinstance(event, Welcome):
+        if isinstance(event, Welcome) or (isinstance(event, Invalid)
+                                          and event.kind == "welcome"):
             return self.protocol_error(ProtocolError("a second welcome"))
         if event.message_id in self._answered:  # a repeated id is the same message (1.2)
             previous = self._answered[event.message_id]

@@ -345,6 +345,7 @@ def test_unknown_types_and_pings() -> None:
     assert pong["type"] == "pong" and pong["ping"] == "g1"
     assert feed(p, text("pong", "g2", ping="x")) == []
     assert feed(p, welcome()) == [Close(4009, "protocol_error")]  # a second welcome
+    assert feed(p, text("welcome", "w2")) == [Close(4009, "protocol_error")]  # even a bad one
 
 
 # -- 1.3: inventory --------------------------------------------------------------------------
