@@ -505,3 +505,11 @@ def test_a_removed_camera_ends_its_sessions_and_refuses_new_ones() -> None:
     assert p.inventory([cam()]) == []
     ack, failed = sent(feed(p, publish("s2", camera="yard", mid="p2")))
     assert ack["error"]["code"] == failed["error"]["code"] == "unknown_camera"
+
+
+def test_a_silent_relay_is_closed_1011_and_said_so() -> None:
+    p = proto()
+    connect(p, heartbeat_s=5)
+    assert p.heartbeat_lost() == [Close(1011, "keepalive ping timeout")]
+    retry = p.connection_ended(Closed(1011, by_agent=True), 60.0)
+    assert retry.reason == "no pong from the relay within 5 s" and not retry.rejected
