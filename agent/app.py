@@ -20,7 +20,7 @@ from aiohttp import web
 from agent import __version__
 from agent.access.db import db_path
 from agent.access.model import Scope, ScopeLevel, Status, format_time
-from agent.access.policy import FailureLimiter, Site
+from agent.access.policy import FailureLimiter
 from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
@@ -38,6 +38,7 @@ from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import RelayLink, camera_inventory
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
+from agent.stores import open_store
 from agent.systemd import Notifier
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
@@ -63,17 +64,6 @@ ADOPTED_POLL = 1.0
 STOP_WITHIN = 4.0
 REQUEST_GRACE = 1.0
 CAMERA_RELEASE = 1.0
-
-
-def open_store(config: Config) -> TokenStore:
-    """The token store for ``config``: its site identity, limit and known cameras."""
-    site = Site(config.agent.id, config.agent.account_id)
-    configured = frozenset(config.camera_ids)
-    store = TokenStore(db_path(config.state_dir), site, config.tokens.max_active,
-                       lambda: configured)
-    adopted = AdoptedCameras(store, config.state_dir)
-    store.known_cameras = lambda: configured | {c.id for c in adopted.all()}
-    return store
 
 
 def follow_cameras(store: TokenStore, cameras: Cameras) -> None:
