@@ -23,7 +23,6 @@ class HubTrack(MediaStreamTrack):
         self.kind = "video" if consumer.video else "audio"
         self._consumer = consumer
         self.bytes_sent = 0
-        self.packets_sent = 0
 
     async def recv(self) -> av.Packet:  # type: ignore[type-arg]
         try:
@@ -35,7 +34,6 @@ class HubTrack(MediaStreamTrack):
         out.pts = ts
         out.time_base = self._consumer.time_base
         self.bytes_sent += len(packet.data)
-        self.packets_sent += 1
         return out
 
 
