@@ -36,7 +36,7 @@ from agent.http.whep import WhepEndpoint
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
-from agent.relay.link import RelayLink, camera_inventory
+from agent.relay.link import LinkState, RelayLink, camera_inventory
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
 from agent.stores import open_store
 from agent.systemd import Notifier
@@ -152,7 +152,7 @@ class Daemon:
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
-        Metrics(self.access, self.cameras, self.lag, self.link).routes(self.app)
+        Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
         self._runner: web.AppRunner | None = None
 
     def health(self) -> dict[str, object]:
