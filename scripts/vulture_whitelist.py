@@ -3,8 +3,6 @@
 # we set, that an enum member is reached by its value, or that a record field is written
 # to the database or to the wire. Everything else it reports is dead: delete it.
 # This file is read by vulture, never imported. Format: `name` or `_.attribute`.
-# ruff: noqa
-# type: ignore
 
 # Read by the library we hand the object to (setters on C objects, callbacks, protocols).
 __getattr__  # agent/__init__.py: module attribute hook (PEP 562), called by Python
