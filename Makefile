@@ -14,5 +14,6 @@ bench:
 	.venv/bin/python -m tests.bench.bench_stop
 	.venv/bin/python -m tests.bench.bench_discovery
 	.venv/bin/python -m tests.bench.bench_relay_sync
+	.venv/bin/python -m tests.bench.bench_cli
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

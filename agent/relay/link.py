@@ -41,6 +41,7 @@ from agent.relay.protocol import (
     Closed,
     End,
     Failed,
+    LinkState,
     Refused,
     Rejected,
     RelayProtocol,
@@ -51,8 +52,8 @@ from agent.relay.protocol import (
 )
 from agent.webrtc.whip import WhipError, WhipPublisher
 
-__all__ = ["ADVICE", "CLOCK_SKEW_WARN", "Rejected", "RelayLink", "camera_inventory",
-           "rejection_of"]
+__all__ = ["ADVICE", "CLOCK_SKEW_WARN", "LinkState", "Rejected", "RelayLink",
+           "camera_inventory", "rejection_of"]
 
 log = structlog.get_logger(__name__)
 
@@ -84,7 +85,7 @@ class RelayLink:
         self._acks: dict[str, asyncio.Future[Acked]] = {}
 
     @property
-    def state(self) -> str:
+    def state(self) -> LinkState:
         return self.protocol.state
 
     @property
@@ -113,7 +114,7 @@ class RelayLink:
                 await asyncio.wait_for(asyncio.shield(self._task), 3 + SHUTDOWN_REPORT)
             self._task = None
         await self._stop_publishing()
-        self.protocol.state = "disconnected"
+        self.protocol.state = LinkState.DISCONNECTED
 
     async def _run(self) -> None:
         while not self._stopping:

@@ -10,6 +10,7 @@ sequence of connections lives here, so the unit tests check the rules without I/
 
 from __future__ import annotations
 
+import enum
 import random
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -95,6 +96,13 @@ MAX_SESSIONS = 64
 FPS_STEP = 1.0
 
 
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"  # welcomed by the relay
+    REJECTED = "rejected"  # the relay refused the publisher token (see last_error)
+    DISCONNECTED = "disconnected"  # not configured, or between attempts
+
+
 class Rejected(Exception):
     """The relay refused the publisher token or this agent; ``reason`` is the code."""
 
@@ -151,11 +159,10 @@ Action = Send | Close | ApplySync | ApplyRevoke | StartPublish | StopPublish | A
 
 @dataclass(frozen=True)
 class Retry:
-    """What a lost connection means: wait ``delay`` seconds; ``rejected`` for a refusal."""
+    """What a lost connection means: wait ``delay`` seconds (``state`` says which kind)."""
 
     delay: float
     reason: str
-    rejected: bool
     attempt: int
 
 
@@ -222,7 +229,7 @@ class RelayProtocol:
         self._has_camera = has_camera
         self._rng = rng or random.Random()  # noqa: S311 (jitter, not secrets)
         self.welcome: Welcome | None = None
-        self.state = "disconnected"  # connecting | connected | rejected | disconnected
+        self.state = LinkState.DISCONNECTED
         self.last_error: str | None = None
         self._welcomed_at: float | None = None
         self._ordinary: Iterator[float] = backoff(ORDINARY_FIRST, ORDINARY_CAP, rng=self._rng)
@@ -242,7 +249,7 @@ class RelayProtocol:
     # -- connecting -------------------------------------------------------------------------
 
     def connecting(self) -> None:
-        self.state = "connecting"
+        self.state = LinkState.CONNECTING
         self.welcome, self._welcomed_at, self._closing = None, None, None
         self._closing_text = None
 
@@ -332,7 +339,7 @@ class RelayProtocol:
                         welcome=event.agent_id)
             return [Close(CLOSE_CODES["agent_not_allowed"], "agent_not_allowed")]
         self.welcome, self._welcomed_at = event, now
-        self.state, self.last_error = "connected", None
+        self.state, self.last_error = LinkState.CONNECTED, None
         if self._failures:
             log.info("relay_reconnecting", after_attempts=self._failures)
         self._last_outcome = None
@@ -470,18 +477,18 @@ class RelayProtocol:
         self._failures += 1
         if reason is not None:
             delay = next(self._rejected)
-            self.state, self.last_error = "rejected", reason
+            self.state, self.last_error = LinkState.REJECTED, reason
             loud = self._last_outcome != ("rejected", reason)
             self._last_outcome = ("rejected", reason)
             (log.error if loud else log.debug)(
                 "relay_rejected_agent", reason=reason, fix=ADVICE[reason],
                 detail=describe(end), attempt=self._failures, retry_in_s=round(delay, 1))
-            return Retry(delay, reason, True, self._failures)
+            return Retry(delay, reason, self._failures)
         delay = next(self._ordinary)
         description = describe(end)
         if self._closing_text is not None and isinstance(end, Closed) and end.by_agent:
             description = self._closing_text
-        self.state, self.last_error = "disconnected", description
+        self.state, self.last_error = LinkState.DISCONNECTED, description
         loud = self._last_outcome != ("failed", description)
         self._last_outcome = ("failed", description)
         if isinstance(end, Closed) and end.code == CLOSE_CODES["replaced"]:
@@ -490,7 +497,7 @@ class RelayProtocol:
         (log.warning if loud else log.debug)(
             "relay_unavailable", error=description, attempt=self._failures,
             retry_in_s=round(delay, 1))
-        return Retry(delay, description, False, self._failures)
+        return Retry(delay, description, self._failures)
 
     def _rejection(self, end: End) -> str | None:
         if isinstance(end, Refused):

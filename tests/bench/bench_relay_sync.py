@@ -31,7 +31,7 @@ from typing import Any
 
 from aiortc import RTCConfiguration
 
-from agent import app, logs
+from agent import app, logs, stores
 from agent.config import load
 from agent.relay.link import RelayLink
 from tests.support.fake_relay import FakeRelay
@@ -162,7 +162,7 @@ async def measure(count: int, state_dir: Path) -> dict[str, float]:
         cwd=Path(__file__).resolve().parents[2])
     assert child.stdin is not None and child.stdout is not None
     config = load(None, {"THERELAY_STATE_DIR": str(state_dir), "THERELAY_AGENT_ID": "nvr1"})
-    store = app.open_store(config)
+    store = stores.open_store(config)
     access = app.build_access(config, store)
     await access.start()
     try:
@@ -215,16 +215,16 @@ def report(count: int, result: dict[str, float]) -> str:
             f"{result['worst_gc_ms']:.1f} ms); peak RSS +{result['rss_growth_mib']:.0f} MiB")
 
 
-async def main() -> None:
-    logs.configure("console", "warning")
+async def main(as_json: bool) -> None:
+    logs.configure("console", "error" if as_json else "warning")
     with tempfile.TemporaryDirectory() as tmp:
         result = await measure(TOKENS, Path(tmp))
-    print(report(TOKENS, result))
+    print(json.dumps(result) if as_json else report(TOKENS, result))
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--relay"]:
         logs.configure("console", "error")
         asyncio.run(relay_process(int(sys.argv[2])))
-    else:
-        asyncio.run(main())
+    else:  # --json: the figures as one JSON object (for tests/integration/test_relay_link.py)
+        asyncio.run(main("--json" in sys.argv[1:]))

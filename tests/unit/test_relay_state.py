@@ -27,6 +27,7 @@ from agent.relay.protocol import (
     Closed,
     End,
     Failed,
+    LinkState,
     Refused,
     RelayProtocol,
     Send,
@@ -99,7 +100,7 @@ def test_each_kind_of_failure_follows_its_schedule(end: End, bounds: list[tuple[
     for low, high in bounds:
         p.connecting()
         retry = p.connection_ended(end, 0.0)
-        assert retry.rejected is rejected
+        assert (p.state is LinkState.REJECTED) is rejected
         assert low <= retry.delay <= high, (retry.attempt, retry.delay)
 
 
@@ -180,7 +181,8 @@ def test_a_welcome_naming_another_agent_is_closed_4005_and_a_rejection() -> None
     assert actions == [Close(4005, "agent_not_allowed")] and p.welcome is None
     with capture_logs() as logs:
         retry = p.connection_ended(Closed(4005, by_agent=True), 1.0)
-    assert retry.rejected and retry.reason == "agent_not_allowed" and retry.delay >= 15
+    assert p.state is LinkState.REJECTED
+    assert retry.reason == "agent_not_allowed" and retry.delay >= 15
     assert [e["event"] for e in logs if e["log_level"] == "error"] == ["relay_rejected_agent"]
 
 
@@ -210,8 +212,8 @@ def test_no_welcome_closes_4009_and_says_so() -> None:
     p.connecting()
     assert p.no_welcome() == [Close(4009, "no welcome")]
     with capture_logs() as logs:
-        retry = p.connection_ended(Closed(4009, by_agent=True), 10.0)
-    assert not retry.rejected and "sent no welcome within 10 s" in logs[0]["error"]
+        p.connection_ended(Closed(4009, by_agent=True), 10.0)
+    assert p.state is LinkState.DISCONNECTED and "sent no welcome within 10 s" in logs[0]["error"]
 
 
 def test_the_agents_own_1009_is_named_as_its_own() -> None:
@@ -512,4 +514,4 @@ def test_a_silent_relay_is_closed_1011_and_said_so() -> None:
     connect(p, heartbeat_s=5)
     assert p.heartbeat_lost() == [Close(1011, "keepalive ping timeout")]
     retry = p.connection_ended(Closed(1011, by_agent=True), 60.0)
-    assert retry.reason == "no pong from the relay within 5 s" and not retry.rejected
+    assert retry.reason == "no pong from the relay within 5 s" and p.state is LinkState.DISCONNECTED
