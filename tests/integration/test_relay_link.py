@@ -30,12 +30,17 @@ Factory = Callable[..., RtspCamera]
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 
-def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
+def start_agent(tmp: Path, relay: FakeRelay, token: str, *, cameras: tuple[str, ...] = ("cam1",),
+                always: bool = False, **extra: object) -> AgentProcess:
+    """The daemon with these test-pattern cameras, linked to the fake relay (or, with
+    ``always``, publishing every camera to its WHIP template without a control channel)."""
     secret = tmp / "publisher-token.secret"
     secret.write_text(token + "\n")
-    return AgentProcess(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
-                        agent={"id": "nvr1", "account_id": "acme"},
-                        relay={"url": relay.url, "publisher_token_file": str(secret)}, **extra)
+    section: dict[str, str] = {"publisher_token_file": str(secret)}
+    section.update({"publish": "always", "whip_url_template": relay.whip_url_template}
+                   if always else {"url": relay.url})
+    return AgentProcess(tmp, [{"id": c, "name": c.title(), "source": SMALL} for c in cameras],
+                        agent={"id": "nvr1", "account_id": "acme"}, relay=section, **extra)
 
 
 async def snapshot_status(agent: AgentProcess, token: str) -> int:
@@ -384,12 +389,8 @@ async def test_bad_input_from_the_relay(tmp_path: Path) -> None:
 async def test_always_mode_republishes_within_5_s_after_the_whip_server_dies(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher() + "\n")
-        agent = await asyncio.to_thread(
-            AgentProcess, tmp_path, [{"id": "cam1", "source": SMALL}], agent={"id": "nvr1"},
-            relay={"publish": "always", "publisher_token_file": str(secret),
-                   "whip_url_template": relay.whip_url_template})
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay,
+                                        relay.issue_publisher(), always=True)
         key = relay.always_session("nvr1", "cam1")
         try:
             await relay.whip_frame(key, timeout=20)
@@ -449,12 +450,8 @@ async def test_the_heartbeat_follows_welcome(tmp_path: Path) -> None:
 async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher() + "\n")
-        agent = await asyncio.to_thread(
-            AgentProcess, tmp_path, [{"id": "cam1", "source": SMALL},
-                                     {"id": "cam2", "source": SMALL}],
-            agent={"id": "nvr1"}, relay={"url": relay.url, "publisher_token_file": str(secret)})
+        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher(),
+                                        cameras=("cam1", "cam2"))
         try:
             await relay.wait_agent(timeout=20)
             doomed = await relay.publish("cam2")
