@@ -10,6 +10,7 @@ contains a secret::
     ├── StoreError         the state database cannot be opened, migrated or written
     ├── TokenError         a token operation was refused
     │   ├── TokenLimitError    creating would exceed tokens.max_active
+    │   ├── TokenReadOnlyError a relay-issued token cannot be changed on the agent
     │   └── NotFoundError      no token with that id
     ├── AuthError          a request was denied (carries the Decision's reason)
     ├── SourceError        a camera source failed
@@ -39,6 +40,10 @@ class TokenError(AgentError):
 
 class TokenLimitError(TokenError):
     """Creating a token would exceed ``tokens.max_active``."""
+
+
+class TokenReadOnlyError(TokenError):
+    """The token is managed by TheRelay cloud: change it there (revoking stays possible)."""
 
 
 class NotFoundError(TokenError):

@@ -19,6 +19,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
@@ -226,7 +227,13 @@ class AccessService:
         return self._tokens.get(token_id)
 
     def apply_changes(self, records: list[TokenRecord]) -> None:
-        for record in records:
+        for changed in records:
+            record, known = changed, self._tokens.get(changed.id)
+            if known is not None and known.revoked_at is not None and (
+                    record.revoked_at is None or record.revoked_at > known.revoked_at):
+                # The store refuses this already; enforcement never relies on one guard.
+                log.error("token_unrevoke_ignored", token_id=record.id)
+                record = replace(record, revoked_at=known.revoked_at)
             self._tokens[record.id] = record
 
     def _store_signature(self) -> tuple[int, ...]:

@@ -200,13 +200,19 @@ class RelayLink:
 
     async def _handle(self, ws: ClientConnection, event: protocol.Event) -> None:
         if isinstance(event, TokensSync):
-            changed = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
-                                              full=event.full, cursor=event.cursor,
-                                              now=time.time())
+            result = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
+                                             full=event.full, cursor=event.cursor,
+                                             now=time.time())
             await self._applied()
+            for refusal in result.refused:
+                if refusal.new:  # audited at the same time; a repeat is only in the ack
+                    log.warning("relay_sync_refused", token_id=refusal.token_id,
+                                reason=refusal.code, detail=refusal.message)
             log.info("relay_tokens_synced", full=event.full, tokens=len(event.tokens),
-                     changed=changed, cursor=event.cursor)
-            await _send(ws, protocol.ack(event.message_id, cursor=event.cursor))
+                     changed=result.changed, refused=len(result.refused), cursor=event.cursor)
+            await _send(ws, protocol.ack(event.message_id, cursor=event.cursor, refused=[
+                {"token_id": r.token_id, "code": r.code, "message": r.message}
+                for r in result.refused]))
         elif isinstance(event, TokensRevoke):
             known = await asyncio.to_thread(self._store.revoke_relay, event.token_id,
                                             event.revoked_at, time.time())
