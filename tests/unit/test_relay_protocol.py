@@ -180,8 +180,11 @@ def test_the_database_itself_refuses_an_unrevoke_or_a_new_hash(tmp_path: Path) -
     for statement in ("UPDATE tokens SET revoked_at = NULL",
                       "UPDATE tokens SET revoked_at = revoked_at + 10",
                       "UPDATE tokens SET secret_hash = zeroblob(32)"):
+        def run(conn: sqlite3.Connection, sql: str = statement) -> None:
+            conn.execute(sql)
+
         with pytest.raises(sqlite3.IntegrityError):
-            store.write(lambda c, q=statement: c.execute(q))
+            store.write(run)
     kept = store.get(new.record.id)
     assert kept.revoked_at == NOW + 1 and kept.secret_hash == new.record.secret_hash
     store.close()
