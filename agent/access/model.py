@@ -87,6 +87,8 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 MAX_DURATION = 100 * 365 * 86400.0  # longer would reach past year 9999 soon enough
+#: Labels are for people: a line, not a document.
+MAX_LABEL = 200
 #: The largest per-token session cap: far above any real use, low enough to stay a number
 #: every client (JavaScript included) keeps exactly and to say "this is a typo".
 MAX_SESSIONS_CAP = 10_000

@@ -26,9 +26,16 @@ import structlog
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
 from agent.access.model import TokenRecord
-from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
+from agent.access.policy import (
+    AccessRequest,
+    Decision,
+    FailureLimiter,
+    Reason,
+    Site,
+    authorize,
+)
 from agent.access.recorder import AccessRecorder
-from agent.access.sessions import Session, SessionRegistry
+from agent.access.sessions import Session, SessionLimitReached, SessionRegistry
 from agent.access.store import TokenStore
 from agent.access.tokens import check as check_format
 from agent.stopping import cancel_and_wait
@@ -93,16 +100,19 @@ class AccessService:
         await asyncio.to_thread(self._recorder.flush)
 
     async def check(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None,
+        *, opens_session: bool = False,
     ) -> Decision:
         """``authorize``, except that a well-formed id the index has not seen yet first
         triggers one refresh from the store (coalesced, at most every ``REFRESH_GAP`` s):
-        a token created on the CLI a moment ago works at once."""
+        a token created on the CLI a moment ago works at once. ``opens_session``: the
+        request starts a live session (a WHEP offer, an RTSP PLAY, an HLS playlist), so the
+        token's session cap applies (``session_limit``, 429)."""
         if token:
             public_id = check_format(token)
             if isinstance(public_id, str) and public_id not in self._tokens:
                 await self.refresh()
-        decision, ticket = self._decide(token, camera, protocol, peer_ip)
+        decision, ticket = self._decide(token, camera, protocol, peer_ip, opens_session)
         if decision.granted:
             await self._durable(ticket)
         return decision
@@ -158,10 +168,15 @@ class AccessService:
         return self._decide(token, camera, protocol, peer_ip)[0]
 
     def _decide(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None,
+        opens_session: bool = False,
     ) -> tuple[Decision, int]:
         req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
         decision = authorize(req, self._tokens, self._site, self._limiter)
+        if (opens_session and decision.granted and decision.record is not None
+                and not self.sessions.admits(decision.record)):
+            # A valid token at its cap: not a failed attempt, so no failure budget spent.
+            decision = Decision(Reason.SESSION_LIMIT, decision.token_id, decision.record)
         ticket = self._recorder.record_decision(req, decision)
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
@@ -180,12 +195,24 @@ class AccessService:
         session_id: str | None = None,
     ) -> Session:
         """Register a live session for a granted decision; it ends when its token does.
-        ``session_id``: the protocol's own id, so logs and the audit log name it alike."""
+        ``session_id``: the protocol's own id, so logs and the audit log name it alike.
+
+        Raises SessionLimitReached (audited as a ``session_limit`` denial) when sessions of
+        the same token opened meanwhile took the last place under its cap: the caller ends
+        what it prepared and answers 429."""
         if not decision.granted or decision.token_id is None:
             raise ValueError("a session needs a granted decision")
         session = Session(session_id or uuid.uuid4().hex, decision.token_id, camera, protocol,
                           peer_ip, self._clock(), close, bytes_sent)
-        self.sessions.add(session)
+        record = self._tokens.get(decision.token_id, decision.record)
+        try:
+            self.sessions.add(session, record)
+        except SessionLimitReached:
+            denied = Decision(Reason.SESSION_LIMIT, decision.token_id, record)
+            self._recorder.record_decision(
+                AccessRequest(None, camera, protocol, peer_ip, self._clock()), denied)
+            self.decisions[denied.reason.value] += 1
+            raise
         return session
 
     def end_session(self, session_id: str, why: str) -> None:

@@ -348,7 +348,7 @@ class TokenStore:
                 raise TokenError(f"token {old.display} was rotated (replaced by "
                                  f"{old.replaced_by}): update the new token instead")
             new = self._changed(old, change, now)
-            before, after = _editable(old), _editable(new)
+            before, after = editable_fields(old), editable_fields(new)
             diff = [k for k in before if before[k] != after[k]]
             if not diff:
                 return old
@@ -613,7 +613,7 @@ def _describe(record: TokenRecord) -> dict[str, Any]:
     return out
 
 
-def _editable(record: TokenRecord) -> dict[str, Any]:
+def editable_fields(record: TokenRecord) -> dict[str, Any]:
     """The fields ``update`` may change, as the audit log shows them before and after."""
     return {"label": record.label, "expires_at": record.expires_at, "ttl_seconds": record.ttl,
             "protocols": sorted(record.protocols) or ["all"],
