@@ -95,7 +95,8 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     );
     """,
-    # 3: per-token session caps, and two promises kept by the database itself, whatever
+    # 3: per-token session caps (and the daemon's live count per token, for the CLI's
+    # 'token check'), and two promises kept by the database itself, whatever
     # code path writes (docs/tokens.md): a revocation is never undone nor postponed, and a
     # token id keeps the hash it was born with.
     """
@@ -107,6 +108,11 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE TRIGGER tokens_hash_fixed BEFORE UPDATE OF secret_hash ON tokens
     WHEN NEW.secret_hash IS NOT OLD.secret_hash
     BEGIN SELECT RAISE(ABORT, 'a token id keeps its hash'); END;
+    CREATE TABLE live_sessions (
+        token_id TEXT PRIMARY KEY,
+        count INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
     """,
 )
 

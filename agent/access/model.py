@@ -20,6 +20,9 @@ class Protocol(StrEnum):
     SNAPSHOT = "snapshot"
 
 
+#: Protocols whose requests hold a live session (and count against ``max_sessions``).
+SESSION_PROTOCOLS = frozenset({Protocol.WEBRTC.value, Protocol.RTSP.value, Protocol.HLS.value})
+
 #: Requests that need an admin token rather than an access token.
 ADMIN_PROTOCOL = "admin"
 #: Listing the cameras a token may see: any access token, whatever its protocols; the list

@@ -80,9 +80,12 @@ class AccessService:
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._audit_lagging = False
+        self._published: dict[str, int] = {}
 
     async def start(self) -> None:
         self._tokens, self._rev = await asyncio.to_thread(self._store.load_all)
+        # Counts a previous run left (killed) are stale: none of its sessions lives on.
+        await asyncio.to_thread(self._store.publish_live_sessions, {}, self._clock())
         self._recorder.start()
         self._task = asyncio.create_task(self._watch(), name="token-watch")
         log.info("access_ready", tokens=len(self._tokens))
@@ -93,6 +96,7 @@ class AccessService:
         for session in self.sessions:
             self.end_session(session.id, "shutdown")
             self._close_quietly(session, "shutdown")
+        await self._publish_live({})
         await asyncio.to_thread(self._recorder.close)
 
     async def flush(self) -> None:
@@ -299,7 +303,20 @@ class AccessService:
                     log.error("token_store_unreadable", error=str(exc))
                 failing = True
             self.sweep()
+            await self._publish_live(self.sessions.per_token())
             await asyncio.sleep(self._poll)
+
+    async def _publish_live(self, counts: dict[str, int]) -> None:
+        """Share the live sessions per token with the CLI ('token check' shows them, and
+        says session_limit at the cap); written only when they change."""
+        if counts == self._published:
+            return
+        try:
+            await asyncio.to_thread(self._store.publish_live_sessions, counts, self._clock())
+        except Exception as exc:  # informational only: never stop enforcing for it
+            log.warning("live_sessions_not_published", error=str(exc))
+        else:
+            self._published = counts
 
     def _prune(self, now: float) -> None:
         before = now - self._retention

@@ -75,6 +75,12 @@ class SessionRegistry:
     def count_token(self, token_id: str) -> int:
         return sum(1 for s in self._sessions.values() if s.token_id == token_id)
 
+    def per_token(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self._sessions.values():
+            counts[s.token_id] = counts.get(s.token_id, 0) + 1
+        return counts
+
     def remove(self, session_id: str) -> Session | None:
         return self._sessions.pop(session_id, None)
 

@@ -386,6 +386,22 @@ class TokenStore:
             new = replace(new, max_sessions=change.max_sessions)
         return new
 
+    # -- live sessions, as the running daemon last published them --------------------------
+
+    def publish_live_sessions(self, counts: dict[str, int], now: float) -> None:
+        """The daemon's live sessions per token (replacing the previous counts)."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute("DELETE FROM live_sessions")
+            self._conn.executemany(
+                "INSERT INTO live_sessions (token_id, count, updated_at) VALUES (?, ?, ?)",
+                [(token_id, n, now) for token_id, n in counts.items()])
+
+    def live_sessions(self) -> dict[str, int]:
+        """Live sessions per token as the daemon last published them (within a second)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT token_id, count FROM live_sessions").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
+
     # -- tokens issued by TheRelay cloud (docs/relay-protocol.md §1.5) ----------------------
 
     def relay_cursor(self) -> str | None:

@@ -11,19 +11,22 @@ from typing import Any, TypeVar
 
 from agent.access.model import (
     ADMIN_PROTOCOL,
+    LISTING_PROTOCOL,
     MAX_LABEL,
     MAX_SESSIONS_CAP,
+    SESSION_PROTOCOLS,
     Protocol,
     Scope,
     ScopeLevel,
     Status,
+    TokenRecord,
     format_time,
     parse_duration,
     parse_max_sessions,
     parse_protocols,
     parse_time,
 )
-from agent.access.policy import AccessRequest, Site, authorize
+from agent.access.policy import AccessRequest, Reason, Site, authorize
 from agent.access.store import KEEP, NewToken, TokenChange, TokenStore, editable_fields
 from agent.access.tokens import Kind
 from agent.cli.output import TOKEN_COLUMNS, emit_json, table, token_dict, token_rows
@@ -119,13 +122,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
                         help="keep the old token working this long (default: stops now)")
     rotate.set_defaults(handler=cmd_rotate)
 
-    check = tsub.add_parser("check", parents=[common],
-                            help="would this token be let in? prints the reason and the fix")
+    check = tsub.add_parser(
+        "check", parents=[common],
+        help="what is this token, and is it valid? with --camera: would this request be let "
+        "in? prints the reason and the fix")
     check.add_argument("token", help="the token, or - to read it from standard input")
     check.add_argument("--camera", metavar="ID")
-    check.add_argument("--protocol", default="webrtc",
+    check.add_argument("--protocol", default=None,
                        choices=[*(p.value for p in Protocol), ADMIN_PROTOCOL],
-                       help="the protocol of the request (default: webrtc)")
+                       help="the protocol of the request (default with --camera: webrtc; "
+                       "without: any the token allows)")
     check.add_argument("--ip", metavar="IP", help="the viewer's address (informational)")
     check.set_defaults(handler=cmd_check)
 
@@ -278,27 +284,73 @@ def cmd_rotate(args: argparse.Namespace, _config: Config, store: TokenStore) -> 
 
 
 def cmd_check(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    """With ``--camera``: would this request be let in? Without: what is this token, and
+    is it valid? Either way the reason, the fix, and the token id whenever it can be read."""
     text = sys.stdin.readline().strip() if args.token == "-" else args.token.strip()
     tokens, _ = store.load_all()
-    req = AccessRequest(text, args.camera, args.protocol, args.ip, time.time())
+    live = store.live_sessions()
+    now = time.time()
+    protocol = args.protocol or (Protocol.WEBRTC.value if args.camera else None)
+    if args.camera:
+        asked = protocol
+    else:  # any camera: the token itself, whatever its scope
+        asked = ADMIN_PROTOCOL if text.startswith("trk_") else LISTING_PROTOCOL
+    req = AccessRequest(text, args.camera, asked or LISTING_PROTOCOL, args.ip, now)
     decision = authorize(req, tokens, Site(config.agent.id, config.agent.account_id))
-    result = {
-        "granted": decision.granted,
-        "reason": decision.reason.value,
-        "token_id": decision.token_id,
-        "camera": args.camera,
-        "protocol": args.protocol,
-        "fix": decision.fix,
-    }
+    record = decision.record
+    if decision.granted and record is not None:
+        if (not args.camera and protocol and protocol != ADMIN_PROTOCOL and record.protocols
+                and protocol not in record.protocols):
+            decision = decision._replace(reason=Reason.PROTOCOL_NOT_ALLOWED)
+        elif (args.camera and protocol in SESSION_PROTOCOLS and record.max_sessions is not None
+              and live.get(record.id, 0) >= record.max_sessions):
+            decision = decision._replace(reason=Reason.SESSION_LIMIT)
+    about = _describe_token(record, now, live) if record is not None else None
     if args.json:
-        emit_json(result)
-    else:
-        verdict = "granted" if decision.granted else f"denied: {decision.reason.value}"
-        who = f" (token {decision.record.display})" if decision.record else ""
-        print(f"{verdict}{who}")
-        if not decision.granted:
-            print(f"fix: {decision.fix}")
-        if args.camera and args.camera not in config.camera_ids:
-            print(f"note: camera {args.camera!r} is not configured on this agent: viewers "
-                  "asking for it get 'not found' whatever the token")
+        emit_json({"granted": decision.granted, "reason": decision.reason.value,
+                   "token_id": decision.token_id, "camera": args.camera, "protocol": protocol,
+                   "fix": decision.fix, **({"token": about} if about else {})})
+        return 0 if decision.granted else 1
+    verdict = "granted" if decision.granted and args.camera else (
+        "valid" if decision.granted else f"denied: {decision.reason.value}")
+    who = (f" (token {record.display})" if record is not None
+           else f" (token id {decision.token_id})" if decision.token_id else "")
+    print(f"{verdict}{who}")
+    if about is not None and not args.camera:
+        print("\n".join(_token_lines(about)))
+        if (decision.granted and record is not None and record.max_sessions is not None
+                and live.get(record.id, 0) >= record.max_sessions):
+            print("note: the token holds its max_sessions now: a new live session is refused "
+                  "(session_limit) until one ends")
+    if not decision.granted:
+        print(f"fix: {decision.fix}")
+    if args.camera and args.camera not in config.camera_ids:
+        print(f"note: camera {args.camera!r} is not configured on this agent: viewers "
+              "asking for it get 'not found' whatever the token")
     return 0 if decision.granted else 1
+
+
+def _describe_token(record: TokenRecord, now: float, live: dict[str, int]) -> dict[str, Any]:
+    """What ``token check`` says a token is (never its secret)."""
+    status = record.status(now)
+    return {
+        "kind": record.kind.value,
+        "scope": str(record.scope),
+        "protocols": sorted(record.protocols) or ["all"],
+        "expires_at": format_time(record.expires_at) if record.expires_at else None,
+        "max_sessions": record.max_sessions,
+        "live_sessions": live.get(record.id, 0),
+        "status": "valid" if status is Status.ACTIVE else status.value,
+    }
+
+
+def _token_lines(about: dict[str, Any]) -> list[str]:
+    cap = about["max_sessions"]
+    sessions = f"{about['live_sessions']} live, " + ("unlimited" if cap is None
+                                                     else f"at most {cap}")
+    rows = [("kind", about["kind"]), ("scope", about["scope"]),
+            ("protocols", ",".join(about["protocols"])),
+            ("expires", about["expires_at"] or "never"),
+            ("sessions", sessions if about["kind"] == Kind.ACCESS.value else "-"),
+            ("status", about["status"])]
+    return [f"  {key + ':':<11}{value}" for key, value in rows]

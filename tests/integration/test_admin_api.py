@@ -1120,6 +1120,13 @@ async def test_a_narrowing_ends_the_sessions_it_no_longer_allows(
         assert await third.connect() == 429
         assert third.body and json.loads(third.body)["error"] == "session_limit"
         assert await bystander.connect() == 201  # the cap is per token
+
+        async def cli_says_session_limit() -> bool:
+            checked = await asyncio.to_thread(agent.cli, "token", "check", made["token"],
+                                              "--camera", "cam1")
+            return checked.returncode == 1 and "denied: session_limit" in checked.stdout
+
+        await eventually(cli_says_session_limit, timeout=5)  # the daemon shares its count
         await first.frame()
         # A lower cap ends the newest session above it.
         answer = await call(agent, "PATCH", f"{API}/tokens/{made['id']}", admin_token,

@@ -388,19 +388,69 @@ def test_check_unknown_and_bad_secret(run_cli: Run) -> None:
     stranger = generate(Kind.ACCESS).text
     forged = generate(Kind.ACCESS, token_id).text  # a known id with another secret
     remember(stranger + " " + forged)
-    assert check(run_cli, stranger, "--camera", "demo").out.startswith("denied: unknown\n")
-    result = check(run_cli, forged, "--camera", "demo")
-    assert result.code == 1
-    assert result.out.startswith("denied: bad_secret\n")
+    stranger_id = stranger[4:16]
+    for args in (("--camera", "demo"), ()):
+        result = check(run_cli, stranger, *args)
+        assert result.code == 1
+        assert result.out == (f"denied: unknown (token id {stranger_id})\n"
+                              f"fix: {FIX[Reason.UNKNOWN]}\n")
+        result = check(run_cli, forged, *args)
+        assert result.code == 1
+        assert result.out == (f"denied: bad_secret (token id {token_id})\n"
+                              f"fix: {FIX[Reason.BAD_SECRET]}\n")
 
 
 def test_check_scope_mismatch(run_cli: Run) -> None:
     _, token = create(run_cli, "--camera", "demo")
-    for args in (("--camera", "yard"), ()):
-        result = check(run_cli, token, *args)
-        assert result.code == 1
-        assert result.out.splitlines()[0].startswith("denied: scope_mismatch")
-        assert result.out.splitlines()[1] == f"fix: {FIX[Reason.SCOPE_MISMATCH]}"
+    result = check(run_cli, token, "--camera", "yard")
+    assert result.code == 1
+    assert result.out.splitlines()[0].startswith("denied: scope_mismatch")
+    assert result.out.splitlines()[1] == f"fix: {FIX[Reason.SCOPE_MISMATCH]}"
+
+
+def test_check_without_a_camera_says_what_the_token_is(run_cli: Run) -> None:
+    token_id, token = create(run_cli, "--camera", "demo", "--protocol", "webrtc,snapshot",
+                             "--expires", "2099-01-01T00:00Z", "--max-sessions", "3")
+    result = check(run_cli, token)
+    assert result.code == 0, result.out
+    assert result.out.splitlines() == [
+        f"valid (token tra_{token_id}…{token[-4:]})",
+        "  kind:      access",
+        "  scope:     camera:demo",
+        "  protocols: snapshot,webrtc",
+        "  expires:   2099-01-01T00:00:00Z",
+        "  sessions:  0 live, at most 3",
+        "  status:    valid",
+    ]
+    assert check(run_cli, token, "--protocol", "snapshot").code == 0
+    narrow = check(run_cli, token, "--protocol", "rtsp")
+    assert narrow.code == 1 and narrow.out.startswith("denied: protocol_not_allowed")
+    _, host = create(run_cli, "--host")
+    assert "  sessions:  0 live, unlimited" in check(run_cli, host).out
+    _, admin = create(run_cli, "--admin")
+    result = check(run_cli, admin)
+    assert result.code == 0 and "  kind:      admin" in result.out
+    assert run_cli("token", "revoke", token_id).code == 0
+    result = check(run_cli, token)
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert lines[0] == f"denied: revoked (token tra_{token_id}…{token[-4:]})"
+    assert "  status:    revoked" in lines and lines[-1] == f"fix: {FIX[Reason.REVOKED]}"
+
+
+def test_check_says_session_limit_at_the_cap(run_cli: Run, state_dir: Path) -> None:
+    token_id, token = create(run_cli, "--camera", "demo", "--max-sessions", "1")
+    assert check(run_cli, token, "--camera", "demo").code == 0
+    with sqlite3.connect(state_dir / DB_NAME) as db:  # as the running daemon publishes it
+        db.execute("INSERT INTO live_sessions VALUES (?, 1, ?)", (token_id, time.time()))
+    result = check(run_cli, token, "--camera", "demo")
+    assert result.code == 1
+    assert result.out.splitlines() == [f"denied: session_limit (token tra_{token_id}…"
+                                       f"{token[-4:]})", f"fix: {FIX[Reason.SESSION_LIMIT]}"]
+    assert check(run_cli, token, "--camera", "demo", "--protocol", "snapshot").code == 0
+    described = check(run_cli, token)
+    assert described.code == 0 and "  sessions:  1 live, at most 1" in described.out
+    assert "session_limit" in described.out
 
 
 def test_host_token_grants_any_configured_camera(
@@ -422,6 +472,9 @@ def test_check_json(run_cli: Run) -> None:
     assert json.loads(result.out) == {
         "granted": False, "reason": "protocol_not_allowed", "token_id": token_id,
         "camera": "demo", "protocol": "rtsp", "fix": FIX[Reason.PROTOCOL_NOT_ALLOWED],
+        "token": {"kind": "access", "scope": "camera:demo", "protocols": ["snapshot"],
+                  "expires_at": None, "max_sessions": None, "live_sessions": 0,
+                  "status": "valid"},
     }
     result = check(run_cli, token, "--camera", "demo", "--protocol", "snapshot", "--json")
     assert result.code == 0
