@@ -25,7 +25,7 @@ from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
-from agent.config import Config, load, publisher_token
+from agent.config import Config, check_secret_files, load, publisher_token
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.errors import AgentError
 from agent.http import server
@@ -343,6 +343,7 @@ class Daemon:
 
 async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
+    check_secret_files(config)  # a secret others can read is refused, with the chmod fix
     relay_token = publisher_token(config)  # fails early on a bad token file
     install_host_addresses(host_addresses(config.webrtc))
     speedups.install()

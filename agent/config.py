@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -505,6 +506,8 @@ def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = N
                       if os.access(c, os.R_OK)), None)
     if where is None:
         return None
+    if path is not None and not _systemd_credential(path, env):
+        check_private(path, name)
     try:
         value = where.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -512,6 +515,42 @@ def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = N
     if not value:
         raise ConfigError(f"secret file {where} for {name} is empty")
     return value
+
+
+def _systemd_credential(path: Path, env: dict[str, str] | os._Environ[str]) -> bool:
+    """Is ``path`` inside a systemd credential directory? systemd owns those files' modes."""
+    roots = [*CREDENTIAL_STORES, *([env["CREDENTIALS_DIRECTORY"]]
+                                   if env.get("CREDENTIALS_DIRECTORY") else [])]
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse a secret file others may read, as OpenSSH does with private keys: a token or
+    password is only as secret as its file. The message carries the fix."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # reading it says what is wrong
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise ConfigError(
+            f"secret file {path} for {what} can be read or changed by other users (mode "
+            f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {path}' (owned by the agent's user)"
+        )
+
+
+def check_secret_files(config: Config) -> None:
+    """Every secret file the configuration names is private (see ``check_private``); run at
+    start, so a readable file stops the agent at once rather than at the first pull."""
+    named: list[tuple[Path | None, str]] = [
+        (config.relay.publisher_token_file, "publisher-token"),
+        *((c.password_file, f"camera-{c.id}") for c in config.cameras),
+        *((server.credential_file, f"turn-{i}")
+          for i, server in enumerate(config.webrtc.ice_servers)),
+    ]
+    for path, what in named:
+        if path is not None and not _systemd_credential(path, os.environ):
+            check_private(path, what)
 
 
 def publisher_token(config: Config, environ: dict[str, str] | None = None) -> str | None:

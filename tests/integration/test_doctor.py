@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from agent.doctor import Report, Status, diagnose
-from tests.conftest import remember
+from tests.conftest import remember, write_secret
 from tests.support.agent import AgentProcess
 from tests.support.camera import RtspCamera, needs_rtsp_server, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay
@@ -71,8 +71,8 @@ async def test_cameras_with_right_wrong_and_missing_credentials(
                                      password="right-horse-9", **SMALL)
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "good").write_text("right-horse-9\n")
-    (creds / "bad").write_text("wrong-horse-1\n")
+    write_secret(creds / "good", "right-horse-9\n")
+    write_secret(creds / "bad", "wrong-horse-1\n")
     config = write_config(tmp_path, [
         {"id": "good", "source": camera.url, "username": "viewer",
          "password_file": str(creds / "good")},
@@ -166,8 +166,8 @@ async def test_digest_camera_sending_h265_is_a_warning(tmp_path: Path) -> None:
     server, port = await serve_digest_camera("admin", "d1gest-Pass", sdp)
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "cam").write_text("d1gest-Pass")
-    (creds / "wrong").write_text("nope")
+    write_secret(creds / "cam", "d1gest-Pass")
+    write_secret(creds / "wrong", "nope")
     async with server:
         config = write_config(tmp_path, [
             {"id": "hevc", "source": f"rtsp://127.0.0.1:{port}/Streaming/Channels/101",
@@ -285,7 +285,7 @@ def test_invalid_config_exits_2(tmp_path: Path) -> None:
 def relay_config(tmp: Path, relay: FakeRelay, token: str, url: str | None = None) -> Path:
     creds = tmp / "creds"
     creds.mkdir(exist_ok=True)
-    (creds / "publisher-token").write_text(token + "\n")
+    write_secret(creds / "publisher-token", token + "\n")
     return write_config(tmp, [{"id": "demo", "source": TESTSRC}],
                         relay={"url": url or relay.url,
                                "publisher_token_file": str(creds / "publisher-token")})
@@ -370,7 +370,7 @@ async def test_next_to_a_running_daemon_nothing_is_disturbed(tmp_path: Path) -> 
     async with FakeRelay() as relay:
         token = relay.issue_publisher(agent_id="site1")
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(token + "\n")
+        write_secret(secret, token + "\n")
         daemon = await asyncio.to_thread(
             AgentProcess, tmp_path, [{"id": "demo", "source": TESTSRC}],
             relay={"url": relay.url, "publisher_token_file": str(secret)})

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay
@@ -25,7 +26,7 @@ SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
     secret = tmp / "publisher-token.secret"
-    secret.write_text(token + "\n")
+    write_secret(secret, token + "\n")
     return AgentProcess(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
                         agent={"id": "nvr1", "account_id": "acme"},
                         relay={"url": relay.url, "publisher_token_file": str(secret)}, **extra)
@@ -174,7 +175,7 @@ async def test_always_mode_publishes_to_any_whip_server_without_a_control_channe
     async with FakeRelay() as relay:
         token = relay.issue_publisher()
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(token + "\n")
+        write_secret(secret, token + "\n")
         agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL},
                                         {"id": "cam2", "source": SMALL}],
                              agent={"id": "nvr1"},
@@ -226,7 +227,7 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
     async with FakeRelay() as relay:
         relay.clock_offset = 120.0  # the relay's clock is two minutes ahead
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher() + "\n")
+        write_secret(secret, relay.issue_publisher() + "\n")
         agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
                              agent={"id": "nvr1"}, media={"idle_grace": 1.0},
                              relay={"url": relay.url, "publisher_token_file": str(secret)})

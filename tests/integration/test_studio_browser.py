@@ -585,3 +585,60 @@ def test_rotate_with_a_grace_period(agent: StudioAgent) -> None:
     assert f"replaces {old['id']}" in result["newRow"] and "yard monitor" in result["newRow"]
     for token in (old["token"], new_token):  # the old one keeps working for the grace hour
         assert agent.cli("token", "check", token, "--camera", "yard").returncode == 0
+
+
+def test_edit_a_token_and_its_session_cap(agent: StudioAgent) -> None:
+    old = json.loads(agent.cli("token", "create", "--camera", "yard", "--protocol",
+                               "webrtc,snapshot", "--ttl", "1w", "--label", "yard monitor",
+                               "--json").stdout)
+    result = studio(agent, f"""
+      await login();
+      const id = {json.dumps(old["id"])};
+      const row = () => $(`#tokens-table tr[data-token="${{id}}"]`);
+      const out = {{}};
+      click(row().querySelector("button[data-edit]"));
+      await until("the edit dialog", () => $("#edit-dialog").open);
+      out.opened = {{ title: text($("#edit-title")), scope: text($("#edit-scope")),
+                     label: $("#edit-label").value, focus: document.activeElement.id,
+                     protocols: $$('#edit-form input[name="protocol"]:checked').map((i) => i.value),
+                     cap: $("#edit-max-sessions").value }};
+      click("#edit-submit");  // nothing changed yet: said so, nothing sent
+      await until("the message", () => text($("#edit-error")));
+      out.unchanged = text($("#edit-error"));
+      fill("#edit-max-sessions", "0");
+      click("#edit-submit");
+      await until("the cap message", () => text($("#edit-error")) !== out.unchanged);
+      out.badCap = text($("#edit-error"));
+      fill("#edit-label", "yard monitor (gate)");
+      click('#edit-form input[name="protocol"][value="webrtc"]');
+      click('#edit-form input[name="expiry"][value="never"]');
+      fill("#edit-max-sessions", "2");
+      click("#edit-submit");
+      await until("the update", () => window.__studio.lastUpdatedId === id
+                                      && !$("#edit-dialog").open && idle());
+      await until("the new row", () => rowText(row()).includes("gate"));
+      out.row = rowText(row());
+      out.status = text($("#status"));
+      out.errors = window.__studio.errors.map((e) => e.action);
+      return out;""", "edited.png")
+    assert result["opened"] == {
+        "title": f"Edit {old['display']}", "label": "yard monitor", "focus": "edit-label",
+        "protocols": ["webrtc", "snapshot"], "cap": "",
+        "scope": "Scope camera:yard (a scope cannot change: create a new token for another "
+                 "scope, or rotate this one to replace its secret)."}
+    assert result["unchanged"] == "Nothing was changed."
+    assert result["badCap"].startswith("Live sessions at once: a whole number from 1 to 10000")
+    assert "yard monitor (gate)" in result["row"] and "at most 2 live sessions" in result["row"]
+    assert "| snapshot" in result["row"]
+    assert result["status"].startswith(f"Updated {old['display']}")
+    assert result["errors"] == ["edit", "edit"]  # the two refused in the page, none by the API
+    shown = json.loads(agent.cli("token", "show", old["id"], "--json").stdout)
+    assert (shown["label"], shown["protocols"], shown["expires_at"], shown["max_sessions"]) == (
+        "yard monitor (gate)", ["snapshot"], None, 2)
+    audit = json.loads(agent.cli("audit", "--json", "--token", old["id"], "--event",
+                                 "token.updated").stdout)
+    assert len(audit) == 1 and audit[0]["actor"] == f"admin:{agent.admin_id}"
+    assert audit[0]["detail"]["before"]["protocols"] == ["snapshot", "webrtc"]
+    assert audit[0]["detail"]["after"] == {"label": "yard monitor (gate)", "expires_at": None,
+                                           "ttl_seconds": None, "protocols": ["snapshot"],
+                                           "max_sessions": 2}
