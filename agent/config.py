@@ -23,7 +23,7 @@ import yaml
 
 from agent.access.model import is_identifier
 from agent.access.tokens import FormatProblem, Kind, parse
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SecretFileExposed
 
 ENV_PREFIX = "THERELAY_"
 DEFAULT_CONFIG_PATH = Path("/etc/therelay-agent/config.yaml")
@@ -533,10 +533,10 @@ def check_private(path: Path, what: str) -> None:
     except OSError:
         return  # reading it says what is wrong
     if stat.S_ISREG(mode) and mode & 0o077:
-        raise ConfigError(
+        raise SecretFileExposed(
             f"secret file {path} for {what} can be read or changed by other users (mode "
-            f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {path}' (owned by the agent's user)"
-        )
+            f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {path}' (owned by the agent's user)",
+            f"chmod 600 {path}")
 
 
 def check_secret_files(config: Config) -> None:

@@ -6,6 +6,7 @@ contains a secret::
 
     AgentError
     ├── ConfigError        invalid or unreadable configuration / secret file
+    │   └── SecretFileExposed  a secret file group or others may read (fix: chmod 600)
     ├── UsageError         a command was given a value it cannot use
     ├── StoreError         the state database cannot be opened, migrated or written
     ├── TokenError         a token operation was refused
@@ -24,6 +25,14 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The configuration (or a secret it points at) is invalid."""
+
+
+class SecretFileExposed(ConfigError):
+    """A secret file others may read; ``fix`` is the command that makes it private."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class UsageError(AgentError):

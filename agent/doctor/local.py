@@ -25,7 +25,7 @@ from agent.access import audit
 from agent.access.db import MIGRATIONS, db_path
 from agent.config import Config
 from agent.doctor.model import Result, Status, result
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SecretFileExposed
 
 GROUP = "agent"
 DISK_WARN = 500 * 1024 * 1024
@@ -224,7 +224,8 @@ def ice_sync(config: Config) -> Result:
         rtc_configuration(config.webrtc)  # TURN credential files must be readable
     except ConfigError as exc:
         return result(GROUP, "ice", Status.FAIL, str(exc),
-                      "fix webrtc.interfaces / webrtc.ice_servers in the config")
+                      exc.fix if isinstance(exc, SecretFileExposed)
+                      else "fix webrtc.interfaces / webrtc.ice_servers in the config")
     status, finding, fix = judge_ice(configured, interfaces())
     return result(GROUP, "ice", status, finding, fix)
 

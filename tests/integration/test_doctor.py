@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -410,3 +411,40 @@ async def test_port_taken_by_another_program(tmp_path: Path) -> None:
     status, finding, fix = got[("agent", "http")]
     assert status is Status.FAIL and "another program already listens" in finding
     assert fix is not None and "http.listen" in fix
+
+
+# -- secret files ---------------------------------------------------------------------------
+
+
+async def test_secret_files_others_may_read_are_refused_everywhere(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    token = write_secret(creds / "publisher-token", FakeRelay().issue_publisher() + "\n")
+    password = write_secret(creds / "door", "right-horse-9\n")
+    config = write_config(tmp_path, [
+        {"id": "door", "source": "rtsp://127.0.0.1:9/live", "username": "viewer",
+         "password_file": str(password)}],
+        relay={"url": "ws://127.0.0.1:9/agent", "publisher_token_file": str(token)})
+    token.chmod(0o644)
+    password.chmod(0o640)
+    got = by_check(await diagnose(config, timeout=2))
+    for (group, name), path in ((("relay", "token"), token), (("camera door", "source"),
+                                                               password)):
+        status, finding, fix = got[(group, name)]
+        assert status is Status.FAIL and "can be read or changed by other users" in finding
+        assert fix == f"chmod 600 {path}"
+    env = {**os.environ, "THERELAY_STATE_DIR": str(tmp_path / "state")}
+    for command in (["config", "check"], ["run"]):
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *command, "--config", str(config), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(done.communicate(), 60)
+        assert done.returncode == 2, (command, out, err)
+        line = err.decode().strip()
+        assert line.startswith("error: secret file ") and "chmod 600 " in line, line
+        assert len(line.splitlines()) == 1  # one line, no traceback
+    token.chmod(0o600)
+    password.chmod(0o600)
+    got = by_check(await diagnose(config, timeout=2))
+    assert not [finding for _, finding, _ in got.values() if "other users" in finding]
+    assert ("camera door", "source") not in got  # it went on to resolve and connect

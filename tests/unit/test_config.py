@@ -13,9 +13,9 @@ from agent.access.tokens import ALPHABET, CHECKSUM_LEN, Kind, generate
 from agent.config import (
     CameraConfig,
     Config,
+    check_secret_files,
     load,
     publisher_token,
-    check_secret_files,
     read_secret,
 )
 from agent.errors import ConfigError
