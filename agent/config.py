@@ -53,8 +53,19 @@ class AgentSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    #: PEM certificate (chain) and its private key for the LAN listener; re-read on SIGHUP.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Without files: make an ECDSA P-256 key and a self-signed certificate in state_dir on
+    #: first start (viewers pin its fingerprint).
+    self_signed: bool = False
+
+
+@dataclass(frozen=True)
 class HttpSection:
     listen: str = "0.0.0.0:8800"
+    tls: TlsSection = field(default_factory=TlsSection)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -386,6 +397,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _tls_problems(tls: TlsSection) -> list[str]:
+    problems = []
+    if (tls.cert_file is None) != (tls.key_file is None):
+        problems.append("http.tls: cert_file and key_file go together (the certificate and "
+                        "its key)")
+    if tls.self_signed and tls.cert_file is not None:
+        problems.append("http.tls: self_signed: true or cert_file/key_file, not both")
+    return problems
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError listing every problem, each with its key path."""
     problems: list[str] = []
@@ -403,6 +424,7 @@ def validate(config: Config) -> None:
     need(bool(sep) and bool(host) and port.isascii() and port.isdigit()
          and 0 < int(port) < 65536,
          f"http.listen: {config.http.listen!r} must be host:port, like 0.0.0.0:8800")
+    problems += _tls_problems(config.http.tls)
     seen: set[str] = set()
     for i, cam in enumerate(config.cameras):
         need(is_identifier(cam.id),
@@ -547,6 +569,7 @@ def check_secret_files(config: Config) -> None:
         *((c.password_file, f"camera-{c.id}") for c in config.cameras),
         *((server.credential_file, f"turn-{i}")
           for i, server in enumerate(config.webrtc.ice_servers)),
+        (config.http.tls.key_file, "http.tls.key_file"),
     ]
     for path, what in named:
         if path is not None and not _systemd_credential(path, os.environ):

@@ -41,6 +41,7 @@ from agent.access.store import KEEP, NewToken, TokenChange, TokenStore
 from agent.access.tokens import Kind, is_public_id
 from agent.errors import NotFoundError, TokenError, TokenLimitError, TokenReadOnlyError
 from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.http.tls import Certificate
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
 
@@ -66,7 +67,8 @@ class BadRequest(Exception):
 
 class AdminApi:
     def __init__(self, access: AccessService, store: TokenStore, cameras: Cameras,
-                 started: float) -> None:
+                 started: float, tls: Callable[[], Certificate | None] = lambda: None) -> None:
+        self._tls = tls
         self._access = access
         self._store = store
         self._cameras = cameras
@@ -279,10 +281,20 @@ class AdminApi:
             "uptime_s": round(time.time() - self._started, 1),
             "cameras": len(states), "cameras_online": states.count("online"),
             "sessions": len(self._access.sessions),
+            "tls": _tls_view(self._tls()),
         }]})
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _tls_view(cert: Certificate | None) -> dict[str, Any] | None:
+    """What a viewer compares before trusting the agent's HTTPS (null: plain HTTP)."""
+    if cert is None:
+        return None
+    return {"fingerprint_sha256": cert.fingerprint, "spki_sha256": cert.spki_sha256,
+            "not_after": cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "self_signed": cert.self_signed, "names": list(cert.names)}
 
 
 def _created(new: NewToken) -> web.Response:

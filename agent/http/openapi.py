@@ -115,9 +115,15 @@ _CAMERA = _object(
     viewers=_object(_PROTOCOLS, **dict.fromkeys(_PROTOCOLS, _INT)),
 )
 _HOST = _object(
-    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions"],
+    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions", "tls"],
     id=_STR, account_id=_STR, version=_STR, uptime_s={"type": "number", "minimum": 0},
     cameras=_INT, cameras_online=_INT, sessions=_INT,
+    tls={**_object(["fingerprint_sha256", "spki_sha256", "not_after", "self_signed", "names"],
+                   fingerprint_sha256={"type": "string",
+                                       "pattern": "^([0-9A-F]{2}:){31}[0-9A-F]{2}$"},
+                   spki_sha256=_STR, not_after=_TIME, self_signed={"type": "boolean"},
+                   names={"type": "array", "items": _STR}),
+         "nullable": True, "description": "the HTTPS certificate to compare; null: plain HTTP"},
 )
 
 

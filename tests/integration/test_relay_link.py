@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -24,7 +25,7 @@ Factory = Callable[..., RtspCamera]
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 
-def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
+def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: Any) -> AgentProcess:
     secret = tmp / "publisher-token.secret"
     write_secret(secret, token + "\n")
     return AgentProcess(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
