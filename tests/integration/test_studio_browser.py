@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.http import tls
 from tests.conftest import remember
 from tests.support.agent import NamespacedAgent
 from tests.support.browser import artifact_path, chromium_available, run_in_browser
@@ -48,12 +49,12 @@ print(json.dumps({"status": status, "headers": headers, "body": data.decode("lat
 class StudioAgent(NamespacedAgent):
     """The agent in its namespace, an admin token, and HTTP from either side."""
 
-    def __init__(self, pair: NetnsPair, tmp: Path) -> None:
+    def __init__(self, pair: NetnsPair, tmp: Path, **extra: Any) -> None:
         super().__init__(pair, tmp, [
             {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15",
              "always_on": True},
             {"id": "yard", "name": "Yard", "source": "testsrc://?size=320x240&fps=15"},
-        ], audit={"flush_interval": 0.1})
+        ], audit={"flush_interval": 0.1}, **extra)
         created = self.cli("token", "create", "--admin", "--label", "studio test", "--json")
         assert created.returncode == 0, created.stderr
         admin = json.loads(created.stdout)
@@ -89,14 +90,15 @@ def agent(netns_pair: NetnsPair, tmp_path: Path):
 
 
 def studio(agent: StudioAgent, body: str, shot: str | None, *, timeout: float = 40,
-           viewport: tuple[int, int] | None = None) -> Any:
+           viewport: tuple[int, int] | None = None, chromium_args: tuple[str, ...] = ()) -> Any:
     """Open /studio, run ``body`` (the inside of an async JS function, with the helpers
     below in scope) and return its value; the screenshot is of the page after ``body``."""
     script = "async () => {\n" + JS_HELPERS.replace("%ADMIN%", json.dumps(agent.admin_token)) \
         + body + "\n}"
     path = artifact_path("studio", shot) if shot else None
     report = run_in_browser(agent.pair, f"{agent.base}/studio", result=script, wait_for="true",
-                            screenshot=path, timeout=timeout, viewport=viewport)
+                            screenshot=path, timeout=timeout, viewport=viewport,
+                            chromium_args=chromium_args)
     assert not report.page_errors, report.page_errors
     # Chromium logs every 4xx answer as "Failed to load resource"; those are expected here.
     assert not [c for c in report.console if c.startswith("error")
@@ -642,3 +644,23 @@ def test_edit_a_token_and_its_session_cap(agent: StudioAgent) -> None:
     assert audit[0]["detail"]["after"] == {"label": "yard monitor (gate)", "expires_at": None,
                                            "ttl_seconds": None, "protocols": ["snapshot"],
                                            "max_sessions": 2}
+
+
+def test_the_hosts_view_shows_the_https_fingerprint(netns_pair: NetnsPair,
+                                                    tmp_path: Path) -> None:
+    agent = StudioAgent(netns_pair, tmp_path, tls={"self_signed": True})
+    try:
+        cert = tls.describe(*tls.self_signed_paths(agent.state_dir))
+        result = studio(agent, """
+          await login();
+          await openTab("hosts");
+          const el = $("#hosts-table [data-fingerprint]");
+          return { fingerprint: el && el.dataset.fingerprint, row: rowTexts("hosts-table")[0],
+                   origin: location.origin };""", "hosts-https.png",
+                        chromium_args=(f"--ignore-certificate-errors-spki-list="
+                                       f"{cert.spki_sha256}",))
+    finally:
+        agent.stop()
+    assert result["origin"].startswith("https://")
+    assert result["fingerprint"] == cert.fingerprint
+    assert f"{cert.fingerprint}SHA-256 · self-signed · valid until " in result["row"]

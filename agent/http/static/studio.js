@@ -332,11 +332,23 @@ async function loadHosts() {
     cell("Uptime", duration(host.uptime_s)),
     cell("Cameras online", `${host.cameras_online} of ${host.cameras}`),
     cell("Sessions", String(host.sessions)),
+    tlsCell(host.tls),
     actions(
       h("button", { type: "button", class: "small", onclick: () => openCreate({ scope: "host" }) },
         "Create token for this host")),
   )));
   rendered("hosts");
+}
+
+/** The fingerprint viewers compare before trusting the agent (what the browser shows as
+ * "SHA-256 fingerprint" of the certificate). */
+function tlsCell(tls) {
+  if (!tls) return cell("HTTPS certificate", h("span", { class: "sub" }, "off: plain HTTP on the LAN"));
+  return cell("HTTPS certificate",
+    h("div", { class: "mono", dataset: { fingerprint: tls.fingerprint_sha256 } }, tls.fingerprint_sha256),
+    h("div", { class: "sub" },
+      `SHA-256 · ${tls.self_signed ? "self-signed" : "from your certificate file"} · valid until `,
+      when(tls.not_after)));
 }
 
 async function fetchCameras() {
