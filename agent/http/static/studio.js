@@ -214,6 +214,25 @@ async function attempt(action, fn) {
   }
 }
 
+/**
+ * Run a dialog's action with its button disabled; a failure is shown in the dialog (which
+ * stays open) and recorded for the tests. A 401/403 has already ended the session.
+ */
+async function inDialog(action, button, errorBox, fn) {
+  errorBox.textContent = "";
+  button.disabled = true;
+  try {
+    await fn();
+  } catch (e) {
+    if (!(e instanceof LoggedOut)) {
+      errorBox.textContent = e.message;
+      studio.errors.push({ action, status: e.status || 0, code: e.code || "error", message: e.message });
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Login and logout
 
@@ -583,44 +602,24 @@ async function submitEdit(event) {
   event.preventDefault();
   const token = editing;
   if (!token) return;
-  const button = $("edit-submit");
-  $("edit-error").textContent = "";
-  button.disabled = true;
-  try {
+  await inDialog("edit", $("edit-submit"), $("edit-error"), async () => {
     const updated = await api(`${API}/tokens/${encodeURIComponent(token.id)}`,
                               { method: "PATCH", json: editRequest(token) });
     $("edit-dialog").close();
     studio.lastUpdatedId = updated.id;
     setStatus(`Updated ${updated.display}. Live sessions it no longer allows have ended.`);
     await refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("edit-error").textContent = e.message;
-      studio.errors.push({ action: "edit", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    button.disabled = false;
-  }
+  });
 }
 
 async function submitCreate(event) {
   event.preventDefault(); // keep the dialog open until the agent answered
-  const button = $("create-submit");
-  $("create-error").textContent = "";
-  button.disabled = true;
-  try {
+  await inDialog("create", $("create-submit"), $("create-error"), async () => {
     const created = await api(`${API}/tokens`, { method: "POST", json: createRequest() });
     $("create-dialog").close();
     showSecret(created, "created");
-    refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("create-error").textContent = e.message;
-      studio.errors.push({ action: "create", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    button.disabled = false;
-  }
+    refreshAfterChange(); // not awaited: the new token is on screen first
+  });
 }
 
 // -- the once-only secret dialog -------------------------------------------------------
@@ -702,21 +701,13 @@ async function confirmRevoke(event) {
   event.preventDefault();
   const token = pending;
   if (!token) return;
-  $("revoke-confirm").disabled = true;
-  try {
+  await inDialog("revoke", $("revoke-confirm"), $("revoke-error"), async () => {
     const revoked = await api(`${API}/tokens/${encodeURIComponent(token.id)}/revoke`, { method: "POST" });
     $("revoke-dialog").close();
     studio.lastRevokedId = revoked.id;
     setStatus(`Revoked ${revoked.display}. Its live sessions have ended.`);
     await refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("revoke-error").textContent = e.message;
-      studio.errors.push({ action: "revoke", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    $("revoke-confirm").disabled = false;
-  }
+  });
 }
 
 function openRotate(token) {
@@ -734,22 +725,14 @@ async function confirmRotate(event) {
   const token = pending;
   if (!token) return;
   const grace = $("rotate-grace").value;
-  $("rotate-confirm").disabled = true;
-  try {
+  await inDialog("rotate", $("rotate-confirm"), $("rotate-error"), async () => {
     const created = await api(`${API}/tokens/${encodeURIComponent(token.id)}/rotate`,
                               { method: "POST", json: grace ? { grace } : {} });
     $("rotate-dialog").close();
     studio.lastRotatedId = token.id;
     showSecret(created, "rotated");
-    refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("rotate-error").textContent = e.message;
-      studio.errors.push({ action: "rotate", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    $("rotate-confirm").disabled = false;
-  }
+    refreshAfterChange(); // not awaited: the new token is on screen first
+  });
 }
 
 /** After a change, reload what the current view shows. */
