@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import typing
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +28,7 @@ from agent.access.model import (
     format_time,
 )
 from agent.access.policy import Site
+from agent.access.relay_sync import RelayToken, SyncRefusal, SyncResult, refuse, sync_problem
 from agent.access.tokens import Kind, generate, is_public_id, token_hash
 from agent.errors import NotFoundError, TokenError, TokenLimitError, TokenReadOnlyError
 
@@ -38,11 +38,6 @@ _COLUMNS = (
     "replaces", "last_used_at", "max_sessions", "rev",
 )
 T = TypeVar("T")
-#: Why a relay sync record was refused: the ``code`` in the ack's ``refused`` list.
-SYNC_REVOKED = "revocation_final"
-SYNC_HASH_CHANGED = "hash_changed"
-SYNC_ID_IS_LOCAL = "local_token"
-SYNC_HASH_IN_USE = "hash_in_use"
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tokens"
 _ACTIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
 
@@ -60,29 +55,6 @@ def _record(row: tuple[Any, ...]) -> TokenRecord:
         replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at,
         max_sessions=max_sessions, rev=rev,
     )
-
-
-class RelayToken(typing.Protocol):
-    """What a relay-issued token record carries (relay.protocol.SyncedToken)."""
-
-    @property
-    def id(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def sha256(self) -> bytes: ...
-    @property
-    def last4(self) -> str: ...
-    @property
-    def scope(self) -> str: ...
-    @property
-    def protocols(self) -> tuple[str, ...]: ...
-    @property
-    def expires_at(self) -> float | None: ...
-    @property
-    def revoked_at(self) -> float | None: ...
-    @property
-    def label(self) -> str: ...
 
 
 class _Keep(Enum):
@@ -108,23 +80,6 @@ class TokenChange:
 
     def empty(self) -> bool:
         return all(getattr(self, f) is KEEP for f in self.__slots__)
-
-
-@dataclass(frozen=True, slots=True)
-class SyncRefusal:
-    """One token of a relay sync the agent did not apply (docs/relay-protocol.md §1.5)."""
-
-    token_id: str
-    code: str
-    message: str
-    #: First time this refusal is recorded (audited now): log it; a repeat is only acked.
-    new: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SyncResult:
-    changed: int
-    refused: list[SyncRefusal] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -446,9 +401,9 @@ class TokenStore:
                 row = self._conn.execute(
                     "SELECT origin, secret_hash, scope, protocols, expires_at, revoked_at, "
                     "label FROM tokens WHERE id = ?", (t.id,)).fetchone()
-                problem = self._sync_problem(t, row)
+                problem = sync_problem(self._conn, t, row)
                 if problem is not None:
-                    refused.append(self._refuse(t.id, *problem, now))
+                    refused.append(refuse(self._conn, t.id, *problem, now))
                     continue
                 revoked_at = t.revoked_at
                 if row is not None and row[5] is not None:  # revoked: stays so, or earlier
@@ -489,32 +444,6 @@ class TokenStore:
             self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
                                "VALUES ('relay_cursor', ?)", (cursor,))
         return SyncResult(changed, refused)
-
-    def _sync_problem(self, t: RelayToken, row: tuple[Any, ...] | None) -> tuple[str, str] | None:
-        """Why a synced record must not be applied (code, message), or None."""
-        if row is not None and row[0] != Origin.RELAY.value:
-            return SYNC_ID_IS_LOCAL, "a token made on the agent has this id; it stays"
-        if row is not None and bytes(row[1]) != t.sha256:
-            return SYNC_HASH_CHANGED, "a token id keeps the hash it was issued with: issue " \
-                "a new token (new id) instead"
-        if row is not None and row[5] is not None and t.revoked_at is None:
-            return SYNC_REVOKED, f"revoked at {format_time(row[5])}; revocation is final: " \
-                "issue a new token instead"
-        if self._conn.execute("SELECT 1 FROM tokens WHERE secret_hash = ? AND id != ?",
-                              (t.sha256, t.id)).fetchone():
-            return SYNC_HASH_IN_USE, "another token already has this hash"
-        return None
-
-    def _refuse(self, token_id: str, code: str, message: str, now: float) -> SyncRefusal:
-        """Audit a refused sync record once per token and reason (a full sync repeats it)."""
-        seen = self._conn.execute(
-            "SELECT 1 FROM audit WHERE token_id = ? AND event = ? AND reason = ? LIMIT 1",
-            (token_id, audit.SYNC_REFUSED, code)).fetchone()
-        if not seen:
-            audit.append(self._conn, [audit.AuditEntry(
-                now, audit.SYNC_REFUSED, token_id=token_id, actor="relay", result="refused",
-                reason=code, detail={"message": message})])
-        return SyncRefusal(token_id, code, message, new=not seen)
 
     def revoke_relay(self, token_id: str, when: float, now: float) -> bool:
         """The relay revoked one of its tokens; idempotent. False if the agent has no such
