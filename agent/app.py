@@ -6,12 +6,13 @@ import asyncio
 import gc
 import importlib
 import signal
+import ssl
 import time
 from collections import Counter
 from dataclasses import fields, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import ifaddr
 import structlog
@@ -25,10 +26,10 @@ from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
-from agent.config import Config, load, publisher_token
+from agent.config import Config, check_secret_files, load, publisher_token
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.errors import AgentError
-from agent.http import server
+from agent.http import server, tls
 from agent.http.admin import AdminApi
 from agent.http.metrics import LoopLag, Metrics
 from agent.http.views import Views
@@ -96,23 +97,39 @@ def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken
     )
 
 
-def viewer_urls(config: Config, token: str) -> list[str]:
-    """Links that open the viewer page with ``token`` in the fragment (never sent in a URL)."""
-    host, port = config.http.host_port
+def viewer_hosts(config: Config, limit: int | None = 3) -> list[str]:
+    """The addresses viewers are offered (in printed links, and in the TLS certificate)."""
+    host, _ = config.http.host_port
     if host in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
         addresses = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")][:3]
-        hosts = addresses or ["127.0.0.1"]
-    else:
-        hosts = [f"[{host}]" if ":" in host else host]
-    return [f"http://{h}:{port}/#token={token}" for h in hosts]
+                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")][:limit]
+        return addresses or ["127.0.0.1"]
+    return [host]
+
+
+def viewer_urls(config: Config, token: str) -> list[str]:
+    """Links that open the viewer page with ``token`` in the fragment (never sent in a URL);
+    https:// when the listener uses TLS."""
+    _, port = config.http.host_port
+    scheme = "https" if tls.enabled(config) else "http"
+    return [f"{scheme}://{f'[{h}]' if ':' in h else h}:{port}/#token={token}"
+            for h in viewer_hosts(config)]
+
+
+def certificate_names(config: Config) -> list[str]:
+    """Every address a viewer may use: all of viewer_hosts, loopback and the WebRTC ones."""
+    return [*viewer_hosts(config, limit=None), "127.0.0.1", "::1",
+            *config.webrtc.host_addresses]
 
 
 class Daemon:
     """Every long-lived part of a running agent, built and wired in one place."""
 
-    def __init__(self, config: Config, store: TokenStore, relay_token: str | None) -> None:
+    def __init__(self, config: Config, store: TokenStore, relay_token: str | None,
+                 certificate: tls.Certificate | None = None) -> None:
         self.config = config
+        self.certificate = certificate
+        self.tls_context = tls.server_context(certificate) if certificate else None
         self.store = store
         self.started = time.time()
         self.access = build_access(config, store)
@@ -151,7 +168,8 @@ class Daemon:
         Views(self.access, self.cameras,
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site).routes(self.app)
-        AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
+        AdminApi(self.access, store, self.cameras, self.started,
+                 tls=lambda: self.certificate).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
         self._runner: web.AppRunner | None = None
 
@@ -167,7 +185,7 @@ class Daemon:
         await self.access.start()
         host, port = self.config.http.host_port
         try:
-            self._runner = await server.start(self.app, host, port)
+            self._runner = await server.start(self.app, host, port, self.tls_context)
         except OSError as exc:
             await self.access.stop()
             raise AgentError(
@@ -198,12 +216,29 @@ class Daemon:
             return
         others = [f.name for f in fields(Config) if f.name not in ("cameras", "origin")
                   and getattr(new, f.name) != getattr(self.config, f.name)]
+        await self._reload_certificate()
         self.config = replace(self.config, cameras=new.cameras)
         added, removed, changed = await self._apply_cameras()
         if self.follower is not None:
             self.follower.probe_now()  # `systemctl reload` also looks for moved cameras
         log.info("reloaded", added=added, removed=removed, changed=changed,
                  needs_restart=others or None)
+
+    async def _reload_certificate(self) -> None:
+        """Re-read the certificate and key files (a renewed certificate): connections from
+        now on present the new one. A bad pair keeps the running one, loudly."""
+        if self.tls_context is None or self.config.http.tls.cert_file is None:
+            return
+        try:
+            cert = await asyncio.to_thread(tls.certificate, self.config, [])
+            assert cert is not None
+            tls.reload(self.tls_context, cert)
+        except AgentError as exc:
+            log.error("tls_reload_failed", error=str(exc), kept=self.certificate and
+                      self.certificate.fingerprint)
+            return
+        self.certificate = cert
+        log.info("tls_reloaded", **cert.log_fields())
 
     # -- the camera set: config file + adopted -----------------------------------------------
 
@@ -331,14 +366,31 @@ class Daemon:
             await server.shutdown(grace / 2)
 
 
+def _quiet_handshakes(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client that does not trust the certificate (or speaks plain HTTP to the HTTPS port)
+    fails its handshake: routine on a LAN, so a debug line, not an error with a traceback
+    (asyncio reports these only in its debug mode)."""
+    exc = context.get("exception")
+    if (str(context.get("message", "")).startswith("Error on transport creation")
+            and isinstance(exc, ssl.SSLError | ConnectionError | TimeoutError)):
+        log.debug("tls_handshake_failed", error=str(exc))
+        return
+    loop.default_exception_handler(context)
+
+
 async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
+    check_secret_files(config)  # a secret others can read is refused, with the chmod fix
     relay_token = publisher_token(config)  # fails early on a bad token file
     install_host_addresses(host_addresses(config.webrtc))
     speedups.install()
+    certificate = await asyncio.to_thread(tls.certificate, config, certificate_names(config))
+    if certificate is not None:
+        log.info("tls_ready", **certificate.log_fields())
+        asyncio.get_running_loop().set_exception_handler(_quiet_handshakes)
     store = await asyncio.to_thread(open_store, config)
     try:
-        daemon = Daemon(config, store, relay_token)
+        daemon = Daemon(config, store, relay_token, certificate)
         if quick_start and config.cameras:
             new = await asyncio.to_thread(quick_start_token, config, store, time.time())
             urls = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))

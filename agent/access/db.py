@@ -95,6 +95,25 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     );
     """,
+    # 3: per-token session caps (and the daemon's live count per token, for the CLI's
+    # 'token check'), and two promises kept by the database itself, whatever
+    # code path writes (docs/tokens.md): a revocation is never undone nor postponed, and a
+    # token id keeps the hash it was born with.
+    """
+    ALTER TABLE tokens ADD COLUMN max_sessions INTEGER;
+    CREATE TRIGGER tokens_revocation_final BEFORE UPDATE OF revoked_at ON tokens
+    WHEN OLD.revoked_at IS NOT NULL
+         AND (NEW.revoked_at IS NULL OR NEW.revoked_at > OLD.revoked_at)
+    BEGIN SELECT RAISE(ABORT, 'revocation is final'); END;
+    CREATE TRIGGER tokens_hash_fixed BEFORE UPDATE OF secret_hash ON tokens
+    WHEN NEW.secret_hash IS NOT OLD.secret_hash
+    BEGIN SELECT RAISE(ABORT, 'a token id keeps its hash'); END;
+    CREATE TABLE live_sessions (
+        token_id TEXT PRIMARY KEY,
+        count INTEGER NOT NULL,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    """,
 )
 
 
@@ -148,10 +167,20 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 f"understands ({len(MIGRATIONS)}): upgrade the agent."
             )
         for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            for statement in script.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in _statements(script):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
+
+
+def _statements(script: str) -> Iterator[str]:
+    """Split a script at the ``;`` that end statements (a trigger body holds more)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 @contextmanager

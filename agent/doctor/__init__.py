@@ -92,6 +92,7 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
         _guard("agent", "audit", slow, thread(lambda: local.audit_sync(config, timeout))),
         _guard("agent", "disk", slow, thread(lambda: local.disk_sync(config))),
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
+        _guard("agent", "tls", slow, thread(lambda: local.tls_sync(config))),
         _guard("agent", "http", timeout * 2, http),
     ]
     configured = set(config.camera_ids)

@@ -21,7 +21,7 @@ import aiohttp
 from agent.config import CameraConfig, read_secret
 from agent.doctor import rtsp
 from agent.doctor.model import Result, Status, result
-from agent.errors import ConfigError, SourceError
+from agent.errors import ConfigError, SecretFileExposed, SourceError
 from agent.logs import redact_text
 from agent.media.stream import VIDEO_CODECS
 
@@ -75,7 +75,8 @@ async def check_rtsp_camera(camera: CameraConfig, timeout: float) -> list[Result
         t = rtsp.target(camera.source, user, password)
     except (ConfigError, ValueError) as exc:
         return [result(g, "source", Status.FAIL, str(exc),
-                       "fix the camera's source, username or password_file")]
+                       exc.fix if isinstance(exc, SecretFileExposed)
+                       else "fix the camera's source, username or password_file")]
     addresses, found = await _resolve(g, t, timeout)
     out = [found]
     if not addresses:

@@ -233,7 +233,7 @@ class RelayLink:
     async def _apply_sync(self, ws: ClientConnection, action: ApplySync) -> None:
         event = action.event
         try:
-            changed = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
+            result = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
                                               full=event.full, cursor=event.cursor,
                                               now=time.time())
         except Exception as exc:  # a busy or broken database: say so, the relay resends
@@ -242,9 +242,15 @@ class RelayLink:
                                                                      "store the tokens"))
             return
         await self._applied()
+        for refusal in result.refused:
+            if refusal.new:  # audited at the same time; a repeat is only in the ack
+                log.warning("relay_sync_refused", token_id=refusal.token_id,
+                            reason=refusal.code, detail=refusal.message)
         log.info("relay_tokens_synced", full=event.full, tokens=len(event.tokens),
-                 changed=changed, cursor=event.cursor)
-        await self._perform(ws, self.protocol.sync_applied(event))
+                 changed=result.changed, refused=len(result.refused), cursor=event.cursor)
+        await self._perform(ws, self.protocol.sync_applied(event, refused=[
+            {"token_id": r.token_id, "code": r.code, "message": r.message}
+            for r in result.refused]))
 
     async def _heartbeat(self, ws: ClientConnection) -> None:
         """WebSocket ping frames every heartbeat_s; no pong within heartbeat_s: close (1.4)."""

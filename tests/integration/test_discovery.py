@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import write_secret
 from tests.support.agent import NamespacedAgent
 from tests.support.avahi import Avahi, missing_programs
 from tests.support.camera import RtspCamera, gst_rtsp_server_missing
@@ -190,7 +191,7 @@ def test_an_mdns_camera_announced_by_avahi_is_found_adopted_and_watched(
     creds = tmp_path / "creds"
     creds.mkdir()
     password_file = creds / "garage.password"
-    password_file.write_text(PASSWORD)
+    write_secret(password_file, PASSWORD)
     camera = RtspCamera.start(8555, netns=pair.viewer_ns, address=pair.viewer_ip,
                               path="/garage", user="viewer", password=PASSWORD,
                               width=320, height=240, fps=15)

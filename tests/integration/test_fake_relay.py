@@ -497,8 +497,16 @@ async def test_contract_breaches_are_listed_as_violations(relay: FakeRelay) -> N
     await agent.expect("ack")
     await agent.send("publish.status", session_id="s-x", state="failed", error=None)
     await agent.expect("ack")
+    _, record = relay.issue_access_token("camera:door")
+    sid = await relay.send_tokens([record])
+    assert sid is not None
+    sync = await agent.expect("tokens.sync")
+    await agent.ack(sync, cursor=sync["cursor"], refused=[{"token_id": record["id"],
+                                                          "code": "because"}])
+    await relay.wait_ack(sid)
     await agent.ws.close()
     text = "\n".join(relay.violations)
+    assert "malformed refused list" in text
     assert "a token crossed the control channel" in text and token not in text
     assert "URL with credentials" in text and "carries ['source']" in text
     assert "failed without error" in text

@@ -20,6 +20,7 @@ import aiohttp
 import yaml
 
 from tests.bench import bench_relay_sync
+from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay
@@ -31,11 +32,11 @@ SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 
 def start_agent(tmp: Path, relay: FakeRelay, token: str, *, cameras: tuple[str, ...] = ("cam1",),
-                always: bool = False, **extra: object) -> AgentProcess:
+                always: bool = False, **extra: Any) -> AgentProcess:
     """The daemon with these test-pattern cameras, linked to the fake relay (or, with
     ``always``, publishing every camera to its WHIP template without a control channel)."""
     secret = tmp / "publisher-token.secret"
-    secret.write_text(token + "\n")
+    write_secret(secret, token + "\n")
     section: dict[str, str] = {"publisher_token_file": str(secret)}
     section.update({"publish": "always", "whip_url_template": relay.whip_url_template}
                    if always else {"url": relay.url})
@@ -197,7 +198,7 @@ async def test_always_mode_publishes_to_any_whip_server_without_a_control_channe
     async with FakeRelay() as relay:
         token = relay.issue_publisher()
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(token + "\n")
+        write_secret(secret, token + "\n")
         agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL},
                                         {"id": "cam2", "source": SMALL}],
                              agent={"id": "nvr1"},
@@ -249,7 +250,7 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
     async with FakeRelay() as relay:
         relay.clock_offset = 120.0  # the relay's clock is two minutes ahead
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher() + "\n")
+        write_secret(secret, relay.issue_publisher() + "\n")
         agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
                              agent={"id": "nvr1"}, media={"idle_grace": 1.0},
                              relay={"url": relay.url, "publisher_token_file": str(secret)})
@@ -474,4 +475,54 @@ async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
         # Section 2: at shutdown the session is DELETEd and reported stopped.
         await relay.wait_whip_deleted(live)
         assert relay.statuses[live][-1]["state"] == "stopped"
+        assert relay.violations == []
+
+
+async def test_a_sync_can_neither_unrevoke_a_token_nor_change_its_hash(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        try:
+            await relay.wait_agent(timeout=20)
+            text, record = relay.issue_access_token("host:nvr1")
+            kept_text, kept = relay.issue_access_token("host:nvr1")
+            forged_text, forged = relay.issue_access_token("host:nvr1")
+            message = await relay.send_tokens([record, kept])
+            assert message is not None and (await relay.wait_ack(message))["ok"] is True
+            assert (await relay.wait_ack(await relay.revoke(record["id"])))["ok"] is True
+            assert await snapshot_status(agent, text) == 401
+            # A misbehaving relay lists the revoked token as active, and gives another token
+            # id the hash of a different secret. Both are refused, the rest applied.
+            refused_ids = []
+            for _ in range(2):  # a repeat is refused again, but logged and audited once
+                sync = await relay.send_tokens([
+                    {**record, "revoked_at": None},
+                    {**kept, "sha256": forged["sha256"], "last4": forged["last4"]},
+                    {**forged, "id": forged["id"]}])
+                assert sync is not None
+                ack = await relay.wait_ack(sync)
+                assert ack["ok"] is True and ack["cursor"] == relay.cursor
+                refused_ids.append({r["token_id"]: r["code"] for r in ack["refused"]})
+            assert refused_ids[0] == refused_ids[1] == {record["id"]: "revocation_final",
+                                                        kept["id"]: "hash_changed"}
+            assert await snapshot_status(agent, text) == 401
+            assert await snapshot_status(agent, kept_text) == 200  # the original still works
+            assert await snapshot_status(agent, forged_text) == 200  # under its own id only
+            logged = [e for e in agent.log_events() if e.get("event") == "relay_sync_refused"]
+            assert sorted((e["token_id"], e["reason"]) for e in logged) == sorted(
+                [(record["id"], "revocation_final"), (kept["id"], "hash_changed")])
+            audited = await asyncio.to_thread(agent.audit, "--event", "token.sync_refused")
+            assert sorted((e["token_id"], e["reason"], e["actor"]) for e in audited) == sorted(
+                [(record["id"], "revocation_final", "relay"),
+                 (kept["id"], "hash_changed", "relay")])
+            # A relay token revoked on the agent itself stays revoked whatever the relay says.
+            revoked = await asyncio.to_thread(agent.cli, "token", "revoke", kept["id"])
+            assert revoked.returncode == 0, revoked.stderr
+            sync = await relay.send_tokens([kept], full=True)
+            assert sync is not None
+            ack = await relay.wait_ack(sync)
+            assert {r["token_id"]: r["code"] for r in ack["refused"]} == {
+                kept["id"]: "revocation_final"}
+            assert await snapshot_status(agent, kept_text) == 401
+        finally:
+            assert await asyncio.to_thread(agent.stop) == 0
         assert relay.violations == []

@@ -73,6 +73,8 @@ CLOSE = {
 
 #: relay → agent messages the agent must ack (1.4).
 ACKED_BY_AGENT = frozenset({"tokens.sync", "tokens.revoke", "publish", "unpublish"})
+#: Codes an agent may give for a tokens.sync record it did not apply (1.5).
+SYNC_REFUSALS = frozenset({"revocation_final", "hash_changed", "local_token", "hash_in_use"})
 CAMERA_STATES = frozenset({"idle", "connecting", "online", "offline", "unsupported"})
 PUBLISH_STATES = frozenset({"starting", "live", "stopped", "failed"})
 #: Keys that would carry camera credentials or source URLs (never sent, 1.3).
@@ -1002,6 +1004,12 @@ class FakeRelay:
                 self.violations.append(f"tokens.sync ack carries cursor "
                                        f"{message.get('cursor')!r}, not {original['cursor']!r}")
             self.agent_cursor = message.get("cursor")
+            refused = message.get("refused", [])
+            if not isinstance(refused, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("token_id"), str)
+                    and r.get("code") in SYNC_REFUSALS and isinstance(r.get("message"), str)
+                    for r in refused):
+                self.violations.append(f"tokens.sync ack: malformed refused list {refused!r}")
         self.acks.setdefault(target, message)
         self._notify()
 

@@ -14,6 +14,7 @@ from agent.access.policy import Site
 from agent.access.store import TokenStore
 from agent.discovery.adopted import AdoptedCameras
 from agent.discovery.catalog import Sighting, short_id
+from tests.conftest import write_secret
 
 GARAGE = Sighting("Garage._rtsp._tcp.local.", methods=["mdns"], name="Garage",
                   addresses=["192.0.2.80"], mdns=["Garage._rtsp._tcp.local."],
@@ -46,7 +47,7 @@ def test_discover_with_nothing_to_look_with_says_so(cli) -> None:
 
 def test_adopt_from_the_cache_then_token_then_remove(cli, state_dir: Path) -> None:
     secret = state_dir.parent / "garage.password"
-    secret.write_text("pw-garage\n")
+    write_secret(secret, "pw-garage\n")
     result = cli("cameras", "adopt", short_id(GARAGE.identity), "--user", "viewer",
                  "--password-file", str(secret))
     assert result.code == 0, result.err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,8 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
         "sha256": hashlib.sha256(issued.text.encode()).hexdigest(), "last4": issued.text[-4:],
         "scope": "camera:door", "protocols": [], "expires_at": None, "revoked_at": None}]))
     assert isinstance(token, TokensSync)
-    assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW) == 1
-    assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW) == 0
+    assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW).changed == 1
+    assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW).changed == 0
     assert store.relay_cursor() == "c-1"
     record = store.get(issued.public_id)
     assert record.origin is Origin.RELAY and record.created_by == "relay"
@@ -122,9 +123,70 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
     # A full sync revokes relay tokens it does not list, and never touches local ones.
     clash = token.tokens[0]._replace(id="Xx0000000000")  # same hash, another id: refused
     other = token.tokens[0]._replace(id="Yy0000000000", sha256=bytes(32))
-    assert store.apply_relay_sync([clash, other], full=False, cursor="c-2", now=NOW + 7) == 1
-    assert store.apply_relay_sync([], full=True, cursor="c-3", now=NOW + 8) == 1
+    result = store.apply_relay_sync([clash, other], full=False, cursor="c-2", now=NOW + 7)
+    assert result.changed == 1
+    assert [(r.token_id, r.code) for r in result.refused] == [("Xx0000000000", "hash_in_use")]
+    assert store.apply_relay_sync([], full=True, cursor="c-3", now=NOW + 8).changed == 1
     assert store.get("Yy0000000000").revoked_at == NOW + 8
     assert all(r.status(NOW + 9).value == "active" for r in store.list_tokens(NOW + 9)
                if r.origin is Origin.LOCAL)
+    store.close()
+
+
+def test_a_sync_never_undoes_a_revocation_nor_changes_a_hash(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "agent.db", Site("nvr1", "acme"), 5, lambda: {"door"})
+    issued, forged = generate(Kind.ACCESS), generate(Kind.ACCESS)
+    remember(f"{issued.text} {forged.text}")
+    record = messages.SyncedToken(
+        id=issued.public_id, kind="access", sha256=hashlib.sha256(issued.text.encode()).digest(),
+        last4=issued.text[-4:], scope="camera:door", protocols=(), expires_at=None,
+        revoked_at=None, label="")
+    assert store.apply_relay_sync([record], full=False, cursor="c-1", now=NOW).refused == []
+    assert store.revoke_relay(issued.public_id, NOW + 1, NOW + 1)
+    # Listed as active again (twice: a full sync repeats it), and with another hash.
+    again = store.apply_relay_sync([record], full=True, cursor="c-2", now=NOW + 2)
+    repeat = store.apply_relay_sync([record], full=True, cursor="c-3", now=NOW + 3)
+    rehashed = record._replace(revoked_at=NOW + 1,
+                       sha256=hashlib.sha256(forged.text.encode()).digest())
+    moved = store.apply_relay_sync([rehashed], full=False, cursor="c-4", now=NOW + 4)
+    assert [(r.code, r.new) for r in again.refused] == [("revocation_final", True)]
+    assert [(r.code, r.new) for r in repeat.refused] == [("revocation_final", False)]
+    assert [r.code for r in moved.refused] == ["hash_changed"]
+    assert again.changed == repeat.changed == moved.changed == 0
+    kept = store.get(issued.public_id)
+    assert kept.revoked_at == NOW + 1 and kept.secret_hash == record.sha256
+    assert store.relay_cursor() == "c-4"  # the rest of each sync was applied
+    tokens = store.load_all()[0]
+    for text in (issued.text, forged.text):
+        decision = authorize(AccessRequest(text, "door", "webrtc", None, NOW + 5), tokens,
+                             store.site)
+        assert not decision.granted
+    audited = store.read(lambda c: c.execute(
+        "SELECT reason FROM audit WHERE event = 'token.sync_refused' ORDER BY seq").fetchall())
+    assert [r[0] for r in audited] == ["revocation_final", "hash_changed"]  # once each
+    # A revocation may move earlier, never later.
+    earlier = record._replace(revoked_at=NOW)
+    assert store.apply_relay_sync([earlier], full=False, cursor="c-5", now=NOW + 6).changed == 1
+    assert store.get(issued.public_id).revoked_at == NOW
+    later = record._replace(revoked_at=NOW + 100)
+    store.apply_relay_sync([later], full=False, cursor="c-6", now=NOW + 7)
+    assert store.get(issued.public_id).revoked_at == NOW
+    store.close()
+
+
+def test_the_database_itself_refuses_an_unrevoke_or_a_new_hash(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path / "agent.db", Site("nvr1", "acme"), 5, lambda: {"door"})
+    new = store.create(Kind.ACCESS, Scope.parse("host:nvr1"), NOW)
+    remember(new.token)
+    store.revoke(new.record.id, NOW + 1, "test")
+    for statement in ("UPDATE tokens SET revoked_at = NULL",
+                      "UPDATE tokens SET revoked_at = revoked_at + 10",
+                      "UPDATE tokens SET secret_hash = zeroblob(32)"):
+        def run(conn: sqlite3.Connection, sql: str = statement) -> None:
+            conn.execute(sql)
+
+        with pytest.raises(sqlite3.IntegrityError):
+            store.write(run)
+    kept = store.get(new.record.id)
+    assert kept.revoked_at == NOW + 1 and kept.secret_hash == new.record.secret_hash
     store.close()
