@@ -95,6 +95,17 @@ MIGRATIONS: tuple[str, ...] = (
         last_seen REAL NOT NULL
     );
     """,
+    # 3: what proves an adopted camera is the same device after a move (discovery/trust.py),
+    # how it asked for its RTSP password, and a move waiting for the installer's word
+    """
+    ALTER TABLE adopted_cameras ADD COLUMN serial TEXT;
+    ALTER TABLE adopted_cameras ADD COLUMN hardware_id TEXT;
+    ALTER TABLE adopted_cameras ADD COLUMN home_network TEXT;
+    ALTER TABLE adopted_cameras ADD COLUMN rtsp_auth TEXT;
+    ALTER TABLE adopted_cameras ADD COLUMN allow_basic INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE adopted_cameras ADD COLUMN moved INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE adopted_cameras ADD COLUMN pending TEXT;
+    """,
 )
 
 

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from agent.config import CameraConfig, read_secret
-from agent.doctor import rtsp
 from agent.doctor.model import Result, Status, result
 from agent.errors import ConfigError, SourceError
 from agent.logs import redact_text
+from agent.media import rtsp
 from agent.media.stream import VIDEO_CODECS
 
 ONVIF_PATH = "/onvif/device_service"  # the device service's usual address (ONVIF Core)

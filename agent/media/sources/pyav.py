@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,9 @@ import av
 import av.error
 
 from agent.errors import SourceError
+from agent.media import rtsp
 from agent.media.audio import AudioPath
+from agent.media.sources import rtsp_login
 from agent.media.stream import (
     AudioInfo,
     MediaPacket,
@@ -25,6 +27,9 @@ from agent.media.stream import (
 # FIELD-NOTES: probesize=32 + analyzeduration=0 opens in ~60 ms when the SDP carries
 # SPS/PPS; without them the fast open sees no size, and we open again with normal probing.
 FAST_OPEN = {"probesize": "32", "analyzeduration": "0"}
+#: An open (the camera's challenge, FFmpeg's RTSP handshake and stream probe) must finish
+#: within this many socket timeouts (media.camera_timeout), whatever the camera sends.
+OPEN_DEADLINE = 3
 
 
 def with_credentials(url: str, username: str | None, password: str | None) -> str:
@@ -50,7 +55,7 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, av.error.ConnectionRefusedError):
         return "connection refused: the camera is not listening on this port"
     if isinstance(exc, av.error.TimeoutError | TimeoutError):
-        return "no answer from the camera (timeout): check address and network"
+        return rtsp_login.TIMEOUT
     if isinstance(exc, av.error.ExitError | av.error.EOFError):
         return "the camera closed the stream"
     if isinstance(exc, OSError) and exc.strerror:
@@ -69,8 +74,12 @@ class PyAVSource:
         audio_mode: str = "auto",
         realtime: bool = False,
         loop: bool = False,
+        open_deadline: float | None = None,
+        login: Callable[[float], str] | None = None,
     ) -> None:
         self._url = url
+        self._open_deadline = open_deadline
+        self._login = login  # asks the camera first; gives the URL FFmpeg may open
         self._options = options
         self._audio_mode = audio_mode
         self._realtime = realtime
@@ -88,15 +97,25 @@ class PyAVSource:
         self._video_tb = Fraction(1, 90_000)
 
     def open(self) -> StreamInfo:
+        deadline = time.monotonic() + self._open_deadline if self._open_deadline else None
+        url = self._url if self._login is None else self._login(self._open_deadline or 60.0)
         try:
-            # The socket timeout is FFmpeg's own "timeout" option (µs). PyAV's timeout= would
-            # also work, but through an interrupt callback into Python on every I/O wait.
-            container = av.open(self._url, options={**self._options, **FAST_OPEN})
+            # An overall deadline on the open: a camera that keeps sending bytes that never
+            # make an answer would hold FFmpeg's socket timeout off forever. PyAV's timeout
+            # is an interrupt callback FFmpeg polls in its I/O loops; with no read timeout it
+            # returns at once without the GIL while streaming, so it costs nothing then.
+            container = av.open(url, options={**self._options, **FAST_OPEN},
+                                timeout=self._budget(deadline))
             video = container.streams.video[0] if container.streams.video else None
             if video is not None and not video.codec_context.width:
                 container.close()
-                container = av.open(self._url, options=self._options)
+                container = av.open(url, options=self._options, timeout=self._budget(deadline))
                 video = container.streams.video[0] if container.streams.video else None
+        except av.error.ExitError:  # the interrupt callback: our deadline passed
+            raise SourceError(
+                f"the camera did not deliver a stream within {self._open_deadline:g} s of "
+                "connecting (it answers, but not with RTSP/H.264 the agent can use): check the "
+                "URL path and the camera's stream settings") from None
         except av.error.FFmpegError as exc:
             raise SourceError(describe_error(exc)) from None
         except OSError as exc:
@@ -124,6 +143,14 @@ class PyAVSource:
         self._packets = container.demux(streams)
         fps = float(video.average_rate) if video.average_rate else None
         return StreamInfo(codec, ctx.width, ctx.height, fps, self._parameter_sets, audio_info)
+
+    @staticmethod
+    def _budget(deadline: float | None) -> tuple[float, None] | None:
+        """PyAV's (open, read) timeout: the open is bounded by what is left of ``deadline``
+        (halved: it applies to FFmpeg's open and to its stream probe, one after the other)."""
+        if deadline is None:
+            return None
+        return (max((deadline - time.monotonic()) / 2, 0.05), None)
 
     def read(self) -> MediaPacket:
         while not self._pending:
@@ -185,10 +212,31 @@ class PyAVSource:
 
 def rtsp_source(
     url: str, *, transport: str, timeout: float, username: str | None, password: str | None,
-    audio_mode: str,
+    audio_mode: str, camera_id: str = "", rule: str = "auto",
 ) -> PyAVSource:
+    """An RTSP camera. Its credentials reach FFmpeg only through :mod:`rtsp_login` (the
+    camera's challenge checked first); the whole open is bounded by ``OPEN_DEADLINE`` times
+    the socket timeout."""
     options = {"rtsp_transport": transport, "timeout": str(int(timeout * 1_000_000))}
-    return PyAVSource(with_credentials(url, username, password), options, audio_mode=audio_mode)
+    try:
+        target = rtsp.target(url, username, password)  # credentials in the URL, or apart
+    except ValueError as exc:
+        raise SourceError(f"cameras[].source: {exc}") from None
+    clean = target.url
+    deadline = timeout * OPEN_DEADLINE
+    login = None
+    if target.username:
+        user, secret = target.username, target.password or ""
+
+        def login(budget: float) -> str:
+            return rtsp_login.login_url(camera_id, clean, user, secret, rule,
+                                        min(timeout, budget))
+    else:
+        def login(budget: float) -> str:
+            rtsp_login.ask(clean, min(timeout, budget))  # the reason, if it is not RTSP
+            return clean
+    return PyAVSource(clean, options, audio_mode=audio_mode, open_deadline=deadline,
+                      login=login)
 
 
 def file_source(url: str, audio_mode: str) -> PyAVSource:

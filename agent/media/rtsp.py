@@ -1,4 +1,5 @@
-"""A small RTSP client for diagnosis: OPTIONS and DESCRIBE, Basic and Digest auth, the SDP.
+"""A small RTSP client: OPTIONS and DESCRIBE, Basic and Digest auth, the SDP (for doctor, and
+for the question every camera open asks first: agent/media/sources/rtsp_login.py).
 
 It never sends SETUP or PLAY, so asking a camera costs it one short TCP connection and
 never disturbs the agent's own pull (RFC 2326 §10.2: DESCRIBE only describes). The parsing
