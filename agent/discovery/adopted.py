@@ -94,6 +94,13 @@ def rtsp_auth_rule(camera: AdoptedCamera) -> str:
     return "digest" if camera.moved or camera.rtsp_auth == "digest" else "auto"
 
 
+def held_move_text(camera_id: str, pending: dict[str, Any]) -> str:
+    """One line for the installer about a move discovery did not make on its own."""
+    return (f"camera {camera_id!r} was announced at {pending.get('to')} (it is at "
+            f"{pending.get('from')}); not followed: {pending.get('reason')}. If it really "
+            f"moved: therelay-agent cameras move {camera_id} {pending.get('to')}")
+
+
 def camera_config(camera: AdoptedCamera, credentials: Path) -> CameraConfig:
     """The camera as the hub builds it (the password is read from its file at connect time)."""
     password = credentials / camera.id
@@ -302,9 +309,9 @@ class AdoptedCameras:
         return [(json.loads(data), last_seen) for data, last_seen in rows]
 
 
-def read_adopted(state_dir: Path) -> list[CameraConfig]:
-    """The adopted cameras as camera configs, read without writing (for ``doctor``, which
-    must not migrate or lock the database of a running daemon). Empty when there is none."""
+def read_adopted_cameras(state_dir: Path) -> list[AdoptedCamera]:
+    """The adopted cameras, read without writing (for ``doctor``, which must not migrate or
+    lock the database of a running daemon). Empty when there is none."""
     path = db_path(state_dir)
     if not path.exists():
         return []
@@ -314,6 +321,12 @@ def read_adopted(state_dir: Path) -> list[CameraConfig]:
             rows = conn.execute(f"{_SELECT} ORDER BY adopted_at, id").fetchall()
         finally:
             conn.close()
-    except sqlite3.Error:  # no table yet (older schema), damaged: doctor's database check says
+    except sqlite3.Error:  # older schema, damaged: doctor's database check says
         return []
-    return [camera_config(_row(r), state_dir / CREDENTIALS_DIR) for r in rows]
+    return [_row(r) for r in rows]
+
+
+def read_adopted(state_dir: Path) -> list[CameraConfig]:
+    """The adopted cameras as camera configs (see :func:`read_adopted_cameras`)."""
+    return [camera_config(c, state_dir / CREDENTIALS_DIR)
+            for c in read_adopted_cameras(state_dir)]

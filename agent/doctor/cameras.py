@@ -85,7 +85,8 @@ async def check_rtsp_camera(camera: CameraConfig, timeout: float) -> list[Result
     if conn is None:
         return out + _skipped(g, ("rtsp", "codec"), "no connection")
     try:
-        described = await asyncio.wait_for(rtsp.describe(conn, t, address), timeout)
+        described = await asyncio.wait_for(
+            rtsp.describe(conn, t, address, basic=camera.rtsp_auth != "digest"), timeout)
     except TimeoutError:
         out.append(result(g, "rtsp", Status.FAIL,
                           f"the camera accepted the connection but did not answer DESCRIBE "

@@ -58,6 +58,9 @@ def describe_error(exc: BaseException) -> str:
         return rtsp_login.TIMEOUT
     if isinstance(exc, av.error.ExitError | av.error.EOFError):
         return "the camera closed the stream"
+    if isinstance(exc, av.error.InvalidDataError):
+        return ("the camera sent data the agent cannot read as an RTSP stream of H.264 (a "
+                "non-RTSP port, or a broken stream)")
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return f"{type(exc).__name__}"
@@ -100,22 +103,12 @@ class PyAVSource:
         deadline = time.monotonic() + self._open_deadline if self._open_deadline else None
         url = self._url if self._login is None else self._login(self._open_deadline or 60.0)
         try:
-            # An overall deadline on the open: a camera that keeps sending bytes that never
-            # make an answer would hold FFmpeg's socket timeout off forever. PyAV's timeout
-            # is an interrupt callback FFmpeg polls in its I/O loops; with no read timeout it
-            # returns at once without the GIL while streaming, so it costs nothing then.
-            container = av.open(url, options={**self._options, **FAST_OPEN},
-                                timeout=self._budget(deadline))
+            container = self._open_container(url, {**self._options, **FAST_OPEN}, deadline)
             video = container.streams.video[0] if container.streams.video else None
             if video is not None and not video.codec_context.width:
                 container.close()
-                container = av.open(url, options=self._options, timeout=self._budget(deadline))
+                container = self._open_container(url, self._options, deadline)
                 video = container.streams.video[0] if container.streams.video else None
-        except av.error.ExitError:  # the interrupt callback: our deadline passed
-            raise SourceError(
-                f"the camera did not deliver a stream within {self._open_deadline:g} s of "
-                "connecting (it answers, but not with RTSP/H.264 the agent can use): check the "
-                "URL path and the camera's stream settings") from None
         except av.error.FFmpegError as exc:
             raise SourceError(describe_error(exc)) from None
         except OSError as exc:
@@ -144,13 +137,30 @@ class PyAVSource:
         fps = float(video.average_rate) if video.average_rate else None
         return StreamInfo(codec, ctx.width, ctx.height, fps, self._parameter_sets, audio_info)
 
-    @staticmethod
-    def _budget(deadline: float | None) -> tuple[float, None] | None:
-        """PyAV's (open, read) timeout: the open is bounded by what is left of ``deadline``
-        (halved: it applies to FFmpeg's open and to its stream probe, one after the other)."""
+    def _open_container(self, url: str, options: dict[str, str], deadline: float | None) -> Any:
+        """``av.open`` bounded by what is left of ``deadline``.
+
+        A camera that keeps sending bytes that never make an answer holds FFmpeg's socket
+        timeout off forever. PyAV's ``timeout`` is an interrupt callback FFmpeg polls in its
+        I/O loops; with no read timeout it returns at once, without the GIL, while streaming,
+        so it costs nothing after the open. It applies to FFmpeg's open and to its stream
+        probe, one after the other: each gets half of what is left.
+        """
         if deadline is None:
-            return None
-        return (max((deadline - time.monotonic()) / 2, 0.05), None)
+            return av.open(url, options=options)
+        budget = max((deadline - time.monotonic()) / 2, 0.05)
+        started = time.monotonic()
+        try:
+            return av.open(url, options=options, timeout=(budget, None))
+        except av.error.FFmpegError:
+            # FFmpeg's RTSP code reports the interrupt as whatever it was reading (often
+            # InvalidDataError): past the budget, the deadline is the reason.
+            if time.monotonic() - started >= budget * 0.95:
+                raise SourceError(
+                    f"the camera did not deliver a stream within {self._open_deadline:g} s of "
+                    "connecting (it answers, but not with RTSP/H.264 the agent can use): check "
+                    "the URL path and the camera's stream settings") from None
+            raise
 
     def read(self) -> MediaPacket:
         while not self._pending:
