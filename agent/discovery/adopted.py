@@ -37,6 +37,8 @@ CREDENTIALS_DIR = "camera-credentials"
 METHODS = ("onvif", "mdns")
 #: Sightings kept in the database (the `discover` cache); the oldest go first.
 MAX_SIGHTINGS = 1024
+#: Distinct addresses a camera's held move remembers (and audits) until the installer acts.
+MAX_HELD_ADDRESSES = 8
 
 
 @dataclass(frozen=True)
@@ -221,10 +223,10 @@ class AdoptedCameras:
 
     def hold_move(self, camera_id: str, pending: dict[str, Any], *,
                   now: float | None = None) -> bool:
-        """Keep a move that did not prove itself for the installer to confirm; audited once
-        per new address (a flood of forged announcements adds no rows). True if new."""
+        """Keep a move that did not prove itself for the installer to confirm. Audited once
+        per address, for up to ``MAX_HELD_ADDRESSES`` addresses until the installer acts: a
+        flood of forged announcements adds no rows. True if this address is new."""
         now = time.time() if now is None else now
-        text = json.dumps({**pending, "at": now}, sort_keys=True)
 
         def work(conn: sqlite3.Connection) -> bool:
             row = conn.execute("SELECT pending FROM adopted_cameras WHERE id = ?",
@@ -232,8 +234,11 @@ class AdoptedCameras:
             if row is None:
                 return False
             old = json.loads(row[0]) if row[0] else {}
-            if old.get("to") == pending.get("to"):
+            seen: list[str] = list(old.get("addresses", []))
+            if pending.get("to") in seen or len(seen) >= MAX_HELD_ADDRESSES:
                 return False
+            seen.append(str(pending.get("to")))
+            text = json.dumps({**pending, "at": now, "addresses": seen}, sort_keys=True)
             conn.execute("UPDATE adopted_cameras SET pending = ?, updated_at = ? WHERE id = ?",
                          (text, now, camera_id))
             detail: dict[str, Any] = {k: pending[k] for k in ("from", "to", "reason")

@@ -29,7 +29,8 @@ class CameraSite:
         self.password_file.write_text(PASSWORD)
         self.rtsp = RtspCamera.start(8554, netns=pair.viewer_ns, address=ip,
                                      path="/Streaming/Channels/101", user="admin",
-                                     password=PASSWORD, width=320, height=240, fps=15)
+                                     password=PASSWORD, auth="digest", width=320, height=240,
+                                     fps=15)
         self.onvif = pair.popen(pair.viewer_ns, [
             sys.executable, "-m", "tests.support.onvif_device", "--model", "hikvision",
             "--host", ip, "--port", "8080", "--user", "admin",

@@ -58,6 +58,9 @@ def describe_error(exc: BaseException) -> str:
         return rtsp_login.TIMEOUT
     if isinstance(exc, av.error.ExitError | av.error.EOFError):
         return "the camera closed the stream"
+    if isinstance(exc, av.error.HTTPServerError):
+        return ("the camera answered with a server error (5xx): it may be starting up or "
+                "overloaded, or it refuses more connections")
     if isinstance(exc, av.error.InvalidDataError):
         return ("the camera sent data the agent cannot read as an RTSP stream of H.264 (a "
                 "non-RTSP port, or a broken stream)")
@@ -243,7 +246,8 @@ def rtsp_source(
                                         min(timeout, budget))
     else:
         def login(budget: float) -> str:
-            rtsp_login.ask(clean, min(timeout, budget))  # the reason, if it is not RTSP
+            # no credentials to protect: OPTIONS alone names a silent or a non-RTSP port
+            rtsp_login.ask(clean, min(timeout, budget), describe=False)
             return clean
     return PyAVSource(clean, options, audio_mode=audio_mode, open_deadline=deadline,
                       login=login)

@@ -61,17 +61,22 @@ class AuthDowngradeError(SourceError):
     """The camera asks for Basic where only Digest may carry its password."""
 
 
-def ask(url: str, timeout: float) -> Challenge:
+def ask(url: str, timeout: float, *, describe: bool = True) -> Challenge:
     """OPTIONS then DESCRIBE without credentials on one short connection, all within
-    ``timeout`` seconds; raises :class:`SourceError` with the installer's reason."""
+    ``timeout`` seconds; raises :class:`SourceError` with the installer's reason.
+
+    Without ``describe`` only OPTIONS is sent: enough to tell silence and junk from RTSP.
+    (An open camera answers DESCRIBE by preparing its stream, which a camera that then sees
+    the connection close may still be tearing down when FFmpeg asks: a 503.)"""
     t = rtsp.target(url)
     if t.scheme != "rtsp":  # rtsps: FFmpeg's TLS session is its own; nothing to ask first
         return Challenge(0, frozenset())
     deadline = time.monotonic() + timeout
     try:
         with socket.create_connection((t.host, t.port), timeout=timeout) as sock:
-            _exchange(sock, "OPTIONS", t.url, deadline, 1)
-            head = _exchange(sock, "DESCRIBE", t.url, deadline, 2)
+            head = _exchange(sock, "OPTIONS", t.url, deadline, 1)
+            if describe:
+                head = _exchange(sock, "DESCRIBE", t.url, deadline, 2)
     except TimeoutError:
         raise SourceError(TIMEOUT) from None
     except ConnectionRefusedError:
