@@ -82,7 +82,9 @@ class PyAVSource:
         loop: bool = False,
         open_deadline: float | None = None,
         login: Callable[[float], str] | None = None,
+        diagnose: Callable[[float], None] | None = None,
     ) -> None:
+        self._diagnose = diagnose  # after a failed open: raises the installer's reason
         self._url = url
         self._open_deadline = open_deadline
         self._login = login  # asks the camera first; gives the URL FFmpeg may open
@@ -112,10 +114,14 @@ class PyAVSource:
                 container.close()
                 container = self._open_container(url, self._options, deadline)
                 video = container.streams.video[0] if container.streams.video else None
-        except av.error.FFmpegError as exc:
+        except (av.error.FFmpegError, OSError) as exc:
+            if self._diagnose is not None and not isinstance(exc, av.error.HTTPError):
+                self._diagnose(self._open_deadline or 60.0)
             raise SourceError(describe_error(exc)) from None
-        except OSError as exc:
-            raise SourceError(describe_error(exc)) from None
+        except SourceError:
+            if self._diagnose is not None:  # the deadline: junk after RTSP, or no RTSP at all?
+                self._diagnose(self._open_deadline or 60.0)
+            raise
         if video is None:
             container.close()
             raise SourceError("the source has no video stream")
@@ -237,20 +243,22 @@ def rtsp_source(
         raise SourceError(f"cameras[].source: {exc}") from None
     clean = target.url
     deadline = timeout * OPEN_DEADLINE
-    login = None
     if target.username:
         user, secret = target.username, target.password or ""
 
         def login(budget: float) -> str:
             return rtsp_login.login_url(camera_id, clean, user, secret, rule,
                                         min(timeout, budget))
-    else:
-        def login(budget: float) -> str:
-            # no credentials to protect: OPTIONS alone names a silent or a non-RTSP port
-            rtsp_login.ask(clean, min(timeout, budget), describe=False)
-            return clean
+        return PyAVSource(clean, options, audio_mode=audio_mode, open_deadline=deadline,
+                          login=login)
+
+    def diagnose(budget: float) -> None:
+        # No credentials to protect: no question first (no extra connection when all is
+        # well); after a failure, OPTIONS alone names a silent or a non-RTSP port.
+        rtsp_login.ask(clean, min(timeout, budget), describe=False)
+
     return PyAVSource(clean, options, audio_mode=audio_mode, open_deadline=deadline,
-                      login=login)
+                      diagnose=diagnose)
 
 
 def file_source(url: str, audio_mode: str) -> PyAVSource:
