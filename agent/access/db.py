@@ -157,10 +157,12 @@ def explain(exc: sqlite3.Error, path: Path | str | None = None) -> str:
     where = f"the state database {path}" if path else "the state database"
     folder = Path(path).parent if path else "state_dir"
     text = str(exc).lower()
-    if "full" in text:
+    if "full" in text or ("disk i/o" in text and _nearly_full(folder)):
+        # SQLite often reports a full disk as an I/O error (writing its WAL or shared
+        # memory file): the free space tells which it is.
         return (f"the disk holding {where} is full: free space there (df -h {folder}); nothing "
                 "was changed")
-    if "readonly" in text or "read-only" in text:
+    if "readonly" in text or "read-only" in text or _read_only(path):
         return (f"{where} is read-only: the agent's user must be able to write the file and "
                 f"its directory {folder} (owner and mode), on a filesystem mounted read-write")
     if "unable to open" in text:
@@ -176,6 +178,28 @@ def explain(exc: sqlite3.Error, path: Path | str | None = None) -> str:
         return (f"{where} is damaged ({exc}): restore it from a backup, or move it away to "
                 "start with an empty one (every token is then gone)")
     return f"{where} failed: {exc}"
+
+
+def _read_only(path: Path | str | None) -> bool:
+    """The database file or its directory cannot be written (mode, owner, or a read-only
+    mount), which SQLite may report only as "unable to open database file"."""
+    if path is None:
+        return False
+    folder = Path(path).parent
+    if not folder.is_dir():
+        return False
+    if not os.access(folder, os.W_OK):
+        return True
+    return Path(path).exists() and not os.access(path, os.W_OK)
+
+
+def _nearly_full(folder: Path | str) -> bool:
+    """Less than 64 KiB left for the agent's user (a page, a WAL frame, a journal)."""
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 65536
 
 
 def _path_of(conn: sqlite3.Connection) -> str | None:
