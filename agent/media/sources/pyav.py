@@ -191,7 +191,7 @@ class PyAVSource:
         except av.error.FFmpegError as exc:
             raise SourceError(describe_error(exc)) from None
         if packet.pts is None or packet.size == 0:
-            return []  # docs/field-notes.md: RTSP's first packet has no pts; flush packets are empty
+            return []  # field-notes.md: RTSP's first packet has no pts; flush packets are empty
         if packet.stream.type == "audio":
             return self._audio.convert(packet) if self._audio else []
         if self._bsf is not None:
