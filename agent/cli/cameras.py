@@ -220,7 +220,9 @@ def adopt_camera(args: argparse.Namespace, config: Config, store: TokenStore) ->
         profile=args.profile, xaddr=xaddr, transport=args.transport,
         serial=identity.serial, hardware_id=identity.hardware_id,
         home_network=trust.home_network(host_of(source) or ""),
-        rtsp_auth=_rtsp_scheme(source, config.media.camera_timeout))
+        # An ONVIF camera was just reached: ask its RTSP port too. (An mDNS one is learned at
+        # its first connection.)
+        rtsp_auth=_rtsp_scheme(source, config.media.camera_timeout) if xaddr else None)
     camera = adopted.add(camera, password, taken=config.camera_ids, actor="cli",
                          now=time.time())
     if args.json:
