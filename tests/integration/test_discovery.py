@@ -75,16 +75,20 @@ def watch(agent: NamespacedAgent, camera: str, token: str, until: int = 201) -> 
     return result
 
 
-def log_event(agent: NamespacedAgent, event: str, timeout: float = 30) -> dict[str, Any]:
+def log_event(agent: NamespacedAgent, event: str, timeout: float = 30,
+              **fields: Any) -> dict[str, Any]:
+    """The first ``event`` in the agent's log whose fields have these values."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         agent.log.flush()
         for line in agent.log_path.read_text().splitlines():
             if f'"{event}"' in line:
                 entry: dict[str, Any] = json.loads(line)
-                return entry
+                if all(entry.get(k) == v for k, v in fields.items()):
+                    return entry
         time.sleep(0.2)
-    raise AssertionError(f"no {event} in the agent's log: {agent.log_path.read_text()[-3000:]}")
+    raise AssertionError(f"no {event} {fields} in the agent's log: "
+                         f"{agent.log_path.read_text()[-3000:]}")
 
 
 def test_discover_adopt_watch_and_follow_a_moved_camera(
@@ -229,7 +233,7 @@ def test_a_forged_hello_moves_nothing_and_gets_no_password(
         for ip, why in ((ATTACKER_OUT, "outside the networks"),
                         (ATTACKER_IN, "did not prove it is this camera")):
             attackers.append(Attacker(pair, tmp_path, ip, site.uuid))
-            entry = log_event_matching(agent, "camera_move_held", new=ip)
+            entry = log_event(agent, "camera_move_held", new=ip)
             assert entry["camera"] == "door" and why in entry["reason"], entry
 
         listed = json.loads(agent_cli(agent, "cameras", "list", "--json").stdout)["cameras"]
@@ -255,21 +259,6 @@ def test_a_forged_hello_moves_nothing_and_gets_no_password(
     for lines in received:
         assert not [line for line in lines if "connection" in line], lines
     assert PASSWORD not in agent.log_path.read_text()
-
-
-def log_event_matching(agent: NamespacedAgent, event: str, timeout: float = 30,
-                       **fields: Any) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        agent.log.flush()
-        for line in agent.log_path.read_text().splitlines():
-            if f'"{event}"' in line:
-                entry: dict[str, Any] = json.loads(line)
-                if all(entry.get(k) == v for k, v in fields.items()):
-                    return entry
-        time.sleep(0.2)
-    raise AssertionError(f"no {event} {fields} in the agent's log: "
-                         f"{agent.log_path.read_text()[-3000:]}")
 
 
 def test_agent_announces_itself_over_mdns(agent: NamespacedAgent, netns_pair: NetnsPair) -> None:

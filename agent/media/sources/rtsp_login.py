@@ -99,11 +99,7 @@ def _exchange(sock: socket.socket, method: str, url: str, deadline: float,
             raise rtsp.RtspProtocolError("not RTSP")
         if len(data) > rtsp.MAX_HEADER:
             raise rtsp.RtspProtocolError("headers too long")
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        chunk = sock.recv(_READ)
+        chunk = _recv(sock, deadline)
         if not chunk:
             if data:
                 raise rtsp.RtspProtocolError("the answer ended early")
@@ -111,19 +107,26 @@ def _exchange(sock: socket.socket, method: str, url: str, deadline: float,
         data += chunk
     head_bytes, _, rest = data.partition(b"\r\n\r\n")
     response = rtsp.parse_head(head_bytes + b"\r\n")
-    body = max(int(response.header("Content-Length") or 0), 0)
+    try:
+        body = max(int(response.header("Content-Length") or 0), 0)
+    except ValueError:
+        raise rtsp.RtspProtocolError("a Content-Length that is not a number") from None
     if body > rtsp.MAX_BODY:
         raise rtsp.RtspProtocolError("body too long")
     while len(rest) < body:  # the SDP: read and dropped, the connection stays in step
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        chunk = sock.recv(_READ)
+        chunk = _recv(sock, deadline)
         if not chunk:
             break
         rest += chunk
     return response
+
+
+def _recv(sock: socket.socket, deadline: float) -> bytes:
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError
+    sock.settimeout(remaining)
+    return sock.recv(_READ)
 
 
 class Memory:
