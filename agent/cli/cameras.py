@@ -290,6 +290,13 @@ def move_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> 
         raise UsageError(f"{args.address!r} is not an IP address (give the camera's address "
                          "now, like 192.168.1.64)") from None
     old = host_of(camera.source)
+    if address == old:  # it stays: the held move was not the camera
+        adopted.clear_held(camera.id, actor="cli", now=time.time())
+        if args.json:
+            emit_json({"stays": camera.id, "address": address})
+        else:
+            print(f"camera {camera.id!r} stays at {address}; the held move is dismissed")
+        return 0
     source = with_host(camera.source, address)
     xaddr = with_host(camera.xaddr, address) if camera.xaddr else None
     adopted.moved(camera.id, source, xaddr, actor="cli", now=time.time(),

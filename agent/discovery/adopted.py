@@ -249,6 +249,18 @@ class AdoptedCameras:
 
         return bool(self._store.write(work))
 
+    def clear_held(self, camera_id: str, *, actor: str, now: float | None = None) -> None:
+        """The installer says the camera did not move: forget the held move (audited)."""
+        now = time.time() if now is None else now
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE adopted_cameras SET pending = NULL, updated_at = ? WHERE id = ?",
+                         (now, camera_id))
+            audit.append(conn, [audit.AuditEntry(now, "camera.move_dismissed",
+                                                 camera=camera_id, actor=actor)])
+
+        self._store.write(work)
+
     def record_identity(self, camera_id: str, identity: Identity, home_network: str | None,
                         *, now: float | None = None) -> None:
         """Record what proves the camera's identity (cameras adopted before it was kept)."""

@@ -142,9 +142,8 @@ class CameraFollower:
         new_xaddr = xaddrs[0] if xaddrs else None
         old = host_of(camera.source)
         new = host_of(rtsp_url) if rtsp_url is not None else host_of(new_xaddr or "")
-        if rtsp_url == camera.source or (rtsp_url is None and new_xaddr == camera.xaddr
-                                         and old == new):
-            return  # where it was: nothing to ask
+        if old == new and (rtsp_url is not None or new_xaddr == camera.xaddr):
+            return  # where it was (an mDNS URL spelled another way is no move)
         networks = trust.allowed_networks(self._section.follow_networks,
                                           camera.home_network or trust.home_network(old or ""))
         where = {"from": old, "to": _short(new), "xaddr": _short(new_xaddr)}

@@ -83,11 +83,14 @@ def test_move_and_allow_basic(cli, state_dir: Path) -> None:
     assert cli("cameras", "allow-basic", "garage", "yes").code == 0
     assert json.loads(cli("cameras", "list", "--json").out)["cameras"][1]["rtsp_auth"] == "basic"
 
+    stays = cli("cameras", "move", "garage", "192.0.2.81")  # where it is: a dismissal
+    assert stays.code == 0 and "dismissed" in stays.out
     bad = cli("cameras", "move", "garage", "camera.local")
     assert bad.code == 2 and "not an IP address" in bad.err
     assert cli("cameras", "move", "nope", "192.0.2.9").code == 1
     events = json.loads(cli("audit", "--json", "--camera", "garage").out)
-    assert {"camera.moved", "camera.rtsp_basic"} <= {e["event"] for e in events}
+    assert {"camera.moved", "camera.rtsp_basic", "camera.move_dismissed"} <= {
+        e["event"] for e in events}
 
 
 @pytest.mark.parametrize(("args", "message"), [
