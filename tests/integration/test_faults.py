@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,18 +24,23 @@ def _mount(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 1 MiB tmpfs, mounted for this test only."""
-    where = tmp_path / "disk"
-    where.mkdir()
-    mounted = _mount("-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(where))
+@contextmanager
+def tmpfs(where: Path, size: str = "1m") -> Iterator[Path]:
+    """A small tmpfs at ``where``, mounted for one test."""
+    where.mkdir(exist_ok=True)
+    mounted = _mount("-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where))
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     try:
         yield where
     finally:
         subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "disk") as where:
+        yield where
 
 
 def cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -116,3 +123,29 @@ def test_a_database_removed_under_the_daemon_is_noticed(tmp_path: Path) -> None:
         assert http["status"] == "fail" and "was removed" in http["finding"], http
     finally:
         agent.stop()
+
+
+def test_a_full_disk_under_the_daemon_is_a_503_not_a_traceback(tmp_path: Path) -> None:
+    """The daemon's state_dir on a 2 MiB tmpfs (its log elsewhere); filled while it runs.
+    Creating a token through the admin API says why it failed; viewing goes on."""
+    with tmpfs(tmp_path / "state", "2m") as state:
+        agent = AgentProcess(tmp_path, [{"id": "demo", "source": "testsrc://"}])
+        try:
+            _, admin = agent.token("--admin")
+            fill(state)
+            request = urllib.request.Request(
+                f"{agent.base}/api/v1/admin/tokens", method="POST",
+                data=json.dumps({"camera": "demo"}).encode(),
+                headers={"Authorization": f"Bearer {admin}",
+                         "Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=15)
+            body = json.loads(caught.value.read())
+            assert caught.value.code == 503 and body["error"] == "storage_unavailable", body
+            assert "is full" in body["message"]
+            failed = [e for e in agent.log_events() if e.get("event") == "state_database_failed"]
+            assert failed and "is full" in failed[0]["error"]
+            with urllib.request.urlopen(f"{agent.base}/healthz", timeout=5) as r:
+                assert r.status == 200
+        finally:
+            agent.stop()  # fails on any traceback in the daemon's log
