@@ -145,15 +145,20 @@ def _fds() -> int:
 
 @pytest.mark.parametrize("trap", ["sdp-junk"], indirect=True)
 def test_ten_attempts_leave_threads_and_sockets_flat(trap: Trap, tmp_path: Path) -> None:
-    """Ten viewers' worth of attempts at a camera stuck in its open, each given up on: one
-    pull thread at most, no socket left behind."""
+    """Ten requests at once, then ten attempts one after another, each given up on, at a
+    camera stuck in its open: one pull thread at most, no socket left behind."""
     config = camera(trap.url, tmp_path)
 
     async def attempts() -> tuple[int, int, int]:
         hub = CameraHub("cam", lambda: make_source(config, TIMEOUT), idle_grace=0.0,
                         always_on=False, gop_cache=True, queue_packets=50, reconnect_max=1.0)
         fds = _fds()
-        peak = 0
+        # ten requests at once: one pull
+        consumers = [hub.subscribe() for _ in range(10)]
+        await asyncio.gather(*(hub.ready(0.3) for _ in consumers))
+        peak = _pulls()
+        for consumer in consumers:
+            hub.unsubscribe(consumer)
         for _ in range(10):
             consumer = hub.subscribe()
             await hub.ready(0.3)
@@ -168,5 +173,6 @@ def test_ten_attempts_leave_threads_and_sockets_flat(trap: Trap, tmp_path: Path)
     assert peak <= 1, peak
     assert threads_after <= 0 and fds_after <= 0, (threads_after, fds_after)
     connections = [line for line in trap.lines if "connection" in line]
-    # each open makes two connections (the challenge, then FFmpeg); never ten pulls at once
-    assert len(connections) <= 2 * 4, connections
+    # each open makes two connections (the challenge, then FFmpeg), and each takes 3 s here:
+    # a handful of opens in those seconds, never one per request
+    assert len(connections) <= 2 * 5, connections
