@@ -106,8 +106,8 @@ def main() -> None:
             finally:
                 current.close()
         print(f"Hello from a new address → stream URL moved (identity proved and URL asked "
-              f"over ONVIF with the stored credentials), {MOVES} moves: median {statistics.median(follow) * 1000:.0f}"
-              f" ms, max {max(follow) * 1000:.0f} ms")
+              f"over ONVIF with the stored credentials), {MOVES} moves: median "
+              f"{statistics.median(follow) * 1000:.0f} ms, max {max(follow) * 1000:.0f} ms")
         started = time.monotonic()
         agent.stop()
         print(f"SIGTERM → exit with discovery and the mDNS announcement on: "
