@@ -19,7 +19,7 @@ import structlog
 from aiohttp import web
 
 from agent import __version__
-from agent.access.db import db_path
+from agent.access.db import db_path, file_identity, file_problem
 from agent.access.model import Scope, ScopeLevel, Status, format_time
 from agent.access.policy import FailureLimiter
 from agent.access.recorder import AccessRecorder
@@ -61,6 +61,10 @@ QUICK_START_LABEL = "quick-start"
 QUICK_START_TTL = timedelta(days=1)
 #: Seconds between looks for cameras adopted or removed by `therelay-agent cameras`.
 ADOPTED_POLL = 1.0
+#: Seconds between checks that the database file is still the one the daemon opened, and
+#: between repeats of the error while it is not.
+DB_CHECK_INTERVAL = 5.0
+DB_NAG = 60.0
 #: SIGTERM to exit: systemd's stop timeout is 5 s; the audit flush and exit take the rest.
 STOP_WITHIN = 4.0
 REQUEST_GRACE = 1.0
@@ -140,6 +144,8 @@ class Daemon:
         self._adopted_signature: tuple[object, ...] | None = None
         self._camera_lock = asyncio.Lock()  # reload and adoption apply one at a time
         self._adopted_watch: asyncio.Task[None] | None = None
+        self._db_watch: asyncio.Task[None] | None = None
+        self.db_problem: str | None = None  # the database file removed or replaced
         self._discovery: asyncio.Task[None] | None = None
         self._zc: AsyncZeroconf | None = None
         self.advertiser: AgentAdvertiser | None = None
@@ -174,12 +180,34 @@ class Daemon:
         self._runner: web.AppRunner | None = None
 
     def health(self) -> dict[str, object]:
-        return {"status": "ok", "version": __version__, "agent_id": self.config.agent.id,
-                "uptime_s": round(time.time() - self.started, 1),
-                "sessions": len(self.access.sessions),
-                # counts only: camera ids are for tokens that may see them (/api/v1/cameras)
-                "cameras": dict(Counter(c.hub.status.state for c in self.cameras)),
-                "relay": self.link.state if self.link else "not configured"}
+        out: dict[str, object] = {
+            "status": "degraded" if self.db_problem else "ok", "version": __version__,
+            "agent_id": self.config.agent.id,
+            "uptime_s": round(time.time() - self.started, 1),
+            "sessions": len(self.access.sessions),
+            # counts only: camera ids are for tokens that may see them (/api/v1/cameras)
+            "cameras": dict(Counter(c.hub.status.state for c in self.cameras)),
+            "relay": self.link.state if self.link else "not configured"}
+        if self.db_problem:
+            out["problems"] = [self.db_problem]
+        return out
+
+    async def _watch_database(self) -> None:
+        """Notice the database file removed or replaced under the running daemon (its
+        connection would go on writing a file no one sees) and say so, loudly, until fixed."""
+        path = db_path(self.config.state_dir)
+        opened = await asyncio.to_thread(file_identity, path)
+        said = 0.0
+        while True:
+            await asyncio.sleep(DB_CHECK_INTERVAL)
+            problem = await asyncio.to_thread(file_problem, path, opened)
+            if problem != self.db_problem or (problem and time.monotonic() - said > DB_NAG):
+                if problem:
+                    log.error("state_database_lost", problem=problem)
+                    said = time.monotonic()
+                else:
+                    log.info("state_database_back", path=str(path))
+            self.db_problem = problem
 
     async def start(self) -> None:
         await self.access.start()
@@ -200,6 +228,7 @@ class Daemon:
         if self.always is not None:
             self.always.start()
         self._adopted_watch = asyncio.create_task(self._watch_adopted(), name="adopted-watch")
+        self._db_watch = asyncio.create_task(self._watch_database(), name="database-watch")
         # In the background: announcing takes ~1.6 s of mDNS probing, ONVIF warm-up ~0.3 s.
         self._discovery = asyncio.create_task(self._start_discovery(), name="discovery-start")
 
@@ -327,7 +356,7 @@ class Daemon:
 
     async def _stop_discovery(self) -> None:
         """Withdraw the announcement (goodbye packets) and stop listening."""
-        await cancel_and_wait(self._adopted_watch, self._discovery)
+        await cancel_and_wait(self._adopted_watch, self._db_watch, self._discovery)
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.follower is not None:

@@ -38,6 +38,8 @@ Transport = Literal["tcp", "udp"]
 AudioMode = Literal["auto", "passthrough", "off"]
 LogFormat = Literal["auto", "json", "console"]
 PublishMode = Literal["on_demand", "always"]
+#: cameras[].rtsp_auth values (agent/media/sources/rtsp_login.py applies them).
+RtspAuth = Literal["auto", "digest", "basic"]
 
 
 def _default_agent_id() -> str:
@@ -96,6 +98,9 @@ class CameraConfig:
     #: auto: G.711 and Opus passed through, AAC transcoded to Opus once; passthrough: no
     #: transcoding; off: video only.
     audio: AudioMode = "auto"
+    #: How the RTSP password may travel: auto (Digest, or Basic for a camera that never
+    #: asked for Digest), digest (only ever Digest), basic (Basic allowed even after Digest).
+    rtsp_auth: RtspAuth = "auto"
 
 
 @dataclass(frozen=True)
@@ -201,6 +206,10 @@ class DiscoverySection:
     #: Announce the agent as _therelay._tcp.local. (agent id, version, viewer and WHEP paths)
     #: so apps and installers on the LAN find it.
     advertise: bool = True
+    #: Networks (CIDR) an adopted camera may move to on its own after proving over ONVIF
+    #: that it is the same device; empty: the network it was adopted in. Elsewhere, a move
+    #: waits for `therelay-agent cameras move`.
+    follow_networks: list[str] = field(default_factory=list)
 
 
 def _default_cameras() -> list[CameraConfig]:
@@ -493,15 +502,33 @@ def validate(config: Config) -> None:
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
         need(not config.relay.url.startswith("ws://") or _is_lan_url(config.relay.url),
              "relay.url: ws:// (no TLS) only to a private or loopback IP address; use wss://")
-    d = config.discovery
-    need(d.interval == 0 or d.interval >= 10,
-         "discovery.interval: must be 0 (announcements only) or at least 10 seconds")
-    need(0.5 <= d.probe_timeout <= 30, "discovery.probe_timeout: must be 0.5 to 30 seconds")
-    for i, service_type in enumerate(d.mdns_types):
-        need(re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is not None,
-             f"discovery.mdns_types[{i}]: {service_type!r} must look like _rtsp._tcp.local.")
+    problems.extend(_discovery_problems(config.discovery))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _discovery_problems(d: DiscoverySection) -> list[str]:
+    out = []
+    if not (d.interval == 0 or d.interval >= 10):
+        out.append("discovery.interval: must be 0 (announcements only) or at least 10 seconds")
+    if not 0.5 <= d.probe_timeout <= 30:
+        out.append("discovery.probe_timeout: must be 0.5 to 30 seconds")
+    out += _network_problems(d.follow_networks, "discovery.follow_networks")
+    for i, service_type in enumerate(d.mdns_types):
+        if re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is None:
+            out.append(f"discovery.mdns_types[{i}]: {service_type!r} must look like "
+                       "_rtsp._tcp.local.")
+    return out
+
+
+def _network_problems(networks: list[str], key: str) -> list[str]:
+    out = []
+    for i, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            out.append(f"{key}[{i}]: {network!r} is not a network like 192.168.1.0/24")
+    return out
 
 
 def _is_lan_url(url: str) -> bool:

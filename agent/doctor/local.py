@@ -264,7 +264,7 @@ async def probe_daemon(config: Config, timeout: float) -> Daemon:
                 http.get(url, allow_redirects=False, ssl=False) as response:
             if response.status == 200:
                 body = await response.json(content_type=None)
-                if isinstance(body, dict) and body.get("status") == "ok":
+                if isinstance(body, dict) and body.get("status") in ("ok", "degraded"):
                     return Daemon(True, body)
             return Daemon(False, problem=f"{url} answered {response.status}, not the agent")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
@@ -335,6 +335,12 @@ def judge_http(config: Config, daemon: Daemon, free: tuple[bool, str] | None) ->
                           f"{config.agent.id!r}",
                           "another configuration is running there: check --config, or stop "
                           "the other agent")
+        problems = h.get("problems")
+        if isinstance(problems, list) and problems:
+            return result(GROUP, "http", Status.FAIL,
+                          f"the agent running on {listen} is degraded: "
+                          f"{'; '.join(str(p) for p in problems)}",
+                          "follow the message above; the agent's log says the same")
         return result(GROUP, "http", Status.INFO,
                       f"the agent is running on {listen} (version {h.get('version')}, up "
                       f"{h.get('uptime_s')} s, relay {h.get('relay')})")

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+import structlog
 from aiohttp import web
 
 from agent import __version__
@@ -39,12 +40,20 @@ from agent.access.policy import Decision
 from agent.access.service import AccessService
 from agent.access.store import KEEP, NewToken, TokenChange, TokenStore
 from agent.access.tokens import Kind, is_public_id
-from agent.errors import NotFoundError, TokenError, TokenLimitError, TokenReadOnlyError
+from agent.errors import (
+    NotFoundError,
+    StoreError,
+    TokenError,
+    TokenLimitError,
+    TokenReadOnlyError,
+)
 from agent.http.auth import denial, error, peer_ip, presented_token
 from agent.http.tls import Certificate
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "/api/v1/admin"
 AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_ip", "actor",
@@ -107,6 +116,9 @@ class AdminApi:
                 return error(409, "read_only", str(exc))
             except TokenError as exc:
                 return error(409, "refused", str(exc))
+            except StoreError as exc:  # a full or read-only disk: said once, no traceback
+                log.error("state_database_failed", error=str(exc))
+                return error(503, "storage_unavailable", str(exc))
         return guarded
 
     @staticmethod

@@ -30,7 +30,8 @@ class CameraSite:
         write_secret(self.password_file, PASSWORD)
         self.rtsp = RtspCamera.start(8554, netns=pair.viewer_ns, address=ip,
                                      path="/Streaming/Channels/101", user="admin",
-                                     password=PASSWORD, width=320, height=240, fps=15)
+                                     password=PASSWORD, auth="digest", width=320, height=240,
+                                     fps=15)
         self.onvif = pair.popen(pair.viewer_ns, [
             sys.executable, "-m", "tests.support.onvif_device", "--model", "hikvision",
             "--host", ip, "--port", "8080", "--user", "admin",

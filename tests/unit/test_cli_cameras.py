@@ -70,6 +70,30 @@ def test_adopt_from_the_cache_then_token_then_remove(cli, state_dir: Path) -> No
     assert cli("cameras", "remove", "garage").code == 1
 
 
+def test_move_and_allow_basic(cli, state_dir: Path) -> None:
+    """The installer confirms a move: the URL keeps port and path, the password goes by
+    Digest only from then on, until Basic is allowed for the camera."""
+    assert cli("cameras", "adopt", short_id(GARAGE.identity)).code == 0
+    listed = json.loads(cli("cameras", "list", "--json").out)["cameras"]
+    assert listed[1]["rtsp_auth"] == "auto" and listed[1]["move_held"] is None
+
+    assert cli("cameras", "move", "garage", "192.0.2.81").code == 0
+    garage = json.loads(cli("cameras", "list", "--json").out)["cameras"][1]
+    assert garage["source"] == "rtsp://192.0.2.81:554/live"
+    assert garage["rtsp_auth"] == "digest"
+    assert cli("cameras", "allow-basic", "garage", "yes").code == 0
+    assert json.loads(cli("cameras", "list", "--json").out)["cameras"][1]["rtsp_auth"] == "basic"
+
+    stays = cli("cameras", "move", "garage", "192.0.2.81")  # where it is: a dismissal
+    assert stays.code == 0 and "dismissed" in stays.out
+    bad = cli("cameras", "move", "garage", "camera.local")
+    assert bad.code == 2 and "not an IP address" in bad.err
+    assert cli("cameras", "move", "nope", "192.0.2.9").code == 1
+    events = json.loads(cli("audit", "--json", "--camera", "garage").out)
+    assert {"camera.moved", "camera.rtsp_basic", "camera.move_dismissed"} <= {
+        e["event"] for e in events}
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["cameras", "adopt", "d0000000"], "no discovered camera 'd0000000'"),
     (["cameras", "adopt", "192.0.2.80", "--profile", "sub"], "--profile applies to ONVIF"),
