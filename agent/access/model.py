@@ -29,11 +29,22 @@ SERVED_PROTOCOLS: tuple[Protocol, ...] = (Protocol.WEBRTC, Protocol.SNAPSHOT)
 SESSION_PROTOCOLS: tuple[Protocol, ...] = tuple(
     p for p in SERVED_PROTOCOLS if p is not Protocol.SNAPSHOT)
 
-#: Requests that need an admin token rather than an access token.
-ADMIN_PROTOCOL = "admin"
-#: Listing the cameras a token may see: any access token, whatever its protocols; the list
-#: is then filtered by the token's scope.
-LISTING_PROTOCOL = "api"
+class Action(StrEnum):
+    """What a request wants to do, apart from how (its protocol), as MediaMTX's auth.Request
+    separates action and protocol."""
+
+    #: Watch a camera over a protocol (WHEP offer, snapshot, RTSP PLAY, HLS playlist).
+    VIEW = "view"
+    #: List the cameras a token may see: any access token, whatever its protocols; the list
+    #: is then filtered by the token's scope.
+    LIST = "list"
+    #: The admin API and /metrics: an admin token rather than an access token.
+    ADMIN = "admin"
+
+
+#: The name the audit log and the usage counters give a request that is not about viewing,
+#: in their ``protocol`` column (kept as earlier releases wrote it: docs/tokens.md section 9).
+RECORDED_ACTION: dict[Action, str] = {Action.LIST: "api", Action.ADMIN: "admin"}
 
 
 class Permission(StrEnum):

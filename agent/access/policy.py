@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import NamedTuple
 
-from agent.access.model import ADMIN_PROTOCOL, LISTING_PROTOCOL, ScopeLevel, TokenRecord
+from agent.access.model import RECORDED_ACTION, Action, Protocol, ScopeLevel, TokenRecord
 from agent.access.tokens import KIND_OF_PREFIX, FormatProblem, Kind, check, token_hash
 
 
@@ -85,13 +85,27 @@ FIX: dict[Reason, str] = {
 
 @dataclass(frozen=True, slots=True)
 class AccessRequest:
-    """One request from any protocol. ``camera`` is None for requests about no camera."""
+    """One request from any protocol. ``camera`` is None for requests about no camera.
+
+    ``action`` says what is asked, ``protocol`` how: a ``VIEW`` names its protocol, a
+    ``LIST`` or ``ADMIN`` request has none (it is plain HTTP, not a media protocol)."""
 
     token: str | None
     camera: str | None
-    protocol: str
+    action: Action
+    protocol: Protocol | None
     peer_ip: str | None
     now: float
+
+    def __post_init__(self) -> None:
+        if (self.protocol is None) is (self.action is Action.VIEW):
+            raise ValueError("a view request names its protocol; list and admin ones do not")
+
+    @property
+    def recorded_protocol(self) -> str:
+        """The ``protocol`` the audit log and usage counters record: the media protocol of a
+        view, ``api`` for a listing, ``admin`` for the admin API (as earlier releases did)."""
+        return str(self.protocol) if self.protocol is not None else RECORDED_ACTION[self.action]
 
 
 class Decision(NamedTuple):
@@ -155,8 +169,8 @@ class FailureLimiter:
 _DUMMY_HASH = token_hash("tra_000000000000_" + "0" * 49)
 
 
-def _required_kind(protocol: str) -> Kind:
-    return Kind.ADMIN if protocol == ADMIN_PROTOCOL else Kind.ACCESS
+def _required_kind(action: Action) -> Kind:
+    return Kind.ADMIN if action is Action.ADMIN else Kind.ACCESS
 
 
 def scope_covers(record: TokenRecord, camera: str | None, site: Site) -> bool:
@@ -183,25 +197,26 @@ def _check(
     presented = token_hash(req.token)
     # An unknown id costs the same comparison as a known one (no timing oracle).
     if not hmac.compare_digest(presented, record.secret_hash if record else _DUMMY_HASH):
-        if record is None and KIND_OF_PREFIX[req.token[:3]] is not _required_kind(req.protocol):
+        if record is None and KIND_OF_PREFIX[req.token[:3]] is not _required_kind(req.action):
             # The prefix (public) already says this token cannot serve here, e.g. a relay
             # publisher token (never in this store) presented to a viewer or admin endpoint.
             return Reason.WRONG_KIND, public_id, None
         return (Reason.BAD_SECRET if record else Reason.UNKNOWN), public_id, None
     if record is None:  # only reachable if the dummy hash were ever presented
         return Reason.UNKNOWN, public_id, None
-    if record.kind is not _required_kind(req.protocol):
+    if record.kind is not _required_kind(req.action):
         return Reason.WRONG_KIND, record.id, record
     if record.revoked_at is not None and record.revoked_at <= req.now:
         return Reason.REVOKED, record.id, record
     if record.expires_at is not None and record.expires_at <= req.now:
         return Reason.EXPIRED, record.id, record
-    if req.protocol == LISTING_PROTOCOL and req.camera is None:
+    if req.action is Action.LIST and req.camera is None:
         return Reason.GRANTED, record.id, record  # the caller filters with scope_covers
     if not scope_covers(record, req.camera, site):
         return Reason.SCOPE_MISMATCH, record.id, record
     if (
-        record.kind is Kind.ACCESS
+        req.protocol is not None
+        and record.kind is Kind.ACCESS
         and record.protocols
         and req.protocol not in record.protocols
     ):

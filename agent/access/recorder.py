@@ -94,7 +94,7 @@ class AccessRecorder:
             audit.GRANTED if decision.granted else audit.DENIED,
             token_id=decision.token_id,
             camera=req.camera,
-            protocol=req.protocol,
+            protocol=req.recorded_protocol,
             peer_ip=req.peer_ip,
             result="granted" if decision.granted else "denied",
             reason=decision.reason.value,
@@ -102,7 +102,7 @@ class AccessRecorder:
         )
         event = None
         if decision.record is not None:
-            event = UsageEvent(decision.record.id, req.now, req.protocol, req.peer_ip,
+            event = UsageEvent(decision.record.id, req.now, req.recorded_protocol, req.peer_ip,
                                decision.granted)
         return self.record(entry, event)
 

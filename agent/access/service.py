@@ -4,7 +4,7 @@ It keeps the token index in memory (so ``authorize`` never touches the disk), fo
 store for changes made anywhere (CLI, admin API, relay sync) every ``poll_interval``, and
 ends live sessions whose token was revoked or expired within that interval.
 
-Durability promise: ``check`` returns a grant only once its ``access.granted`` entry (and
+Durability promise: ``authorize`` returns a grant only once its ``access.granted`` entry (and
 usage count) is committed, so a response sent under a grant is in the audit log even if the
 agent is killed right after. Denials and ``session.ended`` entries are batched (every
 ``audit.flush_interval``): a crash can lose the last second of them, a clean stop does not.
@@ -25,7 +25,7 @@ import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
-from agent.access.model import TokenRecord
+from agent.access.model import Action, Protocol, TokenRecord
 from agent.access.policy import (
     AccessRequest,
     Decision,
@@ -104,20 +104,25 @@ class AccessService:
         """Wait until every access event recorded so far is committed."""
         await asyncio.to_thread(self._recorder.flush)
 
-    async def check(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None,
-        *, opens_session: bool = False,
+    async def authorize(
+        self, token: str | None, camera: str | None, protocol: Protocol | None,
+        peer_ip: str | None, *, action: Action = Action.VIEW, opens_session: bool = False,
     ) -> Decision:
-        """``authorize``, except that a well-formed id the index has not seen yet first
-        triggers one refresh from the store (coalesced, at most every ``REFRESH_GAP`` s):
-        a token created on the CLI a moment ago works at once. ``opens_session``: the
-        request starts a live session (a WHEP offer, an RTSP PLAY, an HLS playlist), so the
-        token's session cap applies (``session_limit``, 429)."""
+        """Decide one request and record it: the one method every handler calls.
+
+        A grant returns only once its audit entry is committed (the durability promise
+        above). A well-formed id the index has not seen yet first triggers one refresh from
+        the store (coalesced, at most every ``REFRESH_GAP`` s): a token created on the CLI a
+        moment ago works at once. ``action``: ``VIEW`` names its ``protocol``; ``LIST`` and
+        ``ADMIN`` pass None. ``opens_session``: the request starts a live session (a WHEP
+        offer, an RTSP PLAY, an HLS playlist), so the token's session cap applies
+        (``session_limit``, 429)."""
         if token:
             public_id = check_format(token)
             if isinstance(public_id, str) and public_id not in self._tokens:
                 await self.refresh()
-        decision, ticket = self._decide(token, camera, protocol, peer_ip, opens_session)
+        req = AccessRequest(token, camera, action, protocol, peer_ip, self._clock())
+        decision, ticket = self._decide(req, opens_session)
         if decision.granted:
             await self._durable(ticket)
         return decision
@@ -171,18 +176,8 @@ class AccessService:
             self._refreshed_at = time.monotonic()
             self._refreshing = None
 
-    def authorize(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
-    ) -> Decision:
-        """Decide and record one request. Never blocks: safe on the event loop. The audit
-        entry is written with the next batch; ``check`` waits for it."""
-        return self._decide(token, camera, protocol, peer_ip)[0]
-
-    def _decide(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None,
-        opens_session: bool = False,
-    ) -> tuple[Decision, int]:
-        req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
+    def _decide(self, req: AccessRequest, opens_session: bool) -> tuple[Decision, int]:
+        """Decide and queue the audit entry (not yet durable: ``authorize`` waits for it)."""
         decision = authorize(req, self._tokens, self._site, self._limiter)
         if (opens_session and decision.granted and decision.record is not None
                 and not self.sessions.admits(decision.record)):
@@ -192,7 +187,7 @@ class AccessService:
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
             log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
-                     camera=camera, protocol=protocol, peer_ip=peer_ip)
+                     camera=req.camera, protocol=req.recorded_protocol, peer_ip=req.peer_ip)
         return decision, ticket
 
     def open_session(
@@ -220,8 +215,8 @@ class AccessService:
             self.sessions.add(session, record)
         except SessionLimitReached:
             denied = Decision(Reason.SESSION_LIMIT, decision.token_id, record)
-            self._recorder.record_decision(
-                AccessRequest(None, camera, protocol, peer_ip, self._clock()), denied)
+            self._recorder.record_decision(AccessRequest(
+                None, camera, Action.VIEW, Protocol(protocol), peer_ip, self._clock()), denied)
             self.decisions[denied.reason.value] += 1
             raise
         return session
@@ -298,7 +293,7 @@ class AccessService:
                 now = time.monotonic()
                 if signature != seen or now - last_query > FULL_POLL or failing:
                     seen, last_query = signature, now
-                    await self.refresh()  # shared with check(): one store reader at a time
+                    await self.refresh()  # shared with authorize(): one store reader at a time
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)

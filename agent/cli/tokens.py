@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from agent.access.model import (
-    ADMIN_PROTOCOL,
-    LISTING_PROTOCOL,
     MAX_LABEL,
     MAX_SESSIONS_CAP,
+    RECORDED_ACTION,
     SESSION_PROTOCOLS,
+    Action,
     Protocol,
     Scope,
     ScopeLevel,
@@ -129,12 +129,16 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     check.add_argument("token", help="the token, or - to read it from standard input")
     check.add_argument("--camera", metavar="ID")
     check.add_argument("--protocol", default=None,
-                       choices=[*(p.value for p in Protocol), ADMIN_PROTOCOL],
+                       choices=[*(p.value for p in Protocol), ADMIN],
                        help="the protocol of the request (default with --camera: webrtc; "
                        "without: any the token allows)")
     check.add_argument("--ip", metavar="IP", help="the viewer's address (informational)")
     check.set_defaults(handler=cmd_check)
 
+
+#: ``token check --protocol admin``: a request to the admin API (the name its audit entries
+#: carry in their protocol column).
+ADMIN = RECORDED_ACTION[Action.ADMIN]
 
 MAX_SESSIONS_HELP = (f"at most N live sessions at once (WebRTC, RTSP, HLS together), 1 to "
                      f"{MAX_SESSIONS_CAP}, or 'unlimited' (the default)")
@@ -290,16 +294,17 @@ def cmd_check(args: argparse.Namespace, config: Config, store: TokenStore) -> in
     tokens, _ = store.load_all()
     live = store.live_sessions()
     now = time.time()
-    protocol = args.protocol or (Protocol.WEBRTC.value if args.camera else None)
-    if args.camera:
-        asked = protocol
-    else:  # any camera: the token itself, whatever its scope
-        asked = ADMIN_PROTOCOL if text.startswith("trk_") else LISTING_PROTOCOL
-    req = AccessRequest(text, args.camera, asked or LISTING_PROTOCOL, args.ip, now)
+    protocol: str | None = args.protocol or (Protocol.WEBRTC.value if args.camera else None)
+    if args.camera and protocol is not None and protocol != ADMIN:
+        req = AccessRequest(text, args.camera, Action.VIEW, Protocol(protocol), args.ip, now)
+    else:  # the admin API, or any camera: the token itself, whatever its scope
+        admin = protocol == ADMIN or (not args.camera and text.startswith("trk_"))
+        req = AccessRequest(text, args.camera, Action.ADMIN if admin else Action.LIST, None,
+                            args.ip, now)
     decision = authorize(req, tokens, Site(config.agent.id, config.agent.account_id))
     record = decision.record
     if decision.granted and record is not None:
-        if (not args.camera and protocol and protocol != ADMIN_PROTOCOL and record.protocols
+        if (not args.camera and protocol and protocol != ADMIN and record.protocols
                 and protocol not in record.protocols):
             decision = decision._replace(reason=Reason.PROTOCOL_NOT_ALLOWED)
         elif (args.camera and protocol in SESSION_PROTOCOLS and record.max_sessions is not None

@@ -24,8 +24,8 @@ from agent import __version__
 from agent.access import audit, usage
 from agent.access.audit import AuditQuery
 from agent.access.model import (
-    ADMIN_PROTOCOL,
     MAX_LABEL,
+    Action,
     Protocol,
     Scope,
     ScopeLevel,
@@ -100,8 +100,8 @@ class AdminApi:
 
     def _guard(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            decision = await self._access.check(presented_token(request), None, ADMIN_PROTOCOL,
-                                                peer_ip(request))
+            decision = await self._access.authorize(presented_token(request), None, None,
+                                                    peer_ip(request), action=Action.ADMIN)
             if not decision.granted:
                 return denial(decision)
             try:

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from aiohttp import web
 
-from agent.access.model import ADMIN_PROTOCOL, SESSION_PROTOCOLS
+from agent.access.model import SESSION_PROTOCOLS, Action
 from agent.access.service import AccessService
 from agent.http.auth import denial, peer_ip, presented_token
 from agent.media.cameras import Cameras
@@ -76,8 +76,8 @@ class Metrics:
     async def handle(self, request: web.Request) -> web.Response:
         """Camera ids are not public: scrapers present an admin token (Prometheus:
         ``authorization: {credentials_file: …}``)."""
-        decision = await self._access.check(presented_token(request), None, ADMIN_PROTOCOL,
-                                            peer_ip(request))
+        decision = await self._access.authorize(presented_token(request), None, None,
+                                                peer_ip(request), action=Action.ADMIN)
         if not decision.granted:
             return denial(decision)
         return web.Response(text=self.render(), content_type="text/plain",

@@ -6,7 +6,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from agent.access.model import LISTING_PROTOCOL
+from agent.access.model import Action, Protocol
 from agent.access.policy import Site, scope_covers
 from agent.access.service import AccessService
 from agent.http import openapi
@@ -14,8 +14,6 @@ from agent.http.auth import camera_access, denial, error, peer_ip, presented_tok
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
 from agent.media.snapshot import Snapshotter
-
-SNAPSHOT = "snapshot"
 
 
 class Views:
@@ -37,7 +35,8 @@ class Views:
         app.router.add_get("/api/v1/openapi.json", self.openapi)
 
     async def snapshot(self, request: web.Request) -> web.StreamResponse:
-        found = await camera_access(self._access, self._cameras, request, SNAPSHOT)
+        found = await camera_access(self._access, self._cameras, request,
+                                    Protocol.SNAPSHOT)
         if isinstance(found, web.Response):
             return found
         _, camera = found
@@ -54,8 +53,8 @@ class Views:
                             headers={"Cache-Control": "no-store"})
 
     async def cameras(self, request: web.Request) -> web.StreamResponse:
-        decision = await self._access.check(presented_token(request), None, LISTING_PROTOCOL,
-                                          peer_ip(request))
+        decision = await self._access.authorize(presented_token(request), None, None,
+                                                peer_ip(request), action=Action.LIST)
         if not decision.granted or decision.record is None:
             return denial(decision)
         record = decision.record

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from agent.access.model import Protocol
 from agent.access.policy import Reason
 from agent.access.service import AccessService
 from agent.access.sessions import Session, SessionLimitReached
@@ -26,7 +27,7 @@ from agent.webrtc.session import OfferError, ViewerSession
 
 log = structlog.get_logger(__name__)
 
-PROTOCOL = "webrtc"
+PROTOCOL = Protocol.WEBRTC
 RETRY_AFTER_OFFLINE = "5"
 
 
@@ -125,8 +126,8 @@ class WhepEndpoint:
     async def delete(self, request: web.Request) -> web.StreamResponse:
         live = self._live.get(request.match_info["session"])
         camera_id = request.match_info["camera"]
-        decision = await self._access.check(presented_token(request), camera_id, PROTOCOL,
-                                          peer_ip(request))
+        decision = await self._access.authorize(presented_token(request), camera_id, PROTOCOL,
+                                                peer_ip(request))
         if not decision.granted:
             return denial(decision)
         if live is None or live.viewer.camera_id != camera_id or (

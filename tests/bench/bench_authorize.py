@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.access.db import next_rev
+from agent.access.model import Action, Protocol
 from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
 from agent.access.recorder import AccessRecorder
 from agent.access.store import TokenStore
@@ -79,10 +80,13 @@ def main() -> None:
         rng = random.Random(7)
         cams = {t: f"cam{i % 16}" for i, t in enumerate(texts)}
         picks = [rng.choice(texts) for _ in range(args.requests)]
-        granted = [AccessRequest(t, cams[t], "webrtc", "10.0.0.1", now) for t in picks]
-        unknown = [AccessRequest(generate(Kind.ACCESS).text, "cam1", "webrtc", "10.0.0.1", now)
+        granted = [AccessRequest(t, cams[t], Action.VIEW, Protocol.WEBRTC, "10.0.0.1", now)
+                   for t in picks]
+        unknown = [AccessRequest(generate(Kind.ACCESS).text, "cam1", Action.VIEW,
+                                  Protocol.WEBRTC, "10.0.0.1", now)
                    for _ in range(args.requests // 4)] * 4
-        malformed = [AccessRequest(f"not-a-token-{i}", "cam1", "webrtc", "10.0.0.1", now)
+        malformed = [AccessRequest(f"not-a-token-{i}", "cam1", Action.VIEW, Protocol.WEBRTC,
+                                   "10.0.0.1", now)
                      for i in range(args.requests)]
 
         def plain(req: AccessRequest) -> Decision:

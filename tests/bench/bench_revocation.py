@@ -13,7 +13,7 @@ import tempfile
 import time
 
 from agent import app, logs, stores
-from agent.access.model import Scope
+from agent.access.model import Protocol, Scope
 from agent.access.tokens import Kind
 from agent.config import load
 
@@ -40,7 +40,7 @@ async def main() -> None:
                 await asyncio.sleep(0.01)
             ended = asyncio.Event()
             stamp: list[float] = []
-            decision = access.authorize(new.token, "demo", "webrtc", "127.0.0.1")
+            decision = await access.authorize(new.token, "demo", Protocol.WEBRTC, "127.0.0.1")
             assert decision.granted, decision.reason
 
             def close(_reason: str, ended: asyncio.Event = ended,

@@ -13,7 +13,7 @@ import pytest
 
 from agent import app, stores
 from agent.access import audit
-from agent.access.model import Scope
+from agent.access.model import Protocol, Scope
 from agent.access.policy import Reason
 from agent.access.service import AccessService
 from agent.access.sessions import SessionLimitReached
@@ -63,7 +63,7 @@ class Viewer:
 
 
 async def open_viewer(access: AccessService, token: str, camera: str = "demo") -> Viewer:
-    decision = access.authorize(token, camera, "webrtc", "127.0.0.1")
+    decision = await access.authorize(token, camera, Protocol.WEBRTC, "127.0.0.1")
     assert decision.granted, decision.reason
     viewer = Viewer()
     access.open_session(decision, camera, "webrtc", "127.0.0.1", viewer.close, lambda: 4096)
@@ -89,7 +89,8 @@ async def test_revocation_from_another_process_ends_the_live_session(service, co
     assert viewer.reason == "revoked"
     assert not bystander.ended.is_set()
     assert len(access.sessions) == 1
-    assert access.authorize(new.token, "demo", "webrtc", "127.0.0.1").reason.value == "revoked"
+    revoked = await access.authorize(new.token, "demo", Protocol.WEBRTC, "127.0.0.1")
+    assert revoked.reason.value == "revoked"
 
 
 async def test_expiry_ends_the_live_session(service) -> None:
@@ -129,7 +130,7 @@ async def test_stop_ends_every_session_and_a_broken_one_does_not_stop_the_rest(c
     new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
                                   time.time())
     await known(access, new.record.id)
-    decision = access.authorize(new.token, "demo", "webrtc", "127.0.0.1")
+    decision = await access.authorize(new.token, "demo", Protocol.WEBRTC, "127.0.0.1")
 
     def broken(_reason: str) -> None:
         raise RuntimeError("peer already gone")
@@ -146,7 +147,7 @@ async def test_stop_ends_every_session_and_a_broken_one_does_not_stop_the_rest(c
 
 async def test_a_session_needs_a_granted_decision(service) -> None:
     access, _ = service
-    denied = access.authorize("junk", "demo", "webrtc", "127.0.0.1")
+    denied = await access.authorize("junk", "demo", Protocol.WEBRTC, "127.0.0.1")
     with pytest.raises(ValueError, match="granted"):
         access.open_session(denied, "demo", "webrtc", "127.0.0.1", lambda _r: None)
 
@@ -157,17 +158,18 @@ async def test_the_session_cap_counts_every_protocol_and_holds_against_races(ser
                                   time.time(), max_sessions=2)
     await known(access, new.record.id)
     # Three offers authorized before any session is registered (WHEP awaits in between).
-    early = [await access.check(new.token, "demo", p, "127.0.0.1", opens_session=True)
-             for p in ("webrtc", "rtsp", "hls")]
+    early = [await access.authorize(new.token, "demo", p, "127.0.0.1", opens_session=True)
+             for p in (Protocol.WEBRTC, Protocol.RTSP, Protocol.HLS)]
     assert all(d.granted for d in early)
     for decision, protocol in zip(early[:2], ("webrtc", "rtsp"), strict=True):
         access.open_session(decision, "demo", protocol, "127.0.0.1", lambda _r: None)
     with pytest.raises(SessionLimitReached):  # the third lost the race: refused at open
         access.open_session(early[2], "demo", "hls", "127.0.0.1", lambda _r: None)
-    late = await access.check(new.token, "demo", "hls", "127.0.0.1", opens_session=True)
+    late = await access.authorize(new.token, "demo", Protocol.HLS, "127.0.0.1",
+                                  opens_session=True)
     assert late.reason is Reason.SESSION_LIMIT and late.http_status == 429
     # A request that opens no session (a snapshot, a DELETE) is not capped.
-    assert (await access.check(new.token, "demo", "webrtc", "127.0.0.1")).granted
+    assert (await access.authorize(new.token, "demo", Protocol.WEBRTC, "127.0.0.1")).granted
     assert len(access.sessions) == 2
     await access.flush()
     denied = await asyncio.to_thread(store.read, lambda c: audit.query(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from agent.access import tokens
-from agent.access.model import Protocol, Scope, TokenRecord
+from agent.access.model import Action, Protocol, Scope, TokenRecord
 from agent.access.policy import (
     FIX,
     HTTP_STATUS,
@@ -33,9 +33,12 @@ def issue(
     return token.text, record
 
 
-def decide(token, records, camera="cam1", protocol="webrtc", ip="10.0.0.9", limiter=None):
+def decide(token, records, camera="cam1", protocol=Protocol.WEBRTC, ip="10.0.0.9",
+           limiter=None, action=Action.VIEW):
     index = {r.id: r for r in records}
-    return authorize(AccessRequest(token, camera, protocol, ip, NOW), index, SITE, limiter)
+    protocol = protocol if action is Action.VIEW else None
+    req = AccessRequest(token, camera, action, protocol, ip, NOW)
+    return authorize(req, index, SITE, limiter)
 
 
 def _forged(record: TokenRecord) -> str:
@@ -61,9 +64,9 @@ CASES = [
     ("relay publisher token (not in the store) for viewing",
      lambda: (issue(Kind.PUBLISHER, "host:site1")[0], [], {}), Reason.WRONG_KIND),
     ("unknown access token for the admin api",
-     lambda: (issue()[0], [], {"protocol": "admin", "camera": None}), Reason.WRONG_KIND),
+     lambda: (issue()[0], [], {"action": Action.ADMIN, "camera": None}), Reason.WRONG_KIND),
     ("access token for admin api",
-     lambda: ((x := issue(Kind.ACCESS, "host:site1"))[0], [x[1]], {"protocol": "admin",
+     lambda: ((x := issue(Kind.ACCESS, "host:site1"))[0], [x[1]], {"action": Action.ADMIN,
                                                                     "camera": None}),
      Reason.WRONG_KIND),
     ("revoked", lambda: ((x := issue(revoked_at=NOW - 1))[0], [x[1]], {}), Reason.REVOKED),
@@ -101,9 +104,15 @@ CASES = [
     ("allowed protocol",
      lambda: ((x := issue(protocols=frozenset({Protocol.SNAPSHOT, Protocol.WEBRTC})))[0],
               [x[1]], {}), Reason.GRANTED),
+    ("listing: any access token, whatever its protocols and scope",
+     lambda: ((x := issue(protocols=frozenset({Protocol.SNAPSHOT})))[0], [x[1]],
+              {"action": Action.LIST, "camera": None}), Reason.GRANTED),
+    ("admin token for listing",
+     lambda: ((x := issue(Kind.ADMIN, "host:site1"))[0], [x[1]],
+              {"action": Action.LIST, "camera": None}), Reason.WRONG_KIND),
     ("admin token for admin api",
      lambda: ((x := issue(Kind.ADMIN, "host:site1"))[0], [x[1]],
-              {"protocol": "admin", "camera": None}), Reason.GRANTED),
+              {"action": Action.ADMIN, "camera": None}), Reason.GRANTED),
 ]
 
 
@@ -193,3 +202,19 @@ class TestLimiter:
         with pytest.raises(ValueError):
             FailureLimiter(burst=0, per_minute=1)
 
+
+
+def test_a_request_names_its_protocol_only_when_it_views() -> None:
+    with pytest.raises(ValueError, match="protocol"):
+        AccessRequest("t", "cam1", Action.VIEW, None, "10.0.0.9", NOW)
+    with pytest.raises(ValueError, match="protocol"):
+        AccessRequest("t", None, Action.ADMIN, Protocol.WEBRTC, "10.0.0.9", NOW)
+
+
+@pytest.mark.parametrize(("action", "protocol", "recorded"), [
+    (Action.VIEW, Protocol.RTSP, "rtsp"), (Action.VIEW, Protocol.SNAPSHOT, "snapshot"),
+    (Action.LIST, None, "api"), (Action.ADMIN, None, "admin")])
+def test_the_audit_and_usage_record_what_earlier_releases_did(action, protocol, recorded) -> None:
+    """Existing audit rows and usage counters say 'api' and 'admin': new ones must too."""
+    req = AccessRequest("t", None, action, protocol, "10.0.0.9", NOW)
+    assert req.recorded_protocol == recorded

@@ -9,7 +9,7 @@ import pytest
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
 from agent.access.db import connect
-from agent.access.model import Scope
+from agent.access.model import Action, Protocol, Scope
 from agent.access.policy import AccessRequest, FailureLimiter, Site, authorize
 from agent.access.recorder import OVERFLOW, AccessRecorder
 from agent.access.store import TokenStore
@@ -45,7 +45,7 @@ def test_decisions_are_batched_then_counted(store: TokenStore) -> None:
         *[("garbage", "cam1", "webrtc", "10.0.0.4", T0) for _ in range(50)],  # no token id
     ]
     for token, camera, protocol, ip, ts in plan:
-        req = AccessRequest(token, camera, protocol, ip, ts)
+        req = AccessRequest(token, camera, Action.VIEW, Protocol(protocol), ip, ts)
         recorder.record_decision(req, authorize(req, tokens, site))
     assert audit_count(store.path) == 1  # only token.created: nothing written per request
     assert recorder.flush()
@@ -71,7 +71,8 @@ def test_ip_table_is_bounded_per_token(store: TokenStore) -> None:
     recorder = AccessRecorder(store.path, max_ips=5, flush_interval=3600)
     tokens, _ = store.load_all()
     for i in range(20):
-        req = AccessRequest(new.token, "cam1", "webrtc", f"10.0.1.{i}", T0 + i)
+        req = AccessRequest(new.token, "cam1", Action.VIEW, Protocol.WEBRTC, f"10.0.1.{i}",
+                            T0 + i)
         recorder.record_decision(req, authorize(req, tokens, store.site))
     recorder.close()  # not started: writes synchronously
     ips = [i["ip"] for i in store.read(lambda c: usage.stats(c, new.record.id))["ips"]]
@@ -100,7 +101,7 @@ def test_the_limiter_feeds_rate_limited_into_the_audit(store: TokenStore) -> Non
     recorder = AccessRecorder(store.path, max_ips=5)
     limiter = FailureLimiter(burst=2, per_minute=1)
     for _ in range(4):
-        req = AccessRequest("junk", "cam1", "webrtc", "10.9.9.9", T0)
+        req = AccessRequest("junk", "cam1", Action.VIEW, Protocol.WEBRTC, "10.9.9.9", T0)
         recorder.record_decision(req, authorize(req, {}, store.site, limiter))
     recorder.close()
     entries = store.read(lambda c: audit.query(c, audit.AuditQuery(limit=100)))

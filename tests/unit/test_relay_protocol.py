@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.access.model import Origin, Scope
+from agent.access.model import Action, Origin, Protocol, Scope
 from agent.access.policy import AccessRequest, Reason, Site, authorize
 from agent.access.store import TokenStore
 from agent.access.tokens import Kind, generate
@@ -113,7 +113,8 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
     assert issued.text.encode() not in (tmp_path / "agent.db").read_bytes()
 
     def decide(at: float) -> Reason:
-        return authorize(AccessRequest(issued.text, "door", "webrtc", "10.0.0.2", at),
+        return authorize(AccessRequest(issued.text, "door", Action.VIEW, Protocol.WEBRTC,
+                                       "10.0.0.2", at),
                          store.load_all()[0], store.site).reason
 
     assert decide(NOW) is Reason.GRANTED  # relay tokens do not count against max_active
@@ -158,7 +159,8 @@ def test_a_sync_never_undoes_a_revocation_nor_changes_a_hash(tmp_path: Path) -> 
     assert store.relay_cursor() == "c-4"  # the rest of each sync was applied
     tokens = store.load_all()[0]
     for text in (issued.text, forged.text):
-        decision = authorize(AccessRequest(text, "door", "webrtc", None, NOW + 5), tokens,
+        decision = authorize(AccessRequest(text, "door", Action.VIEW, Protocol.WEBRTC, None,
+                                           NOW + 5), tokens,
                              store.site)
         assert not decision.granted
     audited = store.read(lambda c: c.execute(
