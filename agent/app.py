@@ -19,7 +19,6 @@ import structlog
 from aiohttp import web
 
 from agent import __version__
-from agent.access.db import db_path, file_identity, file_problem
 from agent.access.model import Scope, ScopeLevel, Status, format_time
 from agent.access.policy import FailureLimiter
 from agent.access.recorder import AccessRecorder
@@ -27,7 +26,7 @@ from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.config import Config, check_secret_files, load, publisher_token
-from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
+from agent.discovery.adopted import AdoptedCamera
 from agent.errors import AgentError
 from agent.http import server, tls
 from agent.http.admin import AdminApi
@@ -38,8 +37,9 @@ from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import LinkState, RelayLink, camera_inventory
+from agent.state.db import db_path, file_identity, file_problem
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
-from agent.stores import open_store
+from agent.stores import State, open_state
 from agent.systemd import Notifier
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
@@ -69,11 +69,6 @@ DB_NAG = 60.0
 STOP_WITHIN = 4.0
 REQUEST_GRACE = 1.0
 CAMERA_RELEASE = 1.0
-
-
-def follow_cameras(store: TokenStore, cameras: Cameras) -> None:
-    """The daemon's store knows the cameras of the running set (they change on reload)."""
-    store.known_cameras = lambda: cameras.ids
 
 
 def build_access(config: Config, store: TokenStore) -> AccessService:
@@ -129,17 +124,19 @@ def certificate_names(config: Config) -> list[str]:
 class Daemon:
     """Every long-lived part of a running agent, built and wired in one place."""
 
-    def __init__(self, config: Config, store: TokenStore, relay_token: str | None,
-                 certificate: tls.Certificate | None = None) -> None:
+    def __init__(self, config: Config, state: State, cameras: Cameras,
+                 relay_token: str | None, certificate: tls.Certificate | None = None) -> None:
+        """``state`` was opened with ``cameras.ids`` as its known cameras (``open_state``):
+        tokens may name the cameras of the running set, which reloads change."""
+        store = state.tokens
         self.config = config
         self.certificate = certificate
         self.tls_context = tls.server_context(certificate) if certificate else None
         self.store = store
         self.started = time.time()
         self.access = build_access(config, store)
-        self.cameras = Cameras(config.cameras, config.media)
-        follow_cameras(store, self.cameras)
-        self.adopted = AdoptedCameras(store, config.state_dir)
+        self.cameras = cameras
+        self.adopted = state.adopted
         self._adopted: list[AdoptedCamera] = []
         self._adopted_signature: tuple[object, ...] | None = None
         self._camera_lock = asyncio.Lock()  # reload and adoption apply one at a time
@@ -165,7 +162,7 @@ class Daemon:
                 config.agent.id, relay_token, lambda: base)
         if config.relay.url is not None and relay_token is not None:
             self.link = RelayLink(
-                config.relay.url, relay_token, config.agent.id, store, self.access,
+                config.relay.url, relay_token, config.agent.id, store, state.outbox, self.access,
                 camera_inventory(self.cameras),
                 hubs=lambda camera_id: (c.hub if (c := self.cameras.get(camera_id)) else None),
                 ice=lambda servers: with_relay_servers(base, servers))
@@ -417,9 +414,11 @@ async def run(config: Config, *, quick_start: bool) -> int:
     if certificate is not None:
         log.info("tls_ready", **certificate.log_fields())
         asyncio.get_running_loop().set_exception_handler(_quiet_handshakes)
-    store = await asyncio.to_thread(open_store, config)
+    cameras = Cameras(config.cameras, config.media)
+    state = await asyncio.to_thread(open_state, config, lambda: cameras.ids)
+    store = state.tokens
     try:
-        daemon = Daemon(config, store, relay_token, certificate)
+        daemon = Daemon(config, state, cameras, relay_token, certificate)
         if quick_start and config.cameras:
             new = await asyncio.to_thread(quick_start_token, config, store, time.time())
             urls = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
@@ -458,6 +457,6 @@ async def run(config: Config, *, quick_start: bool) -> int:
                 loop.remove_signal_handler(sig)
             await daemon.stop()
     finally:
-        store.close()
+        state.close()
     log.info("agent_stopped")
     return 0

@@ -21,9 +21,9 @@ import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
-from agent.access.db import connect, transaction
 from agent.access.policy import AccessRequest, Decision
 from agent.access.usage import UsageEvent
+from agent.state.db import connect, transaction
 
 log = structlog.get_logger(__name__)
 

@@ -8,15 +8,12 @@ Blocking: call from threads (or the CLI), never from the event loop.
 from __future__ import annotations
 
 import sqlite3
-import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from enum import Enum
-from pathlib import Path
 from typing import Any, TypeVar
 
 from agent.access import audit
-from agent.access.db import connect, next_rev, transaction
 from agent.access.model import (
     Origin,
     Permission,
@@ -31,6 +28,8 @@ from agent.access.policy import Site
 from agent.access.relay_sync import RelayToken, SyncRefusal, SyncResult, refuse, sync_problem
 from agent.access.tokens import Kind, generate, is_public_id, token_hash
 from agent.errors import NotFoundError, TokenError, TokenLimitError, TokenReadOnlyError
+from agent.state.database import StateDB
+from agent.state.db import next_rev, transaction
 
 _COLUMNS = (
     "id", "kind", "scope", "secret_hash", "last4", "protocols", "permission", "created_at",
@@ -95,31 +94,32 @@ class TokenStore:
 
     def __init__(
         self,
-        path: Path,
+        db: StateDB,
         site: Site,
         max_active: int,
         known_cameras: Callable[[], Collection[str]],
     ) -> None:
-        self._conn = connect(path)
-        self._lock = threading.Lock()
-        self.path = path
+        """``known_cameras``: the camera ids a camera-scoped token may name (the daemon's
+        running set, or the CLI's configured and adopted cameras)."""
+        self.db = db
+        self._conn = db.conn
+        self._lock = db.lock
+        self.path = db.path
         self.site = site
         self.max_active = max_active
-        self.known_cameras = known_cameras
+        self._known_cameras = known_cameras
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        """Close the database (shared with the other tables' modules: call once, last)."""
+        self.db.close()
 
     def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` on the connection (audit and usage queries)."""
-        with self._lock:
-            return fn(self._conn)
+        return self.db.read(fn)
 
     def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn`` in one ``BEGIN IMMEDIATE`` transaction."""
-        with self._lock, transaction(self._conn):
-            return fn(self._conn)
+        return self.db.write(fn)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -349,37 +349,7 @@ class TokenStore:
         return {str(r[0]): int(r[1]) for r in rows}
 
     # -- tokens issued by TheRelay cloud (docs/relay-protocol.md §1.5) ----------------------
-
-    def relay_cursor(self) -> str | None:
-        return self._meta("relay_cursor")
-
-    def usage_sent_through(self) -> int:
-        """The last audit seq whose access events the relay acknowledged (usage.v1)."""
-        return int(self._meta("relay_usage_seq") or 0)
-
-    def usage_outstanding(self) -> int | None:
-        """The last audit seq of the usage batch sent and not yet acknowledged, if any: a
-        resend (after a reconnect or a restart) covers exactly the same entries, so it has
-        the same batch name and the relay counts it once."""
-        value = self._meta("relay_usage_pending")
-        return int(value) if value else None
-
-    def mark_usage_outstanding(self, seq: int) -> None:
-        with self._lock, transaction(self._conn):
-            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
-                               "VALUES ('relay_usage_pending', ?)", (str(seq),))
-
-    def mark_usage_sent(self, seq: int) -> None:
-        """The relay acknowledged everything through ``seq``; nothing is outstanding."""
-        with self._lock, transaction(self._conn):
-            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
-                               "VALUES ('relay_usage_seq', ?)", (str(seq),))
-            self._conn.execute("DELETE FROM meta WHERE key = 'relay_usage_pending'")
-
-    def _meta(self, key: str) -> str | None:
-        with self._lock:
-            row = self._conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return str(row[0]) if row else None
+    # (what was sent to the relay and acknowledged is agent.state.outbox.RelayOutbox)
 
     def apply_relay_sync(
         self, tokens: Collection[RelayToken], *, full: bool, cursor: str, now: float
@@ -481,7 +451,7 @@ class TokenStore:
         if scope.level is ScopeLevel.CAMERA:
             if kind is Kind.ADMIN:
                 raise TokenError("admin tokens are scoped to the host or the account")
-            if scope.value not in self.known_cameras():
+            if scope.value not in self._known_cameras():
                 raise TokenError(
                     f"camera {scope.value!r} does not exist on this agent: check the id with "
                     "'therelay-agent cameras list'"

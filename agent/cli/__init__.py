@@ -16,7 +16,6 @@ from pathlib import Path
 
 import agent
 from agent import logs, stores
-from agent.access.db import db_path, explain
 from agent.cli import audit as audit_cli
 from agent.cli import cameras as cameras_cli
 from agent.cli import doctor as doctor_cli
@@ -24,6 +23,7 @@ from agent.cli import tokens as token_cli
 from agent.cli.output import emit_json, table
 from agent.config import DEFAULT_CONFIG_PATH, Config, load, publisher_token, read_secret
 from agent.errors import AgentError, ConfigError, UsageError
+from agent.state.db import db_path, explain
 
 EXIT_FAILED = 1  # the command ran and the answer is no (denied, refused, tampered)
 EXIT_ERROR = 2  # the command could not run as given (usage, configuration)

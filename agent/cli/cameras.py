@@ -105,7 +105,7 @@ def discover(args: argparse.Namespace, config: Config, store: TokenStore) -> int
     password = _password(args)
     result = asyncio.run(scan(config.discovery, timeout, username=args.user,
                               password=password))
-    adopted = AdoptedCameras(store, config.state_dir)
+    adopted = AdoptedCameras(store.db, config.state_dir)
     adopted.remember((s.identity, s.to_dict()) for s in result.sightings)
     owners = _adopted_by_identity(adopted)
     if args.json:
@@ -172,7 +172,7 @@ def _public(s: Sighting, user: str | None) -> dict[str, Any]:
 
 
 def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
-    adopted = AdoptedCameras(store, config.state_dir)
+    adopted = AdoptedCameras(store.db, config.state_dir)
     rows: list[dict[str, Any]] = [
         {"id": c.id, "name": c.name, "from": "config", "source": logs.redact_text(c.source),
          "username": c.username} for c in config.cameras]
@@ -198,7 +198,7 @@ def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) ->
 
 
 def adopt_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
-    adopted = AdoptedCameras(store, config.state_dir)
+    adopted = AdoptedCameras(store.db, config.state_dir)
     password = _password(args)
     sightings = [Sighting.from_dict(data) for data, _ in adopted.sightings()]
     sighting = find(sightings, args.camera)
@@ -281,7 +281,7 @@ def move_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> 
     paths, take the new host; the password goes by Digest only from now on (unless allowed)."""
     from agent.discovery.onvif import with_host  # noqa: PLC0415 (zeep loads slowly)
 
-    adopted = AdoptedCameras(store, config.state_dir)
+    adopted = AdoptedCameras(store.db, config.state_dir)
     camera = adopted.get(args.camera_id)
     address = args.address.strip().strip("[]")
     try:
@@ -313,7 +313,7 @@ def move_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> 
 
 def allow_basic(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
     allow = args.allow == "yes"
-    AdoptedCameras(store, config.state_dir).set_allow_basic(args.camera_id, allow,
+    AdoptedCameras(store.db, config.state_dir).set_allow_basic(args.camera_id, allow,
                                                             actor="cli", now=time.time())
     if args.json:
         emit_json({"camera": args.camera_id, "allow_basic": allow})
@@ -334,7 +334,7 @@ def remove_camera(args: argparse.Namespace, config: Config, store: TokenStore) -
         raise UsageError(f"camera {args.camera_id!r} comes from the config file "
                          f"{config.origin}: remove it there, then `sudo systemctl reload "
                          "therelay-agent`")
-    AdoptedCameras(store, config.state_dir).remove(args.camera_id, actor="cli",
+    AdoptedCameras(store.db, config.state_dir).remove(args.camera_id, actor="cli",
                                                    now=time.time())
     if args.json:
         emit_json({"removed": args.camera_id})

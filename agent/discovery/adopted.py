@@ -26,12 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from agent.access import audit
-from agent.access.db import db_path
 from agent.access.model import is_identifier
-from agent.access.store import TokenStore
 from agent.config import CameraConfig, RtspAuth, Transport
 from agent.discovery.trust import Identity
 from agent.errors import NotFoundError, UsageError
+from agent.state.database import StateDB
+from agent.state.db import db_path
 
 CREDENTIALS_DIR = "camera-credentials"
 METHODS = ("onvif", "mdns")
@@ -115,22 +115,24 @@ def camera_config(camera: AdoptedCamera, credentials: Path) -> CameraConfig:
 
 
 class AdoptedCameras:
-    """The adopted-camera table of a token store's database, and the credential files."""
+    """The adopted-camera and sightings tables of the state database, and the credential
+    files. Changes are audited in the same transaction (the one audit trail of
+    docs/tokens.md, which camera adoptions share with tokens)."""
 
-    def __init__(self, store: TokenStore, state_dir: Path) -> None:
-        self._store = store
+    def __init__(self, db: StateDB, state_dir: Path) -> None:
+        self._db = db
         self._state_dir = state_dir
         self.credentials = state_dir / CREDENTIALS_DIR
 
     # -- reads ----------------------------------------------------------------------------
 
     def all(self) -> list[AdoptedCamera]:
-        rows = self._store.read(
+        rows = self._db.read(
             lambda c: c.execute(f"{_SELECT} ORDER BY adopted_at, id").fetchall())
         return [_row(r) for r in rows]
 
     def get(self, camera_id: str) -> AdoptedCamera:
-        row = self._store.read(
+        row = self._db.read(
             lambda c: c.execute(f"{_SELECT} WHERE id = ?", (camera_id,)).fetchone())
         if row is None:
             raise NotFoundError(f"no adopted camera {camera_id!r} (see: therelay-agent "
@@ -138,13 +140,13 @@ class AdoptedCameras:
         return _row(row)
 
     def by_identity(self, identity: str) -> AdoptedCamera | None:
-        row = self._store.read(
+        row = self._db.read(
             lambda c: c.execute(f"{_SELECT} WHERE identity = ?", (identity,)).fetchone())
         return _row(row) if row else None
 
     def signature(self) -> tuple[Any, ...]:
         """Changes whenever an adoption, removal or move is committed (by any process)."""
-        return tuple(self._store.read(lambda c: c.execute(
+        return tuple(self._db.read(lambda c: c.execute(
             "SELECT count(*), max(updated_at), group_concat(id) FROM adopted_cameras"
         ).fetchone()))
 
@@ -188,7 +190,7 @@ class AdoptedCameras:
             # The password file is written inside the transaction: if it fails, no row.
             self._write_password(camera.id, password)
 
-        self._store.write(work)
+        self._db.write(work)
         return camera
 
     def remove(self, camera_id: str, *, actor: str, now: float | None = None) -> None:
@@ -202,7 +204,7 @@ class AdoptedCameras:
             audit.append(conn, [audit.AuditEntry(now, "camera.removed", camera=camera_id,
                                                  actor=actor)])
 
-        self._store.write(work)
+        self._db.write(work)
         self.password_file(camera_id).unlink(missing_ok=True)
 
     def moved(self, camera_id: str, source: str, xaddr: str | None, *,
@@ -219,7 +221,7 @@ class AdoptedCameras:
             audit.append(conn, [audit.AuditEntry(now, "camera.moved", camera=camera_id,
                                                  actor=actor, detail=detail or {})])
 
-        self._store.write(work)
+        self._db.write(work)
 
     def hold_move(self, camera_id: str, pending: dict[str, Any], *,
                   now: float | None = None) -> bool:
@@ -247,7 +249,7 @@ class AdoptedCameras:
                                                  actor="discovery", detail=detail)])
             return True
 
-        return bool(self._store.write(work))
+        return bool(self._db.write(work))
 
     def clear_held(self, camera_id: str, *, actor: str, now: float | None = None) -> None:
         """The installer says the camera did not move: forget the held move (audited)."""
@@ -259,13 +261,13 @@ class AdoptedCameras:
             audit.append(conn, [audit.AuditEntry(now, "camera.move_dismissed",
                                                  camera=camera_id, actor=actor)])
 
-        self._store.write(work)
+        self._db.write(work)
 
     def record_identity(self, camera_id: str, identity: Identity, home_network: str | None,
                         *, now: float | None = None) -> None:
         """Record what proves the camera's identity (cameras adopted before it was kept)."""
         now = time.time() if now is None else now
-        self._store.write(lambda conn: conn.execute(
+        self._db.write(lambda conn: conn.execute(
             "UPDATE adopted_cameras SET serial = ?, hardware_id = ?, "
             "home_network = coalesce(home_network, ?), updated_at = ? WHERE id = ?",
             (identity.serial, identity.hardware_id, home_network, now, camera_id)))
@@ -282,7 +284,7 @@ class AdoptedCameras:
             audit.append(conn, [audit.AuditEntry(now, "camera.rtsp_basic", camera=camera_id,
                                                  actor=actor, detail={"allowed": allow})])
 
-        self._store.write(work)
+        self._db.write(work)
 
     def _write_password(self, camera_id: str, password: str | None) -> None:
         path = self.password_file(camera_id)
@@ -318,10 +320,10 @@ class AdoptedCameras:
                          "sightings ORDER BY last_seen DESC LIMIT ?)", (MAX_SIGHTINGS,))
 
         if rows:
-            self._store.write(work)
+            self._db.write(work)
 
     def sightings(self) -> list[tuple[dict[str, Any], float]]:
-        rows = self._store.read(lambda c: c.execute(
+        rows = self._db.read(lambda c: c.execute(
             "SELECT data, last_seen FROM sightings ORDER BY last_seen DESC").fetchall())
         return [(json.loads(data), last_seen) for data, last_seen in rows]
 

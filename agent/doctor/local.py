@@ -23,11 +23,11 @@ import aiohttp
 import ifaddr
 
 from agent.access import audit
-from agent.access.db import MIGRATIONS, db_path
 from agent.config import Config, check_private
 from agent.doctor.model import Result, Status, result
 from agent.errors import ConfigError, SecretFileExposed
 from agent.http import tls
+from agent.state.db import MIGRATIONS, db_path
 
 GROUP = "agent"
 DISK_WARN = 500 * 1024 * 1024

@@ -21,13 +21,13 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from agent import __version__
-from agent.access.db import db_path
 from agent.config import Config, publisher_token
 from agent.doctor.model import Result, Status, result
 from agent.errors import ConfigError, SecretFileExposed
 from agent.relay import protocol
 from agent.relay.link import ADVICE, CLOCK_SKEW_WARN, Rejected, rejection_of
 from agent.relay.protocol import CLOSE_REASONS, TOKEN_REJECTIONS, ProtocolError, Welcome
+from agent.state.db import db_path
 
 GROUP = "relay"
 SKEW_FIX = ("token expiry depends on this machine's clock: enable NTP (timedatectl set-ntp "

@@ -50,6 +50,7 @@ from agent.relay.protocol import (
     StopPublish,
     refusal_reason,
 )
+from agent.state.outbox import RelayOutbox
 from agent.webrtc.whip import WhipError, WhipPublisher
 
 __all__ = ["ADVICE", "CLOCK_SKEW_WARN", "LinkState", "Rejected", "RelayLink",
@@ -66,12 +67,14 @@ SHUTDOWN_REPORT = 2.0  # at most this long to say "stopped" for live sessions at
 
 class RelayLink:
     def __init__(self, url: str, publisher_token: str, agent_id: str, store: TokenStore,
-                 access: AccessService, inventory: Callable[[], list[dict[str, Any]]],
+                 outbox: RelayOutbox, access: AccessService,
+                 inventory: Callable[[], list[dict[str, Any]]],
                  hubs: Callable[[str], CameraHub | None],
                  ice: Callable[[list[dict[str, Any]]], RTCConfiguration]) -> None:
         self._url = url
         self._token = publisher_token
         self._store = store
+        self._outbox = outbox
         self._access = access
         self._inventory = inventory
         self._hubs = hubs
@@ -151,7 +154,7 @@ class RelayLink:
         return failure or closed_of(ws)
 
     async def _session(self, ws: ClientConnection) -> None:
-        cursor = await asyncio.to_thread(self._store.relay_cursor)
+        cursor = await asyncio.to_thread(self._outbox.relay_cursor)
         await _send(ws, self.protocol.hello(cursor, self._inventory()))
         try:
             first = await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT)
@@ -347,8 +350,8 @@ class RelayLink:
 
     async def _report_usage_once(self, ws: ClientConnection) -> None:
         while True:
-            after = await asyncio.to_thread(self._store.usage_sent_through)
-            outstanding = await asyncio.to_thread(self._store.usage_outstanding)
+            after = await asyncio.to_thread(self._outbox.usage_sent_through)
+            outstanding = await asyncio.to_thread(self._outbox.usage_outstanding)
             # A batch once sent is pinned to its seq range until acknowledged: entries
             # written since then go in the next batch, never into a renamed resend.
             query = audit.AuditQuery(after_seq=after, limit=messages.USAGE_BATCH,
@@ -359,12 +362,12 @@ class RelayLink:
             message = protocol.usage_batch(entries)
             if message is None:
                 if entries:  # nothing to report in this stretch: move past it
-                    await asyncio.to_thread(self._store.mark_usage_sent, entries[-1]["seq"])
+                    await asyncio.to_thread(self._outbox.mark_usage_sent, entries[-1]["seq"])
                     continue
                 await asyncio.sleep(USAGE_EVERY)
                 continue
             if outstanding is None:
-                await asyncio.to_thread(self._store.mark_usage_outstanding, entries[-1]["seq"])
+                await asyncio.to_thread(self._outbox.mark_usage_outstanding, entries[-1]["seq"])
             waiter: asyncio.Future[Acked] = asyncio.get_running_loop().create_future()
             self._acks[message["id"]] = waiter
             await self._perform(ws, [self.protocol.send(message)])
@@ -374,7 +377,7 @@ class RelayLink:
                 self._acks.pop(message["id"], None)
                 continue  # sent again (same batch name) on the next round
             if acked.ok:
-                await asyncio.to_thread(self._store.mark_usage_sent, entries[-1]["seq"])
+                await asyncio.to_thread(self._outbox.mark_usage_sent, entries[-1]["seq"])
             else:
                 await asyncio.sleep(USAGE_EVERY)
 

@@ -15,12 +15,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from agent.access.db import next_rev
 from agent.access.model import Action, Protocol
 from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
 from agent.access.recorder import AccessRecorder
 from agent.access.store import TokenStore
 from agent.access.tokens import Kind, generate, token_hash
+from agent.state.database import StateDB
+from agent.state.db import next_rev
 
 SITE = Site("site1", "acme")
 
@@ -69,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     now = time.time()
     with tempfile.TemporaryDirectory() as tmp:
-        store = TokenStore(Path(tmp) / "agent.db", SITE, args.tokens + 1, frozenset)
+        store = TokenStore(StateDB(Path(tmp) / "agent.db"), SITE, args.tokens + 1, frozenset)
         t0 = time.perf_counter()
         texts = fill(store, args.tokens, now)
         t1 = time.perf_counter()

@@ -162,12 +162,13 @@ async def measure(count: int, state_dir: Path) -> dict[str, float]:
         cwd=Path(__file__).resolve().parents[2])
     assert child.stdin is not None and child.stdout is not None
     config = load(None, {"THERELAY_STATE_DIR": str(state_dir), "THERELAY_AGENT_ID": "nvr1"})
-    store = stores.open_store(config)
+    state = stores.open_state(config)
+    store = state.tokens
     access = app.build_access(config, store)
     await access.start()
     try:
         relay = await _line(child.stdout)
-        link = RelayLink(relay["url"], relay["token"], "nvr1", store, access, list,
+        link = RelayLink(relay["url"], relay["token"], "nvr1", store, state.outbox, access, list,
                          lambda _: None, lambda _: RTCConfiguration(iceServers=[]))
         link.start()
         try:

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.access.db import db_path
 from agent.access.policy import Site
 from agent.access.store import TokenStore
 from agent.config import DiscoverySection
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras, rtsp_auth_rule
 from agent.discovery.follow import CameraFollower
+from agent.state.database import StateDB
+from agent.state.db import db_path
 from tests.support.onvif_device import OnvifDevice
 
 PASSWORD = "door-Pw-1"
@@ -24,9 +25,9 @@ OLD, NEW = "127.0.0.1", "127.0.0.2"
 
 @pytest.fixture
 async def adopted(tmp_path: Path) -> AsyncIterator[AdoptedCameras]:
-    store = await asyncio.to_thread(TokenStore, db_path(tmp_path), Site("site1", "acme"), 10,
-                                    lambda: ())
-    yield AdoptedCameras(store, tmp_path)
+    db = await asyncio.to_thread(StateDB, db_path(tmp_path))
+    store = TokenStore(db, Site("site1", "acme"), 10, lambda: ())
+    yield AdoptedCameras(db, tmp_path)
     await asyncio.to_thread(store.close)
 
 
@@ -75,7 +76,7 @@ async def test_a_device_that_does_not_prove_itself_is_held(
             after = await follow(adopted, ["127.0.0.0/8"], camera, impostor.xaddr)
     assert after.source == camera.source and not after.moved
     assert after.pending is not None and why in after.pending["reason"]
-    rows = await asyncio.to_thread(adopted._store.read, lambda c: c.execute(
+    rows = await asyncio.to_thread(adopted._db.read, lambda c: c.execute(
         "SELECT count(*) FROM audit WHERE event = 'camera.move_held'").fetchone()[0])
     assert rows == 1
 

@@ -416,7 +416,7 @@ WRITER = """
 import sys, time
 from pathlib import Path
 from agent.access import audit
-from agent.access.db import connect, transaction
+from agent.state.db import connect, transaction
 conn = connect(Path(sys.argv[1]))
 n = int(conn.execute("SELECT count(*) FROM audit").fetchone()[0]) * 1000
 print("ready", flush=True)

@@ -11,7 +11,7 @@ import pytest
 
 from agent.access import audit
 from agent.access.audit import AuditEntry, AuditQuery
-from agent.access.db import connect, transaction
+from agent.state.db import connect, transaction
 
 T0 = 1_800_000_000.0
 

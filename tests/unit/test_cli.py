@@ -19,11 +19,11 @@ import pytest
 import agent
 import agent.cli
 from agent.access.audit import GENESIS
-from agent.access.db import DB_NAME
 from agent.access.model import parse_time
 from agent.access.policy import FIX, Reason
 from agent.access.tokens import ALPHABET, CHECKSUM_LEN, Kind, generate
 from agent.cli import tokens as token_cli
+from agent.state.db import DB_NAME
 from tests.conftest import CliResult, remember
 
 Run = Callable[..., CliResult]

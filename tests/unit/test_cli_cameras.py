@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.access.db import db_path
 from agent.access.policy import Site
 from agent.access.store import TokenStore
 from agent.discovery.adopted import AdoptedCameras
 from agent.discovery.catalog import Sighting, short_id
+from agent.state.database import StateDB
+from agent.state.db import db_path
 from tests.conftest import write_secret
 
 GARAGE = Sighting("Garage._rtsp._tcp.local.", methods=["mdns"], name="Garage",
@@ -25,8 +26,8 @@ GARAGE = Sighting("Garage._rtsp._tcp.local.", methods=["mdns"], name="Garage",
 def cli(run_cli, monkeypatch: pytest.MonkeyPatch, state_dir: Path):
     monkeypatch.setenv("THERELAY_DISCOVERY_ONVIF", "false")  # nothing leaves the machine
     monkeypatch.setenv("THERELAY_DISCOVERY_MDNS", "false")
-    store = TokenStore(db_path(state_dir), Site("site1", "acme"), 10, lambda: ())
-    AdoptedCameras(store, state_dir).remember([(GARAGE.identity, GARAGE.to_dict())])
+    store = TokenStore(StateDB(db_path(state_dir)), Site("site1", "acme"), 10, lambda: ())
+    AdoptedCameras(store.db, state_dir).remember([(GARAGE.identity, GARAGE.to_dict())])
     store.close()
     return run_cli
 

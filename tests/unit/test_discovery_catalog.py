@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 
 from agent.access.audit import verify
-from agent.access.db import db_path
 from agent.access.policy import Site
 from agent.access.store import TokenStore
 from agent.discovery.adopted import MAX_SIGHTINGS, AdoptedCamera, AdoptedCameras
 from agent.discovery.catalog import Sighting, camera_id_for, find, host_of, merge, short_id
 from agent.errors import NotFoundError, UsageError
+from agent.state.database import StateDB
+from agent.state.db import db_path
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,8 @@ def test_host_of(url: str, host: str | None) -> None:
 
 @pytest.fixture
 def adopted(tmp_path: Path):
-    store = TokenStore(db_path(tmp_path), Site("site1", "acme"), 10, lambda: ())
-    yield AdoptedCameras(store, tmp_path)
+    store = TokenStore(StateDB(db_path(tmp_path)), Site("site1", "acme"), 10, lambda: ())
+    yield AdoptedCameras(store.db, tmp_path)
     store.close()
 
 

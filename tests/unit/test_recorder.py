@@ -8,19 +8,20 @@ import pytest
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
-from agent.access.db import connect
 from agent.access.model import Action, Protocol, Scope
 from agent.access.policy import AccessRequest, FailureLimiter, Site, authorize
 from agent.access.recorder import OVERFLOW, AccessRecorder
 from agent.access.store import TokenStore
 from agent.access.tokens import Kind
+from agent.state.database import StateDB
+from agent.state.db import connect
 
 T0 = 1_800_000_000.0  # a whole hour: 500000 * 3600
 
 
 @pytest.fixture
 def store(tmp_path: Path):
-    s = TokenStore(tmp_path / "agent.db", Site("site1", "acme"), 100, lambda: {"cam1"})
+    s = TokenStore(StateDB(tmp_path / "agent.db"), Site("site1", "acme"), 100, lambda: {"cam1"})
     yield s
     s.close()
 

@@ -10,10 +10,11 @@ import pytest
 
 from agent.access import audit
 from agent.access.audit import AuditEntry
-from agent.access.db import connect
 from agent.access.policy import Site
 from agent.access.recorder import AccessRecorder
 from agent.access.store import TokenStore
+from agent.state.database import StateDB
+from agent.state.db import connect
 
 T0 = 1_800_000_000.0
 NEVER = 3600.0  # a flush interval the test would never see pass
@@ -21,7 +22,7 @@ NEVER = 3600.0  # a flush interval the test would never see pass
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[TokenStore]:
-    s = TokenStore(tmp_path / "agent.db", Site("site1", "acme"), 100, lambda: {"cam1"})
+    s = TokenStore(StateDB(tmp_path / "agent.db"), Site("site1", "acme"), 100, lambda: {"cam1"})
     yield s
     s.close()
 

@@ -23,6 +23,8 @@ from agent.relay.messages import (
     Unsupported,
     Welcome,
 )
+from agent.state.database import StateDB
+from agent.state.outbox import RelayOutbox
 from tests.conftest import remember
 
 NOW = 1_800_000_000.0
@@ -96,7 +98,7 @@ def test_outgoing_messages() -> None:
 
 
 def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
-    store = TokenStore(tmp_path / "agent.db", Site("nvr1", "acme"), 1, lambda: {"door"})
+    store = TokenStore(StateDB(tmp_path / "agent.db"), Site("nvr1", "acme"), 1, lambda: {"door"})
     store.create(Kind.ACCESS, Scope.parse("host:nvr1"), NOW)  # the one local token allowed
     issued = generate(Kind.ACCESS)
     remember(issued.text)
@@ -107,7 +109,7 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
     assert isinstance(token, TokensSync)
     assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW).changed == 1
     assert store.apply_relay_sync(token.tokens, full=False, cursor="c-1", now=NOW).changed == 0
-    assert store.relay_cursor() == "c-1"
+    assert RelayOutbox(store.db).relay_cursor() == "c-1"
     record = store.get(issued.public_id)
     assert record.origin is Origin.RELAY and record.created_by == "relay"
     assert issued.text.encode() not in (tmp_path / "agent.db").read_bytes()
@@ -135,7 +137,7 @@ def test_relay_tokens_are_stored_by_hash_and_enforced(tmp_path: Path) -> None:
 
 
 def test_a_sync_never_undoes_a_revocation_nor_changes_a_hash(tmp_path: Path) -> None:
-    store = TokenStore(tmp_path / "agent.db", Site("nvr1", "acme"), 5, lambda: {"door"})
+    store = TokenStore(StateDB(tmp_path / "agent.db"), Site("nvr1", "acme"), 5, lambda: {"door"})
     issued, forged = generate(Kind.ACCESS), generate(Kind.ACCESS)
     remember(f"{issued.text} {forged.text}")
     record = messages.SyncedToken(
@@ -156,7 +158,7 @@ def test_a_sync_never_undoes_a_revocation_nor_changes_a_hash(tmp_path: Path) -> 
     assert again.changed == repeat.changed == moved.changed == 0
     kept = store.get(issued.public_id)
     assert kept.revoked_at == NOW + 1 and kept.secret_hash == record.sha256
-    assert store.relay_cursor() == "c-4"  # the rest of each sync was applied
+    assert RelayOutbox(store.db).relay_cursor() == "c-4"  # the rest of each sync was applied
     tokens = store.load_all()[0]
     for text in (issued.text, forged.text):
         decision = authorize(AccessRequest(text, "door", Action.VIEW, Protocol.WEBRTC, None,
@@ -177,7 +179,7 @@ def test_a_sync_never_undoes_a_revocation_nor_changes_a_hash(tmp_path: Path) -> 
 
 
 def test_the_database_itself_refuses_an_unrevoke_or_a_new_hash(tmp_path: Path) -> None:
-    store = TokenStore(tmp_path / "agent.db", Site("nvr1", "acme"), 5, lambda: {"door"})
+    store = TokenStore(StateDB(tmp_path / "agent.db"), Site("nvr1", "acme"), 5, lambda: {"door"})
     new = store.create(Kind.ACCESS, Scope.parse("host:nvr1"), NOW)
     remember(new.token)
     store.revoke(new.record.id, NOW + 1, "test")

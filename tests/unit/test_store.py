@@ -14,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from agent.access import audit
-from agent.access.db import MIGRATIONS, connect, db_path
 from agent.access.model import Protocol, Scope, Status
 from agent.access.policy import Site
 from agent.access.store import TokenStore
 from agent.access.tokens import Kind, parse
 from agent.errors import NotFoundError, StoreError, TokenError, TokenLimitError
+from agent.state.database import StateDB
+from agent.state.db import MIGRATIONS, connect, db_path
 from tests.conftest import remember
 
 NOW = 1_800_000_000.0
@@ -27,7 +28,8 @@ CAM = Scope.parse("camera:cam1")
 
 
 def make_store(state: Path, max_active: int = 100) -> TokenStore:
-    return TokenStore(db_path(state), Site("site1", "acme"), max_active, lambda: {"cam1", "cam2"})
+    return TokenStore(StateDB(db_path(state)), Site("site1", "acme"), max_active,
+                      lambda: {"cam1", "cam2"})
 
 
 @pytest.fixture
