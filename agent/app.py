@@ -37,6 +37,7 @@ from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import LinkState, RelayLink, camera_inventory
+from agent.rtsp.server import RtspServer
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
 from agent.stores import open_store
 from agent.systemd import Notifier
@@ -130,6 +131,8 @@ class Daemon:
         self.notifier: Notifier | None = None  # set by run(): STATUS= when cameras change
         self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
                                  config.media.camera_timeout)
+        self.rtsp = (RtspServer(self.access, self.cameras, config.rtsp,
+                                config.media.camera_timeout) if config.rtsp.enabled else None)
         self.lag = LoopLag()
         self.link: RelayLink | None = None
         self.always: AlwaysPublisher | None = None
@@ -174,6 +177,7 @@ class Daemon:
                 f"cannot listen on {self.config.http.listen}: {exc.strerror}. Another program "
                 "may use the port: change http.listen."
             ) from None
+        await self._start_rtsp()
         await self._sync_adopted()
         self.cameras.start()
         self.lag.start()
@@ -184,6 +188,19 @@ class Daemon:
         self._adopted_watch = asyncio.create_task(self._watch_adopted(), name="adopted-watch")
         # In the background: announcing takes ~1.6 s of mDNS probing, ONVIF warm-up ~0.3 s.
         self._discovery = asyncio.create_task(self._start_discovery(), name="discovery-start")
+
+    async def _start_rtsp(self) -> None:
+        """RTSP is served beside HTTP; a port taken by another program (often another media
+        server on the same box) is a loud error, not a reason to stop serving WebRTC viewers."""
+        if self.rtsp is None:
+            return
+        try:
+            await self.rtsp.start()
+        except OSError as exc:
+            log.error("rtsp_unavailable", listen=self.config.rtsp.listen, error=exc.strerror,
+                      fix="another program may use the port: change rtsp.listen, or set "
+                          "rtsp.enabled: false")
+            self.rtsp = None
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; apply camera changes only, leaving the viewers
@@ -216,8 +233,10 @@ class Daemon:
                       *(self.adopted.config(a) for a in self._adopted if a.id not in configured)]
             added, removed, changed = await self.cameras.apply(wanted)
             for camera_id in removed + changed:
-                await self.whep.close_camera(camera_id, "camera_removed"
-                                             if camera_id in removed else "camera_changed")
+                why = "camera_removed" if camera_id in removed else "camera_changed"
+                await self.whep.close_camera(camera_id, why)
+                if self.rtsp is not None:
+                    self.rtsp.close_camera(camera_id, why)
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
             if self.notifier is not None and (added or removed):
@@ -313,6 +332,8 @@ class Daemon:
         publishing = [p.stop() for p in (self.link, self.always) if p is not None]
         await budget.run("stop_publishing", asyncio.gather(
             *publishing, self._drain_requests(min(REQUEST_GRACE, budget.remaining / 2))))
+        if self.rtsp is not None:
+            await budget.run("stop_rtsp", self.rtsp.stop())
         await budget.run("end_sessions", self.whep.close())
         if runner is not None:
             await budget.run("close_http", runner.cleanup())

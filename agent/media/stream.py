@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from agent.media.rtp import Payload
 
 START_CODE = b"\x00\x00\x00\x01"
 NAL_SPS = 7
@@ -42,6 +45,8 @@ class MediaPacket(NamedTuple):
     pts: int
     time_base: Fraction
     keyframe: bool
+    #: Its RTP payloads, made once per camera by the hub while an RTP consumer wants them.
+    rtp: tuple[Payload, ...] | None = None
 
 
 def annexb_parameter_sets(extradata: bytes | None) -> bytes:
