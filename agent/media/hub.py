@@ -25,7 +25,7 @@ from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import VIDEO_CLOCK, Consumer
 from agent.media.rtp import Packetizer, audio_packetizer, video_packetizer
 from agent.media.sources import Source
-from agent.media.stream import VIDEO_CODECS, MediaPacket, StreamInfo
+from agent.media.stream import PULLED_CODECS, VIDEO_CODECS, MediaPacket, StreamInfo
 from agent.retry import FailureLog, backoff
 
 log = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ class CameraState(enum.StrEnum):
     CONNECTING = "connecting"
     ONLINE = "online"
     OFFLINE = "offline"  # the camera cannot be reached; retried with backoff
-    UNSUPPORTED = "unsupported"  # reached, but its video cannot be served (H.265)
+    UNSUPPORTED = "unsupported"  # reached, but its video cannot be served (e.g. MJPEG)
 
 
 @dataclass(frozen=True)
@@ -212,6 +212,13 @@ class CameraHub:
             return packet
         return packet._replace(rtp=packetizer.packetize(packet))
 
+    def webrtc_refusal(self) -> str | None:
+        """Why WebRTC viewers (and WHIP) cannot take this camera's video, or None."""
+        if self.info is None or self.info.codec in VIDEO_CODECS:
+            return None
+        return (f"the camera sends {self.info.codec.upper()} video, which WebRTC viewers "
+                "cannot play: watch it over RTSP, or set the camera (or its substream) to H.264")
+
     def _audio_clock(self) -> int:
         codec = self.info.audio.codec if self.info and self.info.audio else None
         return 8000 if codec in ("pcm_mulaw", "pcm_alaw") else 48_000
@@ -299,7 +306,7 @@ class CameraHub:
                 source = self._open_source()
                 info = source.open()
                 self.connections += 1
-                if info.codec not in VIDEO_CODECS:
+                if info.codec not in PULLED_CODECS:
                     loop.call_soon_threadsafe(self._unsupported, info)
                     stop.wait(UNSUPPORTED_RETRY)
                     continue
@@ -326,8 +333,8 @@ class CameraHub:
 
     def _unsupported(self, info: StreamInfo) -> None:
         self.info = info
-        message = (f"the camera sends {info.codec.upper()} video, which WebRTC viewers cannot "
-                   "play: set the camera (or its substream) to H.264")
+        message = (f"the camera sends {info.codec.upper()} video, which the agent cannot "
+                   "serve: set the camera (or its substream) to H.264")
         self._set_status(state=CameraState.UNSUPPORTED, error=message, codec=info.codec,
                          width=info.width, height=info.height)
         self._wake_waiters()

@@ -14,6 +14,8 @@ NAL_SPS = 7
 
 #: WebRTC in this agent carries these; anything else is refused with a clear error.
 VIDEO_CODECS = ("h264",)
+#: The hub pulls these: RTSP clients take both; WebRTC viewers only VIDEO_CODECS.
+PULLED_CODECS = ("h264", "hevc")
 PASSTHROUGH_AUDIO = {"pcm_mulaw": "PCMU", "pcm_alaw": "PCMA", "opus": "opus"}
 
 

@@ -47,11 +47,13 @@ PROTOCOL = "rtsp"
 REALM = "TheRelay Agent"
 PUBLIC = "OPTIONS, DESCRIBE, SETUP, PLAY, PAUSE, TEARDOWN, GET_PARAMETER"
 MAX_CONNECTIONS = 512
-HEAD_TIMEOUT = 10.0  # seconds for a started request head to complete
+HEAD_TIMEOUT = 10.0  # seconds for a started request to complete (or session_timeout)
 READ_SIZE = 65536
 #: Bytes a client's socket may hold unsent before it skips to the next keyframe.
 MAX_CLIENT_BUFFER = 2 * 1024 * 1024
 HOUSEKEEPING = 0.5
+CLOSE_FLUSH = 64 * 1024  # a closing connection still flushes this much (its last answer)
+CLOSE_GRACE = 2.0
 
 
 @dataclass(eq=False)
@@ -85,7 +87,9 @@ class _Connection:
     session: _RtspSession | None = None
     last_request: float = field(default_factory=time.monotonic)
     head_started: float | None = None
+    busy: bool = False  # a request is being answered (e.g. waiting for the camera)
     closing: bool = False
+    task: asyncio.Task[None] | None = None
 
     def send(self, data: bytes) -> None:
         if not self.closing:
@@ -99,10 +103,11 @@ class _Connection:
         if self.session is not None:
             self.session.close()
         transport = self.writer.transport
-        if transport.get_write_buffer_size():
-            transport.abort()
-        else:
-            transport.close()
+        if transport.get_write_buffer_size() > CLOSE_FLUSH:
+            transport.abort()  # queued media: not worth delivering
+            return
+        transport.close()  # the last answer is flushed first, for at most CLOSE_GRACE
+        asyncio.get_running_loop().call_later(CLOSE_GRACE, transport.abort)
 
 
 class RtspServer:
@@ -162,8 +167,13 @@ class RtspServer:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
-        for conn in list(self._connections):
+        connections = list(self._connections)
+        for conn in connections:
             self._end(conn, "shutdown")
+            if conn.task is not None:
+                conn.task.cancel()  # one waiting for its camera, say
+        await asyncio.gather(*(c.task for c in connections if c.task is not None),
+                             return_exceptions=True)
         for transport in self._udp:
             transport.close()
         if self._server is not None:
@@ -177,17 +187,14 @@ class RtspServer:
                 self._end(conn, why)
 
     def _end(self, conn: _Connection, why: str) -> None:
-        session = conn.session
-        if session is not None and session.access is not None:
-            self._access.end_session(session.access.id, why)
-            session.access = None
+        self._drop_session(conn, why)
         conn.close()
 
     # -- connections -------------------------------------------------------------------------
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
-        conn = _Connection(writer, peer[0] if peer else "")
+        conn = _Connection(writer, peer[0] if peer else "", task=asyncio.current_task())
         if len(self._connections) >= MAX_CONNECTIONS:
             writer.write(response(503, None))
             writer.close()
@@ -200,14 +207,17 @@ class RtspServer:
                     break
                 for event in conn.parser.feed(data):
                     if isinstance(event, ParseError):
-                        conn.send(response(event.status, None))
-                        conn.closing = True
+                        await self._refuse(conn, reader, event)
                         break
                     if isinstance(event, Interleaved):
                         conn.last_request = time.monotonic()  # RTCP from the client: alive
                         continue
-                    conn.last_request = time.monotonic()
-                    await self._handle(conn, event)
+                    conn.busy = True
+                    try:
+                        await self._handle(conn, event)
+                    finally:
+                        conn.busy = False
+                        conn.last_request = time.monotonic()
                     if conn.closing:
                         break
                 conn.head_started = (conn.head_started or time.monotonic()
@@ -218,17 +228,44 @@ class RtspServer:
             self._connections.discard(conn)
             self._end(conn, "disconnected")
 
+    async def _refuse(self, conn: _Connection, reader: asyncio.StreamReader,
+                      error: ParseError) -> None:
+        """Answer a request over the limits, then close gracefully: the rest of what the
+        client sends is read and dropped for CLOSE_GRACE, so the answer is not lost to a
+        reset (closing with unread input sends RST)."""
+        log.info("rtsp_bad_request", peer_ip=conn.peer_ip, status=error.status, why=error.message)
+        self._drop_session(conn, "bad_request")
+        conn.send(response(error.status, None))
+        conn.writer.write_eof()
+        deadline = time.monotonic() + CLOSE_GRACE
+        with contextlib.suppress(TimeoutError):
+            while await asyncio.wait_for(reader.read(READ_SIZE), deadline - time.monotonic()):
+                pass
+        conn.close()
+
+    def _drop_session(self, conn: _Connection, why: str) -> None:
+        session = conn.session
+        if session is None:
+            return
+        if session.access is not None:
+            self._access.end_session(session.access.id, why)
+            session.access = None
+        session.close()
+        conn.session = None
+
     async def _housekeep(self) -> None:
         """Once per HOUSEKEEPING: slow request heads and expired sessions end."""
         while True:
             await asyncio.sleep(HOUSEKEEPING)
             now = time.monotonic()
+            head_timeout = min(HEAD_TIMEOUT, self._section.session_timeout)
             for conn in list(self._connections):
                 session = conn.session
-                if conn.head_started is not None and now - conn.head_started > HEAD_TIMEOUT:
-                    conn.send(response(408, None))
-                    self._end(conn, "timeout")
-                elif now - conn.last_request > self._section.session_timeout and (
+                if conn.head_started is not None:
+                    if now - conn.head_started > head_timeout:
+                        conn.send(response(408, None))
+                        self._end(conn, "timeout")
+                elif not conn.busy and now - conn.last_request > self._section.session_timeout and (
                         session is None or not session.playing or not session.tcp):
                     log.info("rtsp_session_timeout", session=session.id if session else None,
                              peer_ip=conn.peer_ip)
@@ -442,12 +479,7 @@ class RtspServer:
     async def _teardown(self, conn: _Connection, req: Request, cseq: str) -> bytes:
         if conn.session is None or not self._session_header(conn, req):
             return response(454, cseq)
-        session = conn.session
-        if session.access is not None:
-            self._access.end_session(session.access.id, "teardown")
-            session.access = None
-        session.close()
-        conn.session = None  # the connection may go on (RFC 2326 §10.7)
+        self._drop_session(conn, "teardown")  # the connection may go on (RFC 2326 §10.7)
         return response(200, cseq)
 
 

@@ -263,18 +263,19 @@ async def test_patch_is_not_supported_and_cors_preflight_is(agent: AgentProcess)
     assert "Location" in headers["Access-Control-Expose-Headers"]
 
 
-async def test_h265_camera_is_a_clear_error(agent: AgentProcess) -> None:
+async def test_h265_camera_is_a_clear_error_for_webrtc_viewers(agent: AgentProcess) -> None:
+    """The camera is pulled (RTSP clients take it, snapshots decode it); WebRTC gets 501."""
     _, token = agent.token("--camera", "h265")
     viewer = WhepViewer(agent.base, "h265", token)
     assert await viewer.connect() == 501
     await viewer.close()
-    assert "H.264" in viewer.body and "HEVC" in viewer.body
+    assert "H.264" in viewer.body and "HEVC" in viewer.body and "RTSP" in viewer.body
     _, _, body = await request("GET", f"{agent.base}/api/v1/cameras", headers=bearer(token))
-    assert b'"state": "unsupported"' in body
+    assert b'"state": "online"' in body and b'"codec": "hevc"' in body
     snap_token = agent.token("--camera", "h265", "--protocol", "snapshot")[1]
-    status, _, body = await request("GET", f"{agent.base}/snapshot/h265.jpg",
-                                    headers=bearer(snap_token))
-    assert status == 501 and b"unsupported_codec" in body
+    status, headers, body = await request("GET", f"{agent.base}/snapshot/h265.jpg",
+                                          headers=bearer(snap_token))
+    assert status == 200 and headers["Content-Type"] == "image/jpeg"
 
 
 async def test_offline_camera_is_503_with_retry_after(agent: AgentProcess) -> None:

@@ -61,6 +61,7 @@ _OPTION_FLAGS = {
     "user": "--user",
     "audio": "--audio",
     "pattern": "--pattern",
+    "codec": "--codec",
 }
 _EVENT = re.compile(r"^(READY|CLIENT_CONNECTED|CLIENT_CLOSED|STOPPED)\s+(\S+)")
 
