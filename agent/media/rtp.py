@@ -23,7 +23,6 @@ from agent.media.stream import MediaPacket, StreamInfo
 #: Bytes of RTP payload per packet: 1200 leaves room for the RTP header (12), SRTP's tag (10),
 #: IPv6 + UDP (48) and a tunnel on a 1280-1500 byte path MTU.
 PAYLOAD_SIZE = 1200
-RTP_HEADER = 12
 
 # RFC 6184 §5.2 NAL unit types used by the payload format
 H264_SPS, H264_PPS, H264_AUD = 7, 8, 9
@@ -42,9 +41,6 @@ class Payload(NamedTuple):
 
     def __len__(self) -> int:
         return len(self.prefix) + len(self.body)
-
-    def tobytes(self) -> bytes:
-        return self.prefix + bytes(self.body)
 
 
 class Packetizer(Protocol):

@@ -14,6 +14,8 @@ import secrets
 import struct
 from collections.abc import Callable
 
+import structlog
+
 from agent.media.consumer import Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
 from agent.media.stream import MediaPacket
@@ -21,6 +23,8 @@ from agent.media.stream import MediaPacket
 _HEADER = struct.Struct("!BBHII")
 _INTERLEAVED = struct.Struct("!cBH")
 RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
+
+log = structlog.get_logger(__name__)
 
 
 class TrackSender:
@@ -43,8 +47,6 @@ class TrackSender:
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
-        self.packets_sent = 0
-        self.skipped = 0  # frames not sent because the client fell behind
 
     def start(self) -> None:
         if self._task is None:
@@ -70,8 +72,9 @@ class TrackSender:
                     behind = self._buffered() > self._max_buffer // 2
                 if not behind and self._buffered() > self._max_buffer:
                     behind = True
+                    log.info("rtsp_client_behind", camera=self._hub.camera_id, ssrc=self.ssrc,
+                             action="skipping to the next keyframe")
                 if behind:
-                    self.skipped += 1
                     continue
                 self._send(packet, ticks)
         except ConsumerClosed:
@@ -98,6 +101,5 @@ class TrackSender:
             size += length
             seq = (seq + 1) & 0xFFFF
         self.seq = seq
-        self.packets_sent += len(payloads)
         self.bytes_sent += size
         self._write(parts)

@@ -42,8 +42,12 @@ def video(data: bytes, keyframe: bool, pts: int = 0) -> MediaPacket:
     return MediaPacket(True, data, pts, Fraction(1, 90_000), keyframe)
 
 
+def raw(payload: Payload) -> bytes:
+    return payload.prefix + bytes(payload.body)
+
+
 def body_of(payloads: tuple[Payload, ...]) -> list[bytes]:
-    return [p.tobytes() for p in payloads]
+    return [raw(p) for p in payloads]
 
 
 def test_split_annexb_handles_3_and_4_byte_start_codes_and_trailing_zeros() -> None:
@@ -55,7 +59,7 @@ def test_split_annexb_handles_3_and_4_byte_start_codes_and_trailing_zeros() -> N
 def test_nal_exactly_at_the_payload_size_is_one_single_nal_packet() -> None:
     nal = nal264(1, PAYLOAD_SIZE)
     (only,) = H264Packetizer(b"").packetize(video(SC + nal, False))
-    assert only.tobytes() == nal and only.marker and len(only) == PAYLOAD_SIZE
+    assert raw(only) == nal and only.marker and len(only) == PAYLOAD_SIZE
 
 
 def test_one_byte_over_is_fragmented_into_fu_a_that_reassembles() -> None:
@@ -73,21 +77,21 @@ def test_one_byte_over_is_fragmented_into_fu_a_that_reassembles() -> None:
 def test_keyframe_gets_sps_pps_in_one_stap_a_first() -> None:
     idr = nal264(5, 3000)
     payloads = H264Packetizer(b"").packetize(video(SC + AUD + SC + SPS + SC + PPS + SC + idr, True))
-    stap = payloads[0].tobytes()
+    stap = raw(payloads[0])
     assert stap[0] & 0x1F == 24 and stap[0] & 0x60 == 0x60  # STAP-A, highest NRI
     assert stap[1:] == struct.pack("!H", len(SPS)) + SPS + struct.pack("!H", len(PPS)) + PPS
-    assert all(p.tobytes()[0] & 0x1F == 28 for p in payloads[1:])  # the IDR, in FU-A
+    assert all(raw(p)[0] & 0x1F == 28 for p in payloads[1:])  # the IDR, in FU-A
     assert [p.marker for p in payloads].count(True) == 1 and payloads[-1].marker
-    assert not any(p.tobytes()[0] & 0x1F == 9 for p in payloads)  # the AUD is dropped
+    assert not any(raw(p)[0] & 0x1F == 9 for p in payloads)  # the AUD is dropped
 
 
 def test_sps_pps_on_every_keyframe_even_when_the_camera_sends_them_once() -> None:
     packetizer = H264Packetizer(SC + SPS + SC + PPS)  # from the SDP / container
     for pts in (0, 3000, 6000):
         payloads = packetizer.packetize(video(SC + nal264(5, 100), True, pts))
-        assert payloads[0].tobytes()[0] & 0x1F == 24
+        assert raw(payloads[0])[0] & 0x1F == 24
     delta = packetizer.packetize(video(SC + nal264(1, 100), False))
-    assert len(delta) == 1 and delta[0].tobytes()[0] & 0x1F == 1
+    assert len(delta) == 1 and raw(delta[0])[0] & 0x1F == 1
 
 
 def test_parameter_sets_learnt_from_the_stream_replace_older_ones() -> None:
@@ -95,7 +99,7 @@ def test_parameter_sets_learnt_from_the_stream_replace_older_ones() -> None:
     new_sps = SPS[:-1] + b"\x22"
     packetizer.packetize(video(SC + new_sps + SC + PPS + SC + nal264(5, 50), True))
     payloads = packetizer.packetize(video(SC + nal264(5, 50), True))
-    assert new_sps in payloads[0].tobytes()
+    assert new_sps in raw(payloads[0])
 
 
 def test_payloads_are_views_of_the_access_unit_not_copies() -> None:
@@ -114,7 +118,7 @@ def test_h265_ap_carries_vps_sps_pps_and_fu_splits_big_units() -> None:
     idr = nal265(19, 2 * PAYLOAD_SIZE)  # IDR_W_RADL
     payloads = H265Packetizer(b"").packetize(
         video(SC + VPS5 + SC + SPS5 + SC + PPS5 + SC + idr, True))
-    ap = payloads[0].tobytes()
+    ap = raw(payloads[0])
     assert (ap[0] >> 1) & 0x3F == 48 and ap[1] == 0x01
     assert ap[2:] == b"".join(struct.pack("!H", len(n)) + n for n in (VPS5, SPS5, PPS5))
     fus = body_of(payloads[1:])
@@ -128,9 +132,9 @@ def test_h265_exact_size_single_and_parameter_sets_from_the_stream_info() -> Non
     packetizer = H265Packetizer(SC + VPS5 + SC + SPS5 + SC + PPS5)
     nal = nal265(1, PAYLOAD_SIZE)
     (single,) = packetizer.packetize(video(SC + nal, False))
-    assert single.tobytes() == nal
+    assert raw(single) == nal
     key = packetizer.packetize(video(SC + nal265(20, 10), True))
-    assert (key[0].tobytes()[0] >> 1) & 0x3F == 48 and len(key) == 2
+    assert (raw(key[0])[0] >> 1) & 0x3F == 48 and len(key) == 2
 
 
 def test_oversized_parameter_sets_go_as_single_nal_units() -> None:
@@ -150,14 +154,14 @@ def test_audio_frames_are_one_payload_each() -> None:
 
 
 def test_aac_hbr_au_header_and_adts_stripped() -> None:
-    raw = b"\x21\x10" + b"\x05" * 200
-    adts = bytes([0xFF, 0xF1, 0x50, 0x80, 0x1A, 0x1F, 0xFC]) + raw  # protection absent
-    for frame in (raw, adts):
+    frame_raw = b"\x21\x10" + b"\x05" * 200
+    adts = bytes([0xFF, 0xF1, 0x50, 0x80, 0x1A, 0x1F, 0xFC]) + frame_raw  # protection absent
+    for frame in (frame_raw, adts):
         (payload,) = AacPacketizer().packetize(MediaPacket(False, frame, 0, Fraction(1, 48000),
                                                            False))
-        data = payload.tobytes()
-        assert data[:2] == b"\x00\x10" and struct.unpack("!H", data[2:4])[0] == len(raw) << 3
-        assert data[4:] == raw
+        data = raw(payload)
+        assert data[:2] == b"\x00\x10" and struct.unpack("!H", data[2:4])[0] == len(frame_raw) << 3
+        assert data[4:] == frame_raw
 
 
 @pytest.mark.parametrize(("codec", "kind"), [("h264", H264Packetizer), ("hevc", H265Packetizer),
