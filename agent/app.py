@@ -13,7 +13,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import ifaddr
 import structlog
 from aiohttp import web
 
@@ -33,6 +32,7 @@ from agent.http.admin import AdminApi
 from agent.http.metrics import LoopLag, Metrics
 from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
+from agent.links import rtsp_urls, viewer_urls
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
@@ -97,18 +97,6 @@ def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken
     )
 
 
-def viewer_urls(config: Config, token: str) -> list[str]:
-    """Links that open the viewer page with ``token`` in the fragment (never sent in a URL)."""
-    host, port = config.http.host_port
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
-        addresses = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")][:3]
-        hosts = addresses or ["127.0.0.1"]
-    else:
-        hosts = [f"[{host}]" if ":" in host else host]
-    return [f"http://{h}:{port}/#token={token}" for h in hosts]
-
-
 class Daemon:
     """Every long-lived part of a running agent, built and wired in one place."""
 
@@ -153,7 +141,7 @@ class Daemon:
         self.whep.routes(self.app)
         Views(self.access, self.cameras,
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
-              store.site).routes(self.app)
+              store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
         self._runner: web.AppRunner | None = None
@@ -362,10 +350,14 @@ async def run(config: Config, *, quick_start: bool) -> int:
         daemon = Daemon(config, store, relay_token)
         if quick_start and config.cameras:
             new = await asyncio.to_thread(quick_start_token, config, store, time.time())
+            camera = config.cameras[0].id
             urls = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
-            print(f"Watch camera '{config.cameras[0].id}' in a browser on this network "
+            print(f"Watch camera '{camera}' in a browser on this network "
                   f"(access token valid until {format_time(new.record.expires_at)}, shown "
                   f"once):\n{urls}", flush=True)
+            if rtsp := rtsp_urls(config, camera, new.token):
+                print("Or in VLC, ffmpeg or a VMS (RTSP, same token):\n"
+                      + "\n".join(f"  {url}" for url in rtsp), flush=True)
         await daemon.start()
         notifier = Notifier()
         daemon.notifier = notifier

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
+#: Our Server header: `doctor` tells the agent from another RTSP server on the port by it.
+SERVER_NAME = "TheRelay Agent"
 MAX_REQUEST_LINE = 4096
 MAX_HEADER_BYTES = 16 * 1024
 MAX_HEADERS = 64
@@ -166,7 +168,7 @@ def response(status: int, cseq: str | None, headers: dict[str, str] | None = Non
     lines = [f"RTSP/1.0 {status} {STATUS_TEXT.get(status, 'Error')}"]
     if cseq is not None:
         lines.append(f"CSeq: {cseq}")
-    lines.append("Server: TheRelay Agent")
+    lines.append(f"Server: {SERVER_NAME}")
     for name, value in (headers or {}).items():
         lines.append(f"{name}: {value}")
     if body:

@@ -29,6 +29,7 @@ from agent.config import RtspSection
 from agent.media.cameras import Camera, Cameras
 from agent.rtsp import sdp
 from agent.rtsp.protocol import (
+    SERVER_NAME,
     Interleaved,
     ParseError,
     Parser,
@@ -44,7 +45,7 @@ from agent.rtsp.sender import TrackSender
 log = structlog.get_logger(__name__)
 
 PROTOCOL = "rtsp"
-REALM = "TheRelay Agent"
+REALM = SERVER_NAME
 PUBLIC = "OPTIONS, DESCRIBE, SETUP, PLAY, PAUSE, TEARDOWN, GET_PARAMETER"
 MAX_CONNECTIONS = 512
 HEAD_TIMEOUT = 10.0  # seconds for a started request to complete (or session_timeout)
