@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
+import yaml
 
 from tests.support.agent import AgentProcess, wait_until
 from tests.support.camera import RtspCamera, needs_rtsp_server
@@ -333,3 +337,52 @@ async def test_a_client_that_stops_reading_does_not_hold_back_others(
     assert rc == 0 and len(out) == 45 * W * H, err.decode()
     assert time.monotonic() - started < 10
     stuck.writer.transport.abort()
+
+
+# -- what the rest of the agent shows ------------------------------------------------------------
+
+
+async def _get(agent: AgentProcess, path: str, token: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{agent.base}{path}", headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status == 200
+        return await r.text()
+
+
+async def test_camera_list_rtsp_url_and_metrics_count_rtsp_sessions(agent: AgentProcess) -> None:
+    _, viewer = await token(agent, "--camera", "cam")
+    listed = json.loads(await _get(agent, "/api/v1/cameras", viewer))
+    assert listed["cameras"][0]["rtsp_url"] == f"rtsp://127.0.0.1:{agent.rtsp_port}/cam"
+    _, admin = await token(agent, "--admin")
+    token_id, secret = await token(agent, "--camera", "cam")
+    proc = await _playing_ffmpeg(agent, token_id, secret)
+    try:
+        metrics = await _get(agent, "/metrics", admin)
+        assert 'therelay_viewers{camera="cam",protocol="rtsp"} 1' in metrics
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_removing_the_camera_ends_its_rtsp_clients(agent: AgentProcess) -> None:
+    """Last in this module: the agent loses camera "other"."""
+    token_id, secret = await token(agent, "--camera", "other")
+    client = await RawClient.open(agent)
+    status, headers, _ = await client.request(
+        "SETUP", url(agent, "other") + "/trackID=0", 1, Authorization=basic(secret),
+        Transport="RTP/AVP/TCP;unicast;interleaved=0-1")
+    assert status == 200
+    status, _, _ = await client.request("PLAY", url(agent, "other"), 2,
+                                        Authorization=basic(secret),
+                                        Session=headers["session"].split(";")[0])
+    assert status == 200
+    config = yaml.safe_load(agent.config_path.read_text())
+    config["cameras"] = [c for c in config["cameras"] if c["id"] != "other"]
+    agent.config_path.write_text(yaml.safe_dump(config))
+    agent.proc.send_signal(signal.SIGHUP)
+    assert await client.closed(timeout=10)
+    client.close()
+    await wait_until(lambda: agent.audit("--token", token_id, "--event", "session.ended"))
+    (ended,) = await asyncio.to_thread(agent.audit, "--token", token_id, "--event",
+                                       "session.ended")
+    assert ended["reason"] == "camera_removed" and ended["protocol"] == "rtsp"
