@@ -329,13 +329,18 @@ def judge_rtsp(config: Config, daemon: Daemon, server: str | None,
         return result(GROUP, "rtsp", Status.WARN,
                       f"another RTSP server ({server or 'unnamed'}) answers on {listen}",
                       "stop it (ss -ltnp shows it) or set rtsp.listen to a free port")
+    return _judge_free("rtsp", listen, free, "rtsp.listen to a free host:port (or "
+                       "rtsp.enabled: false)")
+
+
+def _judge_free(check: str, listen: str, free: tuple[bool, str] | None, setting: str) -> Result:
+    """The agent is not running: can it bind ``listen``?"""
     assert free is not None
     ok, why = free
     if ok:
-        return result(GROUP, "rtsp", Status.OK, f"the agent is not running; {listen} is free")
-    return result(GROUP, "rtsp", Status.FAIL, f"the agent cannot serve RTSP on {listen}: {why}",
-                  "stop the other program (ss -ltnp shows it), or set rtsp.listen to a free "
-                  "host:port (or rtsp.enabled: false)")
+        return result(GROUP, check, Status.OK, f"the agent is not running; {listen} is free")
+    return result(GROUP, check, Status.FAIL, f"the agent cannot listen on {listen}: {why}",
+                  f"stop the other program (ss -ltnp shows it), or set {setting}")
 
 
 def judge_http(config: Config, daemon: Daemon, free: tuple[bool, str] | None) -> Result:
@@ -351,10 +356,5 @@ def judge_http(config: Config, daemon: Daemon, free: tuple[bool, str] | None) ->
         return result(GROUP, "http", Status.INFO,
                       f"the agent is running on {listen} (version {h.get('version')}, up "
                       f"{h.get('uptime_s')} s, relay {h.get('relay')})")
-    assert free is not None
-    ok, why = free
-    if ok:
-        return result(GROUP, "http", Status.OK, f"the agent is not running; {listen} is free")
-    return result(GROUP, "http", Status.FAIL, f"the agent cannot listen on {listen}: {why}",
-                  "stop the other program (ss -ltnp shows it), or set http.listen (or "
-                  "THERELAY_HTTP_LISTEN) to a free host:port")
+    return _judge_free("http", listen, free,
+                       "http.listen (or THERELAY_HTTP_LISTEN) to a free host:port")

@@ -294,7 +294,7 @@ class RtspServer:
 
     def _session_header(self, conn: _Connection, req: Request) -> dict[str, str]:
         session = conn.session
-        if session is not None and req.headers.get("session", "").split(";")[0] == session.id:
+        if session is not None and _session_id(req) == session.id:
             return {"Session": f"{session.id};timeout={int(self._section.session_timeout)}"}
         return {}
 
@@ -374,8 +374,7 @@ class RtspServer:
         if isinstance(found, bytes):
             return found
         target, camera, _decision = found
-        session = conn.session
-        given = req.headers.get("session", "").split(";")[0] or None
+        session, given = conn.session, _session_id(req)
         if given is not None and (session is None or given != session.id):
             return response(454, cseq)
         if session is not None and (session.camera.id != camera.id or session.playing):
@@ -431,8 +430,7 @@ class RtspServer:
         if isinstance(found, bytes):
             return found
         _target, camera, decision = found
-        session = conn.session
-        given = req.headers.get("session", "").split(";")[0] or None
+        session, given = conn.session, _session_id(req)
         if given is None or session is None:
             return response(455 if given is None else 454, cseq)  # PLAY before SETUP
         if given != session.id:
@@ -482,6 +480,10 @@ class RtspServer:
             return response(454, cseq)
         self._drop_session(conn, "teardown")  # the connection may go on (RFC 2326 §10.7)
         return response(200, cseq)
+
+
+def _session_id(req: Request) -> str | None:
+    return req.headers.get("session", "").split(";")[0].strip() or None
 
 
 def _backlog(udp: asyncio.DatagramTransport) -> int:

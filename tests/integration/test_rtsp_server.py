@@ -133,6 +133,20 @@ class RawClient:
         self.writer.close()
 
 
+async def playing_raw_client(agent: AgentProcess, camera: str, secret: str) -> RawClient:
+    """SETUP (TCP interleaved) and PLAY the video track; the caller decides what to read."""
+    client = await RawClient.open(agent)
+    status, headers, _ = await client.request(
+        "SETUP", url(agent, camera) + "/trackID=0", 1, Authorization=basic(secret),
+        Transport="RTP/AVP/TCP;unicast;interleaved=0-1")
+    assert status == 200
+    status, _, _ = await client.request("PLAY", url(agent, camera), 2,
+                                        Authorization=basic(secret),
+                                        Session=headers["session"].split(";")[0])
+    assert status == 200
+    return client
+
+
 def basic(secret: str) -> str:
     return "Basic " + base64.b64encode(f"token:{secret}".encode()).decode()
 
@@ -323,14 +337,7 @@ async def test_sessions_set_up_and_never_played_are_cleaned_by_the_timeout(
 async def test_a_client_that_stops_reading_does_not_hold_back_others(
         agent: AgentProcess) -> None:
     _, secret = await token(agent, "--camera", "cam")
-    stuck = await RawClient.open(agent)
-    status, headers, _ = await stuck.request(
-        "SETUP", url(agent, "cam") + "/trackID=0", 1, Authorization=basic(secret),
-        Transport="RTP/AVP/TCP;unicast;interleaved=0-1")
-    assert status == 200
-    status, _, _ = await stuck.request("PLAY", url(agent, "cam"), 2, Authorization=basic(secret),
-                                       Session=headers["session"].split(";")[0])
-    assert status == 200
+    stuck = await playing_raw_client(agent, "cam", secret)
     # the stuck client now reads nothing while a real client decodes 3 s of picture
     started = time.monotonic()
     rc, out, err = await ffmpeg_frames(url(agent, "cam", secret), "tcp", 45)
@@ -367,15 +374,7 @@ async def test_camera_list_rtsp_url_and_metrics_count_rtsp_sessions(agent: Agent
 async def test_removing_the_camera_ends_its_rtsp_clients(agent: AgentProcess) -> None:
     """Last in this module: the agent loses camera "other"."""
     token_id, secret = await token(agent, "--camera", "other")
-    client = await RawClient.open(agent)
-    status, headers, _ = await client.request(
-        "SETUP", url(agent, "other") + "/trackID=0", 1, Authorization=basic(secret),
-        Transport="RTP/AVP/TCP;unicast;interleaved=0-1")
-    assert status == 200
-    status, _, _ = await client.request("PLAY", url(agent, "other"), 2,
-                                        Authorization=basic(secret),
-                                        Session=headers["session"].split(";")[0])
-    assert status == 200
+    client = await playing_raw_client(agent, "other", secret)
     config = yaml.safe_load(agent.config_path.read_text())
     config["cameras"] = [c for c in config["cameras"] if c["id"] != "other"]
     agent.config_path.write_text(yaml.safe_dump(config))
