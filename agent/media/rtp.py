@@ -33,14 +33,13 @@ H265_AP, H265_FU = 48, 49
 
 
 class Payload(NamedTuple):
-    """One RTP payload: ``prefix + body``; ``marker`` set on an access unit's last packet."""
+    """One RTP payload: ``prefix + body``; ``marker`` set on an access unit's last packet;
+    ``size`` their length (counted once per camera, not once per consumer)."""
 
     prefix: bytes
     body: memoryview | bytes
     marker: bool
-
-    def __len__(self) -> int:
-        return len(self.prefix) + len(self.body)
+    size: int
 
 
 class Packetizer(Protocol):
@@ -116,7 +115,8 @@ class _NalPacketizer:
             else:
                 out.extend(self.fragments(nal))
         last = len(out) - 1
-        return tuple(Payload(prefix, body, i == last) for i, (prefix, body) in enumerate(out))
+        return tuple(Payload(prefix, body, i == last, len(prefix) + len(body))
+                     for i, (prefix, body) in enumerate(out))
 
 
 class H264Packetizer(_NalPacketizer):
@@ -179,7 +179,7 @@ class FramePacketizer:
     """Audio whose RTP payload is the frame itself: G.711 (RFC 3551 §4.5.14), Opus (RFC 7587)."""
 
     def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
-        return (Payload(b"", packet.data, False),)
+        return (Payload(b"", packet.data, False, len(packet.data)),)
 
 
 class AacPacketizer:
@@ -193,7 +193,7 @@ class AacPacketizer:
             body = memoryview(data)[9 if not data[1] & 1 else 7:]
         if len(body) >= 1 << 13:
             return ()  # cannot be described in 13 bits; no camera sends such frames
-        return (Payload(struct.pack("!HH", 16, len(body) << 3), body, True),)
+        return (Payload(struct.pack("!HH", 16, len(body) << 3), body, True, 4 + len(body)),)
 
 
 def video_packetizer(info: StreamInfo, payload_size: int = PAYLOAD_SIZE) -> Packetizer | None:

@@ -21,7 +21,7 @@ from agent.media.hub import CameraHub
 from agent.media.stream import MediaPacket
 
 _HEADER = struct.Struct("!BBHII")
-_INTERLEAVED = struct.Struct("!cBH")
+_INTERLEAVED = struct.Struct("!cBHBBHII")  # RFC 2326 §10.12 framing + the RTP header
 RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
 
 log = structlog.get_logger(__name__)
@@ -40,7 +40,7 @@ class TrackSender:
         self.ssrc = secrets.randbits(32)
         self.seq = secrets.randbits(16)
         self._offset = secrets.randbits(32)
-        self._write = write  # TCP: one write of all the parts; UDP: one datagram per part
+        self._write = write  # TCP: one write of all the parts; UDP: each part a datagram
         self._buffered = buffered
         self._max_buffer = max_buffer
         self._channel = channel
@@ -86,19 +86,20 @@ class TrackSender:
             return
         timestamp = (ticks + self._offset) & 0xFFFFFFFF
         parts: list[bytes | memoryview] = []
-        seq = self.seq
+        append = parts.append
+        seq, ssrc, pt, channel = self.seq, self.ssrc, self.payload_type, self._channel
         size = 0
-        for payload in payloads:
-            header = _HEADER.pack(RTP_VERSION, (0x80 if payload.marker else 0) | self.payload_type,
-                                  seq, timestamp, self.ssrc)
-            length = 12 + len(payload)
-            if self._channel is not None:
-                parts.append(_INTERLEAVED.pack(b"$", self._channel, length) + header
-                             + payload.prefix)
-            else:
-                parts.append(header + payload.prefix)
-            parts.append(payload.body)
-            size += length
+        for prefix, body, marker, length in payloads:
+            if channel is not None:  # parts of one stream write
+                append(_INTERLEAVED.pack(b"$", channel, 12 + length, RTP_VERSION,
+                                         0x80 | pt if marker else pt, seq, timestamp, ssrc))
+                if prefix:
+                    append(prefix)
+                append(body)
+            else:  # one datagram each
+                append(_HEADER.pack(RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp,
+                                    ssrc) + prefix + body)
+            size += 12 + length
             seq = (seq + 1) & 0xFFFF
         self.seq = seq
         self.bytes_sent += size

@@ -494,5 +494,5 @@ def _backlog(udp: asyncio.DatagramTransport) -> int:
 
 def _send_datagrams(udp: asyncio.DatagramTransport, parts: list[bytes | memoryview],
                     address: tuple[str, int]) -> None:
-    for i in range(0, len(parts), 2):
-        udp.sendto(b"".join(parts[i:i + 2]), address)
+    for datagram in parts:
+        udp.sendto(datagram, address)

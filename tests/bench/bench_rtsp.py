@@ -49,15 +49,13 @@ GLib.MainLoop().run()
 """
 
 
-def make_clip(directory: Path) -> Path:
-    clip = directory / "clip.mp4"
+def make_clip(clip: Path) -> None:
     subprocess.run(
         ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
          f"testsrc2=size=1920x1080:rate={FPS}", "-t", str(CLIP_SECONDS), "-c:v", "libx264",
          "-preset", "ultrafast", "-b:v", "4M", "-maxrate", "4M", "-bufsize", "4M",
          "-g", str(2 * FPS), "-bf", "0", "-pix_fmt", "yuv420p", str(clip)],
         check=True, timeout=900)
-    return clip
 
 
 # -- the clients' process ------------------------------------------------------------------
@@ -166,6 +164,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--window", type=float, default=20.0)
     p.add_argument("--windows", type=int, default=3)
+    p.add_argument("--clip", type=Path, default=None,
+                   help="keep the encoded clip here and reuse it on later runs")
     p.add_argument("--clients-process", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--token", default="", help=argparse.SUPPRESS)
@@ -175,8 +175,10 @@ def main() -> None:
                                  args.windows))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        print(f"encoding a {CLIP_SECONDS} s 1080p30 4 Mbit/s clip once…", flush=True)
-        clip = make_clip(Path(tmp))
+        clip = args.clip or Path(tmp) / "clip.mp4"
+        if not clip.exists():
+            print(f"encoding a {CLIP_SECONDS} s 1080p30 4 Mbit/s clip once…", flush=True)
+            make_clip(clip)
         camera = subprocess.Popen(["/usr/bin/python3", "-c", CAMERA_SCRIPT, str(clip)],
                                   stdout=subprocess.PIPE, text=True)
         assert camera.stdout is not None

@@ -59,7 +59,7 @@ def test_split_annexb_handles_3_and_4_byte_start_codes_and_trailing_zeros() -> N
 def test_nal_exactly_at_the_payload_size_is_one_single_nal_packet() -> None:
     nal = nal264(1, PAYLOAD_SIZE)
     (only,) = H264Packetizer(b"").packetize(video(SC + nal, False))
-    assert raw(only) == nal and only.marker and len(only) == PAYLOAD_SIZE
+    assert raw(only) == nal and only.marker and only.size == PAYLOAD_SIZE
 
 
 def test_one_byte_over_is_fragmented_into_fu_a_that_reassembles() -> None:
@@ -69,7 +69,7 @@ def test_one_byte_over_is_fragmented_into_fu_a_that_reassembles() -> None:
     first, last = body_of(payloads)
     assert first[0] == 0x40 | 28 and last[0] == 0x40 | 28  # FU indicator keeps F and NRI
     assert first[1] == 0x80 | 1 and last[1] == 0x40 | 1  # S on the first, E on the last
-    assert all(len(p) <= PAYLOAD_SIZE for p in payloads)
+    assert all(p.size == len(raw(p)) <= PAYLOAD_SIZE for p in payloads)
     assert bytes([nal[0]]) + first[2:] + last[2:] == nal  # reassembled
     assert [p.marker for p in payloads] == [False, True]
 
@@ -125,7 +125,7 @@ def test_h265_ap_carries_vps_sps_pps_and_fu_splits_big_units() -> None:
     assert len(fus) == 3 and all((f[0] >> 1) & 0x3F == 49 for f in fus)
     assert fus[0][2] == 0x80 | 19 and fus[-1][2] == 0x40 | 19 and fus[1][2] == 19
     assert idr[:2] + b"".join(f[3:] for f in fus) == idr
-    assert all(len(p) <= PAYLOAD_SIZE for p in payloads) and payloads[-1].marker
+    assert all(p.size == len(raw(p)) <= PAYLOAD_SIZE for p in payloads) and payloads[-1].marker
 
 
 def test_h265_exact_size_single_and_parameter_sets_from_the_stream_info() -> None:
