@@ -50,7 +50,3 @@ def open_state(
     tokens = TokenStore(db, site, config.tokens.max_active, known_cameras)
     return State(db, tokens, adopted, RelayOutbox(db))
 
-
-def open_store(config: Config) -> TokenStore:
-    """The token store for ``config`` (closing it closes the database)."""
-    return open_state(config).tokens

@@ -140,11 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(app.run(config, quick_start=quick))
         if args.command == "config":
             return _config_check(args, config)
-        store = stores.open_store(config)
+        state = stores.open_state(config)
         try:
-            return int(args.handler(args, config, store))
+            return int(args.handler(args, config, state))
         finally:
-            store.close()
+            state.close()
     except (ConfigError, UsageError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -16,6 +16,7 @@ from agent.access.store import TokenStore
 from agent.cli.output import emit_json, table
 from agent.config import Config
 from agent.errors import UsageError
+from agent.stores import State
 
 
 def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -59,7 +60,8 @@ def _when(text: str | None, now: float, option: str) -> float | None:
                          "nor an age like 1h") from None
 
 
-def cmd_audit(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_audit(args: argparse.Namespace, _config: Config, state: State) -> int:
+    store = state.tokens
     if args.action == "verify":
         return _verify(args, store)
     now = time.time()
@@ -105,7 +107,8 @@ def _verify(args: argparse.Namespace, store: TokenStore) -> int:
     return 0 if result.ok else 1
 
 
-def cmd_stats(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_stats(args: argparse.Namespace, _config: Config, state: State) -> int:
+    store = state.tokens
     now = time.time()
     if args.id:
         record = store.get(args.id)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, get_args
 
 from agent import logs
-from agent.access.store import TokenStore
 from agent.cli.output import emit_json, table
 from agent.config import Config, Transport, read_secret
 from agent.discovery import trust
@@ -27,6 +26,7 @@ from agent.discovery.adopted import (
 from agent.discovery.catalog import Sighting, camera_id_for, find, host_of
 from agent.discovery.trust import Identity
 from agent.errors import AgentError, UsageError
+from agent.stores import State
 
 
 def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -96,7 +96,7 @@ def _adopted_by_identity(adopted: AdoptedCameras) -> dict[str, str]:
 # -- discover -----------------------------------------------------------------------------
 
 
-def discover(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def discover(args: argparse.Namespace, config: Config, state: State) -> int:
     from agent.discovery.scan import scan  # noqa: PLC0415 (zeroconf and zeep load slowly)
 
     timeout = args.timeout if args.timeout is not None else config.discovery.probe_timeout
@@ -105,7 +105,7 @@ def discover(args: argparse.Namespace, config: Config, store: TokenStore) -> int
     password = _password(args)
     result = asyncio.run(scan(config.discovery, timeout, username=args.user,
                               password=password))
-    adopted = AdoptedCameras(store.db, config.state_dir)
+    adopted = state.adopted
     adopted.remember((s.identity, s.to_dict()) for s in result.sightings)
     owners = _adopted_by_identity(adopted)
     if args.json:
@@ -171,8 +171,8 @@ def _public(s: Sighting, user: str | None) -> dict[str, Any]:
 # -- cameras list / adopt / remove -----------------------------------------------------------
 
 
-def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
-    adopted = AdoptedCameras(store.db, config.state_dir)
+def list_cameras(args: argparse.Namespace, config: Config, state: State) -> int:
+    adopted = state.adopted
     rows: list[dict[str, Any]] = [
         {"id": c.id, "name": c.name, "from": "config", "source": logs.redact_text(c.source),
          "username": c.username} for c in config.cameras]
@@ -197,8 +197,8 @@ def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) ->
     return 0
 
 
-def adopt_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
-    adopted = AdoptedCameras(store.db, config.state_dir)
+def adopt_camera(args: argparse.Namespace, config: Config, state: State) -> int:
+    adopted = state.adopted
     password = _password(args)
     sightings = [Sighting.from_dict(data) for data, _ in adopted.sightings()]
     sighting = find(sightings, args.camera)
@@ -276,12 +276,12 @@ def _adopted_view(camera: AdoptedCamera) -> dict[str, Any]:
             "username": camera.username, "profile": camera.profile}
 
 
-def move_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def move_camera(args: argparse.Namespace, config: Config, state: State) -> int:
     """The installer vouches for the address: stream and ONVIF URLs keep their ports and
     paths, take the new host; the password goes by Digest only from now on (unless allowed)."""
     from agent.discovery.onvif import with_host  # noqa: PLC0415 (zeep loads slowly)
 
-    adopted = AdoptedCameras(store.db, config.state_dir)
+    adopted = state.adopted
     camera = adopted.get(args.camera_id)
     address = args.address.strip().strip("[]")
     try:
@@ -311,9 +311,9 @@ def move_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> 
     return 0
 
 
-def allow_basic(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def allow_basic(args: argparse.Namespace, config: Config, state: State) -> int:
     allow = args.allow == "yes"
-    AdoptedCameras(store.db, config.state_dir).set_allow_basic(args.camera_id, allow,
+    state.adopted.set_allow_basic(args.camera_id, allow,
                                                             actor="cli", now=time.time())
     if args.json:
         emit_json({"camera": args.camera_id, "allow_basic": allow})
@@ -325,7 +325,7 @@ def allow_basic(args: argparse.Namespace, config: Config, store: TokenStore) -> 
     return 0
 
 
-def remove_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def remove_camera(args: argparse.Namespace, config: Config, state: State) -> int:
     if args.camera_id in config.camera_ids:
         if config.origin == "embedded defaults":
             raise UsageError(f"camera {args.camera_id!r} is the built-in test pattern of the "
@@ -334,7 +334,7 @@ def remove_camera(args: argparse.Namespace, config: Config, store: TokenStore) -
         raise UsageError(f"camera {args.camera_id!r} comes from the config file "
                          f"{config.origin}: remove it there, then `sudo systemctl reload "
                          "therelay-agent`")
-    AdoptedCameras(store.db, config.state_dir).remove(args.camera_id, actor="cli",
+    state.adopted.remove(args.camera_id, actor="cli",
                                                    now=time.time())
     if args.json:
         emit_json({"removed": args.camera_id})

@@ -27,12 +27,13 @@ from agent.access.model import (
     parse_time,
 )
 from agent.access.policy import AccessRequest, Reason, Site, authorize
-from agent.access.store import KEEP, NewToken, TokenChange, TokenStore, editable_fields
+from agent.access.store import KEEP, NewToken, TokenChange, editable_fields
 from agent.access.tokens import Kind
 from agent.cli.output import TOKEN_COLUMNS, emit_json, table, token_dict, token_rows
 from agent.config import Config
 from agent.errors import TokenError, UsageError
 from agent.links import allows_rtsp, rtsp_urls
+from agent.stores import State
 
 T = TypeVar("T")
 
@@ -155,7 +156,8 @@ def _scope(args: argparse.Namespace, config: Config) -> Scope:
     raise UsageError("choose the token's scope: --camera ID, --host or --account")
 
 
-def cmd_create(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def cmd_create(args: argparse.Namespace, config: Config, state: State) -> int:
+    store = state.tokens
     now = time.time()
     protocols = _value(parse_protocols, args.protocol, "--protocol")
     ttl = _value(parse_duration, args.ttl, "--ttl") if args.ttl else None
@@ -188,7 +190,8 @@ def _print_new(args: argparse.Namespace, config: Config, new: NewToken, now: flo
             print(f"RTSP (VLC, ffmpeg, a VMS):\n  {url}\n")
 
 
-def cmd_list(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_list(args: argparse.Namespace, _config: Config, state: State) -> int:
+    store = state.tokens
     now = time.time()
     records = store.list_tokens(
         now, kind=Kind(args.kind) if args.kind else None,
@@ -206,7 +209,8 @@ def cmd_list(args: argparse.Namespace, _config: Config, store: TokenStore) -> in
     return 0
 
 
-def cmd_show(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_show(args: argparse.Namespace, _config: Config, state: State) -> int:
+    store = state.tokens
     now = time.time()
     d = token_dict(store.get(args.id), now)
     if args.json:
@@ -219,7 +223,8 @@ def cmd_show(args: argparse.Namespace, _config: Config, store: TokenStore) -> in
     return 0
 
 
-def cmd_update(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_update(args: argparse.Namespace, _config: Config, state: State) -> int:
+    store = state.tokens
     if args.scope_change:
         raise UsageError(f"{args.scope_change[0]}: a token's scope cannot be changed; create a "
                          "new token with the scope you need ('token create'), then revoke "
@@ -272,7 +277,8 @@ def _shown(key: str, value: Any) -> str:
     return repr(value)
 
 
-def cmd_revoke(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_revoke(args: argparse.Namespace, _config: Config, state: State) -> int:
+    store = state.tokens
     now = time.time()
     record = store.revoke(args.id, now, actor())
     if args.json:
@@ -283,7 +289,8 @@ def cmd_revoke(args: argparse.Namespace, _config: Config, store: TokenStore) -> 
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def cmd_rotate(args: argparse.Namespace, config: Config, state: State) -> int:
+    store = state.tokens
     now = time.time()
     grace = _value(parse_duration, args.grace, "--grace") if args.grace else None
     new = store.rotate(args.id, now, actor(), grace=grace)
@@ -294,9 +301,10 @@ def cmd_rotate(args: argparse.Namespace, config: Config, store: TokenStore) -> i
     return 0
 
 
-def cmd_check(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+def cmd_check(args: argparse.Namespace, config: Config, state: State) -> int:
     """With ``--camera``: would this request be let in? Without: what is this token, and
     is it valid? Either way the reason, the fix, and the token id whenever it can be read."""
+    store = state.tokens
     text = sys.stdin.readline().strip() if args.token == "-" else args.token.strip()
     tokens, _ = store.load_all()
     live = store.live_sessions()

@@ -29,7 +29,7 @@ def config(tmp_path: Path):
 
 @pytest.fixture
 async def service(config):
-    store = await asyncio.to_thread(stores.open_store, config)
+    store = (await asyncio.to_thread(stores.open_state, config)).tokens
     access = app.build_access(config, store)
     await access.start()
     yield access, store
@@ -124,7 +124,7 @@ async def test_session_end_is_audited_with_duration_and_bytes(service) -> None:
 
 
 async def test_stop_ends_every_session_and_a_broken_one_does_not_stop_the_rest(config) -> None:
-    store = await asyncio.to_thread(stores.open_store, config)
+    store = (await asyncio.to_thread(stores.open_state, config)).tokens
     access = app.build_access(config, store)
     await access.start()
     new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
