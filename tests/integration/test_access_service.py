@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -13,7 +14,7 @@ import pytest
 
 from agent import app, stores
 from agent.access import audit
-from agent.access.model import Protocol, Scope
+from agent.access.model import Action, Protocol, Scope
 from agent.access.policy import Reason
 from agent.access.service import AccessService
 from agent.access.sessions import SessionLimitReached
@@ -193,3 +194,42 @@ async def test_a_cli_update_narrows_live_sessions_within_a_second(service, confi
     await wait_for(viewer.ended, 5)
     assert time.monotonic() - changed < 1.0
     assert viewer.reason == "protocol_not_allowed"
+
+
+def committed(path: Path) -> list[tuple[str, str]]:
+    """The access entries on disk, as another process would read them."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT event, protocol FROM audit WHERE event LIKE 'access.%' "
+                            "ORDER BY seq").fetchall()
+    finally:
+        conn.close()
+
+
+async def test_a_grant_is_answered_only_once_audited(tmp_path: Path) -> None:
+    """``authorize`` (the one method handlers call) returns a grant with its audit entry
+    committed, even when the batch interval is long; a denial waits for the batch."""
+    config = load(None, {"THERELAY_STATE_DIR": str(tmp_path), "THERELAY_AGENT_ID": "site1",
+                         "THERELAY_AUDIT_FLUSH_INTERVAL": "30"})
+    state = await asyncio.to_thread(stores.open_state, config)
+    access = app.build_access(config, state.tokens)
+    await access.start()
+    try:
+        admin = await asyncio.to_thread(state.tokens.create, Kind.ADMIN,
+                                        Scope.parse("host:site1"), time.time())
+        denied = await access.authorize("junk", None, None, "127.0.0.9", action=Action.ADMIN)
+        granted = await access.authorize(admin.token, None, None, "127.0.0.9",
+                                         action=Action.ADMIN)
+        assert granted.granted and not denied.granted
+
+        # The grant's commit carried the denial recorded before it (group commit).
+        assert await asyncio.to_thread(committed, state.tokens.path) == [
+            ("access.denied", "admin"), ("access.granted", "admin")]
+        late = await access.authorize("junk", None, None, "127.0.0.9", action=Action.LIST)
+        assert not late.granted
+        # A denial waits for the batch.
+        assert len(await asyncio.to_thread(committed, state.tokens.path)) == 2
+    finally:
+        await access.stop()
+        state.close()
+    assert (await asyncio.to_thread(committed, state.tokens.path))[-1] == ("access.denied", "api")
