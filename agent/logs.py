@@ -16,7 +16,9 @@ import structlog
 
 from agent.access.tokens import redact as redact_tokens
 
-_QUERY_TOKEN = re.compile(r"(?i)\b(token|access_token|password|passwd|secret)=[^&\s\"']*")
+# No word boundary before the name (``x_token=``, ``%26token=`` are names too); ``%3D`` is a
+# percent-encoded ``=``.
+_QUERY_TOKEN = re.compile(r"(?i)(token|password|passwd|secret)(=|%3D)[^&\s\"']*")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+")
 _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
 
@@ -24,8 +26,8 @@ _URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@")
 def redact_text(text: str) -> str:
     """Remove tokens, ``token=`` query values, Authorization values and URL passwords."""
     text = redact_tokens(text)
-    if "=" in text:
-        text = _QUERY_TOKEN.sub(r"\1=[redacted]", text)
+    if "=" in text or "%" in text:
+        text = _QUERY_TOKEN.sub(r"\1\2[redacted]", text)
     text = _BEARER.sub(r"\1 [redacted]", text)
     if "@" in text:
         text = _URL_USERINFO.sub(r"\1[redacted]@", text)

@@ -38,7 +38,7 @@ from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind, is_public_id
 from agent.errors import NotFoundError, TokenError, TokenLimitError
-from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.http.auth import denial, error, header_token, peer_ip
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
 
@@ -82,10 +82,15 @@ class AdminApi:
 
     def _guard(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            decision = await self._access.check(presented_token(request), None, ADMIN_PROTOCOL,
+            decision = await self._access.check(header_token(request), None, ADMIN_PROTOCOL,
                                                 peer_ip(request))
             if not decision.granted:
                 return denial(decision)
+            if request.body_exists and request.content_type != "application/json":
+                # text/plain and form bodies are what a cross-origin page may send without
+                # a preflight: the admin API reads JSON only.
+                return error(415, "unsupported_media_type",
+                             "send the body as JSON with Content-Type: application/json")
             try:
                 return await handler(request, decision)
             except BadRequest as exc:

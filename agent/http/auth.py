@@ -11,13 +11,20 @@ from agent.media.cameras import Camera, Cameras
 RETRY_AFTER_LIMITED = "60"
 
 
-def presented_token(request: web.Request) -> str | None:
-    """``Authorization: Bearer <token>``, else ``?token=`` (players that cannot set headers)."""
+def header_token(request: web.Request) -> str | None:
+    """``Authorization: Bearer <token>`` only: the admin API and /metrics. A token in the URL
+    would let another web page (or a link) act with it; a header cannot be set cross-origin
+    without a CORS preflight, which those endpoints never answer."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.query.get("token") or None
+    return None
+
+
+def presented_token(request: web.Request) -> str | None:
+    """``Authorization: Bearer <token>``, else ``?token=`` (players that cannot set headers)."""
+    return header_token(request) or request.query.get("token") or None
 
 
 def peer_ip(request: web.Request) -> str | None:

@@ -16,6 +16,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # WHEP clients on other origins (a web page elsewhere on the LAN) use these. Tokens travel in
 # Authorization headers, never cookies, so any origin may call (no credentials mode).
+# The admin API and /metrics are same-origin only: no CORS headers, not even on a preflight,
+# so a page on another origin can neither send them an admin token nor read their answers.
 _CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "Location, Link, ETag, Accept-Patch, WWW-Authenticate, "
@@ -29,8 +31,17 @@ _PREFLIGHT = {
 }
 
 
+SAME_ORIGIN_ONLY = ("/api/v1/admin", "/metrics")
+
+
+def _same_origin_only(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in SAME_ORIGIN_ONLY)
+
+
 @web.middleware
 async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _same_origin_only(request.path):
+        return await handler(request)
     if request.method == "OPTIONS":
         return web.Response(status=204, headers=_PREFLIGHT)
     response = await handler(request)

@@ -71,3 +71,22 @@ def test_levels_filter() -> None:
     structlog.get_logger("t").info("quiet")
     structlog.get_logger("t").warning("loud")
     assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["loud"]
+
+
+@pytest.mark.parametrize("wrap", [
+    "\x01{t}", "x{t}", "/whep/cam1{t}", "?a=%3D{t}", "q=x%3D{t}&y", "path/%2F{t}",
+    "{pct}", "abc{pct}def", "_{t}_",
+])
+def test_glued_and_percent_encoded_tokens_are_redacted(wrap: str) -> None:
+    """No word boundary is needed in front of a token, and %5F stands for its underscores."""
+    token = generate(Kind.ACCESS).text
+    pct = token.replace("_", "%5F")
+    text = logs.redact_text(wrap.format(t=token, pct=pct))
+    assert token[17:] not in text
+    assert token[17:40] not in text
+    assert "[redacted]" in text
+
+
+@pytest.mark.parametrize("text", ["x_token=abc&y=1", "a?b%26token%3Dabc", "TOKEN=abc"])
+def test_query_secrets_need_no_boundary(text: str) -> None:
+    assert "abc" not in logs.redact_text(text)
