@@ -23,6 +23,7 @@ from agent.access.model import Scope, ScopeLevel, Status, format_time
 from agent.access.policy import FailureLimiter, Site
 from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
+from agent.access.sessions import SessionLimits
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.config import Config, load, publisher_token
@@ -87,10 +88,16 @@ def build_access(config: Config, store: TokenStore) -> AccessService:
         db_path(config.state_dir),
         max_ips=config.tokens.max_ips_per_token,
         flush_interval=config.audit.flush_interval,
+        denial_window=config.audit.denial_window,
+        max_bytes=config.audit.max_size_mb * 1024 * 1024,
+        reserve=True,
     )
+    s = config.sessions
     return AccessService(
         store, recorder, FailureLimiter(fa.burst, fa.per_minute, fa.max_ips),
         retention_days=config.audit.retention_days,
+        session_limits=SessionLimits(s.max_total, s.max_per_ip, s.max_pending_per_ip,
+                                     retry_after_ip=max(1, round(s.handshake_timeout))),
     )
 
 
@@ -139,7 +146,8 @@ class Daemon:
         self.follower: CameraFollower | None = None
         self.notifier: Notifier | None = None  # set by run(): STATUS= when cameras change
         self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
-                                 config.media.camera_timeout)
+                                 config.media.camera_timeout,
+                                 config.sessions.handshake_timeout)
         self.lag = LoopLag()
         self.link: RelayLink | None = None
         self.always: AlwaysPublisher | None = None

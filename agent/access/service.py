@@ -24,10 +24,11 @@ import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
+from agent.access.denials import stored_camera
 from agent.access.model import TokenRecord
 from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
 from agent.access.recorder import AccessRecorder
-from agent.access.sessions import Session, SessionRegistry
+from agent.access.sessions import Admission, Session, SessionLimits, SessionRegistry
 from agent.access.store import TokenStore
 from agent.access.tokens import check as check_format
 from agent.stopping import cancel_and_wait
@@ -40,6 +41,10 @@ REFRESH_GAP = 0.05
 #: How long a grant waits for its audit entry to reach the disk. The daemon survives a
 #: failing disk (it keeps serving, loudly): past this, the request goes on unrecorded.
 DURABLE_WAIT = 2.0
+#: Once a write has failed (a full disk), grants wait this long at most: viewers are not held
+#: for seconds while the disk is being fixed. Their entries stay queued (and the recorder's
+#: reserve file makes room for them), so no acknowledged grant is lost.
+FAILING_WAIT = 0.05
 
 
 class AccessService:
@@ -54,6 +59,7 @@ class AccessService:
         retention_days: int,
         poll_interval: float = 0.2,
         clock: Callable[[], float] = time.time,
+        session_limits: SessionLimits | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
@@ -64,7 +70,7 @@ class AccessService:
         self._clock = clock
         self._tokens: dict[str, TokenRecord] = {}
         self._rev = 0
-        self.sessions = SessionRegistry()
+        self.sessions = SessionRegistry(session_limits)
         self._refreshing: asyncio.Future[None] | None = None
         #: For /metrics: decisions by reason, bytes of sessions that have ended.
         self.decisions: Counter[str] = Counter()
@@ -108,12 +114,12 @@ class AccessService:
 
     async def _durable(self, ticket: int) -> None:
         """Wait (bounded) until the event with ``ticket`` is committed."""
+        wait = FAILING_WAIT if self._recorder.failing else DURABLE_WAIT
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self._recorder.durable(ticket)),
-                                   DURABLE_WAIT)
+            await asyncio.wait_for(asyncio.wrap_future(self._recorder.durable(ticket)), wait)
         except TimeoutError:
             if not self._audit_lagging:
-                log.error("audit_not_durable", waited_s=DURABLE_WAIT,
+                log.error("audit_not_durable", waited_s=wait,
                           fix="the state database cannot be written: check the disk")
             self._audit_lagging = True
         else:
@@ -165,7 +171,7 @@ class AccessService:
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
             log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
-                     camera=camera, protocol=protocol, peer_ip=peer_ip)
+                      camera=stored_camera(camera), protocol=protocol, peer_ip=peer_ip)
         return decision, ticket
 
     def open_session(
@@ -177,14 +183,18 @@ class AccessService:
         close: Callable[[str], None],
         bytes_sent: Callable[[], int] = lambda: 0,
         session_id: str | None = None,
+        admission: Admission | None = None,
+        pending: bool = False,
     ) -> Session:
         """Register a live session for a granted decision; it ends when its token does.
-        ``session_id``: the protocol's own id, so logs and the audit log name it alike."""
+        ``session_id``: the protocol's own id, so logs and the audit log name it alike.
+        ``admission``: the place ``sessions.admit`` held for it. ``pending``: still
+        connecting (until ``sessions.connected``)."""
         if not decision.granted or decision.token_id is None:
             raise ValueError("a session needs a granted decision")
         session = Session(session_id or uuid.uuid4().hex, decision.token_id, camera, protocol,
-                          peer_ip, self._clock(), close, bytes_sent)
-        self.sessions.add(session)
+                          peer_ip, self._clock(), close, bytes_sent, pending)
+        self.sessions.add(session, admission)
         return session
 
     def end_session(self, session_id: str, why: str) -> None:

@@ -17,7 +17,7 @@ import structlog
 
 from agent.config import CameraConfig, Config, load
 from agent.discovery.adopted import read_adopted
-from agent.doctor import cameras, local
+from agent.doctor import cameras, limits, local
 from agent.doctor.model import Report, Result, Status, result
 from agent.doctor.relay import check_relay
 from agent.errors import ConfigError
@@ -89,6 +89,8 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
                thread(lambda: local.database_sync(config, timeout))),
         _guard("agent", "audit", slow, thread(lambda: local.audit_sync(config, timeout))),
         _guard("agent", "disk", slow, thread(lambda: local.disk_sync(config))),
+        _guard("agent", "audit_size", slow, thread(lambda: limits.audit_size_sync(config))),
+        _guard("agent", "open_files", slow, thread(lambda: limits.open_files_sync(config))),
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
         _guard("agent", "http", timeout * 2, http),
     ]

@@ -213,6 +213,8 @@ class AdminApi:
             limit=_int(q.get("limit", "100"), "limit", 1, 1000),
         )
         newest = _choice(q.get("order"), ["oldest", "newest"], "order") == "newest"
+        # Denials folded in open windows are written now: the reader sees every one so far.
+        await self._access.flush()
         if fmt == "json":
             query = replace(query, newest_first=newest)
             entries = await asyncio.to_thread(self._store.read,

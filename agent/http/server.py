@@ -62,7 +62,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": code, "message": exc.reason}, status=exc.status,
                                  headers=headers)
     except Exception:
-        log.exception("http_handler_failed", path=request.path)
+        resource = request.match_info.route.resource
+        # the route, never the raw path: a path is the client's text (tokens, 8 kB of junk)
+        log.exception("http_handler_failed", method=request.method,
+                      route=resource.canonical if resource is not None else None)
         return web.json_response(
             {"error": "internal", "message": "the agent hit an internal error; see its log"},
             status=500,

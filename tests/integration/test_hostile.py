@@ -1,0 +1,123 @@
+"""A stranger on the LAN against the real daemon: audit flood, glued tokens, junk requests.
+
+Each test repeats an attack from a red-team pass (loopback only) and checks the bound that
+now holds: the state directory and the log stay small, tokens never reach a file, viewers
+with a valid token are served meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.support.agent import AgentProcess
+
+SRC = "testsrc://?size=160x120&fps=5"
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory):
+    process = AgentProcess(tmp_path_factory.mktemp("hostile"), [{"id": "cam1", "source": SRC}],
+                           log={"level": "debug"})
+    yield process
+    assert process.stop() == 0
+
+
+def _bytes_under(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+async def _flood(base: str, paths: list[str], concurrency: int = 16) -> list[int]:
+    statuses: list[int] = []
+    queue = list(reversed(paths))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async def worker() -> None:
+            while queue:
+                path = queue.pop()
+                async with http.post(base + path, data=b"v=0\r\n",
+                                     headers={"Content-Type": "application/sdp"}) as r:
+                    await r.read()
+                    statuses.append(r.status)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return statuses
+
+
+async def test_a_flood_of_long_unauthenticated_requests_stays_small(
+        agent: AgentProcess) -> None:
+    """3,000 requests without a token, each with an 8 kB path: the state directory used to
+    grow by ~14 kB per request (42 MB here); now by less than 2 MB, and a viewer with a
+    valid token is answered at once meanwhile."""
+    state = Path(agent.env["THERELAY_STATE_DIR"])
+    _, token = await asyncio.to_thread(agent.token, "--camera", "cam1", "--protocol",
+                                       "snapshot")
+    await asyncio.to_thread(agent.audit)  # the database and its WAL exist
+    before = await asyncio.to_thread(_bytes_under, state)
+    log_before = agent.log_path.stat().st_size
+    paths = [f"/whep/{i:05d}" + "x" * 8000 for i in range(3000)]
+    flood = asyncio.ensure_future(_flood(agent.base, paths))
+    grant_times = []
+    async with aiohttp.ClientSession() as http:
+        while not flood.done():
+            started = time.monotonic()
+            async with http.get(f"{agent.base}/snapshot/cam1.jpg",
+                                headers={"Authorization": f"Bearer {token}"}) as r:
+                await r.read()
+                assert r.status in (200, 503), r.status
+            grant_times.append(time.monotonic() - started)
+            await asyncio.sleep(0.1)
+    statuses = await flood
+    assert len(statuses) == 3000 and set(statuses) <= {401, 429}
+    entries = await asyncio.to_thread(agent.audit, "--result", "denied")
+    await asyncio.sleep(0.3)  # one more flush interval for the WAL
+    grown = await asyncio.to_thread(_bytes_under, state) - before
+    assert grown < 2 * 1024 * 1024, f"the state grew by {grown / 2**20:.1f} MB"
+    assert len(entries) <= 4
+    assert all(len(e["camera"] or "") <= 64 for e in entries)
+    assert sorted(grant_times)[len(grant_times) // 2] < 0.5
+    assert agent.log_path.stat().st_size - log_before < 3000 * 400  # debug lines, no paths
+
+
+async def test_tokens_glued_or_percent_encoded_reach_no_file(agent: AgentProcess) -> None:
+    """A token right after other text (``%3Dtra_…``, ``xtra_…``, ``tra%5F…``) used to escape
+    redaction in the log, and a token in the path was stored verbatim in the audit."""
+    _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    secret = token[17:]
+    pct = token.replace("_", "%5F")
+    probes = [f"/whep/x{token}", f"/whep/%3D{token}", f"/whep/{pct}",
+              f"/snapshot/a{token}.jpg", f"/whep/cam1?x=%3D{token}",
+              f"/whep/cam1?next=a%26token%3D{token}", f"/api/v1/admin/tokens/{token}"]
+    async with aiohttp.ClientSession() as http:
+        for path in probes:
+            async with http.post(agent.base + path, data=b"v=0\r\n",
+                                 headers={"Content-Type": "application/sdp"}) as r:
+                assert 400 <= r.status < 500
+    await asyncio.to_thread(agent.audit)  # flushed
+    root = agent.log_path.parent
+    for file in root.rglob("*"):
+        if file.is_file():
+            data = await asyncio.to_thread(file.read_bytes)
+            assert secret.encode() not in data, file
+            assert secret[:30].encode() not in data, file
+
+
+async def test_junk_http_is_logged_as_a_few_short_lines(agent: AgentProcess) -> None:
+    """Unparsable requests each logged an error with a traceback (~4.4 GB/hour from one
+    client); now a few short warnings a minute, and stop() finds no traceback."""
+    before = len(agent.log_events())
+    for i in range(200):
+        reader, writer = await asyncio.open_connection("127.0.0.1", agent.port)
+        junk = b"GET /whep/" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n" if i % 2 else b"BLAH\x01\r\n\r\n"
+        writer.write(junk)
+        await writer.drain()
+        await reader.read()
+        writer.close()
+    await asyncio.sleep(0.2)
+    # (asyncio's own debug lines, one per connection, are the test's log level, not the agent)
+    new = [e for e in agent.log_events()[before:] if e.get("logger") != "asyncio"]
+    assert 1 <= len(new) <= 5, new[:8]
+    assert all(e["event"] == "malformed_request" and len(str(e)) < 600 for e in new)
