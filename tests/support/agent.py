@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -32,8 +33,16 @@ from tests.conftest import remember
 from tests.support.netns import NetnsPair, free_port
 
 
+def _limit_open_files(limit: int) -> Any:
+    """``ulimit -n LIMIT`` (soft and hard) for a child process, set before it execs."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
 class AgentProcess:
-    def __init__(self, tmp: Path, cameras: list[dict[str, Any]], **sections: Any) -> None:
+    def __init__(self, tmp: Path, cameras: list[dict[str, Any]], *, nofile: int | None = None,
+                 **sections: Any) -> None:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         config = {"agent": {"id": "site1", "account_id": "acme"},
@@ -49,8 +58,10 @@ class AgentProcess:
                     "THERELAY_LOG_FORMAT": "json", "THERELAY_CONFIG": str(self.config_path)}
         self.log_path = tmp / f"agent-{self.port}.log"
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run"], env=self.env, stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_limit_open_files(nofile) if nofile else None)  # noqa: PLW1509
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:
