@@ -98,7 +98,7 @@ async def test_a_session_that_never_connects_ends_as_ice_timeout(agent: AgentPro
 
 
 async def _no_sessions(agent: AgentProcess) -> bool:
-    return (await health(agent))["sessions"] == 0
+    return bool((await health(agent))["sessions"] == 0)
 
 
 async def test_caps_refuse_with_retry_after_and_a_connected_viewer_is_not_pending(

@@ -41,8 +41,10 @@ def _limit_open_files(limit: int) -> Any:
 
 
 class AgentProcess:
-    def __init__(self, tmp: Path, cameras: list[dict[str, Any]], *, nofile: int | None = None,
-                 **sections: Any) -> None:
+    def __init__(self, tmp: Path, cameras: list[dict[str, Any]], **sections: Any) -> None:
+        """``sections``: config sections; ``nofile=N`` instead runs the daemon under
+        ``ulimit -n N``."""
+        nofile: int | None = sections.pop("nofile", None)
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         config = {"agent": {"id": "site1", "account_id": "acme"},
