@@ -31,6 +31,7 @@ from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.errors import AgentError
 from agent.http import server
 from agent.http.admin import AdminApi
+from agent.http.connections import ConnectionLimits, quiet_accept_errors, raise_open_files
 from agent.http.metrics import LoopLag, Metrics
 from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
@@ -185,7 +186,9 @@ class Daemon:
         await self.access.start()
         host, port = self.config.http.host_port
         try:
-            self._runner = await server.start(self.app, host, port)
+            h = self.config.http
+            self._runner = await server.start(self.app, host, port, ConnectionLimits(
+                h.max_connections, h.max_connections_per_ip, h.header_timeout))
         except OSError as exc:
             await self.access.stop()
             raise AgentError(
@@ -352,6 +355,8 @@ class Daemon:
 async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
     relay_token = publisher_token(config)  # fails early on a bad token file
+    open_files = raise_open_files()
+    quiet_accept_errors(asyncio.get_running_loop())
     install_host_addresses(host_addresses(config.webrtc))
     speedups.install()
     store = await asyncio.to_thread(open_store, config)
@@ -371,6 +376,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
         notifier.start_watchdog()
         log.info("agent_started", version=__version__, agent_id=config.agent.id,
                  listen=config.http.listen, state_dir=str(config.state_dir),
+                 open_files_limit=open_files,
                  cameras=config.camera_ids, config=config.origin,
                  relay=config.relay.url or "not configured")
         stop = asyncio.Event()

@@ -83,16 +83,3 @@ def open_files_sync(config: Config) -> Result:
                       finding + ": past it new viewers and requests fail", fix)
     return result(GROUP, "open_files", Status.OK, finding)
 
-
-def raise_open_files() -> int:
-    """Raise this process's soft descriptor limit to its hard limit; returns the new one."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            return soft
-        return hard
-    return soft

@@ -39,6 +39,7 @@ from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind, is_public_id
 from agent.errors import NotFoundError, TokenError, TokenLimitError
 from agent.http.auth import denial, error, header_token, peer_ip
+from agent.http.connections import read_body
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
 
@@ -277,7 +278,7 @@ def _token_id(request: web.Request) -> str:
 
 
 async def _json_object(request: web.Request, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip() and optional:
         return {}
     try:

@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from agent.http.connections import ConnectionLimits, LimitedRunner
+
 log = structlog.get_logger(__name__)
 
 #: Request bodies beyond this are refused with 413 (SDP offers are a few kB).
@@ -82,8 +84,9 @@ def make_app(health: Callable[[], dict[str, object]]) -> web.Application:
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
-    runner = web.AppRunner(app, access_log=None)
+async def start(app: web.Application, host: str, port: int,
+                limits: ConnectionLimits) -> web.AppRunner:
+    runner = LimitedRunner(app, limits)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner

@@ -18,6 +18,7 @@ from agent.access.service import AccessService
 from agent.access.sessions import Refusal, Session
 from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
+from agent.http.connections import read_body
 from agent.media.cameras import Cameras
 from agent.webrtc.ice import rtc_configuration
 from agent.webrtc.session import OfferError, ViewerSession, check_offer
@@ -93,7 +94,7 @@ class WhepEndpoint:
         if request.content_type != "application/sdp":
             return error(415, "unsupported_media_type",
                          "send the SDP offer with Content-Type: application/sdp")
-        offer = _offer_text(request, await request.read())
+        offer = _offer_text(request, await read_body(request))
         if isinstance(offer, web.Response):
             return offer
         try:

@@ -121,3 +121,82 @@ async def test_junk_http_is_logged_as_a_few_short_lines(agent: AgentProcess) -> 
     new = [e for e in agent.log_events()[before:] if e.get("logger") != "asyncio"]
     assert 1 <= len(new) <= 5, new[:8]
     assert all(e["event"] == "malformed_request" and len(str(e)) < 600 for e in new)
+
+
+async def _opened(n: int, host: str = "127.0.0.1", port: int = 0,
+                  local: str | None = None) -> list[tuple[asyncio.StreamReader,
+                                                          asyncio.StreamWriter]]:
+    out = []
+    for _ in range(n):
+        out.append(await asyncio.open_connection(
+            host, port, local_addr=(local, 0) if local else None))
+    return out
+
+
+async def _is_closed_soon(reader: asyncio.StreamReader, within: float) -> bool:
+    try:
+        data = await asyncio.wait_for(reader.read(1), within)
+    except TimeoutError:
+        return False
+    except ConnectionError:
+        return True
+    return data == b""
+
+
+async def test_connection_caps_and_the_header_deadline(tmp_path: Path) -> None:
+    """Idle connections used to be kept 75 s each, with no cap: now the ninth from one
+    address is closed at once (the others are not), a client that never finishes its
+    headers is dropped after http.header_timeout, and refusals make one log line a burst."""
+    agent = await asyncio.to_thread(
+        AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}],
+        http={"max_connections": 16, "max_connections_per_ip": 8, "header_timeout": 1.5})
+    try:
+        held = await _opened(8, port=agent.port)
+        extra = await _opened(20, port=agent.port)
+        assert all([await _is_closed_soon(r, 1.0) for r, _ in extra])
+        # another address is still served while this one is at its cap
+        others = await _opened(1, port=agent.port, local="127.0.0.2")
+        reader, writer = others[0]
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert (await reader.readline()).startswith(b"HTTP/1.1 200")
+        # the overall cap: 8 + 1 + 7 = 16, then refused whatever the address
+        more = await _opened(7, port=agent.port, local="127.0.0.3")
+        (late,) = await _opened(1, port=agent.port, local="127.0.0.4")
+        assert await _is_closed_soon(late[0], 1.0)
+        # a slow client: half a request line, then nothing; dropped by the header deadline
+        slow_reader, slow_writer = held[0]
+        slow_writer.write(b"GET /heal")
+        started = time.monotonic()
+        assert await _is_closed_soon(slow_reader, 5.0)
+        assert 1.0 < time.monotonic() - started < 4.0
+        for _, w in held + extra + others + more + [late]:
+            w.close()
+        await asyncio.sleep(0.3)
+        lines = [e for e in agent.log_events() if e.get("event") == "http_connections_refused"]
+        assert len(lines) == 1 and lines[0]["cap"] == "per_ip"
+    finally:
+        assert await asyncio.to_thread(agent.stop) == 0
+
+
+async def test_accept_errors_at_the_open_files_limit_are_logged_once(tmp_path: Path) -> None:
+    """At the open-files limit asyncio logged every failed accept() (167k lines in 34 s):
+    one line for the burst now, and the agent serves again once connections close."""
+    agent = await asyncio.to_thread(
+        AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}], nofile=160,
+        http={"max_connections": 1000, "max_connections_per_ip": 1000})
+    try:
+        conns = []
+        for i in range(300):
+            conns += await _opened(1, port=agent.port, local=f"127.0.1.{1 + i % 200}")
+        await asyncio.sleep(2.5)  # asyncio retries accept() every second
+        for _, w in conns:
+            w.close()
+        await asyncio.sleep(1.5)
+        async with aiohttp.ClientSession() as http, http.get(f"{agent.base}/healthz") as r:
+            assert r.status == 200
+        events = agent.log_events()
+        failing = [e for e in events if e.get("event") == "http_accept_failing"]
+        raw = [e for e in events if "out of system resource" in str(e.get("event"))]
+        assert len(failing) == 1 and not raw
+    finally:
+        assert await asyncio.to_thread(agent.stop) == 0

@@ -53,7 +53,11 @@ class AgentProcess:
                   "audit": {"flush_interval": 0.1},
                   # the host's namespace: never probe or announce on its real interfaces
                   "discovery": {"enabled": False, "advertise": False},
-                  "cameras": cameras, **sections}
+                  "cameras": cameras}
+        for name, section in sections.items():  # a section given merges with the defaults
+            base = config.get(name)
+            config[name] = ({**base, **section} if isinstance(base, dict)
+                            and isinstance(section, dict) else section)
         self.config_path = tmp / f"agent-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
