@@ -51,6 +51,8 @@ AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_i
 MAX_DURATION = 100 * 365 * 86400.0
 MAX_DURATION_TEXT = 32
 LATEST_EXPIRY = 253370764800.0  # 9999-01-01T00:00:00Z
+#: Audit entries per chunk of an export.
+EXPORT_PAGE = 1000
 
 T = TypeVar("T")
 Handler = Callable[[web.Request, Decision], Awaitable[web.StreamResponse]]
@@ -224,18 +226,43 @@ class AdminApi:
             return web.json_response({"entries": entries,
                                       "next_after": None if newest else last,
                                       "next_before": last if newest else None})
-        entries = await asyncio.to_thread(self._store.read,
-                                          lambda c: list(audit.iter_all(c, query)))
+        return await self._export(request, query, fmt)
+
+    async def _export(self, request: web.Request, query: AuditQuery,
+                      fmt: str) -> web.StreamResponse:
+        """Every matching entry, streamed: each page is read and formatted in a thread and
+        written as one chunk, so a large export never holds the event loop (a 28 MB export
+        built in one piece held it 0.39 s)."""
+        content_type, name = (("application/x-ndjson", "audit.jsonl") if fmt == "jsonl"
+                              else ("text/csv", "audit.csv"))
+        response = web.StreamResponse(headers={
+            "Content-Type": f"{content_type}; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{name}"'})
+        await response.prepare(request)
+        if fmt == "csv":
+            await response.write(_csv_rows([list(AUDIT_COLUMNS)]))
+        after = query.after_seq
+        while True:
+            page = replace(query, after_seq=after, limit=EXPORT_PAGE, newest_first=False)
+            chunk, count, last = await asyncio.to_thread(self._export_page, page, fmt)
+            if chunk:
+                await response.write(chunk)
+            if count < EXPORT_PAGE:
+                break
+            after = last
+        await response.write_eof()
+        return response
+
+    def _export_page(self, page: AuditQuery, fmt: str) -> tuple[bytes, int, int]:
+        """(formatted bytes, entries, last seq) of one page. Blocking: run in a thread."""
+        entries = self._store.read(lambda c: audit.query(c, page))
         if fmt == "jsonl":
             text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
-            return _download(text, "application/x-ndjson", "audit.jsonl")
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(AUDIT_COLUMNS)
-        for e in entries:
-            writer.writerow([json.dumps(e[c], sort_keys=True) if c == "detail" else e[c]
-                             for c in AUDIT_COLUMNS])
-        return _download(out.getvalue(), "text/csv", "audit.csv")
+            chunk = text.encode()
+        else:
+            chunk = _csv_rows([[json.dumps(e[c], sort_keys=True) if c == "detail" else e[c]
+                                for c in AUDIT_COLUMNS] for e in entries])
+        return chunk, len(entries), entries[-1]["seq"] if entries else page.after_seq
 
     # -- cameras and hosts -----------------------------------------------------------------
 
@@ -265,9 +292,10 @@ def _created(new: NewToken) -> web.Response:
                              status=201, headers={"Cache-Control": "no-store"})
 
 
-def _download(text: str, content_type: str, name: str) -> web.Response:
-    return web.Response(text=text, content_type=content_type,
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+def _csv_rows(rows: list[list[Any]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    return out.getvalue().encode()
 
 
 def _token_id(request: web.Request) -> str:

@@ -18,10 +18,14 @@ from agent.media.stream import MediaPacket
 
 
 def encode_jpeg(packet: MediaPacket, quality: int = 5) -> bytes:
-    """Decode one H.264 keyframe and encode it as JPEG. Blocking: run in a thread."""
+    """Decode one H.264 keyframe and encode it as JPEG. Blocking: run in a thread.
+    A keyframe FFmpeg cannot decode (a camera streaming junk) is a ``SourceError``."""
     decoder = av.CodecContext.create("h264", "r")
-    frames = list(decoder.decode(av.Packet(packet.data)))
-    frames += list(decoder.decode(None))
+    try:
+        frames = list(decoder.decode(av.Packet(packet.data)))
+        frames += list(decoder.decode(None))
+    except (av.FFmpegError, ValueError) as exc:
+        raise SourceError(f"the camera's keyframe is not valid H.264 ({exc})") from None
     if not frames:
         raise SourceError("the keyframe could not be decoded")
     frame = frames[0].reformat(format="yuvj420p")
