@@ -13,6 +13,7 @@ agent is killed right after. Denials and ``session.ended`` entries are batched (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -26,11 +27,17 @@ from agent.access import audit, usage
 from agent.access.audit import AuditEntry
 from agent.access.denials import stored_camera
 from agent.access.model import TokenRecord
-from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
+from agent.access.policy import (
+    AccessRequest,
+    Decision,
+    FailureLimiter,
+    Reason,
+    Site,
+    authorize,
+)
 from agent.access.recorder import AccessRecorder
 from agent.access.sessions import Admission, Session, SessionLimits, SessionRegistry
 from agent.access.store import TokenStore
-from agent.access.tokens import check as check_format
 from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -38,6 +45,10 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+#: The longest a failed well-formed token waits for the watcher's next look at the store.
+LOOK_WAIT = 2.0
+#: Outcomes that a store change made elsewhere (CLI, relay sync) may turn into a grant.
+_LOOK_AGAIN = frozenset({Reason.UNKNOWN, Reason.BAD_SECRET})
 #: How long a grant waits for its audit entry to reach the disk. The daemon survives a
 #: failing disk (it keeps serving, loudly): past this, the request goes on unrecorded.
 DURABLE_WAIT = 2.0
@@ -78,6 +89,11 @@ class AccessService:
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._audit_lagging = False
+        # The watcher's passes, for requests waiting on a fresh look (``_fresh_index``).
+        self._wake = asyncio.Event()
+        self._pass_done = asyncio.Event()
+        self._passes_started = 0
+        self._passes_done = 0
 
     async def start(self) -> None:
         self._tokens, self._rev = await asyncio.to_thread(self._store.load_all)
@@ -100,17 +116,42 @@ class AccessService:
     async def check(
         self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
     ) -> Decision:
-        """``authorize``, except that a well-formed id the index has not seen yet first
-        triggers one refresh from the store (coalesced, at most every ``REFRESH_GAP`` s):
-        a token created on the CLI a moment ago works at once."""
-        if token:
-            public_id = check_format(token)
-            if isinstance(public_id, str) and public_id not in self._tokens:
-                await self.refresh()
-        decision, ticket = self._decide(token, camera, protocol, peer_ip)
+        """``authorize``, recorded; a grant returns once it is durable.
+
+        A well-formed token that is ``unknown`` or has a ``bad_secret`` waits for the store
+        watcher's next look (woken now, so a token created on the CLI a moment ago works at
+        once) and is decided again. Both outcomes take that same wait, and nothing on the
+        request path reads the store: whether a token id exists here does not show in the
+        time of the answer (it did: 1.94 ms against 1.30 ms)."""
+        req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
+        decision = authorize(req, self._tokens, self._site)  # the limiter is not spent yet
+        if decision.reason in _LOOK_AGAIN:
+            await self._fresh_index()
+        if not decision.granted:  # decided again, now spending the limiter on a failure
+            decision = authorize(req, self._tokens, self._site, self._limiter)
+        ticket = self._record(req, decision)
         if decision.granted:
             await self._durable(ticket)
         return decision
+
+    async def _fresh_index(self) -> None:
+        """Wait (at most ``LOOK_WAIT``) until a watcher pass that starts after this call has
+        applied the store's changes. Without a running watcher (tests, tools): one refresh."""
+        if self._task is None:
+            await self.refresh(force=True)
+            return
+        target = self._passes_started + 1
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOOK_WAIT
+        while self._passes_done < target:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._pass_done.wait(), remaining)
+            except TimeoutError:
+                return
 
     async def _durable(self, ticket: int) -> None:
         """Wait (bounded) until the event with ``ticket`` is committed."""
@@ -167,12 +208,16 @@ class AccessService:
     ) -> tuple[Decision, int]:
         req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
         decision = authorize(req, self._tokens, self._site, self._limiter)
+        return decision, self._record(req, decision)
+
+    def _record(self, req: AccessRequest, decision: Decision) -> int:
         ticket = self._recorder.record_decision(req, decision)
+        camera, protocol, peer_ip = req.camera, req.protocol, req.peer_ip
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
             log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
                       camera=stored_camera(camera), protocol=protocol, peer_ip=peer_ip)
-        return decision, ticket
+        return ticket
 
     def open_session(
         self,
@@ -258,12 +303,13 @@ class AccessService:
         seen: tuple[int, ...] = ()
         last_query = 0.0
         while True:
+            self._passes_started += 1
             try:
                 signature = self._store_signature()
                 now = time.monotonic()
                 if signature != seen or now - last_query > FULL_POLL or failing:
                     seen, last_query = signature, now
-                    await self.refresh()  # shared with check(): one store reader at a time
+                    await self.refresh(force=True)  # one store reader at a time
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)
@@ -274,8 +320,14 @@ class AccessService:
                 if not failing:
                     log.error("token_store_unreadable", error=str(exc))
                 failing = True
+            self._passes_done = self._passes_started
+            done, self._pass_done = self._pass_done, asyncio.Event()
+            done.set()
             self.sweep()
-            await asyncio.sleep(self._poll)
+            await asyncio.sleep(REFRESH_GAP)  # woken passes come at most this often
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, self._poll - REFRESH_GAP))
+            self._wake.clear()
 
     def _prune(self, now: float) -> None:
         before = now - self._retention
