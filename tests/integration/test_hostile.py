@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
 import time
 from fractions import Fraction
 from pathlib import Path
@@ -304,3 +305,66 @@ async def test_a_large_audit_export_streams_without_holding_the_loop(
         await prober
     assert size > 20 * 1024 * 1024
     assert max(lags) < 0.3, sorted(lags)[-5:]
+
+
+def _fill(directory: Path) -> None:
+    """Write zeros into ``directory`` until its filesystem is full."""
+    with (directory / "filler").open("wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def small_state(tmp_path: Path):
+    """A 24 MB tmpfs as the state directory (root only: this sandbox runs tests as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    state = tmp_path / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m,mode=0700", "t11-state",
+                    str(state)], check=True)
+    yield state
+    subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+async def test_a_full_disk_loses_no_grant_and_holds_no_viewer(
+        tmp_path: Path, small_state: Path) -> None:
+    """On a full state filesystem every grant was held 2 s (DURABLE_WAIT) and could be lost.
+    Now the reserve file is given up for the grants: each is answered at once and is in the
+    audit log before the disk is freed."""
+    agent = await asyncio.to_thread(AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}])
+    try:
+        token_id, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        reserve = small_state / "audit.reserve"
+        for _ in range(100):
+            if reserve.exists() and reserve.stat().st_size == 4 * 1024 * 1024:
+                break
+            await asyncio.sleep(0.1)
+        assert reserve.exists()
+        await asyncio.to_thread(_fill, small_state)
+        times = []
+        async with aiohttp.ClientSession() as http:
+            for _ in range(30):
+                started = time.monotonic()
+                async with http.get(f"{agent.base}/api/v1/cameras",
+                                    headers={"Authorization": f"Bearer {token}"}) as r:
+                    assert r.status == 200
+                times.append(time.monotonic() - started)
+        assert max(times) < 1.0, sorted(times)[-3:]
+        assert not reserve.exists()
+        granted = await asyncio.to_thread(agent.audit, "--token", token_id, "--result",
+                                          "granted")
+        assert len(granted) == 30  # on disk while the disk is still full
+        events = [e.get("event") for e in agent.log_events()]
+        assert "audit_reserve_released" in events
+        (small_state / "filler").unlink()
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{agent.base}/api/v1/cameras",
+                headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200
+    finally:
+        assert await asyncio.to_thread(agent.stop) == 0
