@@ -4,7 +4,7 @@
 "use strict";
 
 const state = { token: null, sessions: new Map() };
-window.__viewer = { cameras: {}, frames: {} }; // read by the browser tests
+window.__viewer = { cameras: {}, frames: {}, sessions: {} }; // read by the browser tests
 
 const TITLES = {
   missing: "No access token",
@@ -145,6 +145,8 @@ async function play(view) {
   }
   const location = response.headers.get("Location");
   state.sessions.set(view.camera.id, location);
+  const opened = window.__viewer.sessions;
+  opened[view.camera.id] = (opened[view.camera.id] || 0) + 1;
   await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
   pc.onconnectionstatechange = () => {
     if (pc.connectionState === "connected") {
