@@ -180,3 +180,21 @@ def test_past_the_quota_denials_are_only_counted(store: TokenStore) -> None:
     assert [r["event"] for r in rows] == [audit.GRANTED, audit.GRANTED, SUPPRESSED]
     assert rows[-1]["detail"]["denials"] == 100
     assert store.read(audit.verify).ok
+
+
+def test_the_folder_bounds_its_keys() -> None:
+    """Many source addresses at once (a spoofing LAN host): past max_keys, their denials
+    share one key with no address, so memory and rows stay bounded."""
+    from agent.access.denials import DenialFolder
+
+    folder = DenialFolder(window=60, max_keys=3)
+    written = []
+    for i in range(100):
+        for _ in range(2):
+            kept, closed = folder.offer(AuditEntry(T0, audit.DENIED, reason="missing",
+                                                   peer_ip=f"10.0.{i}.1"), now=0.0)
+            written += [e for e in [kept, *closed] if e is not None]
+    written += folder.due(0.0, everything=True)
+    assert len(written) <= 2 * 4
+    assert sum(e.detail.get("count", 1) for e in written) == 200
+    assert any(e.peer_ip is None for e in written)
