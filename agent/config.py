@@ -12,18 +12,19 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import types
 from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
 
 from agent.access.model import is_identifier
 from agent.access.tokens import FormatProblem, Kind, parse
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SecretFileExposed
 
 ENV_PREFIX = "THERELAY_"
 DEFAULT_CONFIG_PATH = Path("/etc/therelay-agent/config.yaml")
@@ -31,6 +32,15 @@ SOURCE_SCHEMES = ("rtsp", "rtsps", "testsrc", "file")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Where systemd looks for ``LoadCredential=NAME`` (systemd.exec(5)); read by the CLI too.
 CREDENTIAL_STORES = ("/etc/credstore", "/run/credstore", "/usr/lib/credstore")
+
+# Keys with a fixed set of values are typed with these Literals: the loader accepts exactly
+# the values listed and names them in its error (see _convert).
+Transport = Literal["tcp", "udp"]
+AudioMode = Literal["auto", "passthrough", "off"]
+LogFormat = Literal["auto", "json", "console"]
+PublishMode = Literal["on_demand", "always"]
+#: cameras[].rtsp_auth values (agent/media/sources/rtsp_login.py applies them).
+RtspAuth = Literal["auto", "digest", "basic"]
 
 
 def _default_agent_id() -> str:
@@ -53,6 +63,16 @@ class AgentSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    #: PEM certificate (chain) and its private key for the LAN listener; re-read on SIGHUP.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Without files: make an ECDSA P-256 key and a self-signed certificate in state_dir on
+    #: first start (viewers pin its fingerprint).
+    self_signed: bool = False
+
+
+@dataclass(frozen=True)
 class HttpSection:
     listen: str = "0.0.0.0:8800"
     #: Seconds a client has to send a request's headers (and between requests on a kept-alive
@@ -62,6 +82,7 @@ class HttpSection:
     #: at once without being read.
     max_connections: int = 512
     max_connections_per_ip: int = 64
+    tls: TlsSection = field(default_factory=TlsSection)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -75,7 +96,7 @@ class CameraConfig:
     source: str
     name: str = ""
     #: RTSP transport: tcp (default, works through most networks) or udp.
-    transport: str = "tcp"
+    transport: Transport = "tcp"
     #: RTSP user name, when it is not in the URL.
     username: str | None = None
     #: File holding the RTSP password (else the systemd credential ``camera-<id>``).
@@ -84,7 +105,10 @@ class CameraConfig:
     always_on: bool = False
     #: auto: G.711 and Opus passed through, AAC transcoded to Opus once; passthrough: no
     #: transcoding; off: video only.
-    audio: str = "auto"
+    audio: AudioMode = "auto"
+    #: How the RTSP password may travel: auto (Digest, or Basic for a camera that never
+    #: asked for Digest), digest (only ever Digest), basic (Basic allowed even after Digest).
+    rtsp_auth: RtspAuth = "auto"
 
 
 @dataclass(frozen=True)
@@ -164,8 +188,9 @@ class SessionsSection:
 
 @dataclass(frozen=True)
 class LogSection:
-    format: str = "auto"
-    level: str = "info"
+    #: auto: console on a terminal, else json.
+    format: LogFormat = "auto"
+    level: str = "info"  # one of LOG_LEVELS, in any case
 
 
 @dataclass(frozen=True)
@@ -174,7 +199,7 @@ class RelaySection:
     publisher_token_file: Path | None = None
     #: on_demand: publish only what the relay asks for; always: publish continuously to
     #: whip_url_template (any WHIP server), with or without a control channel.
-    publish: str = "on_demand"
+    publish: PublishMode = "on_demand"
     #: For publish: always — {agent_id} and {camera_id} are filled in.
     whip_url_template: str | None = None
     #: For publish: always — the cameras to publish (empty: every camera).
@@ -205,6 +230,10 @@ class DiscoverySection:
     #: Announce the agent as _therelay._tcp.local. (agent id, version, viewer and WHEP paths)
     #: so apps and installers on the LAN find it.
     advertise: bool = True
+    #: Networks (CIDR) an adopted camera may move to on its own after proving over ONVIF
+    #: that it is the same device; empty: the network it was adopted in. Elsewhere, a move
+    #: waits for `therelay-agent cameras move`.
+    follow_networks: list[str] = field(default_factory=list)
 
 
 def _default_cameras() -> list[CameraConfig]:
@@ -259,6 +288,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {_kind(value)}")
         (item,) = get_args(tp)
         return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        return _choice(value, get_args(tp), path)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -280,6 +311,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected text, got {_kind(value)}")
     raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _choice(value: Any, allowed: tuple[str, ...], path: str) -> str:
+    """One of ``allowed``. YAML 1.1 reads an unquoted ``off`` as false: taken as "off"."""
+    if value is False and "off" in allowed:
+        return "off"
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise ConfigError(f"{path}: must be one of {', '.join(allowed)}, got {_kind(value)}")
 
 
 def _kind(value: Any) -> str:
@@ -353,8 +393,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             raise ConfigError(f"environment {name}: unknown setting{_hint(name, sorted(known))}")
         if not raw.strip():
             value = None
-        elif _leaf_type(known[name]) in (str, Path):
-            value = raw.strip()  # text as given: YAML would turn 0123 into 83, yes into True
+        elif (leaf := _leaf_type(known[name])) in (str, Path) or get_origin(leaf) is Literal:
+            value = raw.strip()  # text as given: YAML would turn 0123 into 83, off into False
         else:
             try:
                 value = yaml.safe_load(raw)
@@ -410,6 +450,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _tls_problems(tls: TlsSection) -> list[str]:
+    problems = []
+    if (tls.cert_file is None) != (tls.key_file is None):
+        problems.append("http.tls: cert_file and key_file go together (the certificate and "
+                        "its key)")
+    if tls.self_signed and tls.cert_file is not None:
+        problems.append("http.tls: self_signed: true or cert_file/key_file, not both")
+    return problems
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError listing every problem, each with its key path."""
     problems: list[str] = []
@@ -427,6 +477,7 @@ def validate(config: Config) -> None:
     need(bool(sep) and bool(host) and port.isascii() and port.isdigit()
          and 0 < int(port) < 65536,
          f"http.listen: {config.http.listen!r} must be host:port, like 0.0.0.0:8800")
+    problems += _tls_problems(config.http.tls)
     seen: set[str] = set()
     for i, cam in enumerate(config.cameras):
         need(is_identifier(cam.id),
@@ -437,10 +488,6 @@ def validate(config: Config) -> None:
         need(scheme in SOURCE_SCHEMES,
              f"cameras[{i}].source: must start with one of "
              f"{', '.join(s + '://' for s in SOURCE_SCHEMES)}")
-        need(cam.transport in ("tcp", "udp"),
-             f"cameras[{i}].transport: {cam.transport!r} must be tcp or udp")
-        need(cam.audio in ("auto", "passthrough", "off"),
-             f"cameras[{i}].audio: {cam.audio!r} must be auto, passthrough or off")
     m = config.media
     need(m.idle_grace >= 0, "media.idle_grace: must be 0 or more seconds")
     need(m.queue_packets >= 10, "media.queue_packets: must be at least 10")
@@ -465,13 +512,9 @@ def validate(config: Config) -> None:
     need(0 < config.audit.flush_interval <= 60,
          "audit.flush_interval: must be between 0 and 60 seconds")
     _validate_limits(config, need)
-    need(config.log.format in ("auto", "json", "console"),
-         f"log.format: {config.log.format!r} must be json, console or auto")
     need(config.log.level.lower() in LOG_LEVELS,
          f"log.level: {config.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
     r = config.relay
-    need(r.publish in ("on_demand", "always"),
-         f"relay.publish: {r.publish!r} must be on_demand or always")
     if r.publish == "always":
         need(r.whip_url_template is not None and "{camera_id}" in r.whip_url_template
              and r.whip_url_template.startswith(("https://", "http://")),
@@ -485,13 +528,7 @@ def validate(config: Config) -> None:
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
         need(not config.relay.url.startswith("ws://") or _is_lan_url(config.relay.url),
              "relay.url: ws:// (no TLS) only to a private or loopback IP address; use wss://")
-    d = config.discovery
-    need(d.interval == 0 or d.interval >= 10,
-         "discovery.interval: must be 0 (announcements only) or at least 10 seconds")
-    need(0.5 <= d.probe_timeout <= 30, "discovery.probe_timeout: must be 0.5 to 30 seconds")
-    for i, service_type in enumerate(d.mdns_types):
-        need(re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is not None,
-             f"discovery.mdns_types[{i}]: {service_type!r} must look like _rtsp._tcp.local.")
+    problems.extend(_discovery_problems(config.discovery))
     if problems:
         raise ConfigError("\n".join(problems))
 
@@ -513,6 +550,30 @@ def _validate_limits(config: Config, need: Callable[[bool, str], None]) -> None:
          "sessions.max_pending_per_ip: must be 1 to sessions.max_per_ip")
     need(1 <= v.handshake_timeout <= 120,
          "sessions.handshake_timeout: must be 1 to 120 seconds")
+
+
+def _discovery_problems(d: DiscoverySection) -> list[str]:
+    out = []
+    if not (d.interval == 0 or d.interval >= 10):
+        out.append("discovery.interval: must be 0 (announcements only) or at least 10 seconds")
+    if not 0.5 <= d.probe_timeout <= 30:
+        out.append("discovery.probe_timeout: must be 0.5 to 30 seconds")
+    out += _network_problems(d.follow_networks, "discovery.follow_networks")
+    for i, service_type in enumerate(d.mdns_types):
+        if re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is None:
+            out.append(f"discovery.mdns_types[{i}]: {service_type!r} must look like "
+                       "_rtsp._tcp.local.")
+    return out
+
+
+def _network_problems(networks: list[str], key: str) -> list[str]:
+    out = []
+    for i, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            out.append(f"{key}[{i}]: {network!r} is not a network like 192.168.1.0/24")
+    return out
 
 
 def _is_lan_url(url: str) -> bool:
@@ -550,6 +611,8 @@ def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = N
                       if os.access(c, os.R_OK)), None)
     if where is None:
         return None
+    if path is not None and not _systemd_credential(path, env):
+        check_private(path, name)
     try:
         value = where.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -557,6 +620,43 @@ def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = N
     if not value:
         raise ConfigError(f"secret file {where} for {name} is empty")
     return value
+
+
+def _systemd_credential(path: Path, env: dict[str, str] | os._Environ[str]) -> bool:
+    """Is ``path`` inside a systemd credential directory? systemd owns those files' modes."""
+    roots = [*CREDENTIAL_STORES, *([env["CREDENTIALS_DIRECTORY"]]
+                                   if env.get("CREDENTIALS_DIRECTORY") else [])]
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse a secret file others may read, as OpenSSH does with private keys: a token or
+    password is only as secret as its file. The message carries the fix."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # reading it says what is wrong
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise SecretFileExposed(
+            f"secret file {path} for {what} can be read or changed by other users (mode "
+            f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {path}' (owned by the agent's user)",
+            f"chmod 600 {path}")
+
+
+def check_secret_files(config: Config) -> None:
+    """Every secret file the configuration names is private (see ``check_private``); run at
+    start, so a readable file stops the agent at once rather than at the first pull."""
+    named: list[tuple[Path | None, str]] = [
+        (config.relay.publisher_token_file, "publisher-token"),
+        *((c.password_file, f"camera-{c.id}") for c in config.cameras),
+        *((server.credential_file, f"turn-{i}")
+          for i, server in enumerate(config.webrtc.ice_servers)),
+        (config.http.tls.key_file, "http.tls.key_file"),
+    ]
+    for path, what in named:
+        if path is not None and not _systemd_credential(path, os.environ):
+            check_private(path, what)
 
 
 def publisher_token(config: Config, environ: dict[str, str] | None = None) -> str | None:

@@ -6,14 +6,14 @@ contains a secret::
 
     AgentError
     ├── ConfigError        invalid or unreadable configuration / secret file
+    │   └── SecretFileExposed  a secret file group or others may read (fix: chmod 600)
     ├── UsageError         a command was given a value it cannot use
     ├── StoreError         the state database cannot be opened, migrated or written
     ├── TokenError         a token operation was refused
     │   ├── TokenLimitError    creating would exceed tokens.max_active
+    │   ├── TokenReadOnlyError a relay-issued token cannot be changed on the agent
     │   └── NotFoundError      no token with that id
-    ├── AuthError          a request was denied (carries the Decision's reason)
-    ├── SourceError        a camera source failed
-    └── RelayError         the relay link failed
+    └── SourceError        a camera source failed
 """
 
 
@@ -23,6 +23,14 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The configuration (or a secret it points at) is invalid."""
+
+
+class SecretFileExposed(ConfigError):
+    """A secret file others may read; ``fix`` is the command that makes it private."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class UsageError(AgentError):
@@ -41,21 +49,13 @@ class TokenLimitError(TokenError):
     """Creating a token would exceed ``tokens.max_active``."""
 
 
+class TokenReadOnlyError(TokenError):
+    """The token is managed by TheRelay cloud: change it there (revoking stays possible)."""
+
+
 class NotFoundError(TokenError):
     """No token has that id."""
 
 
-class AuthError(AgentError):
-    """A request was denied; ``reason`` is the machine-readable Decision reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class SourceError(AgentError):
     """A camera source failed."""
-
-
-class RelayError(AgentError):
-    """The relay link failed."""

@@ -16,16 +16,19 @@ from pathlib import Path
 import structlog
 
 from agent.config import CameraConfig, Config, load
-from agent.discovery.adopted import read_adopted
-from agent.doctor import cameras, limits, local
-from agent.doctor.model import Report, Result, Status, result
-from agent.doctor.relay import check_relay
+from agent.discovery.adopted import (
+    CREDENTIALS_DIR,
+    AdoptedCamera,
+    camera_config,
+    held_move_text,
+    read_adopted_cameras,
+)
+from agent.doctor.model import DEFAULT_TIMEOUT, Report, Result, Status, result
 from agent.errors import ConfigError
 
-__all__ = ["Report", "Result", "Status", "diagnose", "run_checks"]
+__all__ = ["DEFAULT_TIMEOUT", "Report", "Result", "Status", "diagnose", "run_checks"]
 
 log = structlog.get_logger(__name__)
-DEFAULT_TIMEOUT = 5.0
 
 
 async def diagnose(config_path: Path | None, timeout: float = DEFAULT_TIMEOUT) -> Report:
@@ -58,6 +61,11 @@ async def _guard(group: str, name: str, timeout: float,
 
 async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report:
     """Every check for ``config``, concurrently; results in a stable order."""
+    # The checks import aiohttp, websockets and the relay link: loaded when doctor runs,
+    # not when the CLI starts (agent.cli imports this package for its parser).
+    from agent.doctor import limits, local  # noqa: PLC0415
+    from agent.doctor.relay import check_relay  # noqa: PLC0415
+
     cameras_n = len(config.cameras)  # adopted cameras are checked too, listed by id
     relay = config.relay.url or "not configured"
     head = [result("agent", "config", Status.OK,
@@ -92,13 +100,16 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
         _guard("agent", "audit_size", slow, thread(lambda: limits.audit_size_sync(config))),
         _guard("agent", "open_files", slow, thread(lambda: limits.open_files_sync(config))),
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
+        _guard("agent", "tls", slow, thread(lambda: local.tls_sync(config))),
         _guard("agent", "http", timeout * 2, http),
     ]
     configured = set(config.camera_ids)
-    adopted = [c for c in await asyncio.to_thread(read_adopted, config.state_dir)
-               if c.id not in configured]
-    for camera in [*config.cameras, *adopted]:
+    rows = [c for c in await asyncio.to_thread(read_adopted_cameras, config.state_dir)
+            if c.id not in configured]
+    credentials = config.state_dir / CREDENTIALS_DIR
+    for camera in [*config.cameras, *(camera_config(c, credentials) for c in rows)]:
         jobs.extend(_camera_jobs(camera, timeout, slow))
+    jobs.extend(_held_move(c) for c in rows if c.pending)
     jobs.append(_guard("relay", "token", timeout * 3, relay_check))
     try:
         groups = await asyncio.gather(*jobs)
@@ -107,8 +118,19 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
     return Report(config.origin, head + [r for g in groups for r in g])
 
 
+async def _held_move(camera: AdoptedCamera) -> list[Result]:
+    """A move discovery did not make on its own (discovery/trust.py): the installer decides."""
+    pending = camera.pending or {}
+    return [result(f"camera {camera.id}", "move", Status.WARN,
+                   held_move_text(camera.id, pending),
+                   "a camera that did not move was announced elsewhere by someone on the LAN: "
+                   "find who (the address above); otherwise confirm the move")]
+
+
 def _camera_jobs(camera: CameraConfig, timeout: float,
                  slow: float) -> list[Awaitable[list[Result]]]:
+    from agent.doctor import cameras  # noqa: PLC0415 (aiohttp: loaded when doctor runs)
+
     g = cameras.group(camera)
     scheme = camera.source.partition("://")[0].lower()
     if scheme == "testsrc":

@@ -113,10 +113,6 @@ class LimitedServer(Server):
             if self._per_ip[ip] <= 0:
                 del self._per_ip[ip]
 
-    @property
-    def open_connections(self) -> int:
-        return len(self._ip_of)
-
 
 class LimitedRunner(web.AppRunner):
     """An AppRunner whose server is a ``LimitedServer``; the keep-alive timeout is the header

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -53,7 +54,9 @@ async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Client mistakes get a JSON error with a stable code; never a traceback, never a 500."""
+    """Errors as JSON with a stable code, never a traceback. Client mistakes that aiohttp
+    raises (404, 405, 413…) keep their 4xx status; a bug in a handler is logged with its
+    traceback and answered 500 ``internal`` with no detail."""
     try:
         return await handler(request)
     except web.HTTPException as exc:
@@ -85,8 +88,11 @@ def make_app(health: Callable[[], dict[str, object]]) -> web.Application:
 
 
 async def start(app: web.Application, host: str, port: int,
-                limits: ConnectionLimits) -> web.AppRunner:
+                limits: ConnectionLimits,
+                ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
+    """Listen on host:port; with ``ssl_context``, HTTPS only (nothing is served in clear).
+    Connections are counted and capped by ``limits`` (with TLS: once the handshake is done)."""
     runner = LimitedRunner(app, limits)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner

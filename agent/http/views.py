@@ -13,6 +13,7 @@ from agent.errors import SourceError
 from agent.http import openapi
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
+from agent.media.hub import CameraState
 from agent.media.snapshot import Snapshotter
 
 SNAPSHOT = "snapshot"
@@ -48,7 +49,7 @@ class Views:
             return error(503, "camera_unreadable",
                          f"camera {camera_id!r} sent a picture that cannot be decoded: {exc}",
                          **{"Retry-After": "5"})
-        if jpeg is None and camera.hub.status.state == "unsupported":
+        if jpeg is None and camera.hub.status.state is CameraState.UNSUPPORTED:
             return error(501, "unsupported_codec", camera.hub.status.error or "")
         if jpeg is None:
             return error(503, "camera_offline",

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from agent.access.policy import Reason
 from agent.access.service import AccessService
-from agent.access.sessions import Refusal, Session
+from agent.access.sessions import Refusal, Session, SessionLimitReached
 from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.http.connections import read_body
 from agent.media.cameras import Cameras
+from agent.media.hub import CameraState
 from agent.webrtc.ice import rtc_configuration
 from agent.webrtc.session import OfferError, ViewerSession, check_offer
 
@@ -86,7 +88,8 @@ class WhepEndpoint:
         return links
 
     async def post(self, request: web.Request) -> web.StreamResponse:
-        found = await camera_access(self._access, self._cameras, request, PROTOCOL)
+        found = await camera_access(self._access, self._cameras, request, PROTOCOL,
+                                    opens_session=True)
         if isinstance(found, web.Response):
             return found
         decision, camera = found
@@ -109,7 +112,7 @@ class WhepEndpoint:
         try:
             if not await hub.ready(self._timeout):
                 admission.release()
-                if hub.status.state == "unsupported":
+                if hub.status.state is CameraState.UNSUPPORTED:
                     return error(501, "unsupported_codec", hub.status.error or "")
                 return error(503, "camera_offline",
                              f"camera {camera_id!r} is offline: {hub.status.error or 'starting'}",
@@ -125,12 +128,17 @@ class WhepEndpoint:
             raise
         finally:
             hub.unsubscribe(holder)
-        session = self._access.open_session(
-            decision, camera_id, PROTOCOL, peer_ip(request),
-            close=lambda reason: self._end(viewer, reason),
-            bytes_sent=lambda: viewer.bytes_sent, session_id=viewer.id,
-            admission=admission, pending=True,
-        )
+        try:
+            session = self._access.open_session(
+                decision, camera_id, PROTOCOL, peer_ip(request),
+                close=lambda reason: self._end(viewer, reason),
+                bytes_sent=lambda: viewer.bytes_sent, session_id=viewer.id,
+                admission=admission, pending=True,
+            )
+        except SessionLimitReached:  # another offer under this token won the last place
+            admission.release()
+            await viewer.close()
+            return denial(decision._replace(reason=Reason.SESSION_LIMIT))
         live = _Live(viewer, session)
         self._live[viewer.id] = live
         viewer.on_closed = self._closed

@@ -11,6 +11,7 @@ the first keyframe after the camera returns.
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -33,11 +34,19 @@ GOP_CACHE_MAX_BYTES = 16 * 1024 * 1024
 UNSUPPORTED_RETRY = 60.0
 
 
+class CameraState(enum.StrEnum):
+    IDLE = "idle"  # no viewer: not pulling
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    OFFLINE = "offline"  # the camera cannot be reached; retried with backoff
+    UNSUPPORTED = "unsupported"  # reached, but its video cannot be served (H.265)
+
+
 @dataclass(frozen=True)
 class CameraStatus:
     """What an installer (and the API) sees of a camera."""
 
-    state: str = "idle"  # idle | connecting | online | offline | unsupported
+    state: CameraState = CameraState.IDLE
     error: str | None = None
     since: float = field(default_factory=time.time)
     codec: str | None = None
@@ -87,7 +96,11 @@ class CameraHub:
         self._window_start = time.monotonic()
         self._window_bytes = 0
         self._window_frames = 0
+        self.received_bytes = 0  # video bytes from the camera since start (for /metrics)
         self.connections = 0  # upstream connections opened so far (one pull per camera)
+        self._stops = 0
+        self._pulling = False  # a pull thread runs (perhaps told to stop, not yet out)
+        self._pulling_lock = threading.Lock()
 
     # -- consumers (event loop) ---------------------------------------------------------
 
@@ -96,11 +109,18 @@ class CameraHub:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._loop = asyncio.get_running_loop()
+        with self._pulling_lock:
+            if self._pulling and not self._stop.is_set():
+                return
+            self._loop = asyncio.get_running_loop()
+            self._set_status(state=CameraState.CONNECTING, error=None)
+            if self._pulling:
+                # Told to stop but still in an open or a read: take it back rather than start
+                # a second pull (one thread, one connection per camera, whatever the requests).
+                self._stop.clear()
+                return
+            self._pulling = True
         self._stop = threading.Event()
-        self._set_status(state="connecting", error=None)
         self._thread = threading.Thread(target=self._pull, args=(self._stop,),
                                         name=f"camera-{self.camera_id}", daemon=True)
         self._thread.start()
@@ -124,9 +144,9 @@ class CameraHub:
 
     async def ready(self, timeout: float) -> bool:
         """Wait (bounded) until the camera is online; False if it is not by then."""
-        if self.status.state == "online" and self.info is not None:
+        if self.status.state is CameraState.ONLINE and self.info is not None:
             return True
-        if self.status.state == "unsupported":
+        if self.status.state is CameraState.UNSUPPORTED:
             return False
         if self._ready is None:
             self._ready = asyncio.Event()
@@ -134,7 +154,7 @@ class CameraHub:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             return False
-        return self.status.state == "online"
+        return self.status.state is CameraState.ONLINE
 
     @property
     def viewers(self) -> int:
@@ -163,11 +183,11 @@ class CameraHub:
         if self._consumers and self._thread is not None:
             return  # someone subscribed again during the grace period
         self._stop.set()
-        self._thread = None
+        self._stops += 1  # a pull taken back by start() reconnects (fresh status and epoch)
         self._gop.clear()
         self._gop_bytes = 0
-        if self.status.state != "unsupported":
-            self._set_status(state="idle", error=None, bitrate_kbps=None, fps=None)
+        if self.status.state is not CameraState.UNSUPPORTED:
+            self._set_status(state=CameraState.IDLE, error=None, bitrate_kbps=None, fps=None)
 
     async def close(self) -> None:
         for consumer in self._consumers:
@@ -175,6 +195,7 @@ class CameraHub:
         self._consumers.clear()
         thread = self._thread
         self.stop()
+        self._thread = None
         if thread is not None:
             await asyncio.to_thread(thread.join, 10)
 
@@ -211,6 +232,7 @@ class CameraHub:
 
     def _measure(self, packet: MediaPacket) -> None:
         self._window_bytes += len(packet.data)
+        self.received_bytes += len(packet.data)
         self._window_frames += 1
         now = time.monotonic()
         elapsed = now - self._window_start
@@ -229,7 +251,7 @@ class CameraHub:
         log.info("camera_online", camera=self.camera_id, codec=info.codec,
                  size=f"{info.width}x{info.height}")
         audio = webrtc_audio_codec(info.audio.codec) if info.audio else None
-        self._set_status(state="online", error=None, codec=info.codec, width=info.width,
+        self._set_status(state=CameraState.ONLINE, error=None, codec=info.codec, width=info.width,
                          height=info.height, fps=info.fps, audio=audio)
         self._wake_waiters()
 
@@ -238,7 +260,7 @@ class CameraHub:
         if self._ready is not None:
             self._ready.set()
             self._ready = None
-        if self.status.state != "online":
+        if self.status.state is not CameraState.ONLINE:
             for waiter in self._keyframe_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -250,13 +272,25 @@ class CameraHub:
     # -- the pull thread -----------------------------------------------------------------
 
     def _pull(self, stop: threading.Event) -> None:
+        try:
+            self._pull_until(stop)
+        finally:  # whatever ended it, the next start() starts a new pull
+            with self._pulling_lock:
+                self._pulling = False
+
+    def _pull_until(self, stop: threading.Event) -> None:
         assert self._loop is not None
         loop = self._loop
         failures = FailureLog(log, "camera_unavailable", camera=self.camera_id)
         delays = backoff(1.0, self._reconnect_max)
-        while not stop.is_set():
+        while True:
+            with self._pulling_lock:  # start() sees either a running pull or none
+                if stop.is_set():
+                    self._pulling = False
+                    return
             source: Source | None = None
             try:
+                stops = self._stops
                 source = self._open_source()
                 info = source.open()
                 self.connections += 1
@@ -268,7 +302,7 @@ class CameraHub:
                 loop.call_soon_threadsafe(self._online, epoch, info)
                 failures.recovered("camera_recovered")
                 delays = backoff(1.0, self._reconnect_max)
-                while not stop.is_set():
+                while not stop.is_set() and self._stops == stops:
                     loop.call_soon_threadsafe(self._deliver, epoch, source.read())
             except AgentError as exc:  # SourceError, or a camera secret that cannot be read
                 failures.failed(str(exc))
@@ -282,14 +316,14 @@ class CameraHub:
 
     def _set_status_if_running(self, stop: threading.Event, error: str) -> None:
         if not stop.is_set():
-            self._set_status(state="offline", error=error)
+            self._set_status(state=CameraState.OFFLINE, error=error)
             self._wake_waiters()
 
     def _unsupported(self, info: StreamInfo) -> None:
         self.info = info
         message = (f"the camera sends {info.codec.upper()} video, which WebRTC viewers cannot "
                    "play: set the camera (or its substream) to H.264")
-        self._set_status(state="unsupported", error=message, codec=info.codec,
+        self._set_status(state=CameraState.UNSUPPORTED, error=message, codec=info.codec,
                          width=info.width, height=info.height)
         self._wake_waiters()
         log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)

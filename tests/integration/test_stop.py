@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import remember
+from tests.conftest import remember, write_secret
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.fake_relay import FakeRelay, Message
 from tests.support.netns import free_port
@@ -94,7 +94,7 @@ async def test_sigterm_with_a_live_viewer_ends_its_session_as_shutdown(tmp_path:
 async def test_sigterm_deletes_the_whip_session_at_the_relay(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher(agent_id="nvr1") + "\n")
+        write_secret(secret, relay.issue_publisher(agent_id="nvr1") + "\n")
         agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL}],
                              agent={"id": "nvr1", "account_id": "acme"},
                              relay={"url": relay.url, "publisher_token_file": str(secret)})
@@ -336,7 +336,7 @@ def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id
 
 def relay_agent(tmp: Path, relay: FakeRelay, token: str) -> AgentProcess:
     secret = tmp / "publisher-token.secret"
-    secret.write_text(token + "\n")
+    write_secret(secret, token + "\n")
     return AgentProcess(tmp, [{"id": "cam1", "source": SMALL}],
                         agent={"id": "nvr1", "account_id": "acme"},
                         relay={"url": relay.url, "publisher_token_file": str(secret)})

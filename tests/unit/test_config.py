@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import pytest
 
@@ -13,6 +13,8 @@ from agent.access.tokens import ALPHABET, CHECKSUM_LEN, Kind, generate
 from agent.config import (
     CameraConfig,
     Config,
+    RelaySection,
+    check_secret_files,
     load,
     publisher_token,
     read_secret,
@@ -24,6 +26,8 @@ from tests.conftest import remember
 def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    if name.endswith(".secret"):
+        path.chmod(0o600)  # as the agent requires of a secret file
     return path
 
 
@@ -178,8 +182,6 @@ def test_state_dir_expands_user(tmp_path: Path) -> None:
         pytest.param("audit: {flush_interval: 61}",
                      "audit.flush_interval: must be between 0 and 60 seconds",
                      id="flush-interval"),
-        pytest.param("log: {format: xml}", "log.format: 'xml' must be json, console or auto",
-                     id="log-format"),
         pytest.param("log: {level: loud}",
                      "log.level: 'loud' must be one of debug, info, warning, error",
                      id="log-level"),
@@ -195,12 +197,68 @@ def test_validation_error_names_key_and_expectation(
 
 
 def test_validation_lists_every_problem_at_once(tmp_path: Path) -> None:
-    message = config_error(tmp_path, "tokens: {max_active: 0}\nlog: {format: xml, level: x}\n")
+    message = config_error(tmp_path, "tokens: {max_active: 0}\naudit: {retention_days: 0}\n"
+                                     "log: {level: x}\n")
     lines = message.splitlines()
     assert len(lines) == 3
     assert lines[0].startswith("tokens.max_active:")
-    assert lines[1].startswith("log.format:")
+    assert lines[1].startswith("audit.retention_days:")
     assert lines[2].startswith("log.level:")
+
+
+# -- keys with a fixed set of values: checked by the loader against the field's Literal -----
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', transport: http}]",
+                     "cameras[0].transport: must be one of tcp, udp, got text 'http'",
+                     id="transport"),
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', audio: aac}]",
+                     "cameras[0].audio: must be one of auto, passthrough, off, got text 'aac'",
+                     id="audio"),
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', audio: true}]",
+                     "cameras[0].audio: must be one of auto, passthrough, off, got true/false",
+                     id="audio-true"),
+        pytest.param("log: {format: xml}",
+                     "log.format: must be one of auto, json, console, got text 'xml'",
+                     id="log-format"),
+        pytest.param("relay: {publish: sometimes}",
+                     "relay.publish: must be one of on_demand, always, got text 'sometimes'",
+                     id="publish"),
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', transport: TCP}]",
+                     "cameras[0].transport: must be one of tcp, udp, got text 'TCP'",
+                     id="case-matters"),
+    ],
+)
+def test_a_value_outside_the_allowed_set_names_the_allowed_values(
+    tmp_path: Path, yaml_text: str, expected: str
+) -> None:
+    assert config_error(tmp_path, yaml_text) == expected
+
+
+def test_allowed_values_come_from_the_field_type() -> None:
+    hints = get_type_hints(CameraConfig)
+    assert get_args(hints["transport"]) == ("tcp", "udp")
+    assert get_args(hints["audio"]) == ("auto", "passthrough", "off")
+    assert get_args(get_type_hints(RelaySection)["publish"]) == ("on_demand", "always")
+
+
+def test_unquoted_off_is_the_off_choice(tmp_path: Path) -> None:
+    """YAML 1.1 reads an unquoted off as false; for a key whose choices include off, it is
+    taken as "off" (quoted or not, the installer means the same)."""
+    config = load_text(tmp_path, "cameras: [{id: a, source: 'rtsp://x', audio: off}]\n")
+    assert config.cameras[0].audio == "off"
+
+
+def test_a_choice_from_the_environment_is_text(tmp_path: Path) -> None:
+    config = load(None, {"THERELAY_RELAY_PUBLISH": "always",
+                         "THERELAY_RELAY_WHIP_URL_TEMPLATE": "https://w/{camera_id}",
+                         "THERELAY_LOG_FORMAT": "json"})
+    assert (config.relay.publish, config.log.format) == ("always", "json")
+    with pytest.raises(ConfigError, match=r"^log\.format: must be one of auto, json, console"):
+        load(None, {"THERELAY_LOG_FORMAT": "off"})
 
 
 @pytest.mark.parametrize(
@@ -481,9 +539,58 @@ def test_read_secret_unreadable(tmp_path: Path, kind: str) -> None:
         path.mkdir()
     elif kind == "not-utf8":
         path.write_bytes(b"\xff\xfe\xfa")
+        path.chmod(0o600)
     with pytest.raises(ConfigError) as info:
         read_secret("db", path, {})
     assert str(info.value).startswith(f"secret file {path} for db cannot be read: ")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_secret_file_others_may_read_is_refused_with_the_fix(tmp_path: Path,
+                                                                 mode: int) -> None:
+    path = write(tmp_path, "s3cret-value\n", "db.secret")
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        read_secret("db", path, {})
+    assert str(info.value) == (
+        f"secret file {path} for db can be read or changed by other users (mode {mode:04o}): "
+        f"run 'chmod 600 {path}' (owned by the agent's user)")
+    assert "s3cret" not in str(info.value)
+    path.chmod(0o400)  # owner-only, read-only: fine
+    assert read_secret("db", path, {}) == "s3cret-value"
+
+
+def test_systemd_credentials_keep_their_own_modes(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    credential = creds / "db.secret"
+    credential.write_text("from-systemd\n", encoding="utf-8")
+    credential.chmod(0o644)
+    environ = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert read_secret("db.secret", None, environ) == "from-systemd"
+    assert read_secret("db.secret", credential, environ) == "from-systemd"  # named explicitly
+
+
+def test_every_secret_file_of_the_config_is_checked_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = write(tmp_path, new_token(Kind.PUBLISHER) + "\n", "publisher.secret")
+    camera = write(tmp_path, "pw\n", "camera.secret")
+    turn = write(tmp_path, "turn-pw\n", "turn.secret")
+    config = load_text(tmp_path, f"""
+relay: {{publisher_token_file: {token}}}
+cameras: [{{id: door, source: "rtsp://10.0.0.9/live", username: admin,
+            password_file: {camera}}}]
+webrtc:
+  ice_servers: [{{urls: ["turn:turn.example.net:3478"], username: a,
+                  credential_file: {turn}}}]
+""")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    check_secret_files(config)
+    for path, what in ((token, "publisher-token"), (camera, "camera-door"), (turn, "turn-0")):
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match=f"for {what} can be read .*chmod 600 {path}"):
+            check_secret_files(config)
+        path.chmod(0o600)
 
 
 # -- the publisher token --------------------------------------------------------------------

@@ -211,14 +211,14 @@ def test_admission_caps_overall_per_address_and_pending() -> None:
     assert refused.code == "too_many_pending_sessions" and refused.retry_after > 0
     for i, admission in enumerate(held):
         assert isinstance(admission, Admission)
-        reg.add(_session(f"s{i}", "10.0.0.1", pending=True), admission)
+        reg.add(_session(f"s{i}", "10.0.0.1", pending=True), admission=admission)
     assert isinstance(reg.admit("10.0.0.1"), Refusal)  # the sessions themselves are pending
     reg.connected("s0")
     reg.connected("s1")
     for i in range(2, 4):
         admission = reg.admit("10.0.0.1")
         assert isinstance(admission, Admission)
-        reg.add(_session(f"s{i}", "10.0.0.1"), admission)
+        reg.add(_session(f"s{i}", "10.0.0.1"), admission=admission)
     per_ip = reg.admit("10.0.0.1")
     assert isinstance(per_ip, Refusal) and per_ip.code == "too_many_sessions_from_address"
     other = [reg.admit("10.0.0.2"), reg.admit("10.0.0.2")]
