@@ -36,6 +36,7 @@ from agent.access.db import connect, transaction
 from agent.access.denials import DenialFolder, stored_camera
 from agent.access.policy import AccessRequest, Decision
 from agent.access.usage import UsageEvent
+from agent.errors import StoreError
 
 log = structlog.get_logger(__name__)
 
@@ -217,7 +218,7 @@ class AccessRecorder:
         try:
             try:
                 self._commit(db, entries, batch)
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.OperationalError, StoreError) as exc:  # (db.transaction wraps)
                 if not self._release_reserve(exc):
                     raise
                 self._commit(db, entries, batch)  # the grants fit in the room just freed
@@ -311,7 +312,7 @@ class AccessRecorder:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _release_reserve(self, exc: sqlite3.OperationalError) -> bool:
+    def _release_reserve(self, exc: Exception) -> bool:
         """The disk is full: give up the reserve so the pending grants can be written."""
         path = self.reserve_path
         if path is None or "full" not in str(exc).lower() or not path.exists():
