@@ -15,5 +15,6 @@ bench:
 	.venv/bin/python -m tests.bench.bench_discovery
 	.venv/bin/python -m tests.bench.bench_relay_sync
 	.venv/bin/python -m tests.bench.bench_cli
+	.venv/bin/python -m tests.bench.bench_denials
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

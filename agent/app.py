@@ -22,6 +22,7 @@ from agent.access.model import Scope, ScopeLevel, Status, format_time
 from agent.access.policy import FailureLimiter
 from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
+from agent.access.sessions import SessionLimits
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.config import Config, check_secret_files, load, publisher_token
@@ -29,6 +30,7 @@ from agent.discovery.adopted import AdoptedCamera
 from agent.errors import AgentError
 from agent.http import server, tls
 from agent.http.admin import AdminApi
+from agent.http.connections import ConnectionLimits, quiet_accept_errors, raise_open_files
 from agent.http.metrics import LoopLag, Metrics
 from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
@@ -78,10 +80,16 @@ def build_access(config: Config, store: TokenStore) -> AccessService:
         db_path(config.state_dir),
         max_ips=config.tokens.max_ips_per_token,
         flush_interval=config.audit.flush_interval,
+        denial_window=config.audit.denial_window,
+        max_bytes=config.audit.max_size_mb * 1024 * 1024,
+        reserve=True,
     )
+    s = config.sessions
     return AccessService(
         store, recorder, FailureLimiter(fa.burst, fa.per_minute, fa.max_ips),
         retention_days=config.audit.retention_days,
+        session_limits=SessionLimits(s.max_total, s.max_per_ip, s.max_pending_per_ip,
+                                     retry_after_ip=max(1, round(s.handshake_timeout))),
     )
 
 
@@ -125,7 +133,8 @@ class Daemon:
         self.follower: CameraFollower | None = None
         self.notifier: Notifier | None = None  # set by run(): STATUS= when cameras change
         self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
-                                 config.media.camera_timeout)
+                                 config.media.camera_timeout,
+                                 config.sessions.handshake_timeout)
         self.rtsp = (RtspServer(self.access, self.cameras, config.rtsp,
                                 config.media.camera_timeout) if config.rtsp.enabled else None)
         self.lag = LoopLag()
@@ -188,7 +197,9 @@ class Daemon:
         await self.access.start()
         host, port = self.config.http.host_port
         try:
-            self._runner = await server.start(self.app, host, port, self.tls_context)
+            h = self.config.http
+            self._runner = await server.start(self.app, host, port, ConnectionLimits(
+                h.max_connections, h.max_connections_per_ip, h.header_timeout), self.tls_context)
         except OSError as exc:
             await self.access.stop()
             raise AgentError(
@@ -404,6 +415,8 @@ async def run(config: Config, *, quick_start: bool) -> int:
     """Run the daemon until SIGINT/SIGTERM. Returns the process exit status."""
     check_secret_files(config)  # a secret others can read is refused, with the chmod fix
     relay_token = publisher_token(config)  # fails early on a bad token file
+    open_files = raise_open_files()
+    quiet_accept_errors(asyncio.get_running_loop())
     install_host_addresses(host_addresses(config.webrtc))
     speedups.install()
     certificate = await asyncio.to_thread(tls.certificate, config, certificate_names(config))
@@ -412,11 +425,10 @@ async def run(config: Config, *, quick_start: bool) -> int:
         asyncio.get_running_loop().set_exception_handler(_quiet_handshakes)
     cameras = Cameras(config.cameras, config.media)
     state = await asyncio.to_thread(open_state, config, lambda: cameras.ids)
-    store = state.tokens
     try:
         daemon = Daemon(config, state, cameras, relay_token, certificate)
         if quick_start and config.cameras:
-            new = await asyncio.to_thread(quick_start_token, config, store, time.time())
+            new = await asyncio.to_thread(quick_start_token, config, state.tokens, time.time())
             camera = config.cameras[0].id
             urls = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
             print(f"Watch camera '{camera}' in a browser on this network "
@@ -433,6 +445,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
         notifier.start_watchdog()
         log.info("agent_started", version=__version__, agent_id=config.agent.id,
                  listen=config.http.listen, state_dir=str(config.state_dir),
+                 open_files_limit=open_files,
                  cameras=config.camera_ids, config=config.origin,
                  relay=config.relay.url or "not configured")
         stop = asyncio.Event()

@@ -14,6 +14,7 @@ import re
 import socket
 import stat
 import types
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -78,6 +79,13 @@ class TlsSection:
 @dataclass(frozen=True)
 class HttpSection:
     listen: str = "0.0.0.0:8800"
+    #: Seconds a client has to send a request's headers (and between requests on a kept-alive
+    #: connection): a slow or silent client holds a connection no longer.
+    header_timeout: float = 10.0
+    #: Open connections at most, overall and from one address; beyond, new ones are closed
+    #: at once without being read.
+    max_connections: int = 512
+    max_connections_per_ip: int = 64
     tls: TlsSection = field(default_factory=TlsSection)
 
     @property
@@ -179,6 +187,22 @@ class TokensSection:
 class AuditSection:
     retention_days: int = 365
     flush_interval: float = 1.0
+    #: Denials from one address for one reason within this many seconds share one row.
+    denial_window: float = 60.0
+    #: Past this size of the state database, denials are only counted (grants never).
+    max_size_mb: int = 1024
+
+
+@dataclass(frozen=True)
+class SessionsSection:
+    #: Live viewer sessions at most (every protocol), from one address, and still connecting
+    #: from one address; beyond, 503 or 429 with Retry-After.
+    max_total: int = 200
+    max_per_ip: int = 32
+    max_pending_per_ip: int = 8
+    #: Seconds a WebRTC session has to connect after its answer; then it is closed and
+    #: audited as ice_timeout.
+    handshake_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -246,6 +270,7 @@ class Config:
     snapshot: SnapshotSection = field(default_factory=SnapshotSection)
     tokens: TokensSection = field(default_factory=TokensSection)
     audit: AuditSection = field(default_factory=AuditSection)
+    sessions: SessionsSection = field(default_factory=SessionsSection)
     log: LogSection = field(default_factory=LogSection)
     relay: RelaySection = field(default_factory=RelaySection)
     rtsp: RtspSection = field(default_factory=RtspSection)
@@ -512,6 +537,7 @@ def validate(config: Config) -> None:
     need(config.audit.retention_days >= 1, "audit.retention_days: must be at least 1")
     need(0 < config.audit.flush_interval <= 60,
          "audit.flush_interval: must be between 0 and 60 seconds")
+    _validate_limits(config, need)
     need(config.log.level.lower() in LOG_LEVELS,
          f"log.level: {config.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
     r = config.relay
@@ -531,6 +557,25 @@ def validate(config: Config) -> None:
     problems.extend(_discovery_problems(config.discovery))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _validate_limits(config: Config, need: Callable[[bool, str], None]) -> None:
+    """The bounds that keep strangers from filling the disk or exhausting descriptors."""
+    need(1 <= config.audit.denial_window <= 3600,
+         "audit.denial_window: must be 1 to 3600 seconds")
+    need(config.audit.max_size_mb >= 16, "audit.max_size_mb: must be at least 16")
+    h = config.http
+    need(0 < h.header_timeout <= 300, "http.header_timeout: must be between 0 and 300 seconds")
+    need(h.max_connections >= 16, "http.max_connections: must be at least 16")
+    need(1 <= h.max_connections_per_ip <= h.max_connections,
+         "http.max_connections_per_ip: must be 1 to http.max_connections")
+    v = config.sessions
+    need(v.max_total >= 1, "sessions.max_total: must be at least 1")
+    need(1 <= v.max_per_ip <= v.max_total, "sessions.max_per_ip: must be 1 to sessions.max_total")
+    need(1 <= v.max_pending_per_ip <= v.max_per_ip,
+         "sessions.max_pending_per_ip: must be 1 to sessions.max_per_ip")
+    need(1 <= v.handshake_timeout <= 120,
+         "sessions.handshake_timeout: must be 1 to 120 seconds")
 
 
 def _discovery_problems(d: DiscoverySection) -> list[str]:

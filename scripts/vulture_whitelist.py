@@ -27,6 +27,10 @@ _.error_received
 on_state  # webrtc: registered with @pc.on("connectionstatechange")
 submit  # stopping.py: concurrent.futures.Executor interface, called by asyncio
 _.current_ntp_time  # speedups.py: replaces an aiortc method
+_.exc_text  # logs.py: logging.LogRecord fields the formatter reads (a malformed request's
+_.stack_info  # record is rewritten to one short line)
+_.levelname
+_.levelno
 
 # Parameters fixed by the base class's signature.
 option_string  # argparse.Action.__call__

@@ -63,8 +63,9 @@ FIX: dict[Reason, str] = {
     "tra_ and is 66 characters long.",
     Reason.CORRUPTED: "The token was damaged in copying (checksum mismatch): copy it again "
     "from where it was first shown, or create a new one.",
-    Reason.UNKNOWN: "This agent does not know the token: it was created elsewhere or deleted. "
-    "Create a new token on this agent (or wait for the relay to sync it).",
+    Reason.UNKNOWN: "This agent does not accept the token: it was mistyped, deleted or created "
+    "elsewhere. Copy it again, or create a new token on this agent (or wait for the relay to "
+    "sync it).",
     Reason.BAD_SECRET: "The token's id is known but its secret is wrong: the token was "
     "mistyped or forged. Copy it again or create a new one.",
     Reason.WRONG_KIND: "Use an access token (tra_) to view cameras and an admin token (trk_) "
@@ -126,6 +127,12 @@ class Decision(NamedTuple):
     @property
     def http_status(self) -> int:
         return HTTP_STATUS[self.reason]
+
+    @property
+    def public_reason(self) -> Reason:
+        """What the client is told: ``bad_secret`` reads as ``unknown``, so an answer never
+        shows whether a token id exists here (the audit log keeps the exact reason)."""
+        return Reason.UNKNOWN if self.reason is Reason.BAD_SECRET else self.reason
 
     @property
     def fix(self) -> str:

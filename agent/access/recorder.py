@@ -7,13 +7,24 @@ with whatever else is pending (group commit), so a granted request can be answer
 after its audit entry would survive a crash, without a transaction per request.
 Memory is bounded: past ``max_pending`` events, further ones are counted and written as a
 single ``audit.overflow`` entry instead of being kept one by one.
+
+Disk is bounded too: denials are folded per (source IP, reason) over ``denial_window``
+(``denials.DenialFolder``), stored camera ids are cut to a valid id's length, and past
+``max_bytes`` of database denials are no longer written one by one but counted in one
+``audit.suppressed`` entry per window — grants and token changes are always written.
+A full disk must not lose an acknowledged grant: a reserve file of ``RESERVE_BYTES`` is kept
+next to the database and given up the first time a write fails for lack of space, so the
+grants waiting to be written still fit; doctor reports it missing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import sqlite3
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from pathlib import Path
 
@@ -21,13 +32,25 @@ import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
+from agent.access.denials import DenialFolder, stored_camera
 from agent.access.policy import AccessRequest, Decision
 from agent.access.usage import UsageEvent
+from agent.errors import StoreError
 from agent.state.db import connect, transaction
 
 log = structlog.get_logger(__name__)
 
 OVERFLOW = "audit.overflow"
+SUPPRESSED = "audit.suppressed"
+#: Room kept free for the audit log on the state filesystem (about 10,000 grants).
+RESERVE_BYTES = 4 * 1024 * 1024
+RESERVE_NAME = "audit.reserve"
+#: How often the writer tries to take its reserve back after giving it up.
+RESERVE_RETRY = 60.0
+
+# One pending item: an entry to write (None: a usage count only), its usage event, and how
+# many recorded events (tickets) it stands for: 0 for a row summing folded denials.
+_Item = tuple[AuditEntry | None, UsageEvent | None, int]
 
 
 class AccessRecorder:
@@ -40,14 +63,29 @@ class AccessRecorder:
         max_ips: int,
         flush_interval: float = 1.0,
         max_pending: int = 100_000,
+        denial_window: float = 60.0,
+        max_bytes: int | None = None,
+        reserve: bool = False,
     ) -> None:
         self._path = path
         self._max_ips = max_ips
         self._interval = flush_interval
         self._max_pending = max_pending
         self._lock = threading.Lock()
-        self._pending: list[tuple[AuditEntry, UsageEvent | None]] = []
+        self._pending: list[_Item] = []
         self._overflowed = 0
+        self._folder = DenialFolder(denial_window)
+        self._folded = 0  # denials folded since the last commit (they count as written)
+        self._drain_folds = False
+        self._max_bytes = max_bytes
+        #: The database (with its WAL) has reached ``max_bytes``: denials are only counted.
+        self.over_quota = False
+        self._suppressed = 0
+        self._suppressed_at = 0.0
+        #: The last write failed (a full or broken disk): grants do not wait for it long.
+        self.failing = False
+        self.reserve_path = path.parent / RESERVE_NAME if reserve else None
+        self._reserve_tried = 0.0
         self._wake = threading.Event()
         self._done = threading.Condition(self._lock)
         self._written_batches = 0
@@ -62,14 +100,22 @@ class AccessRecorder:
 
     # -- producers (any thread, including the event loop) --------------------------------
 
-    def record(self, entry: AuditEntry, event: UsageEvent | None = None) -> int:
-        """Queue one event; returns its ticket (see ``durable``)."""
+    def record(self, entry: AuditEntry, event: UsageEvent | None = None,
+               known_token: bool = False) -> int:
+        """Queue one event; returns its ticket (see ``durable``). ``known_token``: a denial
+        of a token that exists here (folded per token, see ``denials``)."""
         with self._lock:
             self._recorded += 1
+            kept, closed = self._folder.offer(entry, time.monotonic(), known_token)
+            self._pending += [(row, None, 0) for row in closed]
             if len(self._pending) >= self._max_pending:
                 self._overflowed += 1
+            elif kept is None:
+                self._folded += 1
+                if event is not None:  # the usage counters still count every request
+                    self._pending.append((None, event, 0))
             else:
-                self._pending.append((entry, event))
+                self._pending.append((kept, event, 1))
             return self._recorded
 
     def durable(self, ticket: int) -> Future[None]:
@@ -93,7 +139,7 @@ class AccessRecorder:
             req.now,
             audit.GRANTED if decision.granted else audit.DENIED,
             token_id=decision.token_id,
-            camera=req.camera,
+            camera=stored_camera(req.camera),
             protocol=req.recorded_protocol,
             peer_ip=req.peer_ip,
             result="granted" if decision.granted else "denied",
@@ -104,7 +150,7 @@ class AccessRecorder:
         if decision.record is not None:
             event = UsageEvent(decision.record.id, req.now, req.recorded_protocol, req.peer_ip,
                                decision.granted)
-        return self.record(entry, event)
+        return self.record(entry, event, known_token=decision.record is not None)
 
     # -- the writer ------------------------------------------------------------------------
 
@@ -113,11 +159,13 @@ class AccessRecorder:
         self._thread.start()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Block until everything recorded before this call is committed."""
+        """Block until everything recorded before this call is committed (denials folded
+        in open windows included: their rows are written now)."""
         if self._thread is None:
-            self._write_pending()
+            self._write_pending(drain=True)
             return True
         with self._lock:
+            self._drain_folds = True
             self._requested_batches += 1
             target = self._requested_batches
             self._wake.set()
@@ -131,51 +179,151 @@ class AccessRecorder:
             self._thread.join()
             self._thread = None
         else:
-            self._write_pending()
+            self._write_pending(drain=True)
 
     def _run(self) -> None:
         conn = connect(self._path)
+        self._keep_reserve()
         try:
             while True:
                 self._wake.wait(self._interval)
                 self._wake.clear()
                 with self._lock:
                     target = self._requested_batches
-                self._write_pending(conn)
+                    drain, self._drain_folds = self._drain_folds, False
+                self._write_pending(conn, drain=drain)
                 with self._lock:
                     self._written_batches = max(self._written_batches, target)
                     self._done.notify_all()
                 if self._stopping:
-                    self._write_pending(conn)
+                    self._write_pending(conn, drain=True)
                     return
+                if self.reserve_path is not None and not self.failing:
+                    self._keep_reserve()
         finally:
             conn.close()
 
-    def _write_pending(self, conn: sqlite3.Connection | None = None) -> None:
+    def _write_pending(self, conn: sqlite3.Connection | None = None, drain: bool = False) -> None:
         with self._lock:
             batch, self._pending = self._pending, []
+            batch += [(row, None, 0) for row in self._folder.due(time.monotonic(), drain)]
             overflowed, self._overflowed = self._overflowed, 0
+            folded, self._folded = self._folded, 0
         if not batch and not overflowed:
+            if folded:
+                self._committed_more(folded)
             return
-        entries = [entry for entry, _ in batch]
-        if overflowed:
-            entries.append(AuditEntry(entries[-1].ts if entries else 0.0, OVERFLOW,
-                                      detail={"dropped": overflowed}))
+        entries = self._rows(batch, overflowed)
         db = conn if conn is not None else connect(self._path)
         try:
-            with transaction(db):
-                audit.append(db, entries)
-                usage.apply(db, [e for _, e in batch if e is not None], self._max_ips)
-            self._committed_more(len(batch) + overflowed)
+            try:
+                self._commit(db, entries, batch)
+            except (sqlite3.OperationalError, StoreError) as exc:  # (db.transaction wraps)
+                if not self._release_reserve(exc):
+                    raise
+                self._commit(db, entries, batch)  # the grants fit in the room just freed
+            self._committed_more(sum(n for _, _, n in batch) + overflowed + folded)
+            self.failing = False
         except Exception as exc:  # the daemon must survive a full disk; say so loudly
-            log.error("audit_write_failed", error=str(exc), entries=len(entries))
-            with self._lock:  # keep them for the next attempt, within the bound
-                room = max(0, self._max_pending - len(self._pending))
-                self._pending[:0] = batch[:room]
-                self._overflowed += overflowed + len(batch) - min(room, len(batch))
+            if not self.failing:
+                log.error("audit_write_failed", error=str(exc), entries=len(entries))
+            self.failing = True
+            self._requeue(batch, overflowed, folded)
         finally:
             if conn is None:
                 db.close()
+        self._check_quota()
+
+    def _rows(self, batch: list[_Item], overflowed: int) -> list[AuditEntry]:
+        """The entries to write; past the quota, denials become one count per window."""
+        entries = [entry for entry, _, _ in batch if entry is not None]
+        if self.over_quota:
+            kept = [e for e in entries if e.event != audit.DENIED]
+            self._suppressed += sum(int(e.detail.get("count", 1))
+                                    for e in entries if e.event == audit.DENIED)
+            entries = kept
+            now = time.monotonic()
+            if self._suppressed and now - self._suppressed_at >= self._folder.window:
+                entries.append(AuditEntry(time.time(), SUPPRESSED, detail={
+                    "denials": self._suppressed, "why": "audit.max_size_mb reached"}))
+                self._suppressed, self._suppressed_at = 0, now
+        if overflowed:
+            entries.append(AuditEntry(entries[-1].ts if entries else time.time(), OVERFLOW,
+                                      detail={"dropped": overflowed}))
+        return entries
+
+    def _commit(self, db: sqlite3.Connection, entries: list[AuditEntry],
+                batch: list[_Item]) -> None:
+        with transaction(db):
+            audit.append(db, entries)
+            usage.apply(db, [e for _, e, _ in batch if e is not None], self._max_ips)
+
+    def _requeue(self, batch: list[_Item], overflowed: int, folded: int) -> None:
+        """After a failed write: keep grants and token events for the next attempt (within
+        the bound); denials are dropped first, counted in the ``audit.overflow`` entry."""
+        keep: list[_Item] = []
+        dropped = 0
+        for item in batch:
+            if item[0] is not None and item[0].event == audit.DENIED:
+                dropped += item[2]
+            else:
+                keep.append(item)
+        with self._lock:
+            room = max(0, self._max_pending - len(self._pending))
+            self._pending[:0] = keep[:room]
+            self._overflowed += overflowed + dropped + sum(n for _, _, n in keep[room:])
+            self._folded += folded
+
+    # -- space --------------------------------------------------------------------------------
+
+    def _check_quota(self) -> None:
+        if self._max_bytes is None:
+            return
+        size = database_bytes(self._path)
+        over = size >= self._max_bytes
+        if over and not self.over_quota:
+            log.error("audit_quota_reached", size_mb=round(size / 2**20, 1),
+                      max_mb=round(self._max_bytes / 2**20, 1),
+                      fix="denials are now only counted: lower audit.retention_days or raise "
+                          "audit.max_size_mb")
+        self.over_quota = over
+
+    def _keep_reserve(self) -> None:
+        """Create the reserve file if it is missing and the disk has room (tried at most
+        every ``RESERVE_RETRY`` s)."""
+        path = self.reserve_path
+        now = time.monotonic()
+        if path is None or now - self._reserve_tried < RESERVE_RETRY:
+            return
+        self._reserve_tried = now
+        try:
+            if path.exists() and path.stat().st_size >= RESERVE_BYTES:
+                return
+            if shutil.disk_usage(path.parent).free < 3 * RESERVE_BYTES:
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.write(fd, b"\0" * RESERVE_BYTES)  # real blocks: tmpfs and ext4 alike
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.warning("audit_reserve_unavailable", error=str(exc))
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    def _release_reserve(self, exc: Exception) -> bool:
+        """The disk is full: give up the reserve so the pending grants can be written."""
+        path = self.reserve_path
+        if path is None or "full" not in str(exc).lower() or not path.exists():
+            return False
+        with contextlib.suppress(OSError):
+            path.unlink()
+        log.error("audit_reserve_released", error=str(exc),
+                  fix="the state filesystem is full: free space there (see `therelay-agent "
+                      "doctor`); the agent keeps serving")
+        self._reserve_tried = time.monotonic()
+        return True
 
     def _committed_more(self, count: int) -> None:
         """``count`` more events (in ticket order) are on disk: release their waiters."""
@@ -186,3 +334,12 @@ class AccessRecorder:
         for future in ready:
             with contextlib.suppress(InvalidStateError):  # the waiter gave up meanwhile
                 future.set_result(None)
+
+
+def database_bytes(path: Path) -> int:
+    """Bytes the database takes on disk, its write-ahead log included."""
+    total = 0
+    for suffix in ("", "-wal"):
+        with contextlib.suppress(OSError):
+            total += os.stat(f"{path}{suffix}").st_size
+    return total

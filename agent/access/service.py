@@ -13,6 +13,7 @@ agent is killed right after. Denials and ``session.ended`` entries are batched (
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -25,6 +26,7 @@ import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
+from agent.access.denials import stored_camera
 from agent.access.model import Action, Protocol, TokenRecord
 from agent.access.policy import (
     AccessRequest,
@@ -35,9 +37,14 @@ from agent.access.policy import (
     authorize,
 )
 from agent.access.recorder import AccessRecorder
-from agent.access.sessions import Session, SessionLimitReached, SessionRegistry
+from agent.access.sessions import (
+    Admission,
+    Session,
+    SessionLimitReached,
+    SessionLimits,
+    SessionRegistry,
+)
 from agent.access.store import TokenStore
-from agent.access.tokens import check as check_format
 from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -45,10 +52,18 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+#: The longest a failed well-formed token waits for the watcher's next look at the store.
+LOOK_WAIT = 2.0
+#: Outcomes that a store change made elsewhere (CLI, relay sync) may turn into a grant.
+_LOOK_AGAIN = frozenset({Reason.UNKNOWN, Reason.BAD_SECRET})
 APPLY_SLICE = 2000  # records indexed per event-loop step by refresh()
 #: How long a grant waits for its audit entry to reach the disk. The daemon survives a
 #: failing disk (it keeps serving, loudly): past this, the request goes on unrecorded.
 DURABLE_WAIT = 2.0
+#: Once a write has failed (a full disk), grants wait this long at most: viewers are not held
+#: for seconds while the disk is being fixed. Their entries stay queued (and the recorder's
+#: reserve file makes room for them), so no acknowledged grant is lost.
+FAILING_WAIT = 0.05
 
 
 class AccessService:
@@ -63,6 +78,7 @@ class AccessService:
         retention_days: int,
         poll_interval: float = 0.2,
         clock: Callable[[], float] = time.time,
+        session_limits: SessionLimits | None = None,
     ) -> None:
         self._store = store
         self._recorder = recorder
@@ -73,7 +89,7 @@ class AccessService:
         self._clock = clock
         self._tokens: dict[str, TokenRecord] = {}
         self._rev = 0
-        self.sessions = SessionRegistry()
+        self.sessions = SessionRegistry(session_limits)
         self._refreshing: asyncio.Future[None] | None = None
         #: For /metrics: decisions by reason, bytes of sessions that have ended.
         self.decisions: Counter[str] = Counter()
@@ -81,6 +97,11 @@ class AccessService:
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._audit_lagging = False
+        # The watcher's passes, for requests waiting on a fresh look (``_fresh_index``).
+        self._wake = asyncio.Event()
+        self._pass_done = asyncio.Event()
+        self._passes_started = 0
+        self._passes_done = 0
         self._published: dict[str, int] = {}
 
     async def start(self) -> None:
@@ -111,30 +132,53 @@ class AccessService:
         """Decide one request and record it: the one method every handler calls.
 
         A grant returns only once its audit entry is committed (the durability promise
-        above). A well-formed id the index has not seen yet first triggers one refresh from
-        the store (coalesced, at most every ``REFRESH_GAP`` s): a token created on the CLI a
-        moment ago works at once. ``action``: ``VIEW`` names its ``protocol``; ``LIST`` and
-        ``ADMIN`` pass None. ``opens_session``: the request starts a live session (a WHEP
-        offer, an RTSP PLAY, an HLS playlist), so the token's session cap applies
-        (``session_limit``, 429)."""
-        if token:
-            public_id = check_format(token)
-            if isinstance(public_id, str) and public_id not in self._tokens:
-                await self.refresh()
+        above). ``action``: ``VIEW`` names its ``protocol``; ``LIST`` and ``ADMIN`` pass
+        None. A well-formed token that is ``unknown`` or has a ``bad_secret`` waits for the
+        store watcher's next look (woken now, so a token created on the CLI a moment ago
+        works at once) and is decided again. Both outcomes take that same wait, and nothing
+        on the request path reads the store: whether a token id exists here does not show in
+        the time of the answer (it did: 1.94 ms against 1.30 ms). ``opens_session``: the
+        request starts a live session (a WHEP offer, an RTSP PLAY, an HLS playlist), so the
+        token's session cap applies (``session_limit``, 429)."""
         req = AccessRequest(token, camera, action, protocol, peer_ip, self._clock())
-        decision, ticket = self._decide(req, opens_session)
+        decision = authorize(req, self._tokens, self._site)  # the limiter is not spent yet
+        if decision.reason in _LOOK_AGAIN:
+            await self._fresh_index()
+        if not decision.granted:  # decided again, now spending the limiter on a failure
+            decision = authorize(req, self._tokens, self._site, self._limiter)
+        decision = self._session_cap(decision, opens_session)
+        ticket = self._record(req, decision)
         if decision.granted:
             await self._durable(ticket)
         return decision
 
+    async def _fresh_index(self) -> None:
+        """Wait (at most ``LOOK_WAIT``) until a watcher pass that starts after this call has
+        applied the store's changes. Without a running watcher (tests, tools): one refresh."""
+        if self._task is None:
+            await self.refresh(force=True)
+            return
+        target = self._passes_started + 1
+        self._wake.set()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + LOOK_WAIT
+        while self._passes_done < target:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._pass_done.wait(), remaining)
+            except TimeoutError:
+                return
+
     async def _durable(self, ticket: int) -> None:
         """Wait (bounded) until the event with ``ticket`` is committed."""
+        wait = FAILING_WAIT if self._recorder.failing else DURABLE_WAIT
         try:
-            await asyncio.wait_for(asyncio.wrap_future(self._recorder.durable(ticket)),
-                                   DURABLE_WAIT)
+            await asyncio.wait_for(asyncio.wrap_future(self._recorder.durable(ticket)), wait)
         except TimeoutError:
             if not self._audit_lagging:
-                log.error("audit_not_durable", waited_s=DURABLE_WAIT,
+                log.error("audit_not_durable", waited_s=wait,
                           fix="the state database cannot be written: check the disk")
             self._audit_lagging = True
         else:
@@ -176,19 +220,21 @@ class AccessService:
             self._refreshed_at = time.monotonic()
             self._refreshing = None
 
-    def _decide(self, req: AccessRequest, opens_session: bool) -> tuple[Decision, int]:
-        """Decide and queue the audit entry (not yet durable: ``authorize`` waits for it)."""
-        decision = authorize(req, self._tokens, self._site, self._limiter)
+    def _session_cap(self, decision: Decision, opens_session: bool) -> Decision:
         if (opens_session and decision.granted and decision.record is not None
                 and not self.sessions.admits(decision.record)):
             # A valid token at its cap: not a failed attempt, so no failure budget spent.
-            decision = Decision(Reason.SESSION_LIMIT, decision.token_id, decision.record)
+            return Decision(Reason.SESSION_LIMIT, decision.token_id, decision.record)
+        return decision
+
+    def _record(self, req: AccessRequest, decision: Decision) -> int:
         ticket = self._recorder.record_decision(req, decision)
+        camera, protocol, peer_ip = req.camera, req.recorded_protocol, req.peer_ip
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
             log.debug("access_denied", reason=decision.reason.value, token_id=decision.token_id,
-                     camera=req.camera, protocol=req.recorded_protocol, peer_ip=req.peer_ip)
-        return decision, ticket
+                      camera=stored_camera(camera), protocol=protocol, peer_ip=peer_ip)
+        return ticket
 
     def open_session(
         self,
@@ -199,9 +245,13 @@ class AccessService:
         close: Callable[[str], None],
         bytes_sent: Callable[[], int] = lambda: 0,
         session_id: str | None = None,
+        admission: Admission | None = None,
+        pending: bool = False,
     ) -> Session:
         """Register a live session for a granted decision; it ends when its token does.
         ``session_id``: the protocol's own id, so logs and the audit log name it alike.
+        ``admission``: the place ``sessions.admit`` held for it. ``pending``: still
+        connecting (until ``sessions.connected``).
 
         Raises SessionLimitReached (audited as a ``session_limit`` denial) when sessions of
         the same token opened meanwhile took the last place under its cap: the caller ends
@@ -209,10 +259,10 @@ class AccessService:
         if not decision.granted or decision.token_id is None:
             raise ValueError("a session needs a granted decision")
         session = Session(session_id or uuid.uuid4().hex, decision.token_id, camera, protocol,
-                          peer_ip, self._clock(), close, bytes_sent)
+                          peer_ip, self._clock(), close, bytes_sent, pending)
         record = self._tokens.get(decision.token_id, decision.record)
         try:
-            self.sessions.add(session, record)
+            self.sessions.add(session, record, admission)
         except SessionLimitReached:
             denied = Decision(Reason.SESSION_LIMIT, decision.token_id, record)
             self._recorder.record_decision(AccessRequest(
@@ -288,12 +338,13 @@ class AccessService:
         seen: tuple[int, ...] = ()
         last_query = 0.0
         while True:
+            self._passes_started += 1
             try:
                 signature = self._store_signature()
                 now = time.monotonic()
                 if signature != seen or now - last_query > FULL_POLL or failing:
                     seen, last_query = signature, now
-                    await self.refresh()  # shared with authorize(): one store reader at a time
+                    await self.refresh(force=True)  # one store reader at a time
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)
@@ -304,9 +355,15 @@ class AccessService:
                 if not failing:
                     log.error("token_store_unreadable", error=str(exc))
                 failing = True
+            self._passes_done = self._passes_started
+            done, self._pass_done = self._pass_done, asyncio.Event()
+            done.set()
             self.sweep()
             await self._publish_live(self.sessions.per_token())
-            await asyncio.sleep(self._poll)
+            await asyncio.sleep(REFRESH_GAP)  # woken passes come at most this often
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(0.0, self._poll - REFRESH_GAP))
+            self._wake.clear()
 
     async def _publish_live(self, counts: dict[str, int]) -> None:
         """Share the live sessions per token with the CLI ('token check' shows them, and

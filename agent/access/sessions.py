@@ -5,10 +5,15 @@ that must end (revoked, expired, no longer known, protocol no longer allowed, or
 token's session cap); the caller closes them. The per-token cap (``max_sessions``) is one
 check here, ``admits``, that every live protocol (WebRTC today, RTSP and HLS alike) calls
 through ``AccessService``; ``add`` enforces it again when the session is registered.
+
+Admission by source address is a second check for every protocol: before a protocol spends
+anything on a new session it calls ``admit``, which counts live sessions and admissions in
+progress against the caps (overall, per source IP, still connecting per source IP).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -35,6 +40,47 @@ class Session:
     close: Callable[[str], None]
     #: Bytes sent so far (for the session.ended audit entry).
     bytes_sent: Callable[[], int] = field(default=lambda: 0)
+    #: Still connecting (a WebRTC handshake in progress): counted against the pending cap.
+    pending: bool = False
+
+
+@dataclass(frozen=True)
+class SessionLimits:
+    """Caps on live sessions (config section ``sessions``)."""
+
+    max_total: int = 200
+    max_per_ip: int = 32
+    max_pending_per_ip: int = 8
+    #: Retry-After (seconds) when a per-IP cap refuses: the time a pending session has to
+    #: connect or be closed.
+    retry_after_ip: int = 10
+    retry_after_total: int = 30
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A new session refused by a cap: HTTP status (429 for one client's excess, 503 when
+    the agent is full), a stable code, a message, and Retry-After seconds."""
+
+    status: int
+    code: str
+    message: str
+    retry_after: int
+
+
+class Admission:
+    """A place held for a session being set up; ``SessionRegistry.add`` takes it over, and
+    ``release`` gives it back if the setup fails. Idempotent."""
+
+    def __init__(self, registry: SessionRegistry, peer_ip: str | None) -> None:
+        self._registry = registry
+        self.peer_ip = peer_ip
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._registry._release(self)
 
 
 def end_reason(record: TokenRecord | None, now: float,
@@ -55,17 +101,59 @@ def end_reason(record: TokenRecord | None, now: float,
 class SessionRegistry:
     """Every live session, by id; how many per camera and protocol."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: SessionLimits | None = None) -> None:
         self._sessions: dict[str, Session] = {}
+        self.limits = limits or SessionLimits()
+        self._admitting: Counter[str | None] = Counter()
 
-    def add(self, session: Session, record: TokenRecord | None = None) -> None:
+    def admit(self, peer_ip: str | None, token_id: str | None = None) -> Admission | Refusal:
+        """May a new session from ``peer_ip`` (under ``token_id``) start? Holds its place
+        until ``add`` or ``Admission.release``. ``token_id`` is for a per-token cap."""
+        limits = self.limits
+        admitting = sum(self._admitting.values())
+        if len(self._sessions) + admitting >= limits.max_total:
+            return Refusal(503, "too_many_sessions",
+                           f"the agent serves its maximum of {limits.max_total} sessions: "
+                           "try again later", limits.retry_after_total)
+        mine = [s for s in self._sessions.values() if s.peer_ip == peer_ip]
+        if len(mine) + self._admitting[peer_ip] >= limits.max_per_ip:
+            return Refusal(429, "too_many_sessions_from_address",
+                           f"this address already has {limits.max_per_ip} sessions: close "
+                           "some first", limits.retry_after_ip)
+        pending = sum(1 for s in mine if s.pending) + self._admitting[peer_ip]
+        if pending >= limits.max_pending_per_ip:
+            return Refusal(429, "too_many_pending_sessions",
+                           f"this address has {limits.max_pending_per_ip} sessions still "
+                           "connecting: wait until they connect or time out",
+                           limits.retry_after_ip)
+        self._admitting[peer_ip] += 1
+        return Admission(self, peer_ip)
+
+    def _release(self, admission: Admission) -> None:
+        self._admitting[admission.peer_ip] -= 1
+        if self._admitting[admission.peer_ip] <= 0:
+            del self._admitting[admission.peer_ip]
+
+    def add(self, session: Session, record: TokenRecord | None = None,
+            admission: Admission | None = None) -> None:
         """Register ``session``; with its token's ``record``, refused (SessionLimitReached)
-        when the token already holds its cap."""
+        when the token already holds its cap. ``admission``: the place ``admit`` held."""
         if session.id in self._sessions:
             raise ValueError(f"session {session.id} is already registered")
         if record is not None and not self.admits(record):
             raise SessionLimitReached(record.id)
         self._sessions[session.id] = session
+        if admission is not None:
+            admission.release()  # the session itself counts from now on
+
+    def connected(self, session_id: str) -> None:
+        """The session's handshake is done: it no longer counts as pending."""
+        session = self._sessions.get(session_id)
+        if session is not None:
+            session.pending = False
+
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
 
     def admits(self, record: TokenRecord) -> bool:
         """May ``record`` open one more live session (of any protocol)?"""

@@ -30,7 +30,9 @@ TOKEN_LEN = 4 + ID_LEN + 1 + SECRET_LEN + CHECKSUM_LEN
 _SHAPE = re.compile(r"(tr[apk])_([0-9A-Za-z]{12})_[0-9A-Za-z]{49}")
 _ID_SHAPE = re.compile(r"[0-9A-Za-z]{12}")
 #: Anything token-shaped inside a longer text (for redaction); a truncated tail still matches.
-TOKEN_IN_TEXT = re.compile(r"\b(tr[apk])_([0-9A-Za-z]{12})_[0-9A-Za-z]{4,}")
+#: No word boundary in front: a token glued to other text (``x=%3Dtra_…``, ``\x01tra_…``) is
+#: still a token. ``%5F`` is a percent-encoded ``_`` (the other characters need no encoding).
+TOKEN_IN_TEXT = re.compile(r"(tr[apk])(?:_|%5[Ff])([0-9A-Za-z]{12})(?:_|%5[Ff])[0-9A-Za-z]{4,}")
 
 
 class Kind(StrEnum):

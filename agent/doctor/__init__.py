@@ -63,7 +63,7 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
     """Every check for ``config``, concurrently; results in a stable order."""
     # The checks import aiohttp, websockets and the relay link: loaded when doctor runs,
     # not when the CLI starts (agent.cli imports this package for its parser).
-    from agent.doctor import local  # noqa: PLC0415
+    from agent.doctor import limits, local  # noqa: PLC0415
     from agent.doctor.relay import check_relay  # noqa: PLC0415
 
     cameras_n = len(config.cameras)  # adopted cameras are checked too, listed by id
@@ -106,6 +106,8 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
                thread(lambda: local.database_sync(config, timeout))),
         _guard("agent", "audit", slow, thread(lambda: local.audit_sync(config, timeout))),
         _guard("agent", "disk", slow, thread(lambda: local.disk_sync(config))),
+        _guard("agent", "audit_size", slow, thread(lambda: limits.audit_size_sync(config))),
+        _guard("agent", "open_files", slow, thread(lambda: limits.open_files_sync(config))),
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
         _guard("agent", "tls", slow, thread(lambda: local.tls_sync(config))),
         _guard("agent", "http", timeout * 2, http),

@@ -47,7 +47,8 @@ from agent.errors import (
     TokenLimitError,
     TokenReadOnlyError,
 )
-from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.http.auth import denial, error, header_token, peer_ip
+from agent.http.connections import read_body
 from agent.http.tls import Certificate
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
@@ -63,6 +64,8 @@ AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_i
 MAX_DURATION = 100 * 365 * 86400.0
 MAX_DURATION_TEXT = 32
 LATEST_EXPIRY = 253370764800.0  # 9999-01-01T00:00:00Z
+#: Audit entries per chunk of an export.
+EXPORT_PAGE = 1000
 
 T = TypeVar("T")
 V = TypeVar("V")
@@ -100,10 +103,15 @@ class AdminApi:
 
     def _guard(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
-            decision = await self._access.authorize(presented_token(request), None, None,
+            decision = await self._access.authorize(header_token(request), None, None,
                                                     peer_ip(request), action=Action.ADMIN)
             if not decision.granted:
                 return denial(decision)
+            if request.body_exists and request.content_type != "application/json":
+                # text/plain and form bodies are what a cross-origin page may send without
+                # a preflight: the admin API reads JSON only.
+                return error(415, "unsupported_media_type",
+                             "send the body as JSON with Content-Type: application/json")
             try:
                 return await handler(request, decision)
             except BadRequest as exc:
@@ -256,6 +264,8 @@ class AdminApi:
             limit=_int(q.get("limit", "100"), "limit", 1, 1000),
         )
         newest = _choice(q.get("order"), ["oldest", "newest"], "order") == "newest"
+        # Denials folded in open windows are written now: the reader sees every one so far.
+        await self._access.flush()
         if fmt == "json":
             query = replace(query, newest_first=newest)
             entries = await asyncio.to_thread(self._store.read,
@@ -264,18 +274,43 @@ class AdminApi:
             return web.json_response({"entries": entries,
                                       "next_after": None if newest else last,
                                       "next_before": last if newest else None})
-        entries = await asyncio.to_thread(self._store.read,
-                                          lambda c: list(audit.iter_all(c, query)))
+        return await self._export(request, query, fmt)
+
+    async def _export(self, request: web.Request, query: AuditQuery,
+                      fmt: str) -> web.StreamResponse:
+        """Every matching entry, streamed: each page is read and formatted in a thread and
+        written as one chunk, so a large export never holds the event loop (a 28 MB export
+        built in one piece held it 0.39 s)."""
+        content_type, name = (("application/x-ndjson", "audit.jsonl") if fmt == "jsonl"
+                              else ("text/csv", "audit.csv"))
+        response = web.StreamResponse(headers={
+            "Content-Type": f"{content_type}; charset=utf-8",
+            "Content-Disposition": f'attachment; filename="{name}"'})
+        await response.prepare(request)
+        if fmt == "csv":
+            await response.write(_csv_rows([list(AUDIT_COLUMNS)]))
+        after = query.after_seq
+        while True:
+            page = replace(query, after_seq=after, limit=EXPORT_PAGE, newest_first=False)
+            chunk, count, last = await asyncio.to_thread(self._export_page, page, fmt)
+            if chunk:
+                await response.write(chunk)
+            if count < EXPORT_PAGE:
+                break
+            after = last
+        await response.write_eof()
+        return response
+
+    def _export_page(self, page: AuditQuery, fmt: str) -> tuple[bytes, int, int]:
+        """(formatted bytes, entries, last seq) of one page. Blocking: run in a thread."""
+        entries = self._store.read(lambda c: audit.query(c, page))
         if fmt == "jsonl":
             text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
-            return _download(text, "application/x-ndjson", "audit.jsonl")
-        out = io.StringIO()
-        writer = csv.writer(out)
-        writer.writerow(AUDIT_COLUMNS)
-        for e in entries:
-            writer.writerow([json.dumps(e[c], sort_keys=True) if c == "detail" else e[c]
-                             for c in AUDIT_COLUMNS])
-        return _download(out.getvalue(), "text/csv", "audit.csv")
+            chunk = text.encode()
+        else:
+            chunk = _csv_rows([[json.dumps(e[c], sort_keys=True) if c == "detail" else e[c]
+                                for c in AUDIT_COLUMNS] for e in entries])
+        return chunk, len(entries), entries[-1]["seq"] if entries else page.after_seq
 
     # -- cameras and hosts -----------------------------------------------------------------
 
@@ -315,9 +350,10 @@ def _created(new: NewToken) -> web.Response:
                              status=201, headers={"Cache-Control": "no-store"})
 
 
-def _download(text: str, content_type: str, name: str) -> web.Response:
-    return web.Response(text=text, content_type=content_type,
-                        headers={"Content-Disposition": f'attachment; filename="{name}"'})
+def _csv_rows(rows: list[list[Any]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerows(rows)
+    return out.getvalue().encode()
 
 
 def _token_id(request: web.Request) -> str:
@@ -328,7 +364,7 @@ def _token_id(request: web.Request) -> str:
 
 
 async def _json_object(request: web.Request, optional: bool = False) -> dict[str, Any]:
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw.strip() and optional:
         return {}
     try:

@@ -5,20 +5,27 @@ from __future__ import annotations
 from aiohttp import web
 
 from agent.access.model import Protocol
-from agent.access.policy import Decision, Reason
+from agent.access.policy import FIX, Decision, Reason
 from agent.access.service import AccessService
 from agent.media.cameras import Camera, Cameras
 
 RETRY_AFTER_LIMITED = "60"
 
 
-def presented_token(request: web.Request) -> str | None:
-    """``Authorization: Bearer <token>``, else ``?token=`` (players that cannot set headers)."""
+def header_token(request: web.Request) -> str | None:
+    """``Authorization: Bearer <token>`` only: the admin API and /metrics. A token in the URL
+    would let another web page (or a link) act with it; a header cannot be set cross-origin
+    without a CORS preflight, which those endpoints never answer."""
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
-    return request.query.get("token") or None
+    return None
+
+
+def presented_token(request: web.Request) -> str | None:
+    """``Authorization: Bearer <token>``, else ``?token=`` (players that cannot set headers)."""
+    return header_token(request) or request.query.get("token") or None
 
 
 def peer_ip(request: web.Request) -> str | None:
@@ -27,8 +34,9 @@ def peer_ip(request: web.Request) -> str | None:
 
 def denial(decision: Decision) -> web.Response:
     """401 (with WWW-Authenticate), 403 or 429 (with Retry-After); the reason in the body so
-    the viewer page can say what to do. Nothing more about the token is revealed."""
-    reason = decision.reason
+    the viewer page can say what to do. Nothing more about the token is revealed: an unknown
+    id and a known id with a wrong secret get the same answer."""
+    reason = decision.public_reason
     headers: dict[str, str] = {}
     if decision.http_status == 401:
         error = "invalid_request" if reason is Reason.MISSING else "invalid_token"
@@ -36,7 +44,7 @@ def denial(decision: Decision) -> web.Response:
     elif decision.http_status == 429:
         headers["Retry-After"] = RETRY_AFTER_LIMITED
     return web.json_response(
-        {"error": reason.value, "message": decision.fix}, status=decision.http_status,
+        {"error": reason.value, "message": FIX[reason]}, status=decision.http_status,
         headers=headers)
 
 

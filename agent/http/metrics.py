@@ -17,7 +17,7 @@ from aiohttp import web
 
 from agent.access.model import SESSION_PROTOCOLS, Action
 from agent.access.service import AccessService
-from agent.http.auth import denial, peer_ip, presented_token
+from agent.http.auth import denial, header_token, peer_ip
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
 
@@ -76,7 +76,7 @@ class Metrics:
     async def handle(self, request: web.Request) -> web.Response:
         """Camera ids are not public: scrapers present an admin token (Prometheus:
         ``authorization: {credentials_file: …}``)."""
-        decision = await self._access.authorize(presented_token(request), None, None,
+        decision = await self._access.authorize(header_token(request), None, None,
                                                 peer_ip(request), action=Action.ADMIN)
         if not decision.granted:
             return denial(decision)

@@ -135,7 +135,8 @@ def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Invalid request", 401: "Missing, invalid, expired or revoked token",
             403: "Not an admin token", 404: "Not found",
             409: "Refused (limit, state, read-only relay token)",
-            413: "Body too large", 429: "Too many failed attempts"}
+            413: "Body too large", 415: "The body is not JSON (Content-Type: application/json)",
+            429: "Too many failed attempts"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
 
@@ -152,7 +153,9 @@ def document() -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {"title": "TheRelay Agent admin API", "version": __version__,
-                 "description": "Authorize with an admin token: Authorization: Bearer trk_…"},
+                 "description": "Authorize with an admin token in the header (never in the "
+                                "URL): Authorization: Bearer trk_…. Same origin only: no "
+                                "CORS. Request bodies are JSON."},
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "components": {
@@ -201,7 +204,7 @@ def document() -> dict[str, Any]:
                         }}}}},
                     "responses": {"201": _json({"$ref": "#/components/schemas/NewToken"},
                                                "Created"),
-                                  **_errors(400, *_AUTH, 409, 413)},
+                                  **_errors(400, *_AUTH, 409, 413, 415)},
                 },
             },
             "/api/v1/admin/tokens/{id}": {
@@ -234,7 +237,7 @@ def document() -> dict[str, Any]:
                     }}}}},
                 "responses": {"201": _json({"$ref": "#/components/schemas/NewToken"},
                                            "Created"),
-                              **_errors(400, *_AUTH, 404, 409, 413)}}},
+                              **_errors(400, *_AUTH, 404, 409, 413, 415)}}},
             "/api/v1/admin/tokens/{id}/usage": {"get": {
                 "summary": "Last used, uses per hour and day, protocols, IP addresses",
                 "parameters": [_ID],

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 import structlog
 from aiohttp import web
 
+from agent.http.connections import ConnectionLimits, LimitedRunner
+
 log = structlog.get_logger(__name__)
 
 #: Request bodies beyond this are refused with 413 (SDP offers are a few kB).
@@ -17,6 +19,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # WHEP clients on other origins (a web page elsewhere on the LAN) use these. Tokens travel in
 # Authorization headers, never cookies, so any origin may call (no credentials mode).
+# The admin API and /metrics are same-origin only: no CORS headers, not even on a preflight,
+# so a page on another origin can neither send them an admin token nor read their answers.
 _CORS = {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Expose-Headers": "Location, Link, ETag, Accept-Patch, WWW-Authenticate, "
@@ -30,8 +34,17 @@ _PREFLIGHT = {
 }
 
 
+SAME_ORIGIN_ONLY = ("/api/v1/admin", "/metrics")
+
+
+def _same_origin_only(path: str) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in SAME_ORIGIN_ONLY)
+
+
 @web.middleware
 async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if _same_origin_only(request.path):
+        return await handler(request)
     if request.method == "OPTIONS":
         return web.Response(status=204, headers=_PREFLIGHT)
     response = await handler(request)
@@ -54,7 +67,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return web.json_response({"error": code, "message": exc.reason}, status=exc.status,
                                  headers=headers)
     except Exception:
-        log.exception("http_handler_failed", path=request.path)
+        resource = request.match_info.route.resource
+        # the route, never the raw path: a path is the client's text (tokens, 8 kB of junk)
+        log.exception("http_handler_failed", method=request.method,
+                      route=resource.canonical if resource is not None else None)
         return web.json_response(
             {"error": "internal", "message": "the agent hit an internal error; see its log"},
             status=500,
@@ -72,9 +88,11 @@ def make_app(health: Callable[[], dict[str, object]]) -> web.Application:
 
 
 async def start(app: web.Application, host: str, port: int,
+                limits: ConnectionLimits,
                 ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
-    """Listen on host:port; with ``ssl_context``, HTTPS only (nothing is served in clear)."""
-    runner = web.AppRunner(app, access_log=None)
+    """Listen on host:port; with ``ssl_context``, HTTPS only (nothing is served in clear).
+    Connections are counted and capped by ``limits`` (with TLS: once the handshake is done)."""
+    runner = LimitedRunner(app, limits)
     await runner.setup()
     await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner

@@ -10,6 +10,7 @@ from aiohttp import web
 from agent.access.model import Action, Protocol
 from agent.access.policy import Site, scope_covers
 from agent.access.service import AccessService
+from agent.errors import SourceError
 from agent.http import openapi
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
@@ -43,7 +44,12 @@ class Views:
             return found
         _, camera = found
         camera_id = camera.id
-        jpeg = await self._snapshots.jpeg(camera.hub)  # (re)opens the camera if idle
+        try:
+            jpeg = await self._snapshots.jpeg(camera.hub)  # (re)opens the camera if idle
+        except SourceError as exc:  # the camera sends something that is not a picture
+            return error(503, "camera_unreadable",
+                         f"camera {camera_id!r} sent a picture that cannot be decoded: {exc}",
+                         **{"Retry-After": "5"})
         if jpeg is None and camera.hub.status.state is CameraState.UNSUPPORTED:
             return error(501, "unsupported_codec", camera.hub.status.error or "")
         if jpeg is None:

@@ -17,34 +17,58 @@ from aiohttp import web
 from agent.access.model import Protocol
 from agent.access.policy import Reason
 from agent.access.service import AccessService
-from agent.access.sessions import Session, SessionLimitReached
+from agent.access.sessions import Refusal, Session, SessionLimitReached
 from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
+from agent.http.connections import read_body
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
 from agent.webrtc.ice import rtc_configuration
-from agent.webrtc.session import OfferError, ViewerSession
+from agent.webrtc.session import OfferError, ViewerSession, check_offer
 
 log = structlog.get_logger(__name__)
 
 PROTOCOL = Protocol.WEBRTC
 RETRY_AFTER_OFFLINE = "5"
+#: Offers may name these character sets (RFC 8866 §5.7: SDP text is UTF-8 by default).
+CHARSETS = {None, "utf-8", "utf8", "us-ascii"}
+ICE_TIMEOUT = "ice_timeout"
 
 
 @dataclass
 class _Live:
     viewer: ViewerSession
     access: Session
+    deadline: asyncio.TimerHandle | None = None
+
+
+def _offer_text(request: web.Request, body: bytes) -> str | web.Response:
+    """The offer as text, or the 4xx that says why it is not: unknown charset → 415, bytes
+    that are not UTF-8 → 400. Never an exception (a bad body was a 500)."""
+    charset = request.charset.lower() if request.charset else None
+    if charset not in CHARSETS:
+        return error(415, "unsupported_media_type",
+                     f"the offer's charset {(charset or '')[:40]!r} is not supported: send UTF-8")
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        return error(400, "bad_offer", "the offer is not valid UTF-8 text")
+
+
+def _refused(refusal: Refusal) -> web.Response:
+    return error(refusal.status, refusal.code, refusal.message,
+                 **{"Retry-After": str(refusal.retry_after)})
 
 
 class WhepEndpoint:
     def __init__(self, access: AccessService, cameras: Cameras, webrtc: WebrtcSection,
-                 camera_timeout: float) -> None:
+                 camera_timeout: float, handshake_timeout: float = 10.0) -> None:
         self._access = access
         self._cameras = cameras
         self._webrtc = webrtc
         self._rtc_configuration = rtc_configuration(webrtc)  # reads TURN secrets: at start
         self._timeout = camera_timeout + 1.0
+        self._handshake = handshake_timeout
         self._live: dict[str, _Live] = {}
         self._closing: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
@@ -74,11 +98,21 @@ class WhepEndpoint:
         if request.content_type != "application/sdp":
             return error(415, "unsupported_media_type",
                          "send the SDP offer with Content-Type: application/sdp")
-        offer = await request.text()
+        offer = _offer_text(request, await read_body(request))
+        if isinstance(offer, web.Response):
+            return offer
+        try:
+            check_offer(offer)  # counts lines before aiortc parses anything
+        except OfferError as exc:
+            return error(400, "bad_offer", str(exc))
+        admission = self._access.sessions.admit(peer_ip(request), decision.token_id)
+        if isinstance(admission, Refusal):
+            return _refused(admission)
         hub = camera.hub
         holder = hub.subscribe()  # starts the pull, and keeps it while we answer
         try:
             if not await hub.ready(self._timeout):
+                admission.release()
                 if hub.status.state is CameraState.UNSUPPORTED:
                     return error(501, "unsupported_codec", hub.status.error or "")
                 return error(503, "camera_offline",
@@ -90,7 +124,11 @@ class WhepEndpoint:
                 viewer, answer = await ViewerSession.answer(
                     camera_id, hub, offer, self._rtc_configuration)
             except OfferError as exc:
+                admission.release()
                 return error(400, "bad_offer", str(exc))
+        except BaseException:
+            admission.release()
+            raise
         finally:
             hub.unsubscribe(holder)
         try:
@@ -98,12 +136,16 @@ class WhepEndpoint:
                 decision, camera_id, PROTOCOL, peer_ip(request),
                 close=lambda reason: self._end(viewer, reason),
                 bytes_sent=lambda: viewer.bytes_sent, session_id=viewer.id,
+                admission=admission, pending=True,
             )
         except SessionLimitReached:  # another offer under this token won the last place
+            admission.release()
             await viewer.close()
             return denial(decision._replace(reason=Reason.SESSION_LIMIT))
-        self._live[viewer.id] = _Live(viewer, session)
+        live = _Live(viewer, session)
+        self._live[viewer.id] = live
         viewer.on_closed = self._closed
+        self._watch_handshake(live)
         log.info("whep_session_started", camera=camera_id, session=viewer.id,
                  token_id=decision.token_id, peer_ip=peer_ip(request))
         location = f"/whep/{camera_id}/sessions/{viewer.id}"
@@ -113,15 +155,50 @@ class WhepEndpoint:
             response.headers.add("Link", link)
         return response
 
-    def _end(self, viewer: ViewerSession, reason: str) -> None:
-        """Called by the access service when the token no longer allows the session."""
-        log.info("whep_session_ended", session=viewer.id, reason=reason)
+    def _watch_handshake(self, live: _Live) -> None:
+        """Whatever the offer held (no candidates, no end-of-candidates), a session that is
+        not connected within the handshake deadline is closed and audited: it held sockets
+        and memory for good before."""
+        pc = live.viewer.pc
+        live.deadline = asyncio.get_running_loop().call_later(
+            self._handshake, self._handshake_expired, live.viewer.id)
+
+        @pc.on("connectionstatechange")
+        def on_state() -> None:
+            if pc.connectionState == "connected" and live.deadline is not None:
+                live.deadline.cancel()
+                live.deadline = None
+                self._access.sessions.connected(live.access.id)
+
+    def _handshake_expired(self, viewer_id: str) -> None:
+        live = self._forget(viewer_id)
+        if live is None:
+            return
+        self._access.end_session(live.access.id, ICE_TIMEOUT)
+        log.info("whep_session_ended", session=viewer_id, reason=ICE_TIMEOUT,
+                 waited_s=self._handshake)
+        self._close_later(live.viewer)
+
+    def _forget(self, viewer_id: str) -> _Live | None:
+        live = self._live.pop(viewer_id, None)
+        if live is not None and live.deadline is not None:
+            live.deadline.cancel()
+            live.deadline = None
+        return live
+
+    def _close_later(self, viewer: ViewerSession) -> None:
         task = asyncio.get_running_loop().create_task(viewer.close())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
+    def _end(self, viewer: ViewerSession, reason: str) -> None:
+        """Called by the access service when the token no longer allows the session."""
+        log.info("whep_session_ended", session=viewer.id, reason=reason)
+        self._forget(viewer.id)
+        self._close_later(viewer)
+
     def _closed(self, viewer: ViewerSession) -> None:
-        live = self._live.pop(viewer.id, None)
+        live = self._forget(viewer.id)
         if live is not None:
             self._access.end_session(live.access.id, "disconnected")
 
@@ -135,7 +212,7 @@ class WhepEndpoint:
         if live is None or live.viewer.camera_id != camera_id or (
                 live.access.token_id != decision.token_id):
             return error(404, "unknown_session", "no such WHEP session (it may have ended)")
-        self._live.pop(live.viewer.id, None)
+        self._forget(live.viewer.id)
         self._access.end_session(live.access.id, "deleted")
         await live.viewer.close()
         return web.Response(status=200)
@@ -149,14 +226,14 @@ class WhepEndpoint:
         """A camera left the configuration (or changed): end its sessions, audited."""
         live = [s for s in self._live.values() if s.viewer.camera_id == camera_id]
         for session in live:
-            self._live.pop(session.viewer.id, None)
+            self._forget(session.viewer.id)
             self._access.end_session(session.access.id, why)
         await asyncio.gather(*(session.viewer.close() for session in live))
 
     async def close(self) -> None:
         """The agent is stopping: end every session, audited as such."""
         live = list(self._live.values())
-        self._live.clear()
         for session in live:
+            self._forget(session.viewer.id)
             self._access.end_session(session.access.id, "shutdown")
         await asyncio.gather(*(session.viewer.close() for session in live))

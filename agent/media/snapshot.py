@@ -19,10 +19,14 @@ from agent.media.stream import MediaPacket
 
 
 def encode_jpeg(packet: MediaPacket, codec: str = "h264", quality: int = 5) -> bytes:
-    """Decode one keyframe (H.264 or H.265) and encode it as JPEG. Blocking: in a thread."""
+    """Decode one keyframe (H.264 or H.265) and encode it as JPEG. Blocking: in a thread.
+    A keyframe FFmpeg cannot decode (a camera streaming junk) is a ``SourceError``."""
     decoder: Any = av.CodecContext.create(codec, "r")  # a video context: codec is h264/hevc
-    frames = list(decoder.decode(av.Packet(packet.data)))
-    frames += list(decoder.decode(None))
+    try:
+        frames = list(decoder.decode(av.Packet(packet.data)))
+        frames += list(decoder.decode(None))
+    except (av.FFmpegError, ValueError) as exc:
+        raise SourceError(f"the camera's keyframe cannot be decoded ({exc})") from None
     if not frames:
         raise SourceError("the keyframe could not be decoded")
     frame = frames[0].reformat(format="yuvj420p")

@@ -25,8 +25,8 @@ import structlog
 from agent.access.model import Protocol
 from agent.access.policy import Decision, Reason
 from agent.access.service import AccessService
+from agent.access.sessions import Refusal, SessionLimitReached
 from agent.access.sessions import Session as AccessSession
-from agent.access.sessions import SessionLimitReached
 from agent.config import RtspSection
 from agent.media.cameras import Camera, Cameras
 from agent.rtsp import sdp
@@ -440,12 +440,19 @@ class RtspServer:
         if session.camera.id != camera.id:
             return response(455, cseq)
         if session.access is None:
+            # the same source-address caps as WHEP (sessions.*): 429/503 with Retry-After
+            admission = self._access.sessions.admit(conn.peer_ip, decision.token_id)
+            if isinstance(admission, Refusal):
+                return response(admission.status, cseq,
+                                {"Retry-After": str(admission.retry_after)})
             try:
                 session.access = self._access.open_session(
                     decision, camera.id, PROTOCOL, conn.peer_ip,
                     close=lambda reason: self._ended(conn, reason),
-                    bytes_sent=lambda: session.bytes_sent, session_id=session.id)
+                    bytes_sent=lambda: session.bytes_sent, session_id=session.id,
+                    admission=admission)
             except SessionLimitReached:  # another session of this token took the last place
+                admission.release()
                 return refusal(decision._replace(reason=Reason.SESSION_LIMIT), cseq)
             log.info("rtsp_session_started", camera=camera.id, session=session.id,
                      token_id=decision.token_id, peer_ip=conn.peer_ip,

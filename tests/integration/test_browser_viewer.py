@@ -121,3 +121,48 @@ def test_chromium_plays_over_https_trusting_the_certificate_by_its_key(
                 chromium_args=[f"--ignore-certificate-errors-spki-list={other.spki_sha256}"])
     finally:
         process.stop()
+
+
+@pytest.fixture
+def ice_blocked_agent(netns_pair: NetnsPair, tmp_path: Path):
+    """An agent whose only ICE candidate is its own loopback address: the answer reaches
+    Chromium, but no media path can ever connect (ICE blocked, as behind a strict firewall).
+    Its own handshake deadline is long, so only the page's DELETEs can end the sessions."""
+    process = NamespacedAgent(netns_pair, tmp_path, [
+        {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=320x240&fps=15"},
+    ], webrtc={"host_addresses": ["127.0.0.1"]}, sessions={"handshake_timeout": 60})
+    yield process
+    process.stop()
+
+
+def _audit(agent: NamespacedAgent, *args: str) -> list[dict[str, object]]:
+    done = agent.cli("audit", "--json", "--limit", "1000", *args)
+    assert done.returncode == 0, done.stderr
+    entries: list[dict[str, object]] = json.loads(done.stdout)
+    return entries
+
+
+def test_a_viewer_that_cannot_connect_deletes_its_sessions(
+        ice_blocked_agent: NamespacedAgent) -> None:
+    """The page used to leak one session every ~15 s while ICE failed, kept after the browser
+    closed. Now it gives up after 10 s and DELETEs the session, and deletes the one it holds
+    when the page goes away (pagehide): every session it opened is ended, none by timeout."""
+    agent = ice_blocked_agent
+    token = json.loads(agent.cli("token", "create", "--camera", "lobby", "--json").stdout)[
+        "token"]
+    # Once the second session is open (the first given up after 10 s and deleted), the page
+    # goes away: its pagehide handler runs (dispatched here: the driver closes the browser
+    # right after, before a real navigation could send anything) and DELETEs that one.
+    leave = ("async () => { const seen = JSON.parse(JSON.stringify(window.__viewer));"
+             " window.dispatchEvent(new PageTransitionEvent('pagehide'));"
+             " await new Promise(r => setTimeout(r, 1000)); return seen; }")
+    report = run_in_browser(agent.pair, f"{agent.base}/#token={token}", result=leave,
+                            wait_for="(window.__viewer.sessions.lobby || 0) >= 2", timeout=40)
+    assert "live" not in json.dumps(report.result)
+    health = agent.pair.run(agent.pair.agent_ns, [sys.executable, "-c", (
+        "import json, urllib.request; print(json.load(urllib.request.urlopen("
+        f"'{agent.base}/healthz', timeout=5))['sessions'])")], capture_output=True, text=True)
+    assert health.stdout.strip() == "0", health
+    ended = _audit(agent, "--camera", "lobby", "--event", "session.ended")
+    assert len(ended) >= 2
+    assert {e["reason"] for e in ended} == {"deleted"}  # by the page, not by a deadline

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import signal
 import ssl
 import subprocess
@@ -33,10 +34,19 @@ from tests.conftest import remember
 from tests.support.netns import NetnsPair, free_port
 
 
+def _limit_open_files(limit: int) -> Any:
+    """``ulimit -n LIMIT`` (soft and hard) for a child process, set before it execs."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return apply
+
+
 class AgentProcess:
     def __init__(self, tmp: Path, cameras: list[dict[str, Any]],
                  tls: dict[str, Any] | None = None, **sections: Any) -> None:
-        """``tls``: the http.tls section; the agent then serves HTTPS only."""
+        """``tls``: the http.tls section; the agent then serves HTTPS only. ``sections``:
+        config sections; ``nofile=N`` instead runs the daemon under ``ulimit -n N``."""
+        nofile: int | None = sections.pop("nofile", None)
         self.port = free_port()
         self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.rtsp_port = free_port()
@@ -50,15 +60,21 @@ class AgentProcess:
                   "audit": {"flush_interval": 0.1},
                   # the host's namespace: never probe or announce on its real interfaces
                   "discovery": {"enabled": False, "advertise": False},
-                  "cameras": cameras, **sections}
+                  "cameras": cameras}
+        for name, section in sections.items():  # a section given merges with the defaults
+            base = config.get(name)
+            config[name] = ({**base, **section} if isinstance(base, dict)
+                            and isinstance(section, dict) else section)
         self.config_path = tmp / f"agent-{self.port}.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
         self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
                     "THERELAY_LOG_FORMAT": "json", "THERELAY_CONFIG": str(self.config_path)}
         self.log_path = tmp / f"agent-{self.port}.log"
         self._log = self.log_path.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run"], env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "run"], env=self.env, stdout=self._log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_limit_open_files(nofile) if nofile else None)  # noqa: PLW1509
         self._wait_healthy()
 
     def _wait_healthy(self) -> None:

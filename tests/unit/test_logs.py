@@ -71,3 +71,57 @@ def test_levels_filter() -> None:
     structlog.get_logger("t").info("quiet")
     structlog.get_logger("t").warning("loud")
     assert [json.loads(line)["event"] for line in out.getvalue().splitlines()] == ["loud"]
+
+
+@pytest.mark.parametrize("wrap", [
+    "\x01{t}", "x{t}", "/whep/cam1{t}", "?a=%3D{t}", "q=x%3D{t}&y", "path/%2F{t}",
+    "{pct}", "abc{pct}def", "_{t}_",
+])
+def test_glued_and_percent_encoded_tokens_are_redacted(wrap: str) -> None:
+    """No word boundary is needed in front of a token, and %5F stands for its underscores."""
+    token = generate(Kind.ACCESS).text
+    pct = token.replace("_", "%5F")
+    text = logs.redact_text(wrap.format(t=token, pct=pct))
+    assert token[17:] not in text
+    assert token[17:40] not in text
+    assert "[redacted]" in text
+
+
+@pytest.mark.parametrize("text", ["x_token=abc&y=1", "a?b%26token%3Dabc", "TOKEN=abc"])
+def test_query_secrets_need_no_boundary(text: str) -> None:
+    assert "abc" not in logs.redact_text(text)
+
+
+def test_malformed_requests_are_sampled_short_lines_without_traceback() -> None:
+    """aiohttp logs each unparsable request with a traceback holding the request line: a
+    client sending 1,000 of them must leave a few short lines, not 1,000 tracebacks."""
+    token = generate(Kind.ACCESS).text
+    out = io.StringIO()
+    logs.configure("json", "info", stream=out)
+    server = logging.getLogger("aiohttp.server")
+    for _ in range(1000):
+        try:
+            raise ValueError("Got more than 8190 bytes when reading: /whep/" + "a" * 8000 + token)
+        except ValueError:
+            server.exception("Error handling request from %s", "10.0.0.9")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == logs.MALFORMED_PER_WINDOW
+    assert all(line["event"] == "malformed_request" and line["level"] == "warning"
+               for line in lines)
+    assert all("exception" not in line and len(line["problem"]) <= 200 for line in lines)
+    assert len(out.getvalue()) < 2000
+    assert token[17:] not in out.getvalue()
+
+
+def test_the_sampler_reports_what_it_dropped() -> None:
+    now = [0.0]
+    sampler = logs.MalformedRequestSampler(clock=lambda: now[0])
+    record = lambda: logging.LogRecord("aiohttp.server", logging.ERROR, "", 0,  # noqa: E731
+                                       "Error handling request", None, None)
+    assert [sampler.filter(record()) for _ in range(8)] == [True] * 5 + [False] * 3
+    now[0] = logs.MALFORMED_WINDOW
+    kept = record()
+    assert sampler.filter(kept) and kept.__dict__["not_logged_before"] == 3
+    other = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "something else",
+                              None, None)
+    assert sampler.filter(other) and other.levelno == logging.ERROR

@@ -159,3 +159,19 @@ def test_media_config_errors(tmp_path: Path, yaml_text: str, message: str) -> No
     with pytest.raises(ConfigError) as info:
         load(path, {})
     assert message in str(info.value)
+
+
+def test_an_undecodable_keyframe_is_a_source_error_not_a_crash() -> None:
+    """A camera streaming junk "H.264": the snapshot decode raises SourceError (the HTTP
+    layer answers 503 camera_unreadable with its text), never FFmpeg's own exception."""
+    import os
+    from fractions import Fraction
+
+    from agent.errors import SourceError
+    from agent.media.snapshot import encode_jpeg
+    from agent.media.stream import MediaPacket
+
+    junk = MediaPacket(True, b"\x00\x00\x00\x01\x65" + os.urandom(3000), 0,
+                       Fraction(1, 90000), True)
+    with pytest.raises(SourceError, match="cannot be decoded"):
+        encode_jpeg(junk)

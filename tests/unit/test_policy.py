@@ -15,6 +15,7 @@ from agent.access.policy import (
     Site,
     authorize,
 )
+from agent.access.sessions import Admission, Refusal, Session, SessionLimits, SessionRegistry
 from agent.access.tokens import Kind
 
 NOW = 1_800_000_000.0
@@ -218,3 +219,40 @@ def test_the_audit_and_usage_record_what_earlier_releases_did(action, protocol, 
     """Existing audit rows and usage counters say 'api' and 'admin': new ones must too."""
     req = AccessRequest("t", None, action, protocol, "10.0.0.9", NOW)
     assert req.recorded_protocol == recorded
+
+
+# -- session admission (agent/access/sessions.py) -------------------------------------------
+
+def _session(sid: str, ip: str, pending: bool = False) -> Session:
+    return Session(sid, "tok", "cam1", "webrtc", ip, 0.0, lambda _r: None, pending=pending)
+
+
+def test_admission_caps_overall_per_address_and_pending() -> None:
+    reg = SessionRegistry(SessionLimits(max_total=6, max_per_ip=4, max_pending_per_ip=2))
+    held = [reg.admit("10.0.0.1"), reg.admit("10.0.0.1")]
+    assert all(isinstance(a, Admission) for a in held)
+    refused = reg.admit("10.0.0.1")  # two still connecting from this address
+    assert isinstance(refused, Refusal) and refused.status == 429
+    assert refused.code == "too_many_pending_sessions" and refused.retry_after > 0
+    for i, admission in enumerate(held):
+        assert isinstance(admission, Admission)
+        reg.add(_session(f"s{i}", "10.0.0.1", pending=True), admission=admission)
+    assert isinstance(reg.admit("10.0.0.1"), Refusal)  # the sessions themselves are pending
+    reg.connected("s0")
+    reg.connected("s1")
+    for i in range(2, 4):
+        admission = reg.admit("10.0.0.1")
+        assert isinstance(admission, Admission)
+        reg.add(_session(f"s{i}", "10.0.0.1"), admission=admission)
+    per_ip = reg.admit("10.0.0.1")
+    assert isinstance(per_ip, Refusal) and per_ip.code == "too_many_sessions_from_address"
+    other = [reg.admit("10.0.0.2"), reg.admit("10.0.0.2")]
+    full = reg.admit("10.0.0.3")
+    assert isinstance(full, Refusal) and full.status == 503 and full.code == "too_many_sessions"
+    for admission in other:
+        assert isinstance(admission, Admission)
+        admission.release()
+        admission.release()  # idempotent
+    assert isinstance(reg.admit("10.0.0.3"), Admission)
+    reg.remove("s3")
+    assert isinstance(reg.admit("10.0.0.1"), Admission)

@@ -4,14 +4,13 @@
 "use strict";
 
 const state = { token: null, sessions: new Map() };
-window.__viewer = { cameras: {}, frames: {} }; // read by the browser tests
+window.__viewer = { cameras: {}, frames: {}, sessions: {} }; // read by the browser tests
 
 const TITLES = {
   missing: "No access token",
   malformed: "This is not an access token",
   corrupted: "The token was damaged in copying",
-  unknown: "This agent does not know the token",
-  bad_secret: "The token is not valid",
+  unknown: "This agent does not accept the token",
   wrong_kind: "This is not an access token",
   revoked: "The token was revoked",
   expired: "The token has expired",
@@ -99,6 +98,11 @@ function countFrames(view) {
   view.video.requestVideoFrameCallback(tick);
 }
 
+// Shorter than the agent's handshake deadline (sessions.handshake_timeout, 10 s by default)
+// would be rude to slow networks; longer would leave a dead tile. Chromium itself reports
+// "failed" only after about 30 s.
+const GIVE_UP_MS = 10000;
+
 function iceGathered(pc) {
   if (pc.iceGatheringState === "complete") return Promise.resolve();
   return new Promise((resolve) => {
@@ -141,17 +145,39 @@ async function play(view) {
   }
   const location = response.headers.get("Location");
   state.sessions.set(view.camera.id, location);
+  const opened = window.__viewer.sessions;
+  opened[view.camera.id] = (opened[view.camera.id] || 0) + 1;
   await pc.setRemoteDescription({ type: "answer", sdp: await response.text() });
   pc.onconnectionstatechange = () => {
-    if (pc.connectionState === "connected") setState(view, "live");
+    if (pc.connectionState === "connected") {
+      clearTimeout(view.giveUp);
+      setState(view, "live");
+    }
     if (["failed", "closed", "disconnected"].includes(pc.connectionState)) ended(view, pc);
   };
+  // A session that cannot connect (ICE blocked by a firewall) is given up, and deleted on the
+  // agent, rather than left to the agent's own handshake deadline.
+  clearTimeout(view.giveUp);
+  view.giveUp = setTimeout(() => {
+    if (pc.connectionState !== "connected") ended(view, pc);
+  }, GIVE_UP_MS);
+}
+
+/** DELETE the camera's session on the agent (it frees its sockets at once). */
+function forget(view) {
+  const location = state.sessions.get(view.camera.id);
+  if (!location) return;
+  state.sessions.delete(view.camera.id);
+  fetch(location, { method: "DELETE", keepalive: true,
+                    headers: { Authorization: `Bearer ${state.token}` } }).catch(() => {});
 }
 
 async function ended(view, pc) {
   if (view.ending) return;
   view.ending = true;
+  clearTimeout(view.giveUp);
   pc.close();
+  forget(view);
   // Ask the agent why: a revoked or expired token says so; otherwise reconnect.
   let response = null;
   try { response = await api(`/api/v1/cameras`); } catch (e) { /* agent unreachable */ }
@@ -168,8 +194,9 @@ async function ended(view, pc) {
 window.addEventListener("pagehide", () => {
   for (const location of state.sessions.values()) {
     fetch(location, { method: "DELETE", keepalive: true,
-                      headers: { Authorization: `Bearer ${state.token}` } });
+                      headers: { Authorization: `Bearer ${state.token}` } }).catch(() => {});
   }
+  state.sessions.clear();
 });
 
 $("token-form").addEventListener("submit", (event) => {
