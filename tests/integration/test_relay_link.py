@@ -23,12 +23,13 @@ Factory = Callable[..., RtspCamera]
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 
-def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
+async def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
     secret = tmp / "publisher-token.secret"
     secret.write_text(token + "\n")
-    return AgentProcess(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
-                        agent={"id": "nvr1", "account_id": "acme"},
-                        relay={"url": relay.url, "publisher_token_file": str(secret)}, **extra)
+    return await AgentProcess.start(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
+                                    agent={"id": "nvr1", "account_id": "acme"},
+                                    relay={"url": relay.url,
+                                           "publisher_token_file": str(secret)}, **extra)
 
 
 async def snapshot_status(agent: AgentProcess, token: str) -> int:
@@ -39,7 +40,7 @@ async def snapshot_status(agent: AgentProcess, token: str) -> int:
 
 async def test_hello_inventory_token_sync_and_instant_revocation(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
         try:
             hello = await relay.wait_agent(timeout=20)
             assert hello["agent_id"] == "nvr1" and "whip" in hello["capabilities"]
@@ -61,20 +62,20 @@ async def test_hello_inventory_token_sync_and_instant_revocation(tmp_path: Path)
             await wait_until(lambda: viewer.pc.connectionState in ("closed", "failed"), 10)
             await viewer.close()
             assert await snapshot_status(agent, text) == 401
-            ended = agent.audit("--token", record["id"], "--event", "session.ended")
+            ended = await agent.audit("--token", record["id"], "--event", "session.ended")
             assert ended and ended[0]["reason"] == "revoked"
-            assert agent.audit("--token", record["id"], "--event", "token.revoked")[0][
+            assert (await agent.audit("--token", record["id"], "--event", "token.revoked"))[0][
                 "actor"] == "relay"
             pong = await relay.ping()
             assert pong["type"] == "pong"
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
 async def test_publish_on_demand_over_whip(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             session = await relay.publish("cam1")
@@ -88,14 +89,14 @@ async def test_publish_on_demand_over_whip(tmp_path: Path) -> None:
             refused = await relay.wait_for("ack", lambda m: m.get("ok") is False, timeout=10)
             assert refused["error"]["code"] == "unknown_camera"
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
 async def test_redirects_are_followed_and_failures_reported(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         relay.whip_redirect = True
-        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             session = await relay.publish("cam1")
@@ -106,13 +107,13 @@ async def test_redirects_are_followed_and_failures_reported(tmp_path: Path) -> N
             status = await relay.wait_status(failing, "failed", timeout=20)
             assert status["error"]["code"] == "http_503"
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
 async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(permission="read"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(permission="read"))
         try:
             await relay.wait_agent(timeout=20)
             message = await relay.publish("cam1")
@@ -122,14 +123,14 @@ async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -
             await wait_until(lambda: any(e.get("event") == "relay_read_only"
                                          for e in agent.log_events()), 5)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
 
 
 async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         token = relay.issue_publisher(revoked=True)
-        agent = start_agent(tmp_path, relay, token)
+        agent = await start_agent(tmp_path, relay, token)
         try:
             await wait_until(lambda: len(relay.attempts) >= 1, 20)
             await asyncio.sleep(5)
@@ -142,13 +143,13 @@ async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
             status, _, body = await _get(f"{agent.base}/healthz")
             assert status == 200 and b'"relay": "rejected"' in body
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
 
 
 async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             _, record = relay.issue_access_token("host:nvr1")
@@ -160,7 +161,7 @@ async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
             hello = await relay.wait_for("hello", since=mark, timeout=20)
             assert hello["token_cursor"] == ack["cursor"]
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
@@ -175,25 +176,26 @@ async def test_always_mode_publishes_to_any_whip_server_without_a_control_channe
         token = relay.issue_publisher()
         secret = tmp_path / "publisher-token.secret"
         secret.write_text(token + "\n")
-        agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL},
-                                        {"id": "cam2", "source": SMALL}],
-                             agent={"id": "nvr1"},
-                             relay={"publish": "always", "publisher_token_file": str(secret),
-                                    "whip_url_template": relay.whip_url_template,
-                                    "always_cameras": ["cam2"]})
+        agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL},
+                                         {"id": "cam2", "source": SMALL}],
+                                         agent={"id": "nvr1"},
+                                         relay={"publish": "always",
+                                                "publisher_token_file": str(secret),
+                                                "whip_url_template": relay.whip_url_template,
+                                                "always_cameras": ["cam2"]})
         try:
             frame = await relay.whip_frame(relay.always_session("nvr1", "cam2"), timeout=20)
             assert (frame.width, frame.height) == (320, 240)
             assert relay.whip_resource(relay.always_session("nvr1", "cam1")) is None
             assert relay.connections == 0  # no control channel was needed
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         await relay.wait_whip_deleted(relay.always_session("nvr1", "cam2"))
 
 
 async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
         try:
             await relay.wait_agent(timeout=20)
             text, record = relay.issue_access_token("host:nvr1")
@@ -216,7 +218,7 @@ async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -
             assert any(e["token_id"] is None and e["reason"] == "malformed"
                        for e in relay.usage_events)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
@@ -227,9 +229,10 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
         relay.clock_offset = 120.0  # the relay's clock is two minutes ahead
         secret = tmp_path / "publisher-token.secret"
         secret.write_text(relay.issue_publisher() + "\n")
-        agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
-                             agent={"id": "nvr1"}, media={"idle_grace": 1.0},
-                             relay={"url": relay.url, "publisher_token_file": str(secret)})
+        agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
+                                         agent={"id": "nvr1"}, media={"idle_grace": 1.0},
+                                         relay={"url": relay.url,
+                                                "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
             assert camera.total_connections == 0  # nothing is pulled before publish
@@ -238,7 +241,7 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
             frame = await relay.whip_frame(session)
             assert (frame.width, frame.height) == (320, 240)
             # A LAN viewer shares the same single pull.
-            _, token = await asyncio.to_thread(agent.token, "--camera", "door")
+            _, token = await agent.token("--camera", "door")
             viewer = WhepViewer(agent.base, "door", token)
             assert await viewer.connect() == 201
             await viewer.frame()
@@ -262,4 +265,4 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
             assert camera.total_connections == 1
             assert any(e.get("event") == "clock_skew" for e in agent.log_events())
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
