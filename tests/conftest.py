@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 import agent.access.store as store_module
-from agent import cli
+from agent import cli, logs
 from agent.access.tokens import Kind, ParsedToken
 
 # Every event loop in the tests runs in debug mode: a callback that blocks the loop for
@@ -56,6 +56,12 @@ asyncio.set_event_loop_policy(_CheckedLoopPolicy())
 # namespaces they create and set these back to true there.
 os.environ["THERELAY_DISCOVERY_ENABLED"] = "false"
 os.environ["THERELAY_DISCOVERY_ADVERTISE"] = "false"
+
+# The test process logs as the daemon does (agent/logs.py), not with structlog's defaults,
+# whose console renderer pretty-prints an exception with its local variables (through rich,
+# a test dependency): that takes a third of a second in the event loop, which the daemon
+# never spends.
+logs.configure("json", "info")
 
 ISSUED: set[str] = set()
 TOKEN_RE = re.compile(r"tr[apk]_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}")

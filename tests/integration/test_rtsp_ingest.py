@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +13,7 @@ import aiohttp
 import av
 import pytest
 
-from tests.support.agent import AgentProcess, WhepViewer, wait_until
+from tests.support.agent import AgentProcess, WhepViewer, run_async, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 
 __all__ = ["rtsp_camera_factory_fixture"]
@@ -31,7 +32,7 @@ async def status(agent: AgentProcess, token: str, camera: str) -> dict[str, Any]
 
 async def test_five_viewers_one_rtsp_connection(tmp_path: Path,
                                                 rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA)
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
     agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
                                      media={"idle_grace": 1.0})
     try:
@@ -56,7 +57,7 @@ async def test_five_viewers_one_rtsp_connection(tmp_path: Path,
 
 async def test_a_camera_blip_does_not_end_the_session(tmp_path: Path,
                                                       rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA)
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
     agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
                                      media={"camera_timeout": 2.0, "reconnect_max": 2.0})
     try:
@@ -64,14 +65,14 @@ async def test_a_camera_blip_does_not_end_the_session(tmp_path: Path,
         viewer = WhepViewer(agent.base, "door", token)
         assert await viewer.connect() == 201
         await viewer.frame()
-        camera.kill()
+        await asyncio.to_thread(camera.kill)
         async def offline() -> bool:
             info = await status(agent, token, "door")
             return bool(info["state"] == "offline")
 
         await wait_until(offline, timeout=15)
         assert viewer.pc.connectionState == "connected"
-        camera.restart()
+        await asyncio.to_thread(camera.restart)
         # Frames flow again once the camera is back: read until one arrives after restart.
         restarted = time.monotonic()
         deadline = restarted + 30
@@ -88,7 +89,8 @@ async def test_a_camera_blip_does_not_end_the_session(tmp_path: Path,
 
 async def test_credentials_from_a_file_and_a_clear_error_when_wrong(
         tmp_path: Path, rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA, user="viewer", password="s3cret-pass")
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, user="viewer",
+                                     password="s3cret-pass")
     good, bad = tmp_path / "good.secret", tmp_path / "bad.secret"
     good.write_text("s3cret-pass\n")
     bad.write_text("wrong\n")
@@ -114,7 +116,7 @@ async def test_credentials_from_a_file_and_a_clear_error_when_wrong(
 @pytest.mark.parametrize(("audio", "codec"), [("pcmu", "PCMU"), ("aac", "opus")])
 async def test_audio_reaches_the_viewer(tmp_path: Path, rtsp_camera_factory: Factory,
                                         audio: str, codec: str) -> None:
-    camera = rtsp_camera_factory(**CAMERA, audio=audio)
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, audio=audio)
     agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}])
     try:
         _, token = await agent.token("--camera", "door")
@@ -132,15 +134,13 @@ async def test_audio_reaches_the_viewer(tmp_path: Path, rtsp_camera_factory: Fac
 
 async def test_a_username_without_password_is_a_clear_error(
         tmp_path: Path, rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA, user="viewer", password="s3cret-pass")
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, user="viewer",
+                                     password="s3cret-pass")
     config = tmp_path / "c.yaml"
     config.write_text(f"cameras: [{{id: door, source: '{camera.url}', username: viewer}}]\n")
-    import subprocess
-    import sys
-
-    checked = subprocess.run([sys.executable, "-m", "agent", "config", "check", "--config",
-                              str(config)], capture_output=True, text=True, check=False,
-                             env={"PATH": "/usr/bin:/bin", "THERELAY_STATE_DIR": str(tmp_path)})
+    checked = await run_async([sys.executable, "-m", "agent", "config", "check", "--config",
+                               str(config)],
+                              env={"PATH": "/usr/bin:/bin", "THERELAY_STATE_DIR": str(tmp_path)})
     assert checked.returncode == 2
     assert "'door' has a username but no password" in checked.stderr
     agent = await AgentProcess.start(
