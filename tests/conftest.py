@@ -10,6 +10,7 @@ directory named ``creds``.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import logging
 import os
@@ -87,6 +88,15 @@ def remember(text: str) -> list[str]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The leak check needs every other test to have run first."""
     items.sort(key=lambda item: "test_zz_no_leaks" in item.nodeid)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Keep what the test modules imported (aiortc, PyAV, zeep, schemathesis, …: a large heap
+    that lives for the whole session) out of the garbage collector, as the daemon does with
+    zeep's WSDL graph (agent/app.py). A full collection of it took 0.25-0.6 s on a loaded
+    machine: run by the interpreter inside any callback, it would fail that test."""
+    gc.collect()
+    gc.freeze()
 
 
 class _SlowCallbacks(logging.Handler):
