@@ -7,4 +7,5 @@ scripts/setup-system --test
 scripts/setup-venv --test
 .venv/bin/ruff check agent tests
 .venv/bin/mypy
+.venv/bin/vulture  # dead code: settings and whitelist in pyproject.toml [tool.vulture]
 exec .venv/bin/python -m pytest "$@"

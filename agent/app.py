@@ -20,7 +20,7 @@ from aiohttp import web
 from agent import __version__
 from agent.access.db import db_path
 from agent.access.model import Scope, ScopeLevel, Status, format_time
-from agent.access.policy import FailureLimiter, Site
+from agent.access.policy import FailureLimiter
 from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
 from agent.access.store import NewToken, TokenStore
@@ -36,8 +36,9 @@ from agent.http.whep import WhepEndpoint
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
-from agent.relay.link import RelayLink, camera_inventory
+from agent.relay.link import LinkState, RelayLink, camera_inventory
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
+from agent.stores import open_store
 from agent.systemd import Notifier
 from agent.webrtc import speedups
 from agent.webrtc.ice import (
@@ -63,17 +64,6 @@ ADOPTED_POLL = 1.0
 STOP_WITHIN = 4.0
 REQUEST_GRACE = 1.0
 CAMERA_RELEASE = 1.0
-
-
-def open_store(config: Config) -> TokenStore:
-    """The token store for ``config``: its site identity, limit and known cameras."""
-    site = Site(config.agent.id, config.agent.account_id)
-    configured = frozenset(config.camera_ids)
-    store = TokenStore(db_path(config.state_dir), site, config.tokens.max_active,
-                       lambda: configured)
-    adopted = AdoptedCameras(store, config.state_dir)
-    store.known_cameras = lambda: configured | {c.id for c in adopted.all()}
-    return store
 
 
 def follow_cameras(store: TokenStore, cameras: Cameras) -> None:
@@ -162,7 +152,7 @@ class Daemon:
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
-        Metrics(self.access, self.cameras, self.lag, self.link).routes(self.app)
+        Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
         self._runner: web.AppRunner | None = None
 
     def health(self) -> dict[str, object]:

@@ -15,7 +15,7 @@ import socket
 import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 from urllib.parse import urlsplit
 
 import yaml
@@ -30,6 +30,13 @@ SOURCE_SCHEMES = ("rtsp", "rtsps", "testsrc", "file")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 #: Where systemd looks for ``LoadCredential=NAME`` (systemd.exec(5)); read by the CLI too.
 CREDENTIAL_STORES = ("/etc/credstore", "/run/credstore", "/usr/lib/credstore")
+
+# Keys with a fixed set of values are typed with these Literals: the loader accepts exactly
+# the values listed and names them in its error (see _convert).
+Transport = Literal["tcp", "udp"]
+AudioMode = Literal["auto", "passthrough", "off"]
+LogFormat = Literal["auto", "json", "console"]
+PublishMode = Literal["on_demand", "always"]
 
 
 def _default_agent_id() -> str:
@@ -67,7 +74,7 @@ class CameraConfig:
     source: str
     name: str = ""
     #: RTSP transport: tcp (default, works through most networks) or udp.
-    transport: str = "tcp"
+    transport: Transport = "tcp"
     #: RTSP user name, when it is not in the URL.
     username: str | None = None
     #: File holding the RTSP password (else the systemd credential ``camera-<id>``).
@@ -76,7 +83,7 @@ class CameraConfig:
     always_on: bool = False
     #: auto: G.711 and Opus passed through, AAC transcoded to Opus once; passthrough: no
     #: transcoding; off: video only.
-    audio: str = "auto"
+    audio: AudioMode = "auto"
 
 
 @dataclass(frozen=True)
@@ -140,8 +147,9 @@ class AuditSection:
 
 @dataclass(frozen=True)
 class LogSection:
-    format: str = "auto"
-    level: str = "info"
+    #: auto: console on a terminal, else json.
+    format: LogFormat = "auto"
+    level: str = "info"  # one of LOG_LEVELS, in any case
 
 
 @dataclass(frozen=True)
@@ -150,7 +158,7 @@ class RelaySection:
     publisher_token_file: Path | None = None
     #: on_demand: publish only what the relay asks for; always: publish continuously to
     #: whip_url_template (any WHIP server), with or without a control channel.
-    publish: str = "on_demand"
+    publish: PublishMode = "on_demand"
     #: For publish: always — {agent_id} and {camera_id} are filled in.
     whip_url_template: str | None = None
     #: For publish: always — the cameras to publish (empty: every camera).
@@ -234,6 +242,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a list, got {_kind(value)}")
         (item,) = get_args(tp)
         return [_convert(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        return _choice(value, get_args(tp), path)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -255,6 +265,15 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             return str(value)
         raise ConfigError(f"{path}: expected text, got {_kind(value)}")
     raise TypeError(f"unsupported config type {tp!r}")  # pragma: no cover
+
+
+def _choice(value: Any, allowed: tuple[str, ...], path: str) -> str:
+    """One of ``allowed``. YAML 1.1 reads an unquoted ``off`` as false: taken as "off"."""
+    if value is False and "off" in allowed:
+        return "off"
+    if isinstance(value, str) and value in allowed:
+        return value
+    raise ConfigError(f"{path}: must be one of {', '.join(allowed)}, got {_kind(value)}")
 
 
 def _kind(value: Any) -> str:
@@ -328,8 +347,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
             raise ConfigError(f"environment {name}: unknown setting{_hint(name, sorted(known))}")
         if not raw.strip():
             value = None
-        elif _leaf_type(known[name]) in (str, Path):
-            value = raw.strip()  # text as given: YAML would turn 0123 into 83, yes into True
+        elif (leaf := _leaf_type(known[name])) in (str, Path) or get_origin(leaf) is Literal:
+            value = raw.strip()  # text as given: YAML would turn 0123 into 83, off into False
         else:
             try:
                 value = yaml.safe_load(raw)
@@ -412,10 +431,6 @@ def validate(config: Config) -> None:
         need(scheme in SOURCE_SCHEMES,
              f"cameras[{i}].source: must start with one of "
              f"{', '.join(s + '://' for s in SOURCE_SCHEMES)}")
-        need(cam.transport in ("tcp", "udp"),
-             f"cameras[{i}].transport: {cam.transport!r} must be tcp or udp")
-        need(cam.audio in ("auto", "passthrough", "off"),
-             f"cameras[{i}].audio: {cam.audio!r} must be auto, passthrough or off")
     m = config.media
     need(m.idle_grace >= 0, "media.idle_grace: must be 0 or more seconds")
     need(m.queue_packets >= 10, "media.queue_packets: must be at least 10")
@@ -439,13 +454,9 @@ def validate(config: Config) -> None:
     need(config.audit.retention_days >= 1, "audit.retention_days: must be at least 1")
     need(0 < config.audit.flush_interval <= 60,
          "audit.flush_interval: must be between 0 and 60 seconds")
-    need(config.log.format in ("auto", "json", "console"),
-         f"log.format: {config.log.format!r} must be json, console or auto")
     need(config.log.level.lower() in LOG_LEVELS,
          f"log.level: {config.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
     r = config.relay
-    need(r.publish in ("on_demand", "always"),
-         f"relay.publish: {r.publish!r} must be on_demand or always")
     if r.publish == "always":
         need(r.whip_url_template is not None and "{camera_id}" in r.whip_url_template
              and r.whip_url_template.startswith(("https://", "http://")),

@@ -11,9 +11,7 @@ contains a secret::
     ├── TokenError         a token operation was refused
     │   ├── TokenLimitError    creating would exceed tokens.max_active
     │   └── NotFoundError      no token with that id
-    ├── AuthError          a request was denied (carries the Decision's reason)
-    ├── SourceError        a camera source failed
-    └── RelayError         the relay link failed
+    └── SourceError        a camera source failed
 """
 
 
@@ -45,17 +43,5 @@ class NotFoundError(TokenError):
     """No token has that id."""
 
 
-class AuthError(AgentError):
-    """A request was denied; ``reason`` is the machine-readable Decision reason."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 class SourceError(AgentError):
     """A camera source failed."""
-
-
-class RelayError(AgentError):
-    """The relay link failed."""

@@ -20,6 +20,14 @@ class Protocol(StrEnum):
     SNAPSHOT = "snapshot"
 
 
+#: The protocols this agent serves today. The RTSP and HLS servers add theirs here when they
+#: come; what reports per protocol (/metrics) reads this, so nothing shows a protocol that no
+#: server answers. (Tokens may already be restricted to any Protocol.)
+SERVED_PROTOCOLS: tuple[Protocol, ...] = (Protocol.WEBRTC, Protocol.SNAPSHOT)
+#: Served protocols whose viewers hold a live session (a snapshot is one request).
+SESSION_PROTOCOLS: tuple[Protocol, ...] = tuple(
+    p for p in SERVED_PROTOCOLS if p is not Protocol.SNAPSHOT)
+
 #: Requests that need an admin token rather than an access token.
 ADMIN_PROTOCOL = "admin"
 #: Listing the cameras a token may see: any access token, whatever its protocols; the list

@@ -152,15 +152,6 @@ class TokenStore:
         records = [_record(r) for r in rows]
         return records, max([rev, *(r.rev for r in records)])
 
-    def data_version(self) -> int:
-        """Changes whenever another connection (another process, too) commits."""
-        with self._lock:
-            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
-
-    def active_count(self, now: float) -> int:
-        with self._lock:
-            return self._count_active(now)
-
     def _count_active(self, now: float, excluding: str | None = None) -> int:
         row = self._conn.execute(
             f"SELECT count(*) FROM tokens WHERE origin = 'local' AND {_ACTIVE} AND id IS NOT ?",

@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent import __version__, app, logs
+import agent
+from agent import logs, stores
 from agent.cli import audit as audit_cli
 from agent.cli import cameras as cameras_cli
 from agent.cli import doctor as doctor_cli
@@ -24,6 +25,15 @@ from agent.errors import AgentError, ConfigError, UsageError
 
 EXIT_FAILED = 1  # the command ran and the answer is no (denied, refused, tampered)
 EXIT_ERROR = 2  # the command could not run as given (usage, configuration)
+
+
+class _Version(argparse.Action):
+    """``--version``: the version is looked up only when asked for (see agent.__init__)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        print(f"therelay-agent {agent.__version__}")
+        parser.exit()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="therelay-agent",
         description="TheRelay Agent: your cameras, anywhere, instantly.",
     )
-    parser.add_argument("--version", action="version", version=f"therelay-agent {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="show the program's version number and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", parents=[common], help="run the agent (the daemon)")
@@ -121,11 +132,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.log.format, config.log.level if args.command == "run" else "warning")
     try:
         if args.command == "run":
+            from agent import app  # noqa: PLC0415 (only `run` needs the daemon: aiohttp, aiortc, av)
+
             quick = config.origin == "embedded defaults"
             return asyncio.run(app.run(config, quick_start=quick))
         if args.command == "config":
             return _config_check(args, config)
-        store = app.open_store(config)
+        store = stores.open_store(config)
         try:
             return int(args.handler(args, config, store))
         finally:

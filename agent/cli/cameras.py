@@ -10,12 +10,12 @@ import argparse
 import asyncio
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from agent import logs
 from agent.access.store import TokenStore
 from agent.cli.output import emit_json, table
-from agent.config import Config, read_secret
+from agent.config import Config, Transport, read_secret
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.discovery.catalog import Sighting, camera_id_for, find
 from agent.errors import AgentError, UsageError
@@ -44,7 +44,7 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                        "or a profile token")
     adopt.add_argument("--id", dest="camera_id", metavar="NAME",
                        help="the camera id used in tokens and URLs (default: from its name)")
-    adopt.add_argument("--transport", choices=("tcp", "udp"), default="tcp",
+    adopt.add_argument("--transport", choices=get_args(Transport), default="tcp",
                        help="RTSP transport (default tcp)")
     _credentials(adopt, "the camera's user")
     adopt.set_defaults(handler=adopt_camera)

@@ -29,7 +29,7 @@ from agent.access import audit
 from agent.access.db import db_path
 from agent.access.model import is_identifier
 from agent.access.store import TokenStore
-from agent.config import CameraConfig
+from agent.config import CameraConfig, Transport
 from agent.errors import NotFoundError, UsageError
 
 CREDENTIALS_DIR = "camera-credentials"
@@ -48,7 +48,7 @@ class AdoptedCamera:
     username: str | None = None
     profile: str = "main"
     xaddr: str | None = None  # ONVIF device service URL, to ask again after a move
-    transport: str = "tcp"
+    transport: Transport = "tcp"
     adopted_at: float = 0.0
     updated_at: float = 0.0
 

@@ -42,9 +42,6 @@ from agent.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_TYPES: tuple[str, ...] = (
-    "_rtsp._tcp.local.", "_rtsps._tcp.local.", "_axis-video._tcp.local.",
-)
 AGENT_TYPE = "_therelay._tcp.local."
 
 MAX_SERVICES = 1024

@@ -17,15 +17,12 @@ import structlog
 
 from agent.config import CameraConfig, Config, load
 from agent.discovery.adopted import read_adopted
-from agent.doctor import cameras, local
-from agent.doctor.model import Report, Result, Status, result
-from agent.doctor.relay import check_relay
+from agent.doctor.model import DEFAULT_TIMEOUT, Report, Result, Status, result
 from agent.errors import ConfigError
 
-__all__ = ["Report", "Result", "Status", "diagnose", "run_checks"]
+__all__ = ["DEFAULT_TIMEOUT", "Report", "Result", "Status", "diagnose", "run_checks"]
 
 log = structlog.get_logger(__name__)
-DEFAULT_TIMEOUT = 5.0
 
 
 async def diagnose(config_path: Path | None, timeout: float = DEFAULT_TIMEOUT) -> Report:
@@ -58,6 +55,11 @@ async def _guard(group: str, name: str, timeout: float,
 
 async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report:
     """Every check for ``config``, concurrently; results in a stable order."""
+    # The checks import aiohttp, websockets and the relay link: loaded when doctor runs,
+    # not when the CLI starts (agent.cli imports this package for its parser).
+    from agent.doctor import local  # noqa: PLC0415
+    from agent.doctor.relay import check_relay  # noqa: PLC0415
+
     cameras_n = len(config.cameras)  # adopted cameras are checked too, listed by id
     relay = config.relay.url or "not configured"
     head = [result("agent", "config", Status.OK,
@@ -107,6 +109,8 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
 
 def _camera_jobs(camera: CameraConfig, timeout: float,
                  slow: float) -> list[Awaitable[list[Result]]]:
+    from agent.doctor import cameras  # noqa: PLC0415 (aiohttp: loaded when doctor runs)
+
     g = cameras.group(camera)
     scheme = camera.source.partition("://")[0].lower()
     if scheme == "testsrc":

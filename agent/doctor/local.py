@@ -31,7 +31,7 @@ GROUP = "agent"
 DISK_WARN = 500 * 1024 * 1024
 DISK_FAIL = 50 * 1024 * 1024
 #: Interface name prefixes of container bridges and VPNs: their addresses are offered to
-#: viewers who can rarely reach them (README: "The page never says live").
+#: viewers who can rarely reach them (docs/troubleshooting.md: "The page never says live").
 VIRTUAL_INTERFACES = ("docker", "br-", "veth", "virbr", "lxcbr", "tun", "tap", "wg", "zt",
                       "tailscale", "cni", "flannel")
 
@@ -200,7 +200,7 @@ def judge_ice(configured: list[str] | None,
             return (Status.FAIL, f"offered {', '.join(configured)}, but {', '.join(foreign)} "
                     "is not an address of this machine", fix)
         return Status.OK, f"offers {', '.join(configured)} (configured)", None
-    # aioice's own rule (FIELD-NOTES): every address but 127.0.0.1 and ::1.
+    # aioice's own rule (docs/field-notes.md): every address but 127.0.0.1 and ::1.
     offered = [(n.name, a) for n in nics for a in n.addresses if a not in ("127.0.0.1", "::1")]
     if not offered:
         return (Status.FAIL, "this machine has no address but loopback: WebRTC viewers get "

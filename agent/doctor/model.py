@@ -13,6 +13,9 @@ from typing import Any
 
 from agent.logs import redact_text
 
+#: Seconds per network step of a check (``doctor --timeout``).
+DEFAULT_TIMEOUT = 5.0
+
 
 class Status(enum.Enum):
     OK = "ok"

@@ -41,6 +41,7 @@ from agent.errors import NotFoundError, TokenError, TokenLimitError
 from agent.http.auth import denial, error, peer_ip, presented_token
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
+from agent.media.hub import CameraState
 
 PREFIX = "/api/v1/admin"
 AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_ip", "actor",
@@ -244,7 +245,7 @@ class AdminApi:
         return web.json_response({"hosts": [{
             "id": site.agent_id, "account_id": site.account_id, "version": __version__,
             "uptime_s": round(time.time() - self._started, 1),
-            "cameras": len(states), "cameras_online": states.count("online"),
+            "cameras": len(states), "cameras_online": states.count(CameraState.ONLINE),
             "sessions": len(self._access.sessions),
         }]})
 

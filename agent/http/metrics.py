@@ -1,4 +1,9 @@
-"""``/metrics`` in the Prometheus text format, and the event-loop lag probe behind it."""
+"""``/metrics`` in the Prometheus text format, and the event-loop lag probe behind it.
+
+Values are in base units (bytes, seconds), as Prometheus names them: ``_bytes_total``,
+``_bytes_per_second``, ``_seconds``. Per-protocol series exist only for the protocols the
+agent serves (``SESSION_PROTOCOLS``); state series list every state, 0 for the others.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,15 @@ import asyncio
 import time
 import typing
 from collections import Counter
+from collections.abc import Iterable
 
 from aiohttp import web
 
-from agent.access.model import ADMIN_PROTOCOL, Protocol
+from agent.access.model import ADMIN_PROTOCOL, SESSION_PROTOCOLS
 from agent.access.service import AccessService
 from agent.http.auth import denial, peer_ip, presented_token
 from agent.media.cameras import Cameras
+from agent.media.hub import CameraState
 
 
 class LoopLag:
@@ -46,7 +53,8 @@ def _escape(value: str) -> str:
 class RelayState(typing.Protocol):
     """What /metrics reads from the relay link."""
 
-    state: str
+    @property
+    def state(self) -> str: ...
 
     @property
     def publish_sessions(self) -> int: ...
@@ -54,11 +62,13 @@ class RelayState(typing.Protocol):
 
 class Metrics:
     def __init__(self, access: AccessService, cameras: Cameras, lag: LoopLag,
-                 relay: RelayState | None = None) -> None:
+                 relay: RelayState | None = None, relay_states: Iterable[str] = ()) -> None:
+        """``relay_states``: every state the relay link can be in (one series each)."""
         self._access = access
         self._cameras = cameras
         self._lag = lag
         self._relay = relay
+        self._relay_states = tuple(relay_states)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/metrics", self.handle)
@@ -86,23 +96,28 @@ class Metrics:
 
         states = Counter(c.hub.status.state for c in self._cameras)
         metric("therelay_cameras", "gauge", "Cameras by state.",
-               [({"state": s}, float(n)) for s, n in sorted(states.items())])
+               [({"state": s.value}, float(states[s])) for s in CameraState])
         metric("therelay_viewers", "gauge", "Live sessions by camera and protocol.",
                [({"camera": c.id, "protocol": p.value},
                  float(self._access.sessions.count(c.id, p.value)))
-                for c in self._cameras for p in Protocol])
+                for c in self._cameras for p in SESSION_PROTOCOLS])
         metric("therelay_authorizations_total", "counter",
                "Authorization decisions by reason.",
                [({"reason": r}, float(n)) for r, n in sorted(self._access.decisions.items())])
         live = sum(s.bytes_sent() for s in self._access.sessions)
         metric("therelay_sent_bytes_total", "counter", "Media bytes sent to viewers.",
                [({}, float(live + self._access.bytes_ended))])
-        metric("therelay_camera_bitrate_kbps", "gauge", "Measured bitrate of each camera.",
-               [({"camera": c.id}, float(c.hub.status.bitrate_kbps or 0)) for c in self._cameras])
+        metric("therelay_camera_received_bytes_total", "counter",
+               "Video bytes received from each camera since the agent started.",
+               [({"camera": c.id}, float(c.hub.received_bytes)) for c in self._cameras])
+        metric("therelay_camera_received_bytes_per_second", "gauge",
+               "Video bytes per second from each camera over the last 5 s window (0 when not "
+               "pulled).",
+               [({"camera": c.id}, (c.hub.status.bitrate_kbps or 0) * 1000 / 8)
+                for c in self._cameras])
         if self._relay is not None:
             metric("therelay_relay_link", "gauge", "Relay control channel state (1 = current).",
-                   [({"state": s}, float(self._relay.state == s))
-                    for s in ("connecting", "connected", "rejected", "disconnected")])
+                   [({"state": s}, float(self._relay.state == s)) for s in self._relay_states])
             metric("therelay_publish_sessions", "gauge", "WHIP sessions to the relay.",
                    [({}, float(self._relay.publish_sessions))])
         metric("therelay_event_loop_lag_seconds", "gauge",

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent import __version__
+from agent.media.hub import CameraState
 
 _ERROR = {"type": "object", "required": ["error", "message"],
           "properties": {"error": {"type": "string"}, "message": {"type": "string"}}}
@@ -85,8 +86,7 @@ _CAMERA = _object(
     ["id", "name", "source", "always_on", "state", "viewers"],
     id=_STR, name=_STR, source={**_STR, "description": "secrets redacted"},
     always_on={"type": "boolean"},
-    state={"type": "string", "enum": ["idle", "connecting", "online", "offline",
-                                      "unsupported"]},
+    state={"type": "string", "enum": [s.value for s in CameraState]},
     error=_NULLABLE_STR, since={**_NUMBER, "description": "epoch seconds"},
     codec=_NULLABLE_STR, width={"type": "integer", "nullable": True},
     height={"type": "integer", "nullable": True}, fps=_NULLABLE_NUMBER,

@@ -40,7 +40,9 @@ async def _cors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Client mistakes get a JSON error with a stable code; never a traceback, never a 500."""
+    """Errors as JSON with a stable code, never a traceback. Client mistakes that aiohttp
+    raises (404, 405, 413…) keep their 4xx status; a bug in a handler is logged with its
+    traceback and answered 500 ``internal`` with no detail."""
     try:
         return await handler(request)
     except web.HTTPException as exc:

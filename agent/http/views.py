@@ -12,6 +12,7 @@ from agent.access.service import AccessService
 from agent.http import openapi
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
+from agent.media.hub import CameraState
 from agent.media.snapshot import Snapshotter
 
 SNAPSHOT = "snapshot"
@@ -42,7 +43,7 @@ class Views:
         _, camera = found
         camera_id = camera.id
         jpeg = await self._snapshots.jpeg(camera.hub)  # (re)opens the camera if idle
-        if jpeg is None and camera.hub.status.state == "unsupported":
+        if jpeg is None and camera.hub.status.state is CameraState.UNSUPPORTED:
             return error(501, "unsupported_codec", camera.hub.status.error or "")
         if jpeg is None:
             return error(503, "camera_offline",

@@ -19,6 +19,7 @@ from agent.access.sessions import Session
 from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
+from agent.media.hub import CameraState
 from agent.webrtc.ice import rtc_configuration
 from agent.webrtc.session import OfferError, ViewerSession
 
@@ -75,7 +76,7 @@ class WhepEndpoint:
         holder = hub.subscribe()  # starts the pull, and keeps it while we answer
         try:
             if not await hub.ready(self._timeout):
-                if hub.status.state == "unsupported":
+                if hub.status.state is CameraState.UNSUPPORTED:
                     return error(501, "unsupported_codec", hub.status.error or "")
                 return error(503, "camera_offline",
                              f"camera {camera_id!r} is offline: {hub.status.error or 'starting'}",

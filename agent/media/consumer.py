@@ -43,7 +43,6 @@ class Consumer:
         self._last_src: int | None = None
         self._replay_base: int | None = None
         self.dropped = 0
-        self.sent_bytes = 0
 
     def offer(self, epoch: int, packet: MediaPacket) -> None:
         """Called by the hub on the event loop for every packet of this kind."""

@@ -11,6 +11,7 @@ the first keyframe after the camera returns.
 from __future__ import annotations
 
 import asyncio
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -33,11 +34,19 @@ GOP_CACHE_MAX_BYTES = 16 * 1024 * 1024
 UNSUPPORTED_RETRY = 60.0
 
 
+class CameraState(enum.StrEnum):
+    IDLE = "idle"  # no viewer: not pulling
+    CONNECTING = "connecting"
+    ONLINE = "online"
+    OFFLINE = "offline"  # the camera cannot be reached; retried with backoff
+    UNSUPPORTED = "unsupported"  # reached, but its video cannot be served (H.265)
+
+
 @dataclass(frozen=True)
 class CameraStatus:
     """What an installer (and the API) sees of a camera."""
 
-    state: str = "idle"  # idle | connecting | online | offline | unsupported
+    state: CameraState = CameraState.IDLE
     error: str | None = None
     since: float = field(default_factory=time.time)
     codec: str | None = None
@@ -87,6 +96,7 @@ class CameraHub:
         self._window_start = time.monotonic()
         self._window_bytes = 0
         self._window_frames = 0
+        self.received_bytes = 0  # video bytes from the camera since start (for /metrics)
         self.connections = 0  # upstream connections opened so far (one pull per camera)
 
     # -- consumers (event loop) ---------------------------------------------------------
@@ -100,7 +110,7 @@ class CameraHub:
             return
         self._loop = asyncio.get_running_loop()
         self._stop = threading.Event()
-        self._set_status(state="connecting", error=None)
+        self._set_status(state=CameraState.CONNECTING, error=None)
         self._thread = threading.Thread(target=self._pull, args=(self._stop,),
                                         name=f"camera-{self.camera_id}", daemon=True)
         self._thread.start()
@@ -124,9 +134,9 @@ class CameraHub:
 
     async def ready(self, timeout: float) -> bool:
         """Wait (bounded) until the camera is online; False if it is not by then."""
-        if self.status.state == "online" and self.info is not None:
+        if self.status.state is CameraState.ONLINE and self.info is not None:
             return True
-        if self.status.state == "unsupported":
+        if self.status.state is CameraState.UNSUPPORTED:
             return False
         if self._ready is None:
             self._ready = asyncio.Event()
@@ -134,7 +144,7 @@ class CameraHub:
             await asyncio.wait_for(self._ready.wait(), timeout)
         except TimeoutError:
             return False
-        return self.status.state == "online"
+        return self.status.state is CameraState.ONLINE
 
     @property
     def viewers(self) -> int:
@@ -166,8 +176,8 @@ class CameraHub:
         self._thread = None
         self._gop.clear()
         self._gop_bytes = 0
-        if self.status.state != "unsupported":
-            self._set_status(state="idle", error=None, bitrate_kbps=None, fps=None)
+        if self.status.state is not CameraState.UNSUPPORTED:
+            self._set_status(state=CameraState.IDLE, error=None, bitrate_kbps=None, fps=None)
 
     async def close(self) -> None:
         for consumer in self._consumers:
@@ -211,6 +221,7 @@ class CameraHub:
 
     def _measure(self, packet: MediaPacket) -> None:
         self._window_bytes += len(packet.data)
+        self.received_bytes += len(packet.data)
         self._window_frames += 1
         now = time.monotonic()
         elapsed = now - self._window_start
@@ -229,7 +240,7 @@ class CameraHub:
         log.info("camera_online", camera=self.camera_id, codec=info.codec,
                  size=f"{info.width}x{info.height}")
         audio = webrtc_audio_codec(info.audio.codec) if info.audio else None
-        self._set_status(state="online", error=None, codec=info.codec, width=info.width,
+        self._set_status(state=CameraState.ONLINE, error=None, codec=info.codec, width=info.width,
                          height=info.height, fps=info.fps, audio=audio)
         self._wake_waiters()
 
@@ -238,7 +249,7 @@ class CameraHub:
         if self._ready is not None:
             self._ready.set()
             self._ready = None
-        if self.status.state != "online":
+        if self.status.state is not CameraState.ONLINE:
             for waiter in self._keyframe_waiters:
                 if not waiter.done():
                     waiter.set_result(None)
@@ -282,14 +293,14 @@ class CameraHub:
 
     def _set_status_if_running(self, stop: threading.Event, error: str) -> None:
         if not stop.is_set():
-            self._set_status(state="offline", error=error)
+            self._set_status(state=CameraState.OFFLINE, error=error)
             self._wake_waiters()
 
     def _unsupported(self, info: StreamInfo) -> None:
         self.info = info
         message = (f"the camera sends {info.codec.upper()} video, which WebRTC viewers cannot "
                    "play: set the camera (or its substream) to H.264")
-        self._set_status(state="unsupported", error=message, codec=info.codec,
+        self._set_status(state=CameraState.UNSUPPORTED, error=message, codec=info.codec,
                          width=info.width, height=info.height)
         self._wake_waiters()
         log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)

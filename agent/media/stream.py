@@ -8,8 +8,6 @@ from typing import NamedTuple
 
 START_CODE = b"\x00\x00\x00\x01"
 NAL_SPS = 7
-NAL_PPS = 8
-NAL_IDR = 5
 
 #: WebRTC in this agent carries these; anything else is refused with a clear error.
 VIDEO_CODECS = ("h264",)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -74,6 +75,13 @@ ADVICE = {
 }
 
 
+class LinkState(enum.StrEnum):
+    CONNECTING = "connecting"
+    CONNECTED = "connected"  # welcomed by the relay
+    REJECTED = "rejected"  # the relay refused the publisher token (see last_error)
+    DISCONNECTED = "disconnected"  # not configured, or between attempts
+
+
 class RelayLink:
     def __init__(self, url: str, publisher_token: str, agent_id: str, store: TokenStore,
                  access: AccessService, inventory: Callable[[], list[dict[str, Any]]],
@@ -89,7 +97,7 @@ class RelayLink:
         self._ice = ice
         self.publishers: dict[str, WhipPublisher] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.state = "disconnected"  # connecting | connected | rejected | disconnected
+        self.state = LinkState.DISCONNECTED
         self.last_error: str | None = None
         self.welcome: Welcome | None = None
         self._task: asyncio.Task[None] | None = None
@@ -114,21 +122,21 @@ class RelayLink:
                 await asyncio.wait_for(asyncio.shield(self._task), 3)
             self._task = None
         await self._stop_publishing()
-        self.state = "disconnected"
+        self.state = LinkState.DISCONNECTED
 
     async def _run(self) -> None:
         failures = FailureLog(log, "relay_unavailable", url=self._url)
         ordinary: Iterator[float] = backoff(1.0, 60.0)
         rejected: Iterator[float] = backoff(REJECTED_MIN, REJECTED_MAX)
         while not self._stopping:
-            self.state = "connecting"
+            self.state = LinkState.CONNECTING
             try:
                 await self._connect_once()
                 ordinary, rejected = backoff(1.0, 60.0), backoff(REJECTED_MIN, REJECTED_MAX)
                 delay = next(ordinary)
                 failures.recovered("relay_reconnecting")
             except Rejected as exc:
-                self.state, self.last_error = "rejected", exc.reason
+                self.state, self.last_error = LinkState.REJECTED, exc.reason
                 if failures.count == 0 or self.last_error != exc.reason:
                     log.error("relay_rejected_agent", reason=exc.reason,
                               fix=ADVICE.get(exc.reason, str(exc)))
@@ -136,7 +144,7 @@ class RelayLink:
                 delay = next(rejected)
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed,
                     ProtocolError) as exc:
-                self.state, self.last_error = "disconnected", _describe(exc)
+                self.state, self.last_error = LinkState.DISCONNECTED, _describe(exc)
                 failures.failed(self.last_error)
                 delay = next(ordinary)
             if not self._stopping:
@@ -164,7 +172,7 @@ class RelayLink:
             raise
         finally:
             await ws.close()
-            self.state = "disconnected"
+            self.state = LinkState.DISCONNECTED
 
     async def _session(self, ws: ClientConnection) -> None:
         cursor = await asyncio.to_thread(self._store.relay_cursor)
@@ -175,7 +183,7 @@ class RelayLink:
         if first.agent_id != self._agent_id:
             raise Rejected("agent_not_allowed",
                            f"the token belongs to agent {first.agent_id!r}")
-        self.welcome, self.state, self.last_error = first, "connected", None
+        self.welcome, self.state, self.last_error = first, LinkState.CONNECTED, None
         skew = round(time.time() - first.server_time, 3)
         log.info("relay_connected", account=first.account_id, agent=first.agent_id,
                  permission=first.permission, clock_skew_s=skew)

@@ -124,8 +124,6 @@ class Unsupported:
 
 Event = Welcome | TokensSync | TokensRevoke | Publish | Unpublish | Acked | Ping | Unsupported
 
-ACKED_TYPES = {"publish", "unpublish", "tokens.sync", "tokens.revoke"}
-
 
 # -- parsing --------------------------------------------------------------------------------
 
@@ -214,10 +212,6 @@ def parse(text: str | bytes) -> Event:
                                                             "error")}
         return Acked(_str(msg, "ack"), msg.get("ok") is True, error, extra)
     return Unsupported(message_id, kind)
-
-
-def needs_ack(event: Event) -> bool:
-    return isinstance(event, TokensSync | TokensRevoke | Publish | Unpublish)
 
 
 USAGE_BATCH = 1000

@@ -1,6 +1,6 @@
 """Which local addresses become ICE host candidates, and which STUN/TURN servers are used.
 
-aioice offers no choice of interfaces (FIELD-NOTES): it takes every address but 127.0.0.1
+aioice offers no choice of interfaces (docs/field-notes.md): it takes every address but 127.0.0.1
 and ::1. Multi-homed NVRs, Docker bridges and VPNs need a choice, so the agent replaces
 aioice's address lookup, process-wide, with one that honours ``webrtc.host_addresses`` /
 ``webrtc.interfaces``. With neither set, aioice's own behaviour is kept.

@@ -1,8 +1,8 @@
 """A viewer's WebRTC session: answer a (non-trickle) offer with the camera's tracks.
 
-Codec preferences are forced before ``setRemoteDescription`` (FIELD-NOTES: otherwise aiortc
-negotiates VP8 and sends H.264 bytes labelled VP8): H.264 for video, and for audio exactly
-the codec the camera's audio arrives in (PCMU, PCMA, or Opus after transcoding).
+Codec preferences are forced before ``setRemoteDescription`` (otherwise aiortc negotiates VP8
+and sends H.264 bytes labelled VP8, see docs/field-notes.md): H.264 for video, and for audio
+exactly the codec the camera's audio arrives in (PCMU, PCMA, or Opus after transcoding).
 """
 
 from __future__ import annotations

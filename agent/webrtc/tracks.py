@@ -1,7 +1,7 @@
 """Passthrough tracks: encoded packets from a hub consumer, sent by aiortc without encoding.
 
 aiortc packs an ``av.Packet`` returned by ``recv()`` as-is (H.264 split into FU-A, G.711 and
-Opus as they are); ``pts`` and ``time_base`` must be set on every packet (FIELD-NOTES).
+Opus as they are); ``pts`` and ``time_base`` must be set on every packet (docs/field-notes.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ class HubTrack(MediaStreamTrack):
         self.kind = "video" if consumer.video else "audio"
         self._consumer = consumer
         self.bytes_sent = 0
-        self.packets_sent = 0
 
     async def recv(self) -> av.Packet:  # type: ignore[type-arg]
         try:
@@ -35,7 +34,6 @@ class HubTrack(MediaStreamTrack):
         out.pts = ts
         out.time_base = self._consumer.time_base
         self.bytes_sent += len(packet.data)
-        self.packets_sent += 1
         return out
 
 
@@ -50,7 +48,7 @@ def preferences(kind: str, name: str) -> list[RTCRtpCodecCapability]:
 def add_camera_tracks(pc: RTCPeerConnection, hub: CameraHub, audio: bool) -> list[HubTrack]:
     """Sendonly transceivers fed by ``hub``: H.264 video, and (if ``audio`` and the camera has
     sound) audio in exactly the codec it arrives in. Preferences are set before any
-    description is applied (FIELD-NOTES: otherwise aiortc negotiates VP8 / Opus)."""
+    description is applied (otherwise aiortc negotiates VP8 / Opus: docs/field-notes.md)."""
     assert hub.info is not None
     tracks = []
     video = pc.addTransceiver("video", direction="sendonly")

@@ -12,7 +12,7 @@ import statistics
 import tempfile
 import time
 
-from agent import app, logs
+from agent import app, logs, stores
 from agent.access.model import Scope
 from agent.access.tokens import Kind
 from agent.config import load
@@ -24,8 +24,8 @@ async def main() -> None:
     logs.configure("console", "warning")
     with tempfile.TemporaryDirectory() as tmp:
         config = load(None, {"THERELAY_STATE_DIR": tmp, "THERELAY_AGENT_ID": "site1"})
-        store = app.open_store(config)
-        cli_store = app.open_store(config)  # stands for the CLI process
+        store = stores.open_store(config)
+        cli_store = stores.open_store(config)  # stands for the CLI process
         access = app.build_access(config, store)
         await access.start()
         revoke_lat: list[float] = []

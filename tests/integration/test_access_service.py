@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import app
+from agent import app, stores
 from agent.access import audit
 from agent.access.model import Scope
 from agent.access.service import AccessService
@@ -27,7 +27,7 @@ def config(tmp_path: Path):
 
 @pytest.fixture
 async def service(config):
-    store = await asyncio.to_thread(app.open_store, config)
+    store = await asyncio.to_thread(stores.open_store, config)
     access = app.build_access(config, store)
     await access.start()
     yield access, store
@@ -121,7 +121,7 @@ async def test_session_end_is_audited_with_duration_and_bytes(service) -> None:
 
 
 async def test_stop_ends_every_session_and_a_broken_one_does_not_stop_the_rest(config) -> None:
-    store = await asyncio.to_thread(app.open_store, config)
+    store = await asyncio.to_thread(stores.open_store, config)
     access = app.build_access(config, store)
     await access.start()
     new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),

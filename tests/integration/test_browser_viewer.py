@@ -1,6 +1,6 @@
 """Headless Chromium plays the agent's viewer page over WHEP, as a phone on the LAN would.
 
-The agent runs in one network namespace, Chromium in another (FIELD-NOTES: Chromium gathers
+The agent runs in one network namespace, Chromium in another (docs/field-notes.md: Chromium gathers
 no ICE candidates without a non-loopback interface and a default route). Chromium keeps its
 host addresses behind mDNS names, like a real browser: the agent must cope with that.
 Screenshots go to test-artifacts/browser/.

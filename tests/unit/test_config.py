@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import pytest
 
@@ -13,6 +13,7 @@ from agent.access.tokens import ALPHABET, CHECKSUM_LEN, Kind, generate
 from agent.config import (
     CameraConfig,
     Config,
+    RelaySection,
     load,
     publisher_token,
     read_secret,
@@ -178,8 +179,6 @@ def test_state_dir_expands_user(tmp_path: Path) -> None:
         pytest.param("audit: {flush_interval: 61}",
                      "audit.flush_interval: must be between 0 and 60 seconds",
                      id="flush-interval"),
-        pytest.param("log: {format: xml}", "log.format: 'xml' must be json, console or auto",
-                     id="log-format"),
         pytest.param("log: {level: loud}",
                      "log.level: 'loud' must be one of debug, info, warning, error",
                      id="log-level"),
@@ -195,12 +194,68 @@ def test_validation_error_names_key_and_expectation(
 
 
 def test_validation_lists_every_problem_at_once(tmp_path: Path) -> None:
-    message = config_error(tmp_path, "tokens: {max_active: 0}\nlog: {format: xml, level: x}\n")
+    message = config_error(tmp_path, "tokens: {max_active: 0}\naudit: {retention_days: 0}\n"
+                                     "log: {level: x}\n")
     lines = message.splitlines()
     assert len(lines) == 3
     assert lines[0].startswith("tokens.max_active:")
-    assert lines[1].startswith("log.format:")
+    assert lines[1].startswith("audit.retention_days:")
     assert lines[2].startswith("log.level:")
+
+
+# -- keys with a fixed set of values: checked by the loader against the field's Literal -----
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', transport: http}]",
+                     "cameras[0].transport: must be one of tcp, udp, got text 'http'",
+                     id="transport"),
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', audio: aac}]",
+                     "cameras[0].audio: must be one of auto, passthrough, off, got text 'aac'",
+                     id="audio"),
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', audio: true}]",
+                     "cameras[0].audio: must be one of auto, passthrough, off, got true/false",
+                     id="audio-true"),
+        pytest.param("log: {format: xml}",
+                     "log.format: must be one of auto, json, console, got text 'xml'",
+                     id="log-format"),
+        pytest.param("relay: {publish: sometimes}",
+                     "relay.publish: must be one of on_demand, always, got text 'sometimes'",
+                     id="publish"),
+        pytest.param("cameras: [{id: a, source: 'rtsp://x', transport: TCP}]",
+                     "cameras[0].transport: must be one of tcp, udp, got text 'TCP'",
+                     id="case-matters"),
+    ],
+)
+def test_a_value_outside_the_allowed_set_names_the_allowed_values(
+    tmp_path: Path, yaml_text: str, expected: str
+) -> None:
+    assert config_error(tmp_path, yaml_text) == expected
+
+
+def test_allowed_values_come_from_the_field_type() -> None:
+    hints = get_type_hints(CameraConfig)
+    assert get_args(hints["transport"]) == ("tcp", "udp")
+    assert get_args(hints["audio"]) == ("auto", "passthrough", "off")
+    assert get_args(get_type_hints(RelaySection)["publish"]) == ("on_demand", "always")
+
+
+def test_unquoted_off_is_the_off_choice(tmp_path: Path) -> None:
+    """YAML 1.1 reads an unquoted off as false; for a key whose choices include off, it is
+    taken as "off" (quoted or not, the installer means the same)."""
+    config = load_text(tmp_path, "cameras: [{id: a, source: 'rtsp://x', audio: off}]\n")
+    assert config.cameras[0].audio == "off"
+
+
+def test_a_choice_from_the_environment_is_text(tmp_path: Path) -> None:
+    config = load(None, {"THERELAY_RELAY_PUBLISH": "always",
+                         "THERELAY_RELAY_WHIP_URL_TEMPLATE": "https://w/{camera_id}",
+                         "THERELAY_LOG_FORMAT": "json"})
+    assert (config.relay.publish, config.log.format) == ("always", "json")
+    with pytest.raises(ConfigError, match=r"^log\.format: must be one of auto, json, console"):
+        load(None, {"THERELAY_LOG_FORMAT": "off"})
 
 
 @pytest.mark.parametrize(

@@ -142,9 +142,9 @@ def test_ice_servers_are_always_explicit(tmp_path: Path) -> None:
     ("yaml_text", "message"),
     [
         ("cameras: [{id: a, source: 'rtsp://h/s', transport: sctp}]",
-         "cameras[0].transport: 'sctp' must be tcp or udp"),
+         "cameras[0].transport: must be one of tcp, udp, got text 'sctp'"),
         ("cameras: [{id: a, source: 'rtsp://h/s', audio: loud}]",
-         "cameras[0].audio: 'loud' must be auto, passthrough or off"),
+         "cameras[0].audio: must be one of auto, passthrough, off, got text 'loud'"),
         ("webrtc: {host_addresses: [eth0]}", "webrtc.host_addresses[0]: 'eth0' must be an IP"),
         ("webrtc: {ice_servers: [{urls: ['http://x']}]}",
          "webrtc.ice_servers[0].urls[0]: 'http://x' must start with stun:"),

@@ -49,7 +49,6 @@ def test_tokens_sync_and_revoke_and_publish() -> None:
     (token,) = sync.tokens
     assert (token.id, token.sha256, token.protocols, token.expires_at) == (
         "Ab3dE5gH7jK9", bytes.fromhex(H), ("webrtc",), NOW + 60)
-    assert protocol.needs_ack(sync)
     revoke = protocol.parse(msg("tokens.revoke", token_id="Ab3dE5gH7jK9", revoked_at=NOW))
     assert revoke == TokensRevoke("m1", "Ab3dE5gH7jK9", NOW)
     publish = protocol.parse(msg("publish", session_id="s1", camera_id="door",

@@ -22,8 +22,9 @@ from agent.media.stream import (
     with_parameter_sets,
 )
 
-# FIELD-NOTES: probesize=32 + analyzeduration=0 opens in ~60 ms when the SDP carries
-# SPS/PPS; without them the fast open sees no size, and we open again with normal probing.
+# probesize=32 + analyzeduration=0 opens in ~60 ms when the SDP carries
+# SPS/PPS; without them the fast open sees no size, and we open again with normal probing
+# (docs/field-notes.md, PyAV).
 FAST_OPEN = {"probesize": "32", "analyzeduration": "0"}
 
 
@@ -145,7 +146,7 @@ class PyAVSource:
         except av.error.FFmpegError as exc:
             raise SourceError(describe_error(exc)) from None
         if packet.pts is None or packet.size == 0:
-            return []  # FIELD-NOTES: RTSP's first packet has no pts; flush packets are empty
+            return []  # RTSP's first packet has no pts; flush packets are empty (field-notes)
         if packet.stream.type == "audio":
             return self._audio.convert(packet) if self._audio else []
         if self._bsf is not None:
