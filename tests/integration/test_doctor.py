@@ -371,7 +371,8 @@ async def test_next_to_a_running_daemon_nothing_is_disturbed(tmp_path: Path) -> 
         token = relay.issue_publisher(agent_id="site1")
         secret = tmp_path / "publisher-token.secret"
         secret.write_text(token + "\n")
-        daemon = await AgentProcess.start(tmp_path, [{"id": "demo", "source": TESTSRC}],
+        daemon = await AgentProcess.start(
+            tmp_path, [{"id": "demo", "source": TESTSRC}],
             relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
