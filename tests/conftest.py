@@ -61,8 +61,8 @@ os.environ["THERELAY_DISCOVERY_ADVERTISE"] = "false"
 # The test process logs as the daemon does (agent/logs.py), not with structlog's defaults,
 # whose console renderer pretty-prints an exception with its local variables (through rich,
 # a test dependency): that takes a third of a second in the event loop, which the daemon
-# never spends.
-logs.configure("json", "info")
+# never spends. Warnings and up, as Python's default: asyncio's debug mode says a lot at info.
+logs.configure("json", "warning")
 
 ISSUED: set[str] = set()
 TOKEN_RE = re.compile(r"tr[apk]_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}")
