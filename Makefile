@@ -13,6 +13,7 @@ bench:
 	.venv/bin/python -m tests.bench.bench_media relay --window 20
 	.venv/bin/python -m tests.bench.bench_stop
 	.venv/bin/python -m tests.bench.bench_discovery
+	.venv/bin/python -m tests.bench.bench_relay_sync
 	.venv/bin/python -m tests.bench.bench_cli
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache .hypothesis

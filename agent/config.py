@@ -12,6 +12,7 @@ import ipaddress
 import os
 import re
 import socket
+import stat
 import types
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ import yaml
 
 from agent.access.model import is_identifier
 from agent.access.tokens import FormatProblem, Kind, parse
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SecretFileExposed
 
 ENV_PREFIX = "THERELAY_"
 DEFAULT_CONFIG_PATH = Path("/etc/therelay-agent/config.yaml")
@@ -37,6 +38,8 @@ Transport = Literal["tcp", "udp"]
 AudioMode = Literal["auto", "passthrough", "off"]
 LogFormat = Literal["auto", "json", "console"]
 PublishMode = Literal["on_demand", "always"]
+#: cameras[].rtsp_auth values (agent/media/sources/rtsp_login.py applies them).
+RtspAuth = Literal["auto", "digest", "basic"]
 
 
 def _default_agent_id() -> str:
@@ -59,8 +62,19 @@ class AgentSection:
 
 
 @dataclass(frozen=True)
+class TlsSection:
+    #: PEM certificate (chain) and its private key for the LAN listener; re-read on SIGHUP.
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    #: Without files: make an ECDSA P-256 key and a self-signed certificate in state_dir on
+    #: first start (viewers pin its fingerprint).
+    self_signed: bool = False
+
+
+@dataclass(frozen=True)
 class HttpSection:
     listen: str = "0.0.0.0:8800"
+    tls: TlsSection = field(default_factory=TlsSection)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -84,6 +98,9 @@ class CameraConfig:
     #: auto: G.711 and Opus passed through, AAC transcoded to Opus once; passthrough: no
     #: transcoding; off: video only.
     audio: AudioMode = "auto"
+    #: How the RTSP password may travel: auto (Digest, or Basic for a camera that never
+    #: asked for Digest), digest (only ever Digest), basic (Basic allowed even after Digest).
+    rtsp_auth: RtspAuth = "auto"
 
 
 @dataclass(frozen=True)
@@ -189,6 +206,10 @@ class DiscoverySection:
     #: Announce the agent as _therelay._tcp.local. (agent id, version, viewer and WHEP paths)
     #: so apps and installers on the LAN find it.
     advertise: bool = True
+    #: Networks (CIDR) an adopted camera may move to on its own after proving over ONVIF
+    #: that it is the same device; empty: the network it was adopted in. Elsewhere, a move
+    #: waits for `therelay-agent cameras move`.
+    follow_networks: list[str] = field(default_factory=list)
 
 
 def _default_cameras() -> list[CameraConfig]:
@@ -404,6 +425,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _tls_problems(tls: TlsSection) -> list[str]:
+    problems = []
+    if (tls.cert_file is None) != (tls.key_file is None):
+        problems.append("http.tls: cert_file and key_file go together (the certificate and "
+                        "its key)")
+    if tls.self_signed and tls.cert_file is not None:
+        problems.append("http.tls: self_signed: true or cert_file/key_file, not both")
+    return problems
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError listing every problem, each with its key path."""
     problems: list[str] = []
@@ -421,6 +452,7 @@ def validate(config: Config) -> None:
     need(bool(sep) and bool(host) and port.isascii() and port.isdigit()
          and 0 < int(port) < 65536,
          f"http.listen: {config.http.listen!r} must be host:port, like 0.0.0.0:8800")
+    problems += _tls_problems(config.http.tls)
     seen: set[str] = set()
     for i, cam in enumerate(config.cameras):
         need(is_identifier(cam.id),
@@ -470,15 +502,33 @@ def validate(config: Config) -> None:
              "relay.url: must start with wss:// (or ws:// for a relay on this LAN)")
         need(not config.relay.url.startswith("ws://") or _is_lan_url(config.relay.url),
              "relay.url: ws:// (no TLS) only to a private or loopback IP address; use wss://")
-    d = config.discovery
-    need(d.interval == 0 or d.interval >= 10,
-         "discovery.interval: must be 0 (announcements only) or at least 10 seconds")
-    need(0.5 <= d.probe_timeout <= 30, "discovery.probe_timeout: must be 0.5 to 30 seconds")
-    for i, service_type in enumerate(d.mdns_types):
-        need(re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is not None,
-             f"discovery.mdns_types[{i}]: {service_type!r} must look like _rtsp._tcp.local.")
+    problems.extend(_discovery_problems(config.discovery))
     if problems:
         raise ConfigError("\n".join(problems))
+
+
+def _discovery_problems(d: DiscoverySection) -> list[str]:
+    out = []
+    if not (d.interval == 0 or d.interval >= 10):
+        out.append("discovery.interval: must be 0 (announcements only) or at least 10 seconds")
+    if not 0.5 <= d.probe_timeout <= 30:
+        out.append("discovery.probe_timeout: must be 0.5 to 30 seconds")
+    out += _network_problems(d.follow_networks, "discovery.follow_networks")
+    for i, service_type in enumerate(d.mdns_types):
+        if re.fullmatch(r"_[A-Za-z0-9-]{1,15}\._(tcp|udp)\.local\.", service_type) is None:
+            out.append(f"discovery.mdns_types[{i}]: {service_type!r} must look like "
+                       "_rtsp._tcp.local.")
+    return out
+
+
+def _network_problems(networks: list[str], key: str) -> list[str]:
+    out = []
+    for i, network in enumerate(networks):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            out.append(f"{key}[{i}]: {network!r} is not a network like 192.168.1.0/24")
+    return out
 
 
 def _is_lan_url(url: str) -> bool:
@@ -516,6 +566,8 @@ def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = N
                       if os.access(c, os.R_OK)), None)
     if where is None:
         return None
+    if path is not None and not _systemd_credential(path, env):
+        check_private(path, name)
     try:
         value = where.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
@@ -523,6 +575,43 @@ def read_secret(name: str, path: Path | None, environ: dict[str, str] | None = N
     if not value:
         raise ConfigError(f"secret file {where} for {name} is empty")
     return value
+
+
+def _systemd_credential(path: Path, env: dict[str, str] | os._Environ[str]) -> bool:
+    """Is ``path`` inside a systemd credential directory? systemd owns those files' modes."""
+    roots = [*CREDENTIAL_STORES, *([env["CREDENTIALS_DIRECTORY"]]
+                                   if env.get("CREDENTIALS_DIRECTORY") else [])]
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def check_private(path: Path, what: str) -> None:
+    """Refuse a secret file others may read, as OpenSSH does with private keys: a token or
+    password is only as secret as its file. The message carries the fix."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # reading it says what is wrong
+    if stat.S_ISREG(mode) and mode & 0o077:
+        raise SecretFileExposed(
+            f"secret file {path} for {what} can be read or changed by other users (mode "
+            f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {path}' (owned by the agent's user)",
+            f"chmod 600 {path}")
+
+
+def check_secret_files(config: Config) -> None:
+    """Every secret file the configuration names is private (see ``check_private``); run at
+    start, so a readable file stops the agent at once rather than at the first pull."""
+    named: list[tuple[Path | None, str]] = [
+        (config.relay.publisher_token_file, "publisher-token"),
+        *((c.password_file, f"camera-{c.id}") for c in config.cameras),
+        *((server.credential_file, f"turn-{i}")
+          for i, server in enumerate(config.webrtc.ice_servers)),
+        (config.http.tls.key_file, "http.tls.key_file"),
+    ]
+    for path, what in named:
+        if path is not None and not _systemd_credential(path, os.environ):
+            check_private(path, what)
 
 
 def publisher_token(config: Config, environ: dict[str, str] | None = None) -> str | None:

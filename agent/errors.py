@@ -6,10 +6,12 @@ contains a secret::
 
     AgentError
     ├── ConfigError        invalid or unreadable configuration / secret file
+    │   └── SecretFileExposed  a secret file group or others may read (fix: chmod 600)
     ├── UsageError         a command was given a value it cannot use
     ├── StoreError         the state database cannot be opened, migrated or written
     ├── TokenError         a token operation was refused
     │   ├── TokenLimitError    creating would exceed tokens.max_active
+    │   ├── TokenReadOnlyError a relay-issued token cannot be changed on the agent
     │   └── NotFoundError      no token with that id
     └── SourceError        a camera source failed
 """
@@ -21,6 +23,14 @@ class AgentError(Exception):
 
 class ConfigError(AgentError):
     """The configuration (or a secret it points at) is invalid."""
+
+
+class SecretFileExposed(ConfigError):
+    """A secret file others may read; ``fix`` is the command that makes it private."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
 
 
 class UsageError(AgentError):
@@ -37,6 +47,10 @@ class TokenError(AgentError):
 
 class TokenLimitError(TokenError):
     """Creating a token would exceed ``tokens.max_active``."""
+
+
+class TokenReadOnlyError(TokenError):
+    """The token is managed by TheRelay cloud: change it there (revoking stays possible)."""
 
 
 class NotFoundError(TokenError):

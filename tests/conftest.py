@@ -85,6 +85,13 @@ def remember(text: str) -> list[str]:
     return found
 
 
+def write_secret(path: Path, text: str) -> Path:
+    """A secret file as an installer must make it: mode 0600 (the agent refuses wider)."""
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o600)
+    return path
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The leak check needs every other test to have run first."""
     items.sort(key=lambda item: "test_zz_no_leaks" in item.nodeid)

@@ -23,6 +23,9 @@ GENESIS = "0" * 64
 CREATED = "token.created"
 REVOKED = "token.revoked"
 ROTATED = "token.rotated"
+UPDATED = "token.updated"
+#: A relay sync tried to un-revoke a token or change its hash (or clashed): not applied.
+SYNC_REFUSED = "token.sync_refused"
 GRANTED = "access.granted"
 DENIED = "access.denied"
 SESSION_ENDED = "session.ended"

@@ -24,7 +24,8 @@ class Protocol(StrEnum):
 #: come; what reports per protocol (/metrics) reads this, so nothing shows a protocol that no
 #: server answers. (Tokens may already be restricted to any Protocol.)
 SERVED_PROTOCOLS: tuple[Protocol, ...] = (Protocol.WEBRTC, Protocol.SNAPSHOT)
-#: Served protocols whose viewers hold a live session (a snapshot is one request).
+#: Served protocols whose viewers hold a live session (a snapshot is one request); they
+#: count against a token's ``max_sessions``.
 SESSION_PROTOCOLS: tuple[Protocol, ...] = tuple(
     p for p in SERVED_PROTOCOLS if p is not Protocol.SNAPSHOT)
 
@@ -95,6 +96,35 @@ _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 MAX_DURATION = 100 * 365 * 86400.0  # longer would reach past year 9999 soon enough
+#: Labels are for people: a line, not a document.
+MAX_LABEL = 200
+#: The largest per-token session cap: far above any real use, low enough to stay a number
+#: every client (JavaScript included) keeps exactly and to say "this is a typo".
+MAX_SESSIONS_CAP = 10_000
+
+
+def check_max_sessions(value: object) -> int | None:
+    """A session cap: a whole number from 1 to MAX_SESSIONS_CAP, or None for no cap."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("max_sessions must be a whole number (or null for no cap)")
+    if not 1 <= value <= MAX_SESSIONS_CAP:
+        raise ValueError(f"max_sessions must be from 1 to {MAX_SESSIONS_CAP} "
+                         "(leave it out for no cap; revoke the token to stop it)")
+    return value
+
+
+def parse_max_sessions(text: str) -> int | None:
+    """``--max-sessions``: a number, or ``none``/``unlimited`` for no cap."""
+    raw = text.strip().lower()
+    if raw in ("none", "unlimited"):
+        return None
+    try:
+        number = int(raw)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a whole number (or 'unlimited')") from None
+    return check_max_sessions(number)
 
 
 def parse_duration(text: str) -> float:
@@ -178,6 +208,8 @@ class TokenRecord:
     replaced_by: str | None = None
     replaces: str | None = None
     last_used_at: float | None = None
+    #: How many live sessions (WebRTC, RTSP, HLS…) the token may hold at once; None: no cap.
+    max_sessions: int | None = None
     rev: int = field(default=0, compare=False)
 
     @property
@@ -211,4 +243,5 @@ def public_view(record: TokenRecord, now: float) -> dict[str, Any]:
         "replaced_by": record.replaced_by,
         "replaces": record.replaces,
         "last_used_at": format_time(record.last_used_at) if record.last_used_at else None,
+        "max_sessions": record.max_sessions,
     }

@@ -33,6 +33,8 @@ class Reason(StrEnum):
     SCOPE_MISMATCH = "scope_mismatch"
     PROTOCOL_NOT_ALLOWED = "protocol_not_allowed"
     RATE_LIMITED = "rate_limited"
+    #: The token already holds its ``max_sessions`` live sessions (every protocol counted).
+    SESSION_LIMIT = "session_limit"
 
 
 #: What a client is told (plain status, no detail); the reason goes to the audit log.
@@ -49,6 +51,7 @@ HTTP_STATUS: dict[Reason, int] = {
     Reason.SCOPE_MISMATCH: 403,
     Reason.PROTOCOL_NOT_ALLOWED: 403,
     Reason.RATE_LIMITED: 429,
+    Reason.SESSION_LIMIT: 429,
 }
 
 #: The seed page's "Token Not Working" list, one fix per reason.
@@ -74,6 +77,9 @@ FIX: dict[Reason, str] = {
     "allows this protocol (or all protocols).",
     Reason.RATE_LIMITED: "Too many failed attempts from this address: wait a minute, then try "
     "again with a valid token.",
+    Reason.SESSION_LIMIT: "The token already holds as many live sessions as it may "
+    "(max_sessions): close a player using it, or raise the cap with 'therelay-agent token "
+    "update ID --max-sessions N'.",
 }
 
 

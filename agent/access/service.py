@@ -19,15 +19,23 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 
 import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
 from agent.access.model import TokenRecord
-from agent.access.policy import AccessRequest, Decision, FailureLimiter, Site, authorize
+from agent.access.policy import (
+    AccessRequest,
+    Decision,
+    FailureLimiter,
+    Reason,
+    Site,
+    authorize,
+)
 from agent.access.recorder import AccessRecorder
-from agent.access.sessions import Session, SessionRegistry
+from agent.access.sessions import Session, SessionLimitReached, SessionRegistry
 from agent.access.store import TokenStore
 from agent.access.tokens import check as check_format
 from agent.stopping import cancel_and_wait
@@ -37,6 +45,7 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+APPLY_SLICE = 2000  # records indexed per event-loop step by refresh()
 #: How long a grant waits for its audit entry to reach the disk. The daemon survives a
 #: failing disk (it keeps serving, loudly): past this, the request goes on unrecorded.
 DURABLE_WAIT = 2.0
@@ -72,9 +81,12 @@ class AccessService:
         self._refreshed_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._audit_lagging = False
+        self._published: dict[str, int] = {}
 
     async def start(self) -> None:
         self._tokens, self._rev = await asyncio.to_thread(self._store.load_all)
+        # Counts a previous run left (killed) are stale: none of its sessions lives on.
+        await asyncio.to_thread(self._store.publish_live_sessions, {}, self._clock())
         self._recorder.start()
         self._task = asyncio.create_task(self._watch(), name="token-watch")
         log.info("access_ready", tokens=len(self._tokens))
@@ -85,6 +97,7 @@ class AccessService:
         for session in self.sessions:
             self.end_session(session.id, "shutdown")
             self._close_quietly(session, "shutdown")
+        await self._publish_live({})
         await asyncio.to_thread(self._recorder.close)
 
     async def flush(self) -> None:
@@ -92,16 +105,19 @@ class AccessService:
         await asyncio.to_thread(self._recorder.flush)
 
     async def check(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None,
+        *, opens_session: bool = False,
     ) -> Decision:
         """``authorize``, except that a well-formed id the index has not seen yet first
         triggers one refresh from the store (coalesced, at most every ``REFRESH_GAP`` s):
-        a token created on the CLI a moment ago works at once."""
+        a token created on the CLI a moment ago works at once. ``opens_session``: the
+        request starts a live session (a WHEP offer, an RTSP PLAY, an HLS playlist), so the
+        token's session cap applies (``session_limit``, 429)."""
         if token:
             public_id = check_format(token)
             if isinstance(public_id, str) and public_id not in self._tokens:
                 await self.refresh()
-        decision, ticket = self._decide(token, camera, protocol, peer_ip)
+        decision, ticket = self._decide(token, camera, protocol, peer_ip, opens_session)
         if decision.granted:
             await self._durable(ticket)
         return decision
@@ -135,8 +151,14 @@ class AccessService:
         self._refreshing = asyncio.get_running_loop().create_future()
         self._refreshing.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
-            changed, self._rev = await asyncio.to_thread(self._store.changes_since, self._rev)
-            self.apply_changes(changed)
+            changed, rev = await asyncio.to_thread(self._store.changes_since, self._rev)
+            # A relay sync can change 100,000 records: index them a slice at a time so the
+            # event loop keeps its 50 ms promise (docs/relay-protocol.md 1.2).
+            for start in range(0, len(changed), APPLY_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                self.apply_changes(changed[start:start + APPLY_SLICE])
+            self._rev = rev
         except asyncio.CancelledError:
             self._refreshing.cancel()
             raise
@@ -157,10 +179,15 @@ class AccessService:
         return self._decide(token, camera, protocol, peer_ip)[0]
 
     def _decide(
-        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None
+        self, token: str | None, camera: str | None, protocol: str, peer_ip: str | None,
+        opens_session: bool = False,
     ) -> tuple[Decision, int]:
         req = AccessRequest(token, camera, protocol, peer_ip, self._clock())
         decision = authorize(req, self._tokens, self._site, self._limiter)
+        if (opens_session and decision.granted and decision.record is not None
+                and not self.sessions.admits(decision.record)):
+            # A valid token at its cap: not a failed attempt, so no failure budget spent.
+            decision = Decision(Reason.SESSION_LIMIT, decision.token_id, decision.record)
         ticket = self._recorder.record_decision(req, decision)
         self.decisions[decision.reason.value] += 1
         if not decision.granted:
@@ -179,12 +206,24 @@ class AccessService:
         session_id: str | None = None,
     ) -> Session:
         """Register a live session for a granted decision; it ends when its token does.
-        ``session_id``: the protocol's own id, so logs and the audit log name it alike."""
+        ``session_id``: the protocol's own id, so logs and the audit log name it alike.
+
+        Raises SessionLimitReached (audited as a ``session_limit`` denial) when sessions of
+        the same token opened meanwhile took the last place under its cap: the caller ends
+        what it prepared and answers 429."""
         if not decision.granted or decision.token_id is None:
             raise ValueError("a session needs a granted decision")
         session = Session(session_id or uuid.uuid4().hex, decision.token_id, camera, protocol,
                           peer_ip, self._clock(), close, bytes_sent)
-        self.sessions.add(session)
+        record = self._tokens.get(decision.token_id, decision.record)
+        try:
+            self.sessions.add(session, record)
+        except SessionLimitReached:
+            denied = Decision(Reason.SESSION_LIMIT, decision.token_id, record)
+            self._recorder.record_decision(
+                AccessRequest(None, camera, protocol, peer_ip, self._clock()), denied)
+            self.decisions[denied.reason.value] += 1
+            raise
         return session
 
     def end_session(self, session_id: str, why: str) -> None:
@@ -226,7 +265,13 @@ class AccessService:
         return self._tokens.get(token_id)
 
     def apply_changes(self, records: list[TokenRecord]) -> None:
-        for record in records:
+        for changed in records:
+            record, known = changed, self._tokens.get(changed.id)
+            if known is not None and known.revoked_at is not None and (
+                    record.revoked_at is None or record.revoked_at > known.revoked_at):
+                # The store refuses this already; enforcement never relies on one guard.
+                log.error("token_unrevoke_ignored", token_id=record.id)
+                record = replace(record, revoked_at=known.revoked_at)
             self._tokens[record.id] = record
 
     def _store_signature(self) -> tuple[int, ...]:
@@ -265,7 +310,20 @@ class AccessService:
                     log.error("token_store_unreadable", error=str(exc))
                 failing = True
             self.sweep()
+            await self._publish_live(self.sessions.per_token())
             await asyncio.sleep(self._poll)
+
+    async def _publish_live(self, counts: dict[str, int]) -> None:
+        """Share the live sessions per token with the CLI ('token check' shows them, and
+        says session_limit at the cap); written only when they change."""
+        if counts == self._published:
+            return
+        try:
+            await asyncio.to_thread(self._store.publish_live_sessions, counts, self._clock())
+        except Exception as exc:  # informational only: never stop enforcing for it
+            log.warning("live_sessions_not_published", error=str(exc))
+        else:
+            self._published = counts
 
     def _prune(self, now: float) -> None:
         before = now - self._retention

@@ -1,7 +1,10 @@
-"""Live sessions and the rule that ends them: a session lives only while its token does.
+"""Live sessions and the rules that end them: a session lives only while its token allows it.
 
 Sans-I/O: ``sweep`` is given the current token index and the time and returns the sessions
-that must end (revoked, expired, or no longer known); the caller closes them.
+that must end (revoked, expired, no longer known, protocol no longer allowed, or beyond the
+token's session cap); the caller closes them. The per-token cap (``max_sessions``) is one
+check here, ``admits``, that every live protocol (WebRTC today, RTSP and HLS alike) calls
+through ``AccessService``; ``add`` enforces it again when the session is registered.
 """
 
 from __future__ import annotations
@@ -11,6 +14,10 @@ from dataclasses import dataclass, field
 
 from agent.access.model import TokenRecord
 from agent.access.policy import Reason
+
+
+class SessionLimitReached(Exception):
+    """The token already holds ``max_sessions`` live sessions."""
 
 
 @dataclass(eq=False)
@@ -30,14 +37,18 @@ class Session:
     bytes_sent: Callable[[], int] = field(default=lambda: 0)
 
 
-def end_reason(record: TokenRecord | None, now: float) -> Reason | None:
-    """Why a session under ``record`` must end now, or None if it may go on."""
+def end_reason(record: TokenRecord | None, now: float,
+               protocol: str | None = None) -> Reason | None:
+    """Why a session (of ``protocol``) under ``record`` must end now, or None if it may go
+    on. A token narrowed to other protocols ends its sessions of the others."""
     if record is None:
         return Reason.UNKNOWN
     if record.revoked_at is not None and record.revoked_at <= now:
         return Reason.REVOKED
     if record.expires_at is not None and record.expires_at <= now:
         return Reason.EXPIRED
+    if protocol is not None and record.protocols and protocol not in record.protocols:
+        return Reason.PROTOCOL_NOT_ALLOWED
     return None
 
 
@@ -47,10 +58,28 @@ class SessionRegistry:
     def __init__(self) -> None:
         self._sessions: dict[str, Session] = {}
 
-    def add(self, session: Session) -> None:
+    def add(self, session: Session, record: TokenRecord | None = None) -> None:
+        """Register ``session``; with its token's ``record``, refused (SessionLimitReached)
+        when the token already holds its cap."""
         if session.id in self._sessions:
             raise ValueError(f"session {session.id} is already registered")
+        if record is not None and not self.admits(record):
+            raise SessionLimitReached(record.id)
         self._sessions[session.id] = session
+
+    def admits(self, record: TokenRecord) -> bool:
+        """May ``record`` open one more live session (of any protocol)?"""
+        cap = record.max_sessions
+        return cap is None or self.count_token(record.id) < cap
+
+    def count_token(self, token_id: str) -> int:
+        return sum(1 for s in self._sessions.values() if s.token_id == token_id)
+
+    def per_token(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for s in self._sessions.values():
+            counts[s.token_id] = counts.get(s.token_id, 0) + 1
+        return counts
 
     def remove(self, session_id: str) -> Session | None:
         return self._sessions.pop(session_id, None)
@@ -65,10 +94,17 @@ class SessionRegistry:
     def sweep(
         self, tokens: Mapping[str, TokenRecord], now: float
     ) -> list[tuple[Session, Reason]]:
-        """Remove and return the sessions whose token no longer allows them."""
+        """Remove and return the sessions whose token no longer allows them. Beyond a cap
+        (lowered while sessions were live), the newest sessions end first."""
         ended = []
-        for session in list(self._sessions.values()):
-            reason = end_reason(tokens.get(session.token_id), now)
+        held: dict[str, int] = {}
+        for session in list(self._sessions.values()):  # insertion order: oldest first
+            record = tokens.get(session.token_id)
+            reason = end_reason(record, now, session.protocol)
+            if reason is None and record is not None and record.max_sessions is not None:
+                held[record.id] = held.get(record.id, 0) + 1
+                if held[record.id] > record.max_sessions:
+                    reason = Reason.SESSION_LIMIT
             if reason is not None:
                 del self._sessions[session.id]
                 ended.append((session, reason))

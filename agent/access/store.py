@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import typing
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,13 +28,14 @@ from agent.access.model import (
     format_time,
 )
 from agent.access.policy import Site
+from agent.access.relay_sync import RelayToken, SyncRefusal, SyncResult, refuse, sync_problem
 from agent.access.tokens import Kind, generate, is_public_id, token_hash
-from agent.errors import NotFoundError, TokenError, TokenLimitError
+from agent.errors import NotFoundError, TokenError, TokenLimitError, TokenReadOnlyError
 
 _COLUMNS = (
     "id", "kind", "scope", "secret_hash", "last4", "protocols", "permission", "created_at",
     "expires_at", "ttl", "label", "created_by", "origin", "revoked_at", "replaced_by",
-    "replaces", "last_used_at", "rev",
+    "replaces", "last_used_at", "max_sessions", "rev",
 )
 T = TypeVar("T")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tokens"
@@ -43,38 +44,42 @@ _ACTIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
 
 def _record(row: tuple[Any, ...]) -> TokenRecord:
     (tid, kind, scope, secret_hash, last4, protocols, permission, created_at, expires_at,
-     ttl, label, created_by, origin, revoked_at, replaced_by, replaces, last_used_at, rev) = row
+     ttl, label, created_by, origin, revoked_at, replaced_by, replaces, last_used_at,
+     max_sessions, rev) = row
     return TokenRecord(
         id=tid, kind=Kind(kind), scope=Scope.parse(scope), secret_hash=bytes(secret_hash),
         last4=last4, created_at=created_at,
         protocols=frozenset(Protocol(p) for p in protocols.split(",") if p),
         permission=Permission(permission) if permission else None, expires_at=expires_at,
         ttl=ttl, label=label, created_by=created_by, origin=Origin(origin), revoked_at=revoked_at,
-        replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at, rev=rev,
+        replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at,
+        max_sessions=max_sessions, rev=rev,
     )
 
 
-class RelayToken(typing.Protocol):
-    """What a relay-issued token record carries (relay.protocol.SyncedToken)."""
+class _Keep(Enum):
+    KEEP = "keep"
 
-    @property
-    def id(self) -> str: ...
-    @property
-    def kind(self) -> str: ...
-    @property
-    def sha256(self) -> bytes: ...
-    @property
-    def last4(self) -> str: ...
-    @property
-    def scope(self) -> str: ...
-    @property
-    def protocols(self) -> tuple[str, ...]: ...
-    @property
-    def expires_at(self) -> float | None: ...
-    @property
-    def revoked_at(self) -> float | None: ...
-    @property
-    def label(self) -> str: ...
+
+#: A field of :class:`TokenChange` left as it is.
+KEEP = _Keep.KEEP
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChange:
+    """What ``update`` changes; every field left at KEEP stays. The scope is not here on
+    purpose: a wider scope is a new token (create or rotate), never an edit."""
+
+    label: str | _Keep = KEEP
+    #: None: never expires. With ``ttl`` set, ``expires_at`` is ignored (now + ttl).
+    expires_at: float | _Keep | None = KEEP
+    ttl: float | _Keep | None = KEEP
+    protocols: frozenset[Protocol] | _Keep = KEEP
+    #: None: no cap.
+    max_sessions: int | _Keep | None = KEEP
+
+    def empty(self) -> bool:
+        return all(getattr(self, f) is KEEP for f in self.__slots__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +177,7 @@ class TokenStore:
         ttl: float | None = None,
         label: str = "",
         created_by: str = "",
+        max_sessions: int | None = None,
     ) -> NewToken:
         """A new local token, audited; refused beyond ``max_active`` or for an unknown scope.
 
@@ -182,6 +188,8 @@ class TokenStore:
                 raise ValueError("give expires_at or ttl, not both")
             expires_at = now + ttl
         self._check_new(kind, scope, protocols, expires_at, now)
+        if max_sessions is not None and kind is not Kind.ACCESS:
+            raise TokenError("only access tokens open sessions: a session cap is for them")
         with self._lock, transaction(self._conn):
             if self._count_active(now) >= self.max_active:
                 raise TokenLimitError(
@@ -190,7 +198,7 @@ class TokenStore:
                     "or raise the limit"
                 )
             new = self._insert(kind, scope, now, protocols, expires_at, ttl, label, created_by,
-                               replaces=None)
+                               replaces=None, max_sessions=max_sessions)
             audit.append(self._conn, [audit.AuditEntry(
                 now, audit.CREATED, token_id=new.record.id, actor=created_by or None,
                 detail=_describe(new.record),
@@ -240,7 +248,8 @@ class TokenStore:
             # A duration is granted again from now; an absolute expiry stays where it was.
             expires = now + old.ttl if old.ttl is not None else old.expires_at
             new = self._insert(old.kind, old.scope, now, old.protocols, expires, old.ttl,
-                               old.label, actor, replaces=old.id)
+                               old.label, actor, replaces=old.id,
+                               max_sessions=old.max_sessions)
             rev = next_rev(self._conn)
             if grace:
                 ends = now + grace if old.expires_at is None else min(old.expires_at, now + grace)
@@ -261,6 +270,83 @@ class TokenStore:
                 detail={**_describe(new.record), "replaces": old.id},
             )])
         return new
+
+    def update(self, token_id: str, now: float, actor: str, change: TokenChange) -> TokenRecord:
+        """Change a local token's label, expiry, protocols or session cap, audited with the
+        values before and after. A running daemon applies a narrowing to the token's live
+        sessions within a second (those no longer allowed end). Nothing changes when the
+        values are the same; refused for a relay token, and for a token that cannot grant
+        again (revoked, expired, rotated)."""
+        with self._lock, transaction(self._conn):
+            old = self._get_locked(token_id)
+            if old.origin is not Origin.LOCAL:
+                raise TokenReadOnlyError(
+                    f"token {old.display} was issued by TheRelay cloud and is read-only on the "
+                    "agent: change it in TheRelay Dashboard (revoking it here stays possible)"
+                )
+            state = old.status(now)
+            if state is not Status.ACTIVE:
+                fix = ("revocation is final" if state is Status.REVOKED
+                       else "an expired token stays expired")
+                raise TokenError(f"token {old.display} is {state.value} ({fix}): create a new "
+                                 "token instead")
+            if old.replaced_by:
+                raise TokenError(f"token {old.display} was rotated (replaced by "
+                                 f"{old.replaced_by}): update the new token instead")
+            new = self._changed(old, change, now)
+            before, after = editable_fields(old), editable_fields(new)
+            diff = [k for k in before if before[k] != after[k]]
+            if not diff:
+                return old
+            self._conn.execute(
+                "UPDATE tokens SET label = ?, expires_at = ?, ttl = ?, protocols = ?, "
+                "max_sessions = ?, rev = ? WHERE id = ?",
+                (new.label, new.expires_at, new.ttl, ",".join(sorted(new.protocols)),
+                 new.max_sessions, next_rev(self._conn), token_id))
+            audit.append(self._conn, [audit.AuditEntry(
+                now, audit.UPDATED, token_id=token_id, actor=actor or None,
+                detail={"before": {k: before[k] for k in diff},
+                        "after": {k: after[k] for k in diff}},
+            )])
+            return self._get_locked(token_id)
+
+    @staticmethod
+    def _changed(old: TokenRecord, change: TokenChange, now: float) -> TokenRecord:
+        """``old`` with ``change`` applied and checked."""
+        new = old
+        if change.label is not KEEP:
+            new = replace(new, label=change.label)
+        if change.ttl is not KEEP and change.ttl is not None:
+            new = replace(new, expires_at=now + change.ttl, ttl=change.ttl)
+        elif change.expires_at is not KEEP:
+            new = replace(new, expires_at=change.expires_at, ttl=None)
+        if new.expires_at is not None and new.expires_at <= now:
+            raise TokenError(f"expiry {format_time(new.expires_at)} is in the past")
+        if change.protocols is not KEEP:
+            if change.protocols and old.kind is not Kind.ACCESS:
+                raise TokenError("only access tokens can be restricted to protocols")
+            new = replace(new, protocols=change.protocols)
+        if change.max_sessions is not KEEP:
+            if change.max_sessions is not None and old.kind is not Kind.ACCESS:
+                raise TokenError("only access tokens open sessions: a session cap is for them")
+            new = replace(new, max_sessions=change.max_sessions)
+        return new
+
+    # -- live sessions, as the running daemon last published them --------------------------
+
+    def publish_live_sessions(self, counts: dict[str, int], now: float) -> None:
+        """The daemon's live sessions per token (replacing the previous counts)."""
+        with self._lock, transaction(self._conn):
+            self._conn.execute("DELETE FROM live_sessions")
+            self._conn.executemany(
+                "INSERT INTO live_sessions (token_id, count, updated_at) VALUES (?, ?, ?)",
+                [(token_id, n, now) for token_id, n in counts.items()])
+
+    def live_sessions(self) -> dict[str, int]:
+        """Live sessions per token as the daemon last published them (within a second)."""
+        with self._lock:
+            rows = self._conn.execute("SELECT token_id, count FROM live_sessions").fetchall()
+        return {str(r[0]): int(r[1]) for r in rows}
 
     # -- tokens issued by TheRelay cloud (docs/relay-protocol.md §1.5) ----------------------
 
@@ -297,10 +383,16 @@ class TokenStore:
 
     def apply_relay_sync(
         self, tokens: Collection[RelayToken], *, full: bool, cursor: str, now: float
-    ) -> int:
+    ) -> SyncResult:
         """Upsert relay-issued tokens (only their hashes); with ``full``, relay tokens not
-        listed are revoked. Local tokens are never touched. Returns how many changed."""
+        listed are revoked. Local tokens are never touched.
+
+        Two promises hold against the relay too: a revoked token never grants again (a
+        record listing it as active is refused; its revocation can only move earlier), and
+        a token id keeps its hash. Refused records are left out, audited once, and
+        returned, so the ack tells the relay (docs/relay-protocol.md §1.5)."""
         changed = 0
+        refused: list[SyncRefusal] = []
         with self._lock, transaction(self._conn):
             listed = set()
             entries = []
@@ -309,13 +401,15 @@ class TokenStore:
                 row = self._conn.execute(
                     "SELECT origin, secret_hash, scope, protocols, expires_at, revoked_at, "
                     "label FROM tokens WHERE id = ?", (t.id,)).fetchone()
+                problem = sync_problem(self._conn, t, row)
+                if problem is not None:
+                    refused.append(refuse(self._conn, t.id, *problem, now))
+                    continue
+                revoked_at = t.revoked_at
+                if row is not None and row[5] is not None:  # revoked: stays so, or earlier
+                    revoked_at = row[5] if revoked_at is None else min(revoked_at, row[5])
                 values = (t.sha256, t.scope, ",".join(sorted(t.protocols)), t.expires_at,
-                          t.revoked_at, t.label)
-                if row is not None and row[0] != Origin.RELAY.value:
-                    continue  # an id clash with a local token: the local one stays
-                if self._conn.execute("SELECT 1 FROM tokens WHERE secret_hash = ? AND id != ?",
-                                      (t.sha256, t.id)).fetchone():
-                    continue  # the same hash under two ids: a broken sync, never applied
+                          revoked_at, t.label)
                 if row is not None and tuple(row[1:]) == values:
                     continue
                 self._conn.execute(
@@ -323,13 +417,16 @@ class TokenStore:
                     "created_at, expires_at, label, created_by, origin, revoked_at, rev) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'relay', 'relay', ?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET scope = excluded.scope, "
-                    "secret_hash = excluded.secret_hash, last4 = excluded.last4, "
                     "protocols = excluded.protocols, expires_at = excluded.expires_at, "
                     "label = excluded.label, revoked_at = excluded.revoked_at, rev = excluded.rev",
                     (t.id, t.kind, t.scope, t.sha256, t.last4, ",".join(sorted(t.protocols)),
-                     now, t.expires_at, t.label, t.revoked_at, next_rev(self._conn)))
+                     now, t.expires_at, t.label, revoked_at, next_rev(self._conn)))
                 changed += 1
-                event = audit.REVOKED if t.revoked_at is not None else audit.CREATED
+                if row is None:
+                    event = audit.REVOKED if revoked_at is not None else audit.CREATED
+                else:
+                    event = (audit.REVOKED if revoked_at is not None and row[5] is None
+                             else audit.UPDATED)
                 entries.append(audit.AuditEntry(now, event, token_id=t.id, actor="relay",
                                                 detail={"origin": "relay", "scope": t.scope}))
             if full:
@@ -346,7 +443,7 @@ class TokenStore:
             audit.append(self._conn, entries)
             self._conn.execute("INSERT OR REPLACE INTO meta (key, value) "
                                "VALUES ('relay_cursor', ?)", (cursor,))
-        return changed
+        return SyncResult(changed, refused)
 
     def revoke_relay(self, token_id: str, when: float, now: float) -> bool:
         """The relay revoked one of its tokens; idempotent. False if the agent has no such
@@ -414,6 +511,7 @@ class TokenStore:
         label: str,
         created_by: str,
         replaces: str | None,
+        max_sessions: int | None = None,
     ) -> NewToken:
         for _ in range(5):  # 62**12 ids: a collision is astronomically rare, but handled
             parsed = generate(kind)
@@ -427,10 +525,11 @@ class TokenStore:
         assert is_public_id(parsed.public_id)
         rev = next_rev(self._conn)
         self._conn.execute(
-            f"INSERT INTO tokens ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * 18)})",
+            f"INSERT INTO tokens ({', '.join(_COLUMNS)}) VALUES "
+            f"({', '.join('?' * len(_COLUMNS))})",
             (parsed.public_id, kind.value, str(scope), token_hash(parsed.text),
              parsed.text[-4:], ",".join(sorted(protocols)), None, now, expires_at, ttl, label,
-             created_by, Origin.LOCAL.value, None, None, replaces, None, rev),
+             created_by, Origin.LOCAL.value, None, None, replaces, None, max_sessions, rev),
         )
         return NewToken(parsed.text, self._get_locked(parsed.public_id))
 
@@ -445,4 +544,13 @@ def _describe(record: TokenRecord) -> dict[str, Any]:
         out["ttl_seconds"] = record.ttl
     if record.label:
         out["label"] = record.label
+    if record.max_sessions is not None:
+        out["max_sessions"] = record.max_sessions
     return out
+
+
+def editable_fields(record: TokenRecord) -> dict[str, Any]:
+    """The fields ``update`` may change, as the audit log shows them before and after."""
+    return {"label": record.label, "expires_at": record.expires_at, "ttl_seconds": record.ttl,
+            "protocols": sorted(record.protocols) or ["all"],
+            "max_sessions": record.max_sessions}

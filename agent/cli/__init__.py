@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import agent
 from agent import logs, stores
+from agent.access.db import db_path, explain
 from agent.cli import audit as audit_cli
 from agent.cli import cameras as cameras_cli
 from agent.cli import doctor as doctor_cli
@@ -153,3 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # `therelay-agent audit --export jsonl | head`
         return 0
+    except sqlite3.Error as exc:  # a read outside a transaction: still one line, no traceback
+        print(f"error: {explain(exc, db_path(config.state_dir))}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as exc:  # a full or read-only disk under a file the command writes
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_FAILED

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import time
 from pathlib import Path
 from typing import Any, get_args
@@ -16,8 +17,15 @@ from agent import logs
 from agent.access.store import TokenStore
 from agent.cli.output import emit_json, table
 from agent.config import Config, Transport, read_secret
-from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
-from agent.discovery.catalog import Sighting, camera_id_for, find
+from agent.discovery import trust
+from agent.discovery.adopted import (
+    AdoptedCamera,
+    AdoptedCameras,
+    held_move_text,
+    rtsp_auth_rule,
+)
+from agent.discovery.catalog import Sighting, camera_id_for, find, host_of
+from agent.discovery.trust import Identity
 from agent.errors import AgentError, UsageError
 
 
@@ -52,6 +60,19 @@ def add_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     rm = csub.add_parser("remove", parents=[common], help="remove an adopted camera")
     rm.add_argument("camera_id", metavar="ID")
     rm.set_defaults(handler=remove_camera)
+
+    mv = csub.add_parser("move", parents=[common],
+                         help="confirm that an adopted camera now answers at ADDRESS (a move "
+                         "discovery held), or that it stays where it is")
+    mv.add_argument("camera_id", metavar="ID")
+    mv.add_argument("address", metavar="ADDRESS", help="the camera's IP address now")
+    mv.set_defaults(handler=move_camera)
+
+    basic = csub.add_parser("allow-basic", parents=[common],
+                            help="let an adopted camera's RTSP password go by Basic (in clear)")
+    basic.add_argument("camera_id", metavar="ID")
+    basic.add_argument("allow", choices=("yes", "no"))
+    basic.set_defaults(handler=allow_basic)
 
 
 def _credentials(parser: argparse.ArgumentParser, what: str) -> None:
@@ -160,7 +181,8 @@ def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) ->
         rows.append({"id": a.id, "name": a.name, "from": f"adopted ({a.method})",
                      "source": logs.redact_text(a.source), "username": a.username,
                      "identity": a.identity, "profile": a.profile,
-                     "ignored": a.id in configured or None})
+                     "serial": a.serial, "rtsp_auth": rtsp_auth_rule(a),
+                     "move_held": a.pending, "ignored": a.id in configured or None})
     if args.json:
         emit_json({"cameras": rows})
         return 0
@@ -170,6 +192,8 @@ def list_cameras(args: argparse.Namespace, config: Config, store: TokenStore) ->
         if r.get("ignored"):
             print(f"warning: adopted camera {r['id']!r} is hidden by a camera of the same id in "
                   "the config file")
+        if r.get("move_held"):
+            print(f"warning: {held_move_text(r['id'], r['move_held'])}")
     return 0
 
 
@@ -188,12 +212,17 @@ def adopt_camera(args: argparse.Namespace, config: Config, store: TokenStore) ->
     if sighting is None:
         raise UsageError(f"no discovered camera {args.camera!r}: run `therelay-agent discover` "
                          "and use its ID column")
-    source, xaddr, method = asyncio.run(_stream_of(sighting, args, password))
+    source, xaddr, method, identity = asyncio.run(_stream_of(sighting, args, password))
     taken = [*config.camera_ids, *(c.id for c in adopted.all())]
     camera = AdoptedCamera(
         id=args.camera_id or camera_id_for(sighting, taken), identity=sighting.identity,
         method=method, source=source, name=sighting.name or "", username=args.user,
-        profile=args.profile, xaddr=xaddr, transport=args.transport)
+        profile=args.profile, xaddr=xaddr, transport=args.transport,
+        serial=identity.serial, hardware_id=identity.hardware_id,
+        home_network=trust.home_network(host_of(source) or ""),
+        # An ONVIF camera was just reached: ask its RTSP port too. (An mDNS one is learned at
+        # its first connection.)
+        rtsp_auth=_rtsp_scheme(source, config.media.camera_timeout) if xaddr else None)
     camera = adopted.add(camera, password, taken=config.camera_ids, actor="cli",
                          now=time.time())
     if args.json:
@@ -206,32 +235,94 @@ def adopt_camera(args: argparse.Namespace, config: Config, store: TokenStore) ->
     return 0
 
 
+def _rtsp_scheme(source: str, timeout: float) -> str | None:
+    """How the camera's RTSP server asks for the password (recorded: a later Basic-only
+    answer is then a downgrade, refused). None when it cannot be asked right now."""
+    from agent.media.sources import rtsp_login  # noqa: PLC0415
+
+    try:
+        return rtsp_login.ask(source, timeout).scheme
+    except (AgentError, ValueError):
+        return None
+
+
 async def _stream_of(sighting: Sighting, args: argparse.Namespace,
-                     password: str | None) -> tuple[str, str | None, str]:
-    """(stream URL, ONVIF device URL, method) for the camera, asking it over ONVIF if it can."""
+                     password: str | None) -> tuple[str, str | None, str, Identity]:
+    """(stream URL, ONVIF device URL, method, serial and hardware id) for the camera, asking
+    it over ONVIF if it can."""
     from agent.discovery import onvif  # noqa: PLC0415
-    from agent.discovery.scan import stream_url  # noqa: PLC0415
+    from agent.discovery.scan import profile_url  # noqa: PLC0415
 
     if sighting.xaddrs:
         xaddr = sighting.xaddrs[0]
         try:
-            uri = await stream_url(xaddr, args.user, password, args.profile, timeout=10.0)
+            device = await onvif.query_device(xaddr, args.user, password, timeout=10.0)
+            uri = profile_url(device, xaddr, args.profile)
         except onvif.OnvifAuthError as exc:
             hint = "" if args.user else " (give --user and --password-file)"
             raise AgentError(f"{exc}{hint}") from None
-        return uri, xaddr, "onvif"
+        return uri, xaddr, "onvif", Identity(device.serial, device.hardware_id)
     if args.profile != "main":
         raise UsageError("--profile applies to ONVIF cameras; this one was found over mDNS")
     if not sighting.rtsp_urls:
         raise AgentError("this camera announced no RTSP stream over mDNS: add it in the config "
                          "file with its RTSP URL instead")
-    return sighting.rtsp_urls[0], None, "mdns"
+    return sighting.rtsp_urls[0], None, "mdns", Identity(None, None)
 
 
 def _adopted_view(camera: AdoptedCamera) -> dict[str, Any]:
     return {"id": camera.id, "name": camera.name, "method": camera.method,
             "identity": camera.identity, "source": logs.redact_text(camera.source),
             "username": camera.username, "profile": camera.profile}
+
+
+def move_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    """The installer vouches for the address: stream and ONVIF URLs keep their ports and
+    paths, take the new host; the password goes by Digest only from now on (unless allowed)."""
+    from agent.discovery.onvif import with_host  # noqa: PLC0415 (zeep loads slowly)
+
+    adopted = AdoptedCameras(store, config.state_dir)
+    camera = adopted.get(args.camera_id)
+    address = args.address.strip().strip("[]")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise UsageError(f"{args.address!r} is not an IP address (give the camera's address "
+                         "now, like 192.168.1.64)") from None
+    old = host_of(camera.source)
+    if address == old:  # it stays: the held move was not the camera
+        adopted.clear_held(camera.id, actor="cli", now=time.time())
+        if args.json:
+            emit_json({"stays": camera.id, "address": address})
+        else:
+            print(f"camera {camera.id!r} stays at {address}; the held move is dismissed")
+        return 0
+    source = with_host(camera.source, address)
+    xaddr = with_host(camera.xaddr, address) if camera.xaddr else None
+    adopted.moved(camera.id, source, xaddr, actor="cli", now=time.time(),
+                  detail={"from": old, "to": address, "proof": "installer"},
+                  home_network=trust.home_network(address))
+    if args.json:
+        emit_json({"moved": camera.id, "source": logs.redact_text(source)})
+    else:
+        print(f"camera {camera.id!r} is now at {address}: {logs.redact_text(source)}\n"
+              "Its password goes only by RTSP Digest from now on; if the camera only "
+              f"offers Basic: therelay-agent cameras allow-basic {camera.id} yes")
+    return 0
+
+
+def allow_basic(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
+    allow = args.allow == "yes"
+    AdoptedCameras(store, config.state_dir).set_allow_basic(args.camera_id, allow,
+                                                            actor="cli", now=time.time())
+    if args.json:
+        emit_json({"camera": args.camera_id, "allow_basic": allow})
+    elif allow:
+        print(f"camera {args.camera_id!r} may receive its password by RTSP Basic (in clear "
+              "on the network); say no again once the camera offers Digest")
+    else:
+        print(f"camera {args.camera_id!r} receives its password by RTSP Digest only")
+    return 0
 
 
 def remove_camera(args: argparse.Namespace, config: Config, store: TokenStore) -> int:

@@ -29,13 +29,16 @@ from agent.access import audit
 from agent.access.db import db_path
 from agent.access.model import is_identifier
 from agent.access.store import TokenStore
-from agent.config import CameraConfig, Transport
+from agent.config import CameraConfig, RtspAuth, Transport
+from agent.discovery.trust import Identity
 from agent.errors import NotFoundError, UsageError
 
 CREDENTIALS_DIR = "camera-credentials"
 METHODS = ("onvif", "mdns")
 #: Sightings kept in the database (the `discover` cache); the oldest go first.
 MAX_SIGHTINGS = 1024
+#: Distinct addresses a camera's held move remembers (and audits) until the installer acts.
+MAX_HELD_ADDRESSES = 8
 
 
 @dataclass(frozen=True)
@@ -51,15 +54,53 @@ class AdoptedCamera:
     transport: Transport = "tcp"
     adopted_at: float = 0.0
     updated_at: float = 0.0
+    # What the device said about itself over ONVIF at adoption: a move must show it again.
+    serial: str | None = None
+    hardware_id: str | None = None
+    home_network: str | None = None  # the network it was adopted in (CIDR)
+    rtsp_auth: str | None = None  # digest | basic | none: how its RTSP server asked
+    allow_basic: bool = False  # the installer allows RTSP Basic even after a move
+    moved: bool = False  # it has moved since adoption: its password goes by Digest only
+    pending: dict[str, Any] | None = None  # a move waiting for the installer (see trust.py)
+
+    @property
+    def identity_record(self) -> Identity:
+        return Identity(self.serial, self.hardware_id)
 
 
 _COLUMNS = ("id", "identity", "method", "name", "source", "username", "profile", "xaddr",
-            "transport", "adopted_at", "updated_at")
+            "transport", "adopted_at", "updated_at", "serial", "hardware_id", "home_network",
+            "rtsp_auth", "allow_basic", "moved", "pending")
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM adopted_cameras"
 
 
 def _row(row: tuple[Any, ...]) -> AdoptedCamera:
-    return AdoptedCamera(**dict(zip(_COLUMNS, row, strict=True)))
+    data = dict(zip(_COLUMNS, row, strict=True))
+    data["allow_basic"], data["moved"] = bool(data["allow_basic"]), bool(data["moved"])
+    data["pending"] = json.loads(data["pending"]) if data["pending"] else None
+    return AdoptedCamera(**data)
+
+
+def _values(camera: AdoptedCamera) -> tuple[Any, ...]:
+    data = asdict(camera)
+    data["pending"] = json.dumps(camera.pending, sort_keys=True) if camera.pending else None
+    data["allow_basic"], data["moved"] = int(camera.allow_basic), int(camera.moved)
+    return tuple(data[c] for c in _COLUMNS)
+
+
+def rtsp_auth_rule(camera: AdoptedCamera) -> RtspAuth:
+    """``cameras[].rtsp_auth`` for an adopted camera: Digest only once it moved or asked for
+    Digest, unless the installer allowed Basic (``cameras allow-basic``)."""
+    if camera.allow_basic:
+        return "basic"
+    return "digest" if camera.moved or camera.rtsp_auth == "digest" else "auto"
+
+
+def held_move_text(camera_id: str, pending: dict[str, Any]) -> str:
+    """One line for the installer about a move discovery did not make on its own."""
+    return (f"camera {camera_id!r} was announced at {pending.get('to')} (it is at "
+            f"{pending.get('from')}); not followed: {pending.get('reason')}. If it really "
+            f"moved: therelay-agent cameras move {camera_id} {pending.get('to')}")
 
 
 def camera_config(camera: AdoptedCamera, credentials: Path) -> CameraConfig:
@@ -69,6 +110,7 @@ def camera_config(camera: AdoptedCamera, credentials: Path) -> CameraConfig:
         id=camera.id, source=camera.source, name=camera.name, transport=camera.transport,
         username=camera.username,
         password_file=password if camera.username and password.exists() else None,
+        rtsp_auth=rtsp_auth_rule(camera),
     )
 
 
@@ -138,8 +180,7 @@ class AdoptedCameras:
             if same:
                 raise UsageError(f"this camera is already adopted as {same[0]!r}")
             conn.execute(f"INSERT INTO adopted_cameras ({', '.join(_COLUMNS)}) VALUES "
-                         f"({', '.join('?' * len(_COLUMNS))})",
-                         tuple(getattr(camera, c) for c in _COLUMNS))
+                         f"({', '.join('?' * len(_COLUMNS))})", _values(camera))
             audit.append(conn, [audit.AuditEntry(
                 now, "camera.adopted", camera=camera.id, actor=actor,
                 detail={"method": camera.method, "identity": camera.identity,
@@ -165,15 +206,81 @@ class AdoptedCameras:
         self.password_file(camera_id).unlink(missing_ok=True)
 
     def moved(self, camera_id: str, source: str, xaddr: str | None, *,
-              now: float | None = None, detail: dict[str, Any] | None = None) -> None:
-        """The camera answers at another address: its stream URL follows (audited)."""
+              now: float | None = None, detail: dict[str, Any] | None = None,
+              actor: str = "discovery", home_network: str | None = None) -> None:
+        """The camera answers at another address: its stream URL follows (audited). From now
+        on its RTSP password goes by Digest only (unless Basic is allowed for it)."""
         now = time.time() if now is None else now
 
         def work(conn: sqlite3.Connection) -> None:
-            conn.execute("UPDATE adopted_cameras SET source = ?, xaddr = ?, updated_at = ? "
-                         "WHERE id = ?", (source, xaddr, now, camera_id))
+            conn.execute("UPDATE adopted_cameras SET source = ?, xaddr = ?, updated_at = ?, "
+                         "moved = 1, pending = NULL, home_network = coalesce(?, home_network)"
+                         " WHERE id = ?", (source, xaddr, now, home_network, camera_id))
             audit.append(conn, [audit.AuditEntry(now, "camera.moved", camera=camera_id,
-                                                 actor="discovery", detail=detail or {})])
+                                                 actor=actor, detail=detail or {})])
+
+        self._store.write(work)
+
+    def hold_move(self, camera_id: str, pending: dict[str, Any], *,
+                  now: float | None = None) -> bool:
+        """Keep a move that did not prove itself for the installer to confirm. Audited once
+        per address, for up to ``MAX_HELD_ADDRESSES`` addresses until the installer acts: a
+        flood of forged announcements adds no rows. True if this address is new."""
+        now = time.time() if now is None else now
+
+        def work(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT pending FROM adopted_cameras WHERE id = ?",
+                               (camera_id,)).fetchone()
+            if row is None:
+                return False
+            old = json.loads(row[0]) if row[0] else {}
+            seen: list[str] = list(old.get("addresses", []))
+            if pending.get("to") in seen or len(seen) >= MAX_HELD_ADDRESSES:
+                return False
+            seen.append(str(pending.get("to")))
+            text = json.dumps({**pending, "at": now, "addresses": seen}, sort_keys=True)
+            conn.execute("UPDATE adopted_cameras SET pending = ?, updated_at = ? WHERE id = ?",
+                         (text, now, camera_id))
+            detail: dict[str, Any] = {k: pending[k] for k in ("from", "to", "reason")
+                                      if k in pending}
+            audit.append(conn, [audit.AuditEntry(now, "camera.move_held", camera=camera_id,
+                                                 actor="discovery", detail=detail)])
+            return True
+
+        return bool(self._store.write(work))
+
+    def clear_held(self, camera_id: str, *, actor: str, now: float | None = None) -> None:
+        """The installer says the camera did not move: forget the held move (audited)."""
+        now = time.time() if now is None else now
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE adopted_cameras SET pending = NULL, updated_at = ? WHERE id = ?",
+                         (now, camera_id))
+            audit.append(conn, [audit.AuditEntry(now, "camera.move_dismissed",
+                                                 camera=camera_id, actor=actor)])
+
+        self._store.write(work)
+
+    def record_identity(self, camera_id: str, identity: Identity, home_network: str | None,
+                        *, now: float | None = None) -> None:
+        """Record what proves the camera's identity (cameras adopted before it was kept)."""
+        now = time.time() if now is None else now
+        self._store.write(lambda conn: conn.execute(
+            "UPDATE adopted_cameras SET serial = ?, hardware_id = ?, "
+            "home_network = coalesce(home_network, ?), updated_at = ? WHERE id = ?",
+            (identity.serial, identity.hardware_id, home_network, now, camera_id)))
+
+    def set_allow_basic(self, camera_id: str, allow: bool, *, actor: str,
+                        now: float | None = None) -> None:
+        now = time.time() if now is None else now
+
+        def work(conn: sqlite3.Connection) -> None:
+            if conn.execute("UPDATE adopted_cameras SET allow_basic = ?, updated_at = ? "
+                            "WHERE id = ?", (int(allow), now, camera_id)).rowcount == 0:
+                raise NotFoundError(f"no adopted camera {camera_id!r} (see: therelay-agent "
+                                    "cameras list)")
+            audit.append(conn, [audit.AuditEntry(now, "camera.rtsp_basic", camera=camera_id,
+                                                 actor=actor, detail={"allowed": allow})])
 
         self._store.write(work)
 
@@ -219,9 +326,9 @@ class AdoptedCameras:
         return [(json.loads(data), last_seen) for data, last_seen in rows]
 
 
-def read_adopted(state_dir: Path) -> list[CameraConfig]:
-    """The adopted cameras as camera configs, read without writing (for ``doctor``, which
-    must not migrate or lock the database of a running daemon). Empty when there is none."""
+def read_adopted_cameras(state_dir: Path) -> list[AdoptedCamera]:
+    """The adopted cameras, read without writing (for ``doctor``, which must not migrate or
+    lock the database of a running daemon). Empty when there is none."""
     path = db_path(state_dir)
     if not path.exists():
         return []
@@ -231,6 +338,7 @@ def read_adopted(state_dir: Path) -> list[CameraConfig]:
             rows = conn.execute(f"{_SELECT} ORDER BY adopted_at, id").fetchall()
         finally:
             conn.close()
-    except sqlite3.Error:  # no table yet (older schema), damaged: doctor's database check says
+    except sqlite3.Error:  # older schema, damaged: doctor's database check says
         return []
-    return [camera_config(_row(r), state_dir / CREDENTIALS_DIR) for r in rows]
+    return [_row(r) for r in rows]
+

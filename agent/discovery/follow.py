@@ -2,10 +2,13 @@
 
 Three sources of news, all optional (``discovery`` config section): ONVIF Hello/Bye
 announcements, mDNS announcements, and a periodic probe for cameras that announce nothing.
-When an adopted camera turns up at another address, its stream URL is asked again over
-ONVIF (with its stored credentials; the camera may also have changed its port or path) or
-taken from the mDNS announcement, and the new URL is written to the state database — the
-daemon's camera watcher then reconnects the camera there. Nothing is adopted automatically.
+When an adopted camera is announced at another address, that is only a hint (anyone on the
+LAN can send one): the camera follows only if the new address lies in the networks it may
+move to and the device there proves over ONVIF, with the stored credentials, that it has the
+serial number recorded at adoption (discovery/trust.py). Then its stream URL, asked again
+there, is written to the state database and the daemon's camera watcher reconnects the camera.
+Any other move is held for the installer (`cameras list`, `doctor`, `cameras move`). Nothing
+is adopted automatically.
 
 The adopted set is held in memory (refreshed by the daemon on every change), so a flood of
 announcements costs a dictionary lookup each, never a database query.
@@ -22,10 +25,10 @@ from zeroconf.asyncio import AsyncZeroconf
 
 from agent import logs
 from agent.config import DiscoverySection, read_secret
-from agent.discovery import mdns, onvif, wsd
+from agent.discovery import mdns, onvif, trust, wsd
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.discovery.catalog import Sighting, host_of
-from agent.discovery.scan import scan, stream_url
+from agent.discovery.scan import profile_url, scan
 from agent.errors import AgentError
 from agent.stopping import cancel_and_wait
 
@@ -134,30 +137,81 @@ class CameraFollower:
 
     async def _follow(self, camera: AdoptedCamera, xaddrs: Sequence[str],
                       rtsp_url: str | None) -> None:
-        if rtsp_url is not None:
-            new_source, new_xaddr = rtsp_url, camera.xaddr
-        else:
-            new_xaddr = xaddrs[0]
-            if new_xaddr == camera.xaddr and host_of(camera.source) == host_of(new_xaddr):
-                return  # where it was: nothing to ask
-            new_source = await self._ask_stream(camera, new_xaddr)
-        if new_source == camera.source and new_xaddr == camera.xaddr:
+        """An announcement put ``camera`` elsewhere: a hint, checked before anything is sent
+        there (discovery/trust.py); a move that does not prove itself is held."""
+        new_xaddr = xaddrs[0] if xaddrs else None
+        old = host_of(camera.source)
+        new = host_of(rtsp_url) if rtsp_url is not None else host_of(new_xaddr or "")
+        if old == new and (rtsp_url is not None or new_xaddr == camera.xaddr):
+            return  # where it was (an mDNS URL spelled another way is no move)
+        networks = trust.allowed_networks(self._section.follow_networks,
+                                          camera.home_network or trust.home_network(old or ""))
+        where = {"from": old, "to": _short(new), "xaddr": _short(new_xaddr)}
+        if not trust.in_networks(new, networks):
+            await self._hold(camera, where, "the new address is outside the networks cameras "
+                             "may move to on their own (discovery.follow_networks)")
             return
-        old, new = host_of(camera.source), host_of(new_source)
+        if rtsp_url is not None or new_xaddr is None:
+            await self._hold(camera, where, "announced over mDNS, which cannot prove it is the "
+                             "same camera")
+            return
+        recorded = camera.identity_record
+        if not recorded.known:
+            recorded = await self._record_identity(camera)
+            if not recorded.known:
+                await self._hold(camera, where, "no serial number was recorded for this camera "
+                                 "and it does not answer ONVIF at its old address")
+                return
+        try:
+            device = await self._query(camera, new_xaddr)
+            new_source = profile_url(device, new_xaddr, camera.profile)
+        except AgentError as exc:
+            await self._hold(camera, where, f"the device there did not prove it is this "
+                             f"camera over ONVIF: {exc}")
+            return
+        if not trust.same_device(recorded, trust.Identity(device.serial, device.hardware_id)):
+            await self._hold(camera, where, "the device there reports another serial number or "
+                             "hardware id than this camera")
+            return
+        new = host_of(new_source)
         await asyncio.to_thread(self._adopted.moved, camera.id, new_source, new_xaddr,
-                                detail={"from": old, "to": new})
+                                detail={"from": old, "to": new, "proof": "onvif"})
         log.info("camera_moved", camera=camera.id, old=old, new=new,
                  source=logs.redact_text(new_source))
 
-    async def _ask_stream(self, camera: AdoptedCamera, xaddr: str) -> str:
-        """The stream URL at the camera's new address: asked over ONVIF, else the old URL
-        with the new host (when the camera does not answer the question right now)."""
+    async def _hold(self, camera: AdoptedCamera, where: dict[str, str | None],
+                    reason: str) -> None:
+        if await asyncio.to_thread(self._adopted.hold_move, camera.id,
+                                   {**where, "reason": reason}):
+            log.warning("camera_move_held", camera=camera.id, old=where["from"],
+                        new=where["to"], reason=reason,
+                        fix=f"if the camera really moved: therelay-agent cameras move "
+                            f"{camera.id} {where['to']}")
+
+    async def _query(self, camera: AdoptedCamera, xaddr: str) -> onvif.OnvifDevice:
+        password = await asyncio.to_thread(
+            read_secret, f"camera-{camera.id}", self._adopted.password_file(camera.id)
+            if camera.username else None)
+        return await onvif.query_device(xaddr, camera.username, password,
+                                        timeout=self._section.probe_timeout + 5)
+
+    async def _record_identity(self, camera: AdoptedCamera) -> trust.Identity:
+        """A camera adopted before identities were kept: ask it where it was adopted (an
+        address the installer chose), and record what it says."""
+        if camera.xaddr is None:
+            return trust.Identity(None, None)
         try:
-            password = await asyncio.to_thread(
-                read_secret, f"camera-{camera.id}", self._adopted.password_file(camera.id)
-                if camera.username else None)
-            return await stream_url(xaddr, camera.username, password, camera.profile,
-                                    timeout=self._section.probe_timeout + 5)
+            device = await self._query(camera, camera.xaddr)
         except AgentError as exc:
-            log.warning("camera_moved_onvif_failed", camera=camera.id, error=str(exc))
-        return onvif.with_host(camera.source, host_of(xaddr) or "")
+            log.warning("camera_identity_unknown", camera=camera.id, error=str(exc))
+            return trust.Identity(None, None)
+        identity = trust.Identity(device.serial, device.hardware_id)
+        if identity.known:
+            home = trust.home_network(host_of(camera.source) or "")
+            await asyncio.to_thread(self._adopted.record_identity, camera.id, identity, home)
+        return identity
+
+
+def _short(text: str | None, limit: int = 200) -> str | None:
+    """Announced text kept for the installer, bounded (announcements come from anyone)."""
+    return text[:limit] if text else text

@@ -40,11 +40,8 @@ def profile_dict(profile: onvif.OnvifProfile, host: str | None) -> dict[str, obj
     return out
 
 
-async def stream_url(xaddr: str, username: str | None, password: str | None, want: str,
-                     timeout: float) -> str:
-    """The RTSP URL of profile ``want`` (main, sub or a token), asked over ONVIF, pointing at
-    the address the device answers on (a camera may report a stale host in its URIs)."""
-    device = await onvif.query_device(xaddr, username, password, timeout=timeout)
+def profile_url(device: onvif.OnvifDevice, xaddr: str, want: str) -> str:
+    """The RTSP URL of profile ``want`` of an answered query, at the address asked."""
     profile = onvif.choose_profile(device, want)
     if not profile.stream_uri:
         raise onvif.OnvifProfileError(f"the camera gave no RTSP stream for profile "

@@ -16,7 +16,13 @@ from pathlib import Path
 import structlog
 
 from agent.config import CameraConfig, Config, load
-from agent.discovery.adopted import read_adopted
+from agent.discovery.adopted import (
+    CREDENTIALS_DIR,
+    AdoptedCamera,
+    camera_config,
+    held_move_text,
+    read_adopted_cameras,
+)
 from agent.doctor.model import DEFAULT_TIMEOUT, Report, Result, Status, result
 from agent.errors import ConfigError
 
@@ -92,19 +98,31 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
         _guard("agent", "audit", slow, thread(lambda: local.audit_sync(config, timeout))),
         _guard("agent", "disk", slow, thread(lambda: local.disk_sync(config))),
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
+        _guard("agent", "tls", slow, thread(lambda: local.tls_sync(config))),
         _guard("agent", "http", timeout * 2, http),
     ]
     configured = set(config.camera_ids)
-    adopted = [c for c in await asyncio.to_thread(read_adopted, config.state_dir)
-               if c.id not in configured]
-    for camera in [*config.cameras, *adopted]:
+    rows = [c for c in await asyncio.to_thread(read_adopted_cameras, config.state_dir)
+            if c.id not in configured]
+    credentials = config.state_dir / CREDENTIALS_DIR
+    for camera in [*config.cameras, *(camera_config(c, credentials) for c in rows)]:
         jobs.extend(_camera_jobs(camera, timeout, slow))
+    jobs.extend(_held_move(c) for c in rows if c.pending)
     jobs.append(_guard("relay", "token", timeout * 3, relay_check))
     try:
         groups = await asyncio.gather(*jobs)
     finally:
         daemon_task.cancel()
     return Report(config.origin, head + [r for g in groups for r in g])
+
+
+async def _held_move(camera: AdoptedCamera) -> list[Result]:
+    """A move discovery did not make on its own (discovery/trust.py): the installer decides."""
+    pending = camera.pending or {}
+    return [result(f"camera {camera.id}", "move", Status.WARN,
+                   held_move_text(camera.id, pending),
+                   "a camera that did not move was announced elsewhere by someone on the LAN: "
+                   "find who (the address above); otherwise confirm the move")]
 
 
 def _camera_jobs(camera: CameraConfig, timeout: float,

@@ -19,10 +19,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from agent.config import CameraConfig, read_secret
-from agent.doctor import rtsp
 from agent.doctor.model import Result, Status, result
-from agent.errors import ConfigError, SourceError
+from agent.errors import ConfigError, SecretFileExposed, SourceError
 from agent.logs import redact_text
+from agent.media import rtsp
 from agent.media.stream import VIDEO_CODECS
 
 ONVIF_PATH = "/onvif/device_service"  # the device service's usual address (ONVIF Core)
@@ -75,7 +75,8 @@ async def check_rtsp_camera(camera: CameraConfig, timeout: float) -> list[Result
         t = rtsp.target(camera.source, user, password)
     except (ConfigError, ValueError) as exc:
         return [result(g, "source", Status.FAIL, str(exc),
-                       "fix the camera's source, username or password_file")]
+                       exc.fix if isinstance(exc, SecretFileExposed)
+                       else "fix the camera's source, username or password_file")]
     addresses, found = await _resolve(g, t, timeout)
     out = [found]
     if not addresses:
@@ -85,7 +86,8 @@ async def check_rtsp_camera(camera: CameraConfig, timeout: float) -> list[Result
     if conn is None:
         return out + _skipped(g, ("rtsp", "codec"), "no connection")
     try:
-        described = await asyncio.wait_for(rtsp.describe(conn, t, address), timeout)
+        described = await asyncio.wait_for(
+            rtsp.describe(conn, t, address, basic=camera.rtsp_auth != "digest"), timeout)
     except TimeoutError:
         out.append(result(g, "rtsp", Status.FAIL,
                           f"the camera accepted the connection but did not answer DESCRIBE "

@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import tempfile
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,10 @@ import ifaddr
 
 from agent.access import audit
 from agent.access.db import MIGRATIONS, db_path
-from agent.config import Config
+from agent.config import Config, check_private
 from agent.doctor.model import Result, Status, result
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SecretFileExposed
+from agent.http import tls
 
 GROUP = "agent"
 DISK_WARN = 500 * 1024 * 1024
@@ -224,7 +226,8 @@ def ice_sync(config: Config) -> Result:
         rtc_configuration(config.webrtc)  # TURN credential files must be readable
     except ConfigError as exc:
         return result(GROUP, "ice", Status.FAIL, str(exc),
-                      "fix webrtc.interfaces / webrtc.ice_servers in the config")
+                      exc.fix if isinstance(exc, SecretFileExposed)
+                      else "fix webrtc.interfaces / webrtc.ice_servers in the config")
     status, finding, fix = judge_ice(configured, interfaces())
     return result(GROUP, "ice", status, finding, fix)
 
@@ -252,17 +255,55 @@ def _local_host(host: str) -> str:
 async def probe_daemon(config: Config, timeout: float) -> Daemon:
     host, port = config.http.host_port
     local = _local_host(host)
-    url = f"http://{f'[{local}]' if ':' in local else local}:{port}/healthz"
+    scheme = "https" if tls.enabled(config) else "http"
+    url = f"{scheme}://{f'[{local}]' if ':' in local else local}:{port}/healthz"
     try:
+        # Is it running? No secret is sent, so the certificate need not be checked here
+        # (the "tls" check reads it from its file).
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http, \
-                http.get(url, allow_redirects=False) as response:
+                http.get(url, allow_redirects=False, ssl=False) as response:
             if response.status == 200:
                 body = await response.json(content_type=None)
-                if isinstance(body, dict) and body.get("status") == "ok":
+                if isinstance(body, dict) and body.get("status") in ("ok", "degraded"):
                     return Daemon(True, body)
             return Daemon(False, problem=f"{url} answered {response.status}, not the agent")
     except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
         return Daemon(False, problem=str(exc) or type(exc).__name__)
+
+
+def tls_sync(config: Config) -> Result:
+    """The LAN listener's certificate: its fingerprint (what viewers compare), names and
+    end; a key others may read, a pair that does not match, an expired certificate fail."""
+    t = config.http.tls
+    if not tls.enabled(config):
+        return result(GROUP, "tls", Status.INFO,
+                      "off: viewers, links and tokens cross the LAN in plain HTTP (set "
+                      "http.tls.self_signed: true, or cert_file and key_file)")
+    if t.self_signed:
+        cert_file, key_file = tls.self_signed_paths(config.state_dir)
+        if not cert_file.exists():
+            return result(GROUP, "tls", Status.INFO,
+                          f"self-signed: the agent makes its certificate at first start, in "
+                          f"{cert_file}")
+    else:
+        assert t.cert_file is not None and t.key_file is not None
+        cert_file, key_file = t.cert_file, t.key_file
+    try:
+        cert = tls.describe(cert_file, key_file, self_signed=t.self_signed)
+        check_private(key_file, "http.tls.key_file")
+        tls.server_context(cert)  # the key is the certificate's
+    except SecretFileExposed as exc:
+        return result(GROUP, "tls", Status.FAIL, str(exc), exc.fix)
+    except ConfigError as exc:
+        return result(GROUP, "tls", Status.FAIL, str(exc),
+                      "set http.tls.cert_file/key_file to a PEM certificate and its key")
+    until = cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+    finding = (f"HTTPS, certificate SHA-256 {cert.fingerprint} (valid until {until}; "
+               f"names {', '.join(cert.names) or 'none'})")
+    if cert.not_after <= datetime.now(UTC):
+        return result(GROUP, "tls", Status.FAIL, f"expired: {finding}",
+                      "renew the certificate (self-signed: delete it and restart the agent)")
+    return result(GROUP, "tls", Status.OK, finding)
 
 
 def port_free_sync(config: Config) -> tuple[bool, str]:
@@ -294,6 +335,12 @@ def judge_http(config: Config, daemon: Daemon, free: tuple[bool, str] | None) ->
                           f"{config.agent.id!r}",
                           "another configuration is running there: check --config, or stop "
                           "the other agent")
+        problems = h.get("problems")
+        if isinstance(problems, list) and problems:
+            return result(GROUP, "http", Status.FAIL,
+                          f"the agent running on {listen} is degraded: "
+                          f"{'; '.join(str(p) for p in problems)}",
+                          "follow the message above; the agent's log says the same")
         return result(GROUP, "http", Status.INFO,
                       f"the agent is running on {listen} (version {h.get('version')}, up "
                       f"{h.get('uptime_s')} s, relay {h.get('relay')})")

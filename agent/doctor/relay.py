@@ -24,7 +24,7 @@ from agent import __version__
 from agent.access.db import db_path
 from agent.config import Config, publisher_token
 from agent.doctor.model import Result, Status, result
-from agent.errors import ConfigError
+from agent.errors import ConfigError, SecretFileExposed
 from agent.relay import protocol
 from agent.relay.link import ADVICE, CLOCK_SKEW_WARN, Rejected, rejection_of
 from agent.relay.protocol import CLOSE_REASONS, TOKEN_REJECTIONS, ProtocolError, Welcome
@@ -82,6 +82,7 @@ async def check_relay(config: Config, timeout: float, daemon_running: bool,
         token = await asyncio.to_thread(publisher_token, config)
     except ConfigError as exc:
         return [result(GROUP, "token", Status.FAIL, str(exc),
+                       exc.fix if isinstance(exc, SecretFileExposed) else
                        "put the trp_ publisher token from TheRelay Dashboard (Settings > "
                        "Tokens) in relay.publisher_token_file, readable by the agent's user")]
     assert token is not None  # publisher_token raises when relay.url is set without one

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
+import structlog
 from aiohttp import web
 
 from agent import __version__
@@ -24,10 +25,12 @@ from agent.access import audit, usage
 from agent.access.audit import AuditQuery
 from agent.access.model import (
     ADMIN_PROTOCOL,
+    MAX_LABEL,
     Protocol,
     Scope,
     ScopeLevel,
     Status,
+    check_max_sessions,
     parse_duration,
     parse_protocols,
     parse_time,
@@ -35,13 +38,22 @@ from agent.access.model import (
 )
 from agent.access.policy import Decision
 from agent.access.service import AccessService
-from agent.access.store import NewToken, TokenStore
+from agent.access.store import KEEP, NewToken, TokenChange, TokenStore
 from agent.access.tokens import Kind, is_public_id
-from agent.errors import NotFoundError, TokenError, TokenLimitError
+from agent.errors import (
+    NotFoundError,
+    StoreError,
+    TokenError,
+    TokenLimitError,
+    TokenReadOnlyError,
+)
 from agent.http.auth import denial, error, peer_ip, presented_token
+from agent.http.tls import Certificate
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
+
+log = structlog.get_logger(__name__)
 
 PREFIX = "/api/v1/admin"
 AUDIT_COLUMNS = ("seq", "ts", "event", "token_id", "camera", "protocol", "peer_ip", "actor",
@@ -53,6 +65,9 @@ MAX_DURATION_TEXT = 32
 LATEST_EXPIRY = 253370764800.0  # 9999-01-01T00:00:00Z
 
 T = TypeVar("T")
+V = TypeVar("V")
+#: The fields PATCH /tokens/{id} may change.
+UPDATABLE = ("label", "ttl", "expires_at", "protocols", "max_sessions")
 Handler = Callable[[web.Request, Decision], Awaitable[web.StreamResponse]]
 
 
@@ -62,7 +77,8 @@ class BadRequest(Exception):
 
 class AdminApi:
     def __init__(self, access: AccessService, store: TokenStore, cameras: Cameras,
-                 started: float) -> None:
+                 started: float, tls: Callable[[], Certificate | None] = lambda: None) -> None:
+        self._tls = tls
         self._access = access
         self._store = store
         self._cameras = cameras
@@ -73,6 +89,7 @@ class AdminApi:
         add("GET", f"{PREFIX}/tokens", self._guard(self.list_tokens))
         add("POST", f"{PREFIX}/tokens", self._guard(self.create_token))
         add("GET", f"{PREFIX}/tokens/{{id}}", self._guard(self.show_token))
+        add("PATCH", f"{PREFIX}/tokens/{{id}}", self._guard(self.update_token))
         add("POST", f"{PREFIX}/tokens/{{id}}/revoke", self._guard(self.revoke_token))
         add("POST", f"{PREFIX}/tokens/{{id}}/rotate", self._guard(self.rotate_token))
         add("GET", f"{PREFIX}/tokens/{{id}}/usage", self._guard(self.token_usage))
@@ -95,8 +112,13 @@ class AdminApi:
                 return error(404, "not_found", str(exc))
             except TokenLimitError as exc:
                 return error(409, "token_limit", str(exc))
+            except TokenReadOnlyError as exc:
+                return error(409, "read_only", str(exc))
             except TokenError as exc:
                 return error(409, "refused", str(exc))
+            except StoreError as exc:  # a full or read-only disk: said once, no traceback
+                log.error("state_database_failed", error=str(exc))
+                return error(503, "storage_unavailable", str(exc))
         return guarded
 
     @staticmethod
@@ -127,25 +149,20 @@ class AdminApi:
         scope = self._scope(body.get("scope"), kind)
         protocols = frozenset[Protocol]()
         if body.get("protocols"):
-            if not isinstance(body["protocols"], list) or not all(
-                    isinstance(p, str) for p in body["protocols"]):
-                raise BadRequest("protocols: a list like [\"webrtc\", \"snapshot\"]")
-            protocols = _parsed(parse_protocols, ",".join(body["protocols"]), "protocols")
+            protocols = _protocols(body["protocols"])
         ttl = expires = None
         if body.get("ttl") is not None:
             ttl = _duration(body["ttl"], "ttl")
         if body.get("expires_at") is not None:
             if ttl is not None:
                 raise BadRequest("give ttl or expires_at, not both")
-            expires = _parsed(parse_time, _text(body["expires_at"], "expires_at"), "expires_at")
-            if expires >= LATEST_EXPIRY:
-                raise BadRequest("expires_at: must be before 9999-01-01")
-        label = _text(body.get("label", ""), "label")
-        if len(label) > 200:
-            raise BadRequest("label: at most 200 characters")
+            expires = _expiry(body["expires_at"])
+        label = _label(body.get("label", ""))
+        cap = _parsed(check_max_sessions, body.get("max_sessions"), "max_sessions")
         new = await asyncio.to_thread(
             self._store.create, Kind(kind), scope, time.time(), protocols=protocols,
-            expires_at=expires, ttl=ttl, label=label, created_by=self._actor(decision))
+            expires_at=expires, ttl=ttl, label=label, created_by=self._actor(decision),
+            max_sessions=cap)
         await self._applied()
         return _created(new)
 
@@ -161,6 +178,36 @@ class AdminApi:
 
     async def show_token(self, request: web.Request, _d: Decision) -> web.StreamResponse:
         record = await asyncio.to_thread(self._store.get, _token_id(request))
+        return web.json_response(public_view(record, time.time()))
+
+    async def update_token(self, request: web.Request, decision: Decision) -> web.StreamResponse:
+        """PATCH: label, expiry, protocols, session cap; never the scope (docs/admin.md)."""
+        body = await _json_object(request)
+        if "scope" in body or "kind" in body:
+            raise BadRequest("scope: a token's scope (and kind) cannot be changed: create a new "
+                             "token with the scope you need, then revoke this one, or rotate "
+                             "it to replace its secret")
+        unknown = sorted(set(body) - set(UPDATABLE))
+        if unknown:
+            raise BadRequest(f"unknown field {unknown[0][:40]!r}: a token update may change "
+                             f"{', '.join(UPDATABLE)}")
+        if not body:
+            raise BadRequest(f"nothing to change: give one of {', '.join(UPDATABLE)}")
+        if "ttl" in body and "expires_at" in body:
+            raise BadRequest("give ttl or expires_at, not both")
+        now = time.time()
+        change = TokenChange(
+            label=_label(body["label"]) if "label" in body else KEEP,
+            ttl=_duration(body["ttl"], "ttl") if "ttl" in body else KEEP,
+            expires_at=(KEEP if "expires_at" not in body else None
+                        if body["expires_at"] is None else _expiry(body["expires_at"], now)),
+            protocols=_protocols(body["protocols"]) if "protocols" in body else KEEP,
+            max_sessions=(_parsed(check_max_sessions, body["max_sessions"], "max_sessions")
+                          if "max_sessions" in body else KEEP),
+        )
+        record = await asyncio.to_thread(self._store.update, _token_id(request), now,
+                                         self._actor(decision), change)
+        await self._applied()  # a narrowing ends what it no longer allows before we answer
         return web.json_response(public_view(record, time.time()))
 
     async def revoke_token(self, request: web.Request, decision: Decision) -> web.StreamResponse:
@@ -247,10 +294,20 @@ class AdminApi:
             "uptime_s": round(time.time() - self._started, 1),
             "cameras": len(states), "cameras_online": states.count(CameraState.ONLINE),
             "sessions": len(self._access.sessions),
+            "tls": _tls_view(self._tls()),
         }]})
 
 
 # -- helpers --------------------------------------------------------------------------------
+
+
+def _tls_view(cert: Certificate | None) -> dict[str, Any] | None:
+    """What a viewer compares before trusting the agent's HTTPS (null: plain HTTP)."""
+    if cert is None:
+        return None
+    return {"fingerprint_sha256": cert.fingerprint, "spki_sha256": cert.spki_sha256,
+            "not_after": cert.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "self_signed": cert.self_signed, "names": list(cert.names)}
 
 
 def _created(new: NewToken) -> web.Response:
@@ -281,6 +338,32 @@ async def _json_object(request: web.Request, optional: bool = False) -> dict[str
     if not isinstance(value, dict):
         raise BadRequest("the body must be a JSON object")
     return value
+
+
+def _label(value: Any) -> str:
+    label = _text(value, "label")
+    if len(label) > MAX_LABEL:
+        raise BadRequest(f"label: at most {MAX_LABEL} characters")
+    return label
+
+
+def _protocols(value: Any) -> frozenset[Protocol]:
+    """A JSON list of protocol names; [] means all."""
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise BadRequest("protocols: a list like [\"webrtc\", \"snapshot\"] ([] for all)")
+    if len(value) > 2 * len(Protocol):
+        raise BadRequest("protocols: at most one of each")
+    return _parsed(parse_protocols, ",".join(p.replace(",", " ") for p in value), "protocols")
+
+
+def _expiry(value: Any, now: float | None = None) -> float:
+    """An ``expires_at`` before the year 9999 (and after ``now`` when given)."""
+    expires = _parsed(parse_time, _text(value, "expires_at"), "expires_at")
+    if expires >= LATEST_EXPIRY:
+        raise BadRequest("expires_at: must be before 9999-01-01")
+    if now is not None and expires <= now:
+        raise BadRequest("expires_at: is in the past (to stop a token now, revoke it)")
+    return expires
 
 
 def _text(value: Any, name: str) -> str:
@@ -322,7 +405,7 @@ def _int(value: str, name: str, low: int, high: int) -> int:
     return number
 
 
-def _parsed(parse: Callable[[str], T], value: str, name: str) -> T:
+def _parsed(parse: Callable[[V], T], value: V, name: str) -> T:
     try:
         return parse(value)
     except ValueError as exc:

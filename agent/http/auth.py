@@ -45,13 +45,15 @@ def error(status: int, code: str, message: str, **headers: str) -> web.Response:
 
 
 async def camera_access(
-    access: AccessService, cameras: Cameras, request: web.Request, protocol: str
+    access: AccessService, cameras: Cameras, request: web.Request, protocol: str,
+    *, opens_session: bool = False,
 ) -> tuple[Decision, Camera] | web.Response:
     """Authorize a request for ``{camera}`` in the path, then find the camera. Unknown
-    cameras are 404 only to a token whose scope could include them; others are denied first."""
+    cameras are 404 only to a token whose scope could include them; others are denied first.
+    ``opens_session``: the token's session cap applies (see ``AccessService.check``)."""
     camera_id = request.match_info["camera"]
     decision = await access.check(presented_token(request), camera_id, protocol,
-                                  peer_ip(request))
+                                  peer_ip(request), opens_session=opens_session)
     if not decision.granted:
         return denial(decision)
     camera = cameras.get(camera_id)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent import __version__
+from agent.access.model import MAX_SESSIONS_CAP
 from agent.media.hub import CameraState
 
 _ERROR = {"type": "object", "required": ["error", "message"],
@@ -32,7 +33,7 @@ _TOKEN = {
     "type": "object",
     "required": ["id", "display", "kind", "scope", "protocols", "permission", "status",
                  "created_at", "created_by", "expires_at", "label", "origin", "revoked_at",
-                 "replaced_by", "replaces", "last_used_at"],
+                 "replaced_by", "replaces", "last_used_at", "max_sessions"],
     "properties": {
         "id": {"type": "string", "pattern": "^[0-9A-Za-z]{12}$"},
         "display": {"type": "string"},
@@ -47,6 +48,26 @@ _TOKEN = {
         "origin": {"type": "string", "enum": ["local", "relay"]},
         "revoked_at": _NULLABLE_TIME, "replaced_by": _NULLABLE_STR, "replaces": _NULLABLE_STR,
         "last_used_at": _NULLABLE_TIME,
+        "max_sessions": {"type": "integer", "minimum": 1, "maximum": MAX_SESSIONS_CAP,
+                         "nullable": True, "description": "live sessions at once; null: no cap"},
+    },
+}
+_MAX_SESSIONS = {"type": "integer", "minimum": 1, "maximum": MAX_SESSIONS_CAP, "nullable": True,
+                 "description": "live sessions at once over every protocol; null: no cap"}
+_PATCH_TOKEN = {
+    "type": "object", "additionalProperties": False, "minProperties": 1,
+    "description": "Only the fields given change. The scope cannot change (create a new "
+                   "token or rotate); ttl and expires_at exclude each other.",
+    "properties": {
+        "label": {"type": "string", "maxLength": 200},
+        "ttl": {**_DURATION, "description": "expires this long from now (at most 100 years)"},
+        "expires_at": {"type": "string", "format": "date-time", "nullable": True,
+                       "description": "ISO 8601, in the future, before 9999-01-01; null: "
+                                      "never expires"},
+        "protocols": {"type": "array", "uniqueItems": True,
+                      "items": {"type": "string", "enum": _PROTOCOLS},
+                      "description": "[] allows all"},
+        "max_sessions": _MAX_SESSIONS,
     },
 }
 _NEW_TOKEN = {"allOf": [{"$ref": "#/components/schemas/Token"},
@@ -94,9 +115,15 @@ _CAMERA = _object(
     viewers=_object(_PROTOCOLS, **dict.fromkeys(_PROTOCOLS, _INT)),
 )
 _HOST = _object(
-    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions"],
+    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions", "tls"],
     id=_STR, account_id=_STR, version=_STR, uptime_s={"type": "number", "minimum": 0},
     cameras=_INT, cameras_online=_INT, sessions=_INT,
+    tls={**_object(["fingerprint_sha256", "spki_sha256", "not_after", "self_signed", "names"],
+                   fingerprint_sha256={"type": "string",
+                                       "pattern": "^([0-9A-F]{2}:){31}[0-9A-F]{2}$"},
+                   spki_sha256=_STR, not_after=_TIME, self_signed={"type": "boolean"},
+                   names={"type": "array", "items": _STR}),
+         "nullable": True, "description": "the HTTPS certificate to compare; null: plain HTTP"},
 )
 
 
@@ -106,7 +133,8 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "Invalid request", 401: "Missing, invalid, expired or revoked token",
-            403: "Not an admin token", 404: "Not found", 409: "Refused (limit, state)",
+            403: "Not an admin token", 404: "Not found",
+            409: "Refused (limit, state, read-only relay token)",
             413: "Body too large", 429: "Too many failed attempts"}
     return {str(c): _json({"$ref": "#/components/schemas/Error"}, text[c]) for c in codes}
 
@@ -131,7 +159,7 @@ def document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {"Error": _ERROR, "Token": _TOKEN, "NewToken": _NEW_TOKEN,
                         "Usage": _USAGE, "AuditEntry": _AUDIT_ENTRY, "Camera": _CAMERA,
-                        "Host": _HOST},
+                        "Host": _HOST, "TokenUpdate": _PATCH_TOKEN},
         },
         "paths": {
             "/api/v1/admin/tokens": {
@@ -169,16 +197,27 @@ def document() -> dict[str, Any]:
                                            "nullable": True,
                                            "description": "ISO 8601, before 9999-01-01"},
                             "label": {"type": "string", "maxLength": 200},
+                            "max_sessions": _MAX_SESSIONS,
                         }}}}},
                     "responses": {"201": _json({"$ref": "#/components/schemas/NewToken"},
                                                "Created"),
                                   **_errors(400, *_AUTH, 409, 413)},
                 },
             },
-            "/api/v1/admin/tokens/{id}": {"get": {
-                "summary": "One token", "parameters": [_ID],
-                "responses": {"200": _json({"$ref": "#/components/schemas/Token"}),
-                              **_errors(*_AUTH, 404)}}},
+            "/api/v1/admin/tokens/{id}": {
+                "get": {
+                    "summary": "One token", "parameters": [_ID],
+                    "responses": {"200": _json({"$ref": "#/components/schemas/Token"}),
+                                  **_errors(*_AUTH, 404)}},
+                "patch": {
+                    "summary": "Change label, expiry, protocols or session cap; a narrowing "
+                               "ends the live sessions it no longer allows before the answer",
+                    "parameters": [_ID],
+                    "requestBody": {"required": True, "content": {"application/json": {
+                        "schema": {"$ref": "#/components/schemas/TokenUpdate"}}}},
+                    "responses": {"200": _json({"$ref": "#/components/schemas/Token"}),
+                                  **_errors(400, *_AUTH, 404, 409, 413)}},
+            },
             "/api/v1/admin/tokens/{id}/revoke": {"post": {
                 "summary": "Revoke at once: live sessions end before the answer",
                 "parameters": [_ID],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -70,8 +71,10 @@ def make_app(health: Callable[[], dict[str, object]]) -> web.Application:
     return app
 
 
-async def start(app: web.Application, host: str, port: int) -> web.AppRunner:
+async def start(app: web.Application, host: str, port: int,
+                ssl_context: ssl.SSLContext | None = None) -> web.AppRunner:
+    """Listen on host:port; with ``ssl_context``, HTTPS only (nothing is served in clear)."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
     return runner

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import structlog
 from aiohttp import web
 
+from agent.access.policy import Reason
 from agent.access.service import AccessService
-from agent.access.sessions import Session
+from agent.access.sessions import Session, SessionLimitReached
 from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.media.cameras import Cameras
@@ -63,7 +64,8 @@ class WhepEndpoint:
         return links
 
     async def post(self, request: web.Request) -> web.StreamResponse:
-        found = await camera_access(self._access, self._cameras, request, PROTOCOL)
+        found = await camera_access(self._access, self._cameras, request, PROTOCOL,
+                                    opens_session=True)
         if isinstance(found, web.Response):
             return found
         decision, camera = found
@@ -88,11 +90,15 @@ class WhepEndpoint:
                 return error(400, "bad_offer", str(exc))
         finally:
             hub.unsubscribe(holder)
-        session = self._access.open_session(
-            decision, camera_id, PROTOCOL, peer_ip(request),
-            close=lambda reason: self._end(viewer, reason),
-            bytes_sent=lambda: viewer.bytes_sent, session_id=viewer.id,
-        )
+        try:
+            session = self._access.open_session(
+                decision, camera_id, PROTOCOL, peer_ip(request),
+                close=lambda reason: self._end(viewer, reason),
+                bytes_sent=lambda: viewer.bytes_sent, session_id=viewer.id,
+            )
+        except SessionLimitReached:  # another offer under this token won the last place
+            await viewer.close()
+            return denial(decision._replace(reason=Reason.SESSION_LIMIT))
         self._live[viewer.id] = _Live(viewer, session)
         viewer.on_closed = self._closed
         log.info("whep_session_started", camera=camera_id, session=viewer.id,

@@ -98,6 +98,9 @@ class CameraHub:
         self._window_frames = 0
         self.received_bytes = 0  # video bytes from the camera since start (for /metrics)
         self.connections = 0  # upstream connections opened so far (one pull per camera)
+        self._stops = 0
+        self._pulling = False  # a pull thread runs (perhaps told to stop, not yet out)
+        self._pulling_lock = threading.Lock()
 
     # -- consumers (event loop) ---------------------------------------------------------
 
@@ -106,11 +109,18 @@ class CameraHub:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        if self._thread is not None and self._thread.is_alive():
-            return
-        self._loop = asyncio.get_running_loop()
+        with self._pulling_lock:
+            if self._pulling and not self._stop.is_set():
+                return
+            self._loop = asyncio.get_running_loop()
+            self._set_status(state=CameraState.CONNECTING, error=None)
+            if self._pulling:
+                # Told to stop but still in an open or a read: take it back rather than start
+                # a second pull (one thread, one connection per camera, whatever the requests).
+                self._stop.clear()
+                return
+            self._pulling = True
         self._stop = threading.Event()
-        self._set_status(state=CameraState.CONNECTING, error=None)
         self._thread = threading.Thread(target=self._pull, args=(self._stop,),
                                         name=f"camera-{self.camera_id}", daemon=True)
         self._thread.start()
@@ -173,7 +183,7 @@ class CameraHub:
         if self._consumers and self._thread is not None:
             return  # someone subscribed again during the grace period
         self._stop.set()
-        self._thread = None
+        self._stops += 1  # a pull taken back by start() reconnects (fresh status and epoch)
         self._gop.clear()
         self._gop_bytes = 0
         if self.status.state is not CameraState.UNSUPPORTED:
@@ -185,6 +195,7 @@ class CameraHub:
         self._consumers.clear()
         thread = self._thread
         self.stop()
+        self._thread = None
         if thread is not None:
             await asyncio.to_thread(thread.join, 10)
 
@@ -261,13 +272,25 @@ class CameraHub:
     # -- the pull thread -----------------------------------------------------------------
 
     def _pull(self, stop: threading.Event) -> None:
+        try:
+            self._pull_until(stop)
+        finally:  # whatever ended it, the next start() starts a new pull
+            with self._pulling_lock:
+                self._pulling = False
+
+    def _pull_until(self, stop: threading.Event) -> None:
         assert self._loop is not None
         loop = self._loop
         failures = FailureLog(log, "camera_unavailable", camera=self.camera_id)
         delays = backoff(1.0, self._reconnect_max)
-        while not stop.is_set():
+        while True:
+            with self._pulling_lock:  # start() sees either a running pull or none
+                if stop.is_set():
+                    self._pulling = False
+                    return
             source: Source | None = None
             try:
+                stops = self._stops
                 source = self._open_source()
                 info = source.open()
                 self.connections += 1
@@ -279,7 +302,7 @@ class CameraHub:
                 loop.call_soon_threadsafe(self._online, epoch, info)
                 failures.recovered("camera_recovered")
                 delays = backoff(1.0, self._reconnect_max)
-                while not stop.is_set():
+                while not stop.is_set() and self._stops == stops:
                     loop.call_soon_threadsafe(self._deliver, epoch, source.read())
             except AgentError as exc:  # SourceError, or a camera secret that cannot be read
                 failures.failed(str(exc))

@@ -20,6 +20,10 @@ from agent.webrtc.whip import WhipPublisher
 
 log = structlog.get_logger(__name__)
 
+#: A session live this long that fails is published again at once; a shorter one waits
+#: the backoff, so a server that drops every session at once is not hammered.
+REPUBLISH_AT_ONCE_AFTER = 10.0
+
 
 class AlwaysPublisher:
     def __init__(self, cameras: list[Camera], template: str, agent_id: str, bearer: str,
@@ -63,11 +67,17 @@ class AlwaysPublisher:
             self.live[camera.id] = publisher
             failures.recovered("whip_always_live")
             log.info("whip_always_publishing", camera=camera.id)
-            delays = backoff(1.0, 60.0)
+            loop = asyncio.get_running_loop()
+            went_live = loop.time()
             try:
                 await publisher.failed.wait()
             finally:
                 self.live.pop(camera.id, None)
                 await publisher.stop()
-            log.warning("whip_always_lost", camera=camera.id)
-            await asyncio.sleep(next(delays))
+            log.warning("whip_always_lost", camera=camera.id, error=publisher.failure)
+            if loop.time() - went_live >= REPUBLISH_AT_ONCE_AFTER:
+                # It had been working: publish again at once (the server may be back
+                # already), and failures from here on start the schedule afresh.
+                delays = backoff(1.0, 60.0)
+                continue
+            await asyncio.sleep(next(delays))  # it keeps failing soon: back off

@@ -1,85 +1,67 @@
-"""The control channel to TheRelay cloud: connect, hello, follow tokens, reconnect politely.
+"""The control channel to TheRelay cloud: a thin pump around :mod:`agent.relay.protocol`.
 
-Implements docs/relay-protocol.md version 1: the camera inventory, token sync, instant
-revocation, usage batches, and on-demand WHIP publishing. The audit log is the durable
-outbox of usage: batches are read from it after the last acknowledged seq, so nothing
-acknowledged is lost and nothing unacknowledged is forgotten across restarts. When the
-control channel drops, running publish sessions stop; the relay asks again after the
-agent's next ``hello``.
+The rules of docs/relay-protocol.md v1.1 (acks, ids, publish session states, retry
+schedule, heartbeat) live in the sans-I/O :class:`~agent.relay.protocol.RelayProtocol`;
+this module moves its messages over a WebSocket, applies token records in the store,
+runs WHIP publishers and sleeps the delays it decides. The audit log is the durable outbox
+of usage: batches are read from it after the last acknowledged seq, so nothing
+acknowledged is lost and nothing unacknowledged is forgotten across restarts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from aiortc import RTCConfiguration
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.protocol import State
 
 from agent import __version__
 from agent.access import audit
 from agent.access.service import AccessService
 from agent.access.store import TokenStore
 from agent.media.hub import CameraHub
-from agent.relay import protocol
+from agent.relay import messages, protocol
+from agent.relay.messages import Acked, ProtocolError, Publish, Welcome
 from agent.relay.protocol import (
-    CLOSE_REASONS,
-    TOKEN_REJECTIONS,
-    Acked,
-    Ping,
-    ProtocolError,
-    Publish,
-    TokensRevoke,
-    TokensSync,
-    Unpublish,
-    Unsupported,
-    Welcome,
+    ADVICE,
+    WELCOME_TIMEOUT,
+    AckReceived,
+    Action,
+    ApplyRevoke,
+    ApplySync,
+    Close,
+    Closed,
+    End,
+    Failed,
+    LinkState,
+    Refused,
+    Rejected,
+    RelayProtocol,
+    Send,
+    StartPublish,
+    StopPublish,
+    refusal_reason,
 )
-from agent.retry import FailureLog, backoff
 from agent.webrtc.whip import WhipError, WhipPublisher
+
+__all__ = ["ADVICE", "CLOCK_SKEW_WARN", "LinkState", "Rejected", "RelayLink",
+           "camera_inventory", "rejection_of"]
 
 log = structlog.get_logger(__name__)
 
-WELCOME_TIMEOUT = 10.0
 INVENTORY_EVERY = 2.0
 CLOCK_SKEW_WARN = 30.0
 USAGE_EVERY = 5.0  # at most this long between an access and its report (section 1.5)
 USAGE_ACK_TIMEOUT = 30.0
-REJECTED_MIN, REJECTED_MAX = 30.0, 300.0  # a refused publisher token: never hammer the relay
-
-
-class Rejected(Exception):
-    """The relay refused the publisher token or this agent; ``reason`` is the code."""
-
-    def __init__(self, reason: str, message: str = "") -> None:
-        super().__init__(message or reason)
-        self.reason = reason
-
-
-ADVICE = {
-    "token_invalid": "the publisher token is not valid: copy it again from TheRelay Dashboard "
-                     "(Settings > Tokens) into relay.publisher_token_file",
-    "token_expired": "the publisher token has expired: create a new one in TheRelay Dashboard",
-    "token_revoked": "the publisher token was revoked: create a new one in TheRelay Dashboard",
-    "agent_not_allowed": "the publisher token is bound to another agent: set agent.id to the "
-                         "agent the token was made for, or use an account-level token",
-    "version_unsupported": "the relay does not speak this agent's protocol version: upgrade "
-                           "the agent",
-}
-
-
-class LinkState(enum.StrEnum):
-    CONNECTING = "connecting"
-    CONNECTED = "connected"  # welcomed by the relay
-    REJECTED = "rejected"  # the relay refused the publisher token (see last_error)
-    DISCONNECTED = "disconnected"  # not configured, or between attempts
+SHUTDOWN_REPORT = 2.0  # at most this long to say "stopped" for live sessions at shutdown
 
 
 class RelayLink:
@@ -89,20 +71,30 @@ class RelayLink:
                  ice: Callable[[list[dict[str, Any]]], RTCConfiguration]) -> None:
         self._url = url
         self._token = publisher_token
-        self._agent_id = agent_id
         self._store = store
         self._access = access
         self._inventory = inventory
         self._hubs = hubs
         self._ice = ice
+        self.protocol = RelayProtocol(agent_id, __version__, lambda cid: hubs(cid) is not None)
         self.publishers: dict[str, WhipPublisher] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.state = LinkState.DISCONNECTED
-        self.last_error: str | None = None
-        self.welcome: Welcome | None = None
+        self._sessions: dict[str, asyncio.Task[None]] = {}  # session id → its publisher task
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._acks: dict[str, asyncio.Future[Acked]] = {}
+
+    @property
+    def state(self) -> LinkState:
+        return self.protocol.state
+
+    @property
+    def last_error(self) -> str | None:
+        return self.protocol.last_error
+
+    @property
+    def welcome(self) -> Welcome | None:
+        return self.protocol.welcome
 
     @property
     def publish_sessions(self) -> int:
@@ -119,151 +111,194 @@ class RelayLink:
             # A cancellation can land inside a library call that absorbs it (a WebSocket
             # handshake or close); the flag ends the loop then, and the wait is bounded.
             with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), 3)
+                await asyncio.wait_for(asyncio.shield(self._task), 3 + SHUTDOWN_REPORT)
             self._task = None
         await self._stop_publishing()
-        self.state = LinkState.DISCONNECTED
+        self.protocol.state = LinkState.DISCONNECTED
 
     async def _run(self) -> None:
-        failures = FailureLog(log, "relay_unavailable", url=self._url)
-        ordinary: Iterator[float] = backoff(1.0, 60.0)
-        rejected: Iterator[float] = backoff(REJECTED_MIN, REJECTED_MAX)
         while not self._stopping:
-            self.state = LinkState.CONNECTING
-            try:
-                await self._connect_once()
-                ordinary, rejected = backoff(1.0, 60.0), backoff(REJECTED_MIN, REJECTED_MAX)
-                delay = next(ordinary)
-                failures.recovered("relay_reconnecting")
-            except Rejected as exc:
-                self.state, self.last_error = LinkState.REJECTED, exc.reason
-                if failures.count == 0 or self.last_error != exc.reason:
-                    log.error("relay_rejected_agent", reason=exc.reason,
-                              fix=ADVICE.get(exc.reason, str(exc)))
-                failures.failed(exc.reason)
-                delay = next(rejected)
-            except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed,
-                    ProtocolError) as exc:
-                self.state, self.last_error = LinkState.DISCONNECTED, _describe(exc)
-                failures.failed(self.last_error)
-                delay = next(ordinary)
-            if not self._stopping:
-                await asyncio.sleep(delay)
+            self.protocol.connecting()
+            end = await self._connect_once()
+            if self._stopping:
+                break
+            retry = self.protocol.connection_ended(end, time.monotonic())
+            await self._stop_publishing()  # the protocol reports them after the next welcome
+            await asyncio.sleep(retry.delay)
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self) -> End:
         try:
             ws = await connect(
                 self._url, subprotocols=[protocol.SUBPROTOCOL],  # type: ignore[list-item]
                 additional_headers={"Authorization": f"Bearer {self._token}"},
                 user_agent_header=f"therelay-agent/{__version__}", proxy=None,
-                max_size=protocol.MAX_MESSAGE, open_timeout=10, close_timeout=2)
+                max_size=protocol.MAX_SYNC_MESSAGE, ping_interval=None, open_timeout=10,
+                close_timeout=2)
         except InvalidStatus as exc:
-            raise rejection_of(exc) from None
+            return refused_of(exc)
+        except (OSError, TimeoutError, InvalidHandshake) as exc:
+            return Failed(_describe(exc))
+        failure: End | None = None
         try:
             await self._session(ws)
-        except ConnectionClosed as exc:
-            reason = CLOSE_REASONS.get(exc.rcvd.code if exc.rcvd else 0)
-            if reason in TOKEN_REJECTIONS:
-                raise Rejected(reason) from None
-            raise
-        except ProtocolError as exc:
-            log.warning("relay_protocol_error", error=str(exc))
-            await ws.close(4009, "protocol_error")
-            raise
+        except ConnectionClosed:
+            pass
+        except (OSError, TimeoutError) as exc:
+            failure = Failed(_describe(exc))
         finally:
-            await ws.close()
-            self.state = LinkState.DISCONNECTED
+            with contextlib.suppress(Exception):
+                await ws.close(1001 if self._stopping else 1000)
+        return failure or closed_of(ws)
 
     async def _session(self, ws: ClientConnection) -> None:
         cursor = await asyncio.to_thread(self._store.relay_cursor)
-        await _send(ws, protocol.hello(self._agent_id, __version__, cursor, self._inventory()))
-        first = protocol.parse(await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT))
-        if not isinstance(first, Welcome):
-            raise ProtocolError("the relay must answer hello with welcome")
-        if first.agent_id != self._agent_id:
-            raise Rejected("agent_not_allowed",
-                           f"the token belongs to agent {first.agent_id!r}")
-        self.welcome, self.state, self.last_error = first, LinkState.CONNECTED, None
-        skew = round(time.time() - first.server_time, 3)
-        log.info("relay_connected", account=first.account_id, agent=first.agent_id,
-                 permission=first.permission, clock_skew_s=skew)
+        await _send(ws, self.protocol.hello(cursor, self._inventory()))
+        try:
+            first = await asyncio.wait_for(ws.recv(), WELCOME_TIMEOUT)
+        except TimeoutError:
+            await self._perform(ws, self.protocol.no_welcome())
+            return
+        if not await self._receive(ws, first) or self.protocol.welcome is None:
+            return
+        welcome = self.protocol.welcome
+        skew = round(time.time() - welcome.server_time, 3)
         if abs(skew) > CLOCK_SKEW_WARN:
             log.warning("clock_skew", seconds=skew,
                         fix="this machine's clock differs from the relay's: token expiry "
                             "depends on it; enable NTP (timedatectl set-ntp true)")
-        if first.permission == "read":
-            log.warning("relay_read_only", fix="this publisher token is read-only: cameras are "
-                        "registered and reported, never published")
-        reporter = asyncio.get_running_loop().create_task(self._report_inventory(ws))
-        usage = asyncio.get_running_loop().create_task(self._report_usage(ws))
+        loop = asyncio.get_running_loop()
+        helpers = [loop.create_task(self._report_inventory(ws)),
+                   loop.create_task(self._report_usage(ws)),
+                   loop.create_task(self._heartbeat(ws))]
         try:
             async for text in ws:
-                if self._stopping:
+                if self._stopping or not await self._receive(ws, text):
                     break
-                await self._handle(ws, protocol.parse(text))
         finally:
-            reporter.cancel()
-            usage.cancel()
-            await self._stop_publishing()
+            for task in helpers:
+                task.cancel()
+            self._acks.clear()  # their messages are answered on the next connection, if ever
+            if self._stopping:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._shutdown_report(ws), SHUTDOWN_REPORT)
 
-    async def _handle(self, ws: ClientConnection, event: protocol.Event) -> None:
-        if isinstance(event, TokensSync):
-            changed = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
+    async def _receive(self, ws: ClientConnection, text: str | bytes) -> bool:
+        """One frame from the relay; False once the agent closed the connection."""
+        steps = protocol.parse_steps(text)
+        try:
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    event = done.value
+                    break
+                await asyncio.sleep(0)  # a big tokens.sync: let the rest of the agent run
+        except ProtocolError as exc:
+            return await self._perform(ws, self.protocol.protocol_error(exc))
+        return await self._perform(ws, self.protocol.handle(event, time.monotonic()))
+
+    async def _perform(self, ws: ClientConnection, actions: list[Action]) -> bool:
+        for action in actions:
+            if isinstance(action, Send):
+                await _send(ws, action.message)
+            elif isinstance(action, Close):
+                await ws.close(action.code, action.reason)
+                return False
+            elif isinstance(action, ApplySync):
+                await self._apply_sync(ws, action)
+            elif isinstance(action, ApplyRevoke):
+                event = action.event
+                known = await asyncio.to_thread(self._store.revoke_relay, event.token_id,
+                                                event.revoked_at, time.time())
+                await self._applied()  # live sessions under it end now
+                log.info("relay_token_revoked", token_id=event.token_id, known=known)
+                await self._perform(ws, self.protocol.revoke_applied(event))
+            elif isinstance(action, StartPublish):
+                self._start_publisher(ws, action.event)
+            elif isinstance(action, StopPublish):
+                task = self._sessions.pop(action.session_id, None)
+                if task is not None:  # it may be half-way through its POST: end that too
+                    task.cancel()
+                publisher = self.publishers.pop(action.session_id, None)
+                if publisher is not None:
+                    await publisher.stop()
+                await self._perform(ws, self.protocol.publish_state(
+                    action.session_id, "stopped", action.error))
+            elif isinstance(action, AckReceived):
+                waiter = self._acks.pop(action.event.message_id, None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(action.event)
+        return True
+
+    async def _apply_sync(self, ws: ClientConnection, action: ApplySync) -> None:
+        event = action.event
+        try:
+            result = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
                                               full=event.full, cursor=event.cursor,
                                               now=time.time())
-            await self._applied()
-            log.info("relay_tokens_synced", full=event.full, tokens=len(event.tokens),
-                     changed=changed, cursor=event.cursor)
-            await _send(ws, protocol.ack(event.message_id, cursor=event.cursor))
-        elif isinstance(event, TokensRevoke):
-            known = await asyncio.to_thread(self._store.revoke_relay, event.token_id,
-                                            event.revoked_at, time.time())
-            await self._applied()  # live sessions under it end now
-            log.info("relay_token_revoked", token_id=event.token_id, known=known)
-            await _send(ws, protocol.ack(event.message_id))
-        elif isinstance(event, Publish):
-            await self._publish(ws, event)
-        elif isinstance(event, Unpublish):
-            await _send(ws, protocol.ack(event.message_id))
-            publisher = self.publishers.pop(event.session_id, None)
-            if publisher is not None:
-                await publisher.stop()
-                await self._status(ws, event.session_id, "stopped")
-        elif isinstance(event, Ping):
-            await _send(ws, protocol.pong(event.message_id))
-        elif isinstance(event, Unsupported):
-            await _send(ws, protocol.ack(event.message_id, error=(
-                "unsupported", f"unknown message type {event.kind!r}")))
-        elif isinstance(event, Acked):
-            waiter = self._acks.pop(event.message_id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(event)
-            if not event.ok:
-                log.warning("relay_refused_message", ack=event.message_id, error=event.error)
-
-    async def _publish(self, ws: ClientConnection, event: Publish) -> None:
-        assert self.welcome is not None
-        hub = self._hubs(event.camera_id)
-        if self.welcome.permission != "publish":
-            await _send(ws, protocol.ack(event.message_id, error=(
-                "read_only", "the publisher token is read-only")))
+        except Exception as exc:  # a busy or broken database: say so, the relay resends
+            log.warning("relay_tokens_sync_failed", error=str(exc))
+            await self._perform(ws, self.protocol.sync_failed(event, "the agent could not "
+                                                                     "store the tokens"))
             return
-        if hub is None:
-            await _send(ws, protocol.ack(event.message_id, error=(
+        await self._applied()
+        for refusal in result.refused:
+            if refusal.new:  # audited at the same time; a repeat is only in the ack
+                log.warning("relay_sync_refused", token_id=refusal.token_id,
+                            reason=refusal.code, detail=refusal.message)
+        log.info("relay_tokens_synced", full=event.full, tokens=len(event.tokens),
+                 changed=result.changed, refused=len(result.refused), cursor=event.cursor)
+        await self._perform(ws, self.protocol.sync_applied(event, refused=[
+            {"token_id": r.token_id, "code": r.code, "message": r.message}
+            for r in result.refused]))
+
+    async def _heartbeat(self, ws: ClientConnection) -> None:
+        """WebSocket ping frames every heartbeat_s; no pong within heartbeat_s: close (1.4)."""
+        while True:
+            await asyncio.sleep(self.protocol.heartbeat_s)
+            try:
+                waiter = await ws.ping()
+                await asyncio.wait_for(waiter, self.protocol.heartbeat_s)
+            except ConnectionClosed:
+                return
+            except TimeoutError:
+                await self._perform(ws, self.protocol.heartbeat_lost())
+                return
+
+    def _start_publisher(self, ws: ClientConnection, event: Publish) -> None:
+        hub = self._hubs(event.camera_id)
+        welcome = self.protocol.welcome
+        assert welcome is not None
+        if hub is None:  # removed since the protocol looked
+            self._spawn(self._report(ws, event.session_id, "failed", (
                 "unknown_camera", f"no camera {event.camera_id!r} on this agent")))
             return
-        await _send(ws, protocol.ack(event.message_id))
         publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
-                                  self._ice(self.welcome.ice_servers))
+                                  self._ice(welcome.ice_servers))
         self.publishers[event.session_id] = publisher
-        task = asyncio.get_running_loop().create_task(
-            self._run_publisher(ws, event.session_id, publisher))
+        sid = event.session_id
+        task = self._spawn(self._run_publisher(ws, sid, publisher))
+        self._sessions[sid] = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._sessions.get(sid) is done:
+                del self._sessions[sid]
+        task.add_done_callback(forget)
+
+    def _spawn(self, coro: Any) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _report(self, ws: ClientConnection, session_id: str, state: str,
+                      error: tuple[str, str] | None = None) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._perform(ws, self.protocol.publish_state(session_id, state, error))
 
     async def _run_publisher(self, ws: ClientConnection, session_id: str,
                              publisher: WhipPublisher) -> None:
-        await self._status(ws, session_id, "starting")
+        await self._report(ws, session_id, "starting")
         try:
             await publisher.start(timeout=15)
             await asyncio.wait_for(publisher.connected.wait(), 15)
@@ -273,21 +308,25 @@ class RelayLink:
             log.warning("whip_publish_failed", session=session_id, code=code, error=str(exc))
             self.publishers.pop(session_id, None)
             await publisher.stop()
-            await self._status(ws, session_id, "failed", (code, str(exc) or code))
+            await self._report(ws, session_id, "failed", (code, str(exc) or code))
             return
         log.info("whip_publishing", session=session_id)
-        await self._status(ws, session_id, "live")
+        await self._report(ws, session_id, "live")
         await publisher.failed.wait()
         if self.publishers.pop(session_id, None) is not None:
             await publisher.stop()
-            await self._status(ws, session_id, "failed", ("ice_failed", "connection lost"))
+            await self._report(ws, session_id, "failed",
+                               ("ice_failed", publisher.failure or "connection lost"))
 
-    async def _status(self, ws: ClientConnection, session_id: str, state: str,
-                      error: tuple[str, str] | None = None) -> None:
-        with contextlib.suppress(ConnectionClosed):
-            await _send(ws, protocol.envelope(
-                "publish.status", session_id=session_id, state=state,
-                error={"code": error[0], "message": error[1]} if error else None))
+    async def _shutdown_report(self, ws: ClientConnection) -> None:
+        """Section 2: at shutdown, DELETE every session and say ``stopped``."""
+        for task in list(self._tasks):
+            task.cancel()
+        publishers, self.publishers = dict(self.publishers), {}
+        await asyncio.gather(*(p.stop() for p in publishers.values()), return_exceptions=True)
+        if ws.state is State.OPEN:
+            for session_id in publishers:
+                await self._report(ws, session_id, "stopped")
 
     async def _stop_publishing(self) -> None:
         for task in list(self._tasks):
@@ -312,7 +351,7 @@ class RelayLink:
             outstanding = await asyncio.to_thread(self._store.usage_outstanding)
             # A batch once sent is pinned to its seq range until acknowledged: entries
             # written since then go in the next batch, never into a renamed resend.
-            query = audit.AuditQuery(after_seq=after, limit=protocol.USAGE_BATCH,
+            query = audit.AuditQuery(after_seq=after, limit=messages.USAGE_BATCH,
                                      before_seq=None if outstanding is None
                                      else outstanding + 1)
             entries = await asyncio.to_thread(self._store.read,
@@ -328,7 +367,7 @@ class RelayLink:
                 await asyncio.to_thread(self._store.mark_usage_outstanding, entries[-1]["seq"])
             waiter: asyncio.Future[Acked] = asyncio.get_running_loop().create_future()
             self._acks[message["id"]] = waiter
-            await _send(ws, message)
+            await self._perform(ws, [self.protocol.send(message)])
             try:
                 acked = await asyncio.wait_for(waiter, USAGE_ACK_TIMEOUT)
             except TimeoutError:
@@ -345,40 +384,53 @@ class RelayLink:
 
     async def _report_inventory(self, ws: ClientConnection) -> None:
         """cameras.update whenever a camera's state, format or audio changes."""
-        last = {c["id"]: c for c in self._inventory()}
-        while True:
-            await asyncio.sleep(INVENTORY_EVERY)
-            now = {c["id"]: c for c in self._inventory()}
-            changed = [c for cid, c in now.items() if last.get(cid) != c]
-            removed = [cid for cid in last if cid not in now]
-            if changed or removed:
-                await _send(ws, protocol.envelope("cameras.update", cameras=changed,
-                                                  removed=removed))
-            last = now
+        with contextlib.suppress(ConnectionClosed):  # the session is ending
+            while True:
+                await asyncio.sleep(INVENTORY_EVERY)
+                await self._perform(ws, self.protocol.inventory(self._inventory()))
 
 
 async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:
     await ws.send(json.dumps(message, separators=(",", ":")))
 
 
-def rejection_of(exc: InvalidStatus) -> Exception:
-    response = exc.response
+def _body_error(exc: InvalidStatus) -> tuple[str | None, str]:
     try:
-        body = json.loads(bytes(response.body or b"").decode() or "{}")
+        body = json.loads(bytes(exc.response.body or b"").decode() or "{}")
     except ValueError:
         body = {}
-    code = body.get("error") if isinstance(body, dict) else None
-    if response.status_code in (401, 403, 426) and code in TOKEN_REJECTIONS:
-        return Rejected(code, str(body.get("message") or code))
-    if response.status_code == 401:
-        return Rejected("token_invalid")
-    return OSError(f"the relay answered HTTP {response.status_code}")
+    if not isinstance(body, dict):
+        return None, ""
+    code = body.get("error")
+    return (code if isinstance(code, str) else None), str(body.get("message") or "")[:200]
+
+
+def refused_of(exc: InvalidStatus) -> Refused:
+    code, message = _body_error(exc)
+    return Refused(exc.response.status_code, code, message)
+
+
+def rejection_of(exc: InvalidStatus) -> Exception:
+    """An upgrade refusal as doctor reports it: Rejected, or OSError for the others."""
+    refused = refused_of(exc)
+    reason = refusal_reason(refused.status, refused.error)
+    if reason is not None:
+        return Rejected(reason, refused.message or reason)
+    return OSError(f"the relay answered HTTP {refused.status}")
+
+
+def closed_of(ws: ClientConnection) -> Closed:
+    """Who closed the connection first, and with which code (1006: nobody did)."""
+    proto = ws.protocol
+    if proto.close_rcvd is not None and (proto.close_sent is None
+                                         or proto.close_rcvd_then_sent):
+        return Closed(proto.close_rcvd.code)
+    if proto.close_sent is not None:
+        return Closed(proto.close_sent.code, by_agent=True)
+    return Closed(None)
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ConnectionClosed):
-        code = exc.rcvd.code if exc.rcvd else 1006
-        return f"connection closed ({code} {CLOSE_REASONS.get(code, '')})".strip()
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__

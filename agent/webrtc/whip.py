@@ -21,12 +21,23 @@ from aiortc import (
     RTCSessionDescription,
 )
 
+from agent import __version__
 from agent.media.hub import CameraHub
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 log = structlog.get_logger(__name__)
 
 MAX_REDIRECTS = 3
+USER_AGENT = f"therelay-agent/{__version__}"
+#: A connected peer that sends nothing (no RTCP receiver report, no NACK, no DTLS record)
+#: for this long, or for 2x the longest gap seen so far if larger, is taken for dead: a
+#: crashed WHIP server sends no DTLS alert, and ICE consent (RFC 7675 §5.1) would only
+#: expire after 30 s. WebRTC receivers (libwebrtc, Pion, aiortc) send RTCP receiver
+#: reports about every second (RFC 3550 §6.2 leaves the interval to the profile; aiortc
+#: waits 0.5–1.5 s), so 2.5 s is two missed reports or more; a peer that reports more
+#: sparsely widens the window.
+SILENT_PEER = 2.5
+WATCH_EVERY = 0.25
 _LINK = re.compile(r'<([^>]+)>\s*;([^,]*rel="?ice-server"?[^,]*)')
 _PARAM = re.compile(r'(\w[\w-]*)="([^"]*)"')
 
@@ -62,6 +73,8 @@ class WhipPublisher:
         self.resource: str | None = None
         self.connected = asyncio.Event()
         self.failed = asyncio.Event()
+        self.failure: str | None = None  # why ``failed`` was set
+        self._watch: asyncio.Task[None] | None = None
 
     async def start(self, timeout: float) -> None:
         """Offer, POST, answer. Raises WhipError with a code for publish.status."""
@@ -79,16 +92,41 @@ class WhipPublisher:
         def on_state() -> None:
             if pc.connectionState == "connected":
                 self.connected.set()
+                if self._watch is None:
+                    self._watch = asyncio.get_running_loop().create_task(self._watch_peer(pc))
             elif pc.connectionState in ("failed", "closed"):
-                self.failed.set()
+                self._fail(f"ICE/DTLS {pc.connectionState}")
 
         await pc.setLocalDescription(await pc.createOffer())
         answer, location = await self._post(pc.localDescription.sdp, timeout)
         self.resource = location
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
 
+    def _fail(self, why: str) -> None:
+        if not self.failed.is_set():
+            self.failure = why
+            self.failed.set()
+
+    async def _watch_peer(self, pc: RTCPeerConnection) -> None:
+        """Set ``failed`` when the connected peer falls silent (see SILENT_PEER)."""
+        loop = asyncio.get_running_loop()
+        last_count, last_at, longest = -1, loop.time(), 0.0
+        while not self.failed.is_set():
+            await asyncio.sleep(WATCH_EVERY)
+            count = sum(getattr(s, "packetsReceived", 0) or 0
+                        for s in (await pc.getStats()).values() if s.type == "transport")
+            now = loop.time()
+            if count != last_count:
+                if last_count >= 0:
+                    longest = max(longest, now - last_at)
+                last_count, last_at = count, now
+            elif now - last_at >= max(SILENT_PEER, 2 * longest):
+                log.warning("whip_peer_silent", url=self._url, seconds=round(now - last_at, 1))
+                self._fail(f"the WHIP peer sent nothing for {now - last_at:.1f} s")
+
     async def _post(self, offer: str, timeout: float) -> tuple[str, str]:
-        headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self._bearer}"}
+        headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self._bearer}",
+                   "User-Agent": USER_AGENT}
         url = self._url
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as http:
             for _ in range(MAX_REDIRECTS + 1):
@@ -121,6 +159,8 @@ class WhipPublisher:
 
     async def stop(self) -> None:
         """DELETE the WHIP resource, release the camera, close the peer. Idempotent."""
+        if self._watch is not None:
+            self._watch.cancel()
         for track in self.tracks:
             self._hub.unsubscribe(track._consumer)
         self.tracks = []
@@ -130,7 +170,8 @@ class WhipPublisher:
                 async with aiohttp.ClientSession(
                         timeout=aiohttp.ClientTimeout(total=2)) as http:
                     await http.delete(resource,
-                                      headers={"Authorization": f"Bearer {self._bearer}"})
+                                      headers={"Authorization": f"Bearer {self._bearer}",
+                                               "User-Agent": USER_AGENT})
         if self.pc is not None:
             with contextlib.suppress(Exception):
                 await self.pc.close()

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.camera import RtspCamera
 
@@ -56,6 +57,7 @@ class Counter:
         return []
 receiver.get_decoder = lambda codec: Counter()
 from tests.support.agent import WhepViewer
+from tests.conftest import write_secret
 async def main():
     base, token = sys.argv[1], sys.argv[2]
     viewers = []
@@ -145,11 +147,10 @@ def bench_relay(window: float) -> None:
                 width=1920, height=1080, fps=30, gop=60, bitrate=4000) as camera:
             async with FakeRelay() as relay:
                 secret = Path(tmp) / "publisher.secret"
-                secret.write_text(relay.issue_publisher())
-                agent = await AgentProcess.start(Path(tmp), [{"id": "cam", "source": camera.url}],
-                                                 agent={"id": "nvr1"},
-                                                 relay={"url": relay.url,
-                                                        "publisher_token_file": str(secret)})
+                write_secret(secret, relay.issue_publisher())
+                agent = await AgentProcess.start(
+                    Path(tmp), [{"id": "cam", "source": camera.url}], agent={"id": "nvr1"},
+                    relay={"url": relay.url, "publisher_token_file": str(secret)})
                 try:
                     _, token = await agent.token("--camera", "cam")
                     await relay.wait_agent(timeout=20)

@@ -14,7 +14,9 @@ import pytest
 from agent import app, stores
 from agent.access import audit
 from agent.access.model import Scope
+from agent.access.policy import Reason
 from agent.access.service import AccessService
+from agent.access.sessions import SessionLimitReached
 from agent.access.tokens import Kind
 from agent.config import load
 
@@ -147,3 +149,45 @@ async def test_a_session_needs_a_granted_decision(service) -> None:
     denied = access.authorize("junk", "demo", "webrtc", "127.0.0.1")
     with pytest.raises(ValueError, match="granted"):
         access.open_session(denied, "demo", "webrtc", "127.0.0.1", lambda _r: None)
+
+
+async def test_the_session_cap_counts_every_protocol_and_holds_against_races(service) -> None:
+    access, store = service
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time(), max_sessions=2)
+    await known(access, new.record.id)
+    # Three offers authorized before any session is registered (WHEP awaits in between).
+    early = [await access.check(new.token, "demo", p, "127.0.0.1", opens_session=True)
+             for p in ("webrtc", "rtsp", "hls")]
+    assert all(d.granted for d in early)
+    for decision, protocol in zip(early[:2], ("webrtc", "rtsp"), strict=True):
+        access.open_session(decision, "demo", protocol, "127.0.0.1", lambda _r: None)
+    with pytest.raises(SessionLimitReached):  # the third lost the race: refused at open
+        access.open_session(early[2], "demo", "hls", "127.0.0.1", lambda _r: None)
+    late = await access.check(new.token, "demo", "hls", "127.0.0.1", opens_session=True)
+    assert late.reason is Reason.SESSION_LIMIT and late.http_status == 429
+    # A request that opens no session (a snapshot, a DELETE) is not capped.
+    assert (await access.check(new.token, "demo", "webrtc", "127.0.0.1")).granted
+    assert len(access.sessions) == 2
+    await access.flush()
+    denied = await asyncio.to_thread(store.read, lambda c: audit.query(
+        c, audit.AuditQuery(event=audit.DENIED, token_id=new.record.id)))
+    assert [(e["reason"], e["protocol"]) for e in denied] == [("session_limit", "hls")] * 2
+
+
+async def test_a_cli_update_narrows_live_sessions_within_a_second(service, config) -> None:
+    access, store = service
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time())
+    await known(access, new.record.id)
+    viewer = await open_viewer(access, new.token)
+    env = {**os.environ, "THERELAY_STATE_DIR": str(config.state_dir),
+           "THERELAY_AGENT_ID": "site1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "token", "update", new.record.id, "--protocol",
+        "snapshot", env=env, stdout=subprocess.DEVNULL)
+    assert await proc.wait() == 0
+    changed = time.monotonic()
+    await wait_for(viewer.ended, 5)
+    assert time.monotonic() - changed < 1.0
+    assert viewer.reason == "protocol_not_allowed"

@@ -943,7 +943,7 @@ async def test_openapi_document_describes_every_admin_route(agent: AgentProcess)
     assert doc["info"]["version"] == __version__
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     assert documented == _admin_routes()
-    assert len(documented) == 10
+    assert len(documented) == 11
     schemas = doc["components"]["schemas"]
 
     def refs(node: Any) -> list[str]:
@@ -990,3 +990,163 @@ async def test_metrics_need_an_admin_token(agent: AgentProcess, admin: tuple[str
     samples = dict(line.rsplit(" ", 1) for line in again.text.splitlines()
                    if not line.startswith("#"))
     assert float(samples['therelay_authorizations_total{reason="granted"}']) == granted + 1
+
+
+# -- modify ---------------------------------------------------------------------------------
+
+
+async def test_update_changes_what_it_is_given_and_audits_before_and_after(
+        agent: AgentProcess, admin: tuple[str, str]) -> None:
+    admin_id, admin_token = admin
+    made = await create(agent, admin_token, scope="camera:cam1", protocols=["webrtc"],
+                        ttl="1d", label="front desk")
+    assert made["max_sessions"] is None  # unlimited unless asked
+    path = f"{API}/tokens/{made['id']}"
+    answer = await call(agent, "PATCH", path, admin_token, body={
+        "label": "front desk (night)", "expires_at": "2099-01-01T00:00Z",
+        "protocols": ["webrtc", "snapshot"], "max_sessions": 3})
+    assert answer.status == 200, answer.text
+    shown = answer.json
+    assert (shown["label"], shown["expires_at"], shown["protocols"], shown["max_sessions"]) == (
+        "front desk (night)", "2099-01-01T00:00:00Z", ["snapshot", "webrtc"], 3)
+    assert (shown["scope"], shown["status"], shown["id"]) == ("camera:cam1", "active",
+                                                              made["id"])
+    assert "token" not in shown
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{agent.base}/snapshot/cam1.jpg",
+            headers={"Authorization": f"Bearer {made['token']}"}) as r:
+        assert r.status == 200  # the new protocol works at once
+    (entry,) = await eventually(lambda: audit(agent, admin_token, token=made["id"],
+                                              event="token.updated"))
+    assert entry["actor"] == f"admin:{admin_id}"
+    was = dict(entry["detail"]["before"])
+    assert 0 <= was.pop("expires_at") - epoch(made["expires_at"]) < 1
+    assert was == {"label": "front desk", "ttl_seconds": 86400.0, "protocols": ["webrtc"],
+                      "max_sessions": None}
+    assert entry["detail"]["after"] == {
+        "label": "front desk (night)", "expires_at": epoch("2099-01-01T00:00Z"),
+        "ttl_seconds": None, "protocols": ["snapshot", "webrtc"], "max_sessions": 3}
+    # The same values again change nothing and audit nothing; null lifts expiry and cap.
+    same = await call(agent, "PATCH", path, admin_token, body={"label": "front desk (night)"})
+    assert same.status == 200
+    assert {**same.json, "last_used_at": None} == {**shown, "last_used_at": None}
+    lifted = await call(agent, "PATCH", path, admin_token,
+                        body={"expires_at": None, "max_sessions": None, "protocols": []})
+    assert lifted.status == 200, lifted.text
+    assert (lifted.json["expires_at"], lifted.json["max_sessions"],
+            lifted.json["protocols"]) == (None, None, ["all"])
+    before = time.time()
+    ttl = await call(agent, "PATCH", path, admin_token, body={"ttl": "2h"})
+    assert int(before) + 7200 <= epoch(ttl.json["expires_at"]) <= time.time() + 7200
+    entries = await audit(agent, admin_token, token=made["id"], event="token.updated")
+    assert len(entries) == 3  # written with the change, in the same transaction
+
+
+@pytest.mark.parametrize(("body", "status", "words"), [
+    ({"colour": "red"}, 400, "unknown field 'colour'"),
+    ({"scope": "host"}, 400, "create a new token"),
+    ({"scope": "camera:cam2", "label": "x"}, 400, "rotate"),
+    ({"kind": "admin"}, 400, "cannot be changed"),
+    ({}, 400, "nothing to change"),
+    ({"expires_at": "2001-01-01T00:00Z"}, 400, "in the past"),
+    ({"expires_at": "9999-06-01T00:00Z"}, 400, "9999"),
+    ({"expires_at": "tomorrow"}, 400, "expires_at"),
+    ({"ttl": "1h", "expires_at": "2099-01-01T00:00Z"}, 400, "not both"),
+    ({"ttl": None}, 400, "ttl"),
+    ({"ttl": "36501d"}, 400, "ttl"),
+    ({"protocols": ["webrtc", "ftp"]}, 400, "unknown protocol 'ftp'"),
+    ({"protocols": "webrtc"}, 400, "protocols"),
+    ({"max_sessions": 0}, 400, "max_sessions"),
+    ({"max_sessions": -1}, 400, "max_sessions"),
+    ({"max_sessions": 10**12}, 400, "max_sessions"),
+    ({"max_sessions": 2.5}, 400, "max_sessions"),
+    ({"max_sessions": True}, 400, "max_sessions"),
+    ({"label": "x" * 201}, 400, "label"),
+    ({"label": 5}, 400, "label"),
+])
+async def test_update_refuses_bad_input_and_changes_nothing(
+        agent: AgentProcess, admin: tuple[str, str], body: dict[str, Any], status: int,
+        words: str) -> None:
+    _, admin_token = admin
+    made = await create(agent, admin_token, scope="camera:cam2", label="unchanged", ttl="1d")
+    answer = await call(agent, "PATCH", f"{API}/tokens/{made['id']}", admin_token, body=body)
+    assert words in answer.error(status, "invalid_request")
+    shown = (await call(agent, "GET", f"{API}/tokens/{made['id']}", admin_token)).json
+    assert shown == {k: v for k, v in made.items() if k != "token"}
+    await asyncio.sleep(0.3)  # the audit batch of anything that happened is written by now
+    assert await audit(agent, admin_token, token=made["id"], event="token.updated") == []
+
+
+async def test_update_refuses_tokens_it_must_not_change(
+        agent: AgentProcess, admin: tuple[str, str]) -> None:
+    _, admin_token = admin
+    revoked = await create(agent, admin_token, scope="host")
+    await call(agent, "POST", f"{API}/tokens/{revoked['id']}/revoke", admin_token)
+    answer = await call(agent, "PATCH", f"{API}/tokens/{revoked['id']}", admin_token,
+                        body={"expires_at": None})
+    assert "revocation is final" in answer.error(409, "refused")
+    unknown = await call(agent, "PATCH", f"{API}/tokens/Zz0000000000", admin_token,
+                         body={"label": "x"})
+    unknown.error(404, "not_found")
+    admin_made = await create(agent, admin_token, kind="admin")
+    answer = await call(agent, "PATCH", f"{API}/tokens/{admin_made['id']}", admin_token,
+                        body={"max_sessions": 2})
+    assert "only access tokens" in answer.error(409, "refused")
+    # A token issued by TheRelay cloud is read-only here (revoking it stays possible).
+    relay_id = "Rr" + revoked["id"][2:]
+    with sqlite3.connect(agent.env["THERELAY_STATE_DIR"] + "/agent.db", timeout=10) as db:
+        db.execute("INSERT INTO tokens (id, kind, scope, secret_hash, last4, created_at, "
+                   "origin, created_by, rev) VALUES (?, 'access', 'host:site1', ?, 'abcd', ?, "
+                   "'relay', 'relay', 0)", (relay_id, bytes(32), time.time()))
+    answer = await call(agent, "PATCH", f"{API}/tokens/{relay_id}", admin_token,
+                        body={"label": "mine now"})
+    assert "TheRelay" in answer.error(409, "read_only")
+    await asyncio.sleep(0.3)
+    for token_id in (revoked["id"], admin_made["id"], relay_id):
+        assert await audit(agent, admin_token, token=token_id, event="token.updated") == []
+
+
+async def test_a_narrowing_ends_the_sessions_it_no_longer_allows(
+        agent: AgentProcess, admin: tuple[str, str]) -> None:
+    _, admin_token = admin
+    made = await create(agent, admin_token, scope="host", max_sessions=2)
+    first, second, third = (WhepViewer(agent.base, "cam1", made["token"]) for _ in range(3))
+    other = await create(agent, admin_token, scope="host", label="bystander")
+    bystander = WhepViewer(agent.base, "cam1", other["token"])
+    try:
+        assert await first.connect() == 201, first.body
+        assert await second.connect() == 201, second.body
+        # Over the cap: 429 session_limit, whatever the protocol of the other sessions.
+        assert await third.connect() == 429
+        assert third.body and json.loads(third.body)["error"] == "session_limit"
+        assert await bystander.connect() == 201  # the cap is per token
+
+        async def cli_says_session_limit() -> bool:
+            checked = await agent.cli("token", "check", made["token"],
+                                              "--camera", "cam1")
+            return checked.returncode == 1 and "denied: session_limit" in checked.stdout
+
+        await eventually(cli_says_session_limit, timeout=5)  # the daemon shares its count
+        await first.frame()
+        # A lower cap ends the newest session above it.
+        answer = await call(agent, "PATCH", f"{API}/tokens/{made['id']}", admin_token,
+                            body={"max_sessions": 1})
+        answered = time.monotonic()
+        assert answer.status == 200, answer.text
+        assert await ended(second, timeout=5) - answered < 1.0
+        await first.frame()
+        # Fewer protocols: a WebRTC session under a snapshot-only token ends.
+        answer = await call(agent, "PATCH", f"{API}/tokens/{made['id']}", admin_token,
+                            body={"protocols": ["snapshot"]})
+        answered = time.monotonic()
+        assert await ended(first, timeout=5) - answered < 1.0
+        await bystander.frame()
+    finally:
+        for viewer in (first, second, third, bystander):
+            await viewer.close()
+    denied = await eventually(lambda: audit(agent, admin_token, token=made["id"],
+                                            reason="session_limit", event="access.denied"))
+    assert len(denied) == 1 and denied[0]["protocol"] == "webrtc"
+    ends = await eventually(lambda: audit(agent, admin_token, token=made["id"],
+                                          event="session.ended"))
+    assert [e["reason"] for e in ends] == ["session_limit", "protocol_not_allowed"]

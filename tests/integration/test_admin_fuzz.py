@@ -167,3 +167,30 @@ def test_whatever_rotate_accepts_leaves_both_tokens_listable(
     if response.status_code == 201:
         _still_listed(agent, admin_token, response.json()["id"])
     _still_listed(agent, admin_token, old)
+
+
+_PATCH_BODIES = st.fixed_dictionaries({}, optional={
+    "label": _TEXT,
+    "ttl": _DURATIONS,
+    "expires_at": st.none() | _TIMES,
+    "protocols": st.lists(st.sampled_from(["webrtc", "rtsp", "hls", "snapshot", "ftp"]),
+                          max_size=3),
+    "max_sessions": st.none() | st.integers(-2, 10**13) | st.floats() | st.booleans(),
+    "scope": st.sampled_from(["host", "camera:cam2"]),
+})
+
+
+@given(body=_PATCH_BODIES)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+def test_whatever_update_accepts_can_be_shown_and_listed_and_refusals_change_nothing(
+        agent: AgentProcess, admin_token: str, body: dict[str, Any]) -> None:
+    target = _fresh_token_id(agent, admin_token)
+    before = _request(agent, admin_token, "GET", f"/tokens/{target}").json()
+    response = _request(agent, admin_token, "PATCH", f"/tokens/{target}", body)
+    assert response.status_code in (200, 400), response.text
+    _still_listed(agent, admin_token, target)
+    if response.status_code != 200:
+        after = _request(agent, admin_token, "GET", f"/tokens/{target}").json()
+        assert after == before  # nothing changed
+        assert "scope" not in body or "create a new token" in response.json()["message"]

@@ -15,8 +15,14 @@ from pathlib import Path
 
 import pytest
 
+from agent.http import tls
 from tests.support.agent import NamespacedAgent
-from tests.support.browser import artifact_path, chromium_available, run_in_browser
+from tests.support.browser import (
+    BrowserFailed,
+    artifact_path,
+    chromium_available,
+    run_in_browser,
+)
 from tests.support.netns import NetnsPair, netns_pair
 
 __all__ = ["netns_pair"]
@@ -83,3 +89,35 @@ def test_a_bad_token_gets_a_clear_message(agent: NamespacedAgent) -> None:
                             result="document.getElementById('notice').textContent",
                             wait_for="window.__viewer.error", screenshot=shot, timeout=15)
     assert report.result.startswith("This is not a TheRelay token")
+
+
+def test_chromium_plays_over_https_trusting_the_certificate_by_its_key(
+        netns_pair: NetnsPair, tmp_path: Path) -> None:
+    """Chromium trusts the self-signed certificate only through its key's SHA-256 (what an
+    installer pins); with another certificate's hash it refuses the page."""
+    process = NamespacedAgent(netns_pair, tmp_path, [
+        {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15"},
+    ], tls={"self_signed": True})
+    try:
+        assert process.base.startswith("https://")
+        cert = tls.describe(*tls.self_signed_paths(process.state_dir))
+        token = json.loads(process.cli("token", "create", "--host", "--json").stdout)["token"]
+        shot = artifact_path("browser", "viewer-https.png")
+        report = run_in_browser(
+            netns_pair, f"{process.base}/#token={token}",
+            result="({...window.__viewer, protocol: location.protocol, "
+                   "secure: window.isSecureContext})",
+            wait_for="window.__viewer.frames.lobby > 20", screenshot=shot, timeout=30,
+            chromium_args=[f"--ignore-certificate-errors-spki-list={cert.spki_sha256}"])
+        viewer = report.result
+        assert viewer["frames"]["lobby"] > 20  # the WHEP flow ran over HTTPS
+        assert viewer["protocol"] == "https:" and viewer["secure"] is True
+        assert not report.page_errors
+        other = tls.ensure_self_signed(tmp_path / "other", "impostor", [netns_pair.agent_ip])
+        with pytest.raises(BrowserFailed, match="ERR_CERT"):
+            run_in_browser(
+                netns_pair, f"{process.base}/#token={token}", result="window.__viewer",
+                timeout=10,
+                chromium_args=[f"--ignore-certificate-errors-spki-list={other.spki_sha256}"])
+    finally:
+        process.stop()

@@ -19,15 +19,21 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import write_secret
 from tests.support.agent import NamespacedAgent
 from tests.support.avahi import Avahi, missing_programs
 from tests.support.camera import RtspCamera, gst_rtsp_server_missing
-from tests.support.netns import NetnsPair, netns_pair
+from tests.support.netns import NetnsPair, netns_pair, wait_for_output
 from tests.support.onvif_site import PASSWORD, CameraSite
 
 __all__ = ["netns_pair"]
 
 NEW_IP = "10.204.7.2"  # the camera's address after the "DHCP renewal"
+ATTACKER_IN = "10.205.9.66"  # an attacker inside the networks cameras may move to
+ATTACKER_OUT = "10.206.1.66"  # an attacker outside them
+#: Where adopted cameras may follow announcements in these tests (discovery.follow_networks):
+#: the namespaces' own range, the renewed camera's network and the inside attacker's.
+FOLLOW = ["10.203.0.0/16", "10.204.7.0/24", "10.205.9.0/24"]
 
 pytestmark = pytest.mark.skipif(gst_rtsp_server_missing() is not None,
                                 reason=str(gst_rtsp_server_missing()))
@@ -38,7 +44,7 @@ def agent(netns_pair: NetnsPair, tmp_path: Path) -> Iterator[NamespacedAgent]:
     process = NamespacedAgent(
         netns_pair, tmp_path, [{"id": "demo", "source": "testsrc://"}],
         env={"THERELAY_DISCOVERY_ENABLED": "true", "THERELAY_DISCOVERY_ADVERTISE": "true"},
-        discovery={"probe_timeout": 2, "interval": 0},
+        discovery={"probe_timeout": 2, "interval": 0, "follow_networks": FOLLOW},
     )
     yield process
     process.stop()
@@ -70,16 +76,20 @@ def watch(agent: NamespacedAgent, camera: str, token: str, until: int = 201) -> 
     return result
 
 
-def log_event(agent: NamespacedAgent, event: str, timeout: float = 30) -> dict[str, Any]:
+def log_event(agent: NamespacedAgent, event: str, timeout: float = 30,
+              **fields: Any) -> dict[str, Any]:
+    """The first ``event`` in the agent's log whose fields have these values."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         agent.log.flush()
         for line in agent.log_path.read_text().splitlines():
             if f'"{event}"' in line:
                 entry: dict[str, Any] = json.loads(line)
-                return entry
+                if all(entry.get(k) == v for k, v in fields.items()):
+                    return entry
         time.sleep(0.2)
-    raise AssertionError(f"no {event} in the agent's log: {agent.log_path.read_text()[-3000:]}")
+    raise AssertionError(f"no {event} {fields} in the agent's log: "
+                         f"{agent.log_path.read_text()[-3000:]}")
 
 
 def test_discover_adopt_watch_and_follow_a_moved_camera(
@@ -160,6 +170,98 @@ def test_discover_adopt_watch_and_follow_a_moved_camera(
     assert watch(agent, "door", token["token"], until=404)["status"] == 404
 
 
+class Attacker:
+    """Someone else on the camera LAN at ``ip``: an RTSP listener answering ``401 Basic``
+    (tests/support/rtsp_trap.py), the project's ONVIF device replaying the same camera model
+    (so the same serial number) without knowing its password, and the `WSDiscovery`
+    publisher forging the adopted camera's endpoint UUID with the attacker's XAddrs."""
+
+    def __init__(self, pair: NetnsPair, tmp: Path, ip: str, uuid: str) -> None:
+        self.pair = pair
+        subprocess.run(["ip", "-n", pair.viewer_ns, "addr", "add", f"{ip}/24", "dev",
+                        pair.viewer_if], check=True)
+        guess = tmp / f"guess-{ip}"
+        guess.write_text("not-the-password")
+        self.trap = pair.popen(pair.viewer_ns, [
+            sys.executable, "-m", "tests.support.rtsp_trap", "basic", ip, "8554",
+        ], stdout=subprocess.PIPE, text=True)
+        wait_for_output(self.trap, "listening", timeout=20)
+        self.onvif = pair.popen(pair.viewer_ns, [
+            sys.executable, "-m", "tests.support.onvif_device", "--model", "hikvision",
+            "--host", ip, "--port", "8080", "--user", "admin", "--password-file", str(guess),
+            "--stream-host", f"{ip}:8554",
+        ], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        xaddr = wait_for_output(self.onvif, "READY", timeout=30).split("READY ")[-1].strip()
+        self.hello = pair.popen(pair.viewer_ns, [
+            sys.executable, "-m", "tests.support.wsd_peer", "publish", "Front door",
+            "DS-2CD2043G2-I", xaddr, uuid,
+        ], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        wait_for_output(self.hello, "published", timeout=20)
+
+    def close(self) -> list[dict[str, Any]]:
+        """Stop; what the RTSP listener received (connections, requests, Authorization)."""
+        assert self.hello.stdin is not None
+        self.hello.stdin.write("stop\n")
+        self.hello.stdin.flush()
+        for proc in (self.hello, self.onvif, self.trap):
+            proc.terminate()
+        out, _ = self.trap.communicate(timeout=10)
+        for proc in (self.hello, self.onvif):
+            proc.wait(timeout=10)
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def test_a_forged_hello_moves_nothing_and_gets_no_password(
+    agent: NamespacedAgent, netns_pair: NetnsPair, tmp_path: Path
+) -> None:
+    """The red-team finding: one Hello with the adopted camera's UUID and an attacker's
+    XAddrs. Outside the allowed networks nothing is even asked there; inside them the
+    device fails to prove itself over ONVIF. Either way the camera stays, its viewer keeps
+    watching, and the attacker's RTSP listener never sees a password (nor a connection)."""
+    pair = netns_pair
+    site = CameraSite(pair, tmp_path, pair.viewer_ip)
+    attackers: list[Attacker] = []
+    try:
+        found = next(c for c in json.loads(agent_cli(
+            agent, "discover", "--json", "--timeout", "2").stdout)["cameras"]
+            if c["identity"] == site.uuid)
+        done = agent_cli(agent, "cameras", "adopt", found["id"], "--user", "admin",
+                         "--password-file", str(site.password_file), "--id", "door")
+        assert done.returncode == 0, done.stderr
+        token = json.loads(agent.cli("token", "create", "--camera", "door", "--json").stdout)
+        assert watch(agent, "door", token["token"])["status"] == 201
+
+        for ip, why in ((ATTACKER_OUT, "outside the networks"),
+                        (ATTACKER_IN, "did not prove it is this camera")):
+            attackers.append(Attacker(pair, tmp_path, ip, site.uuid))
+            entry = log_event(agent, "camera_move_held", new=ip)
+            assert entry["camera"] == "door" and why in entry["reason"], entry
+
+        listed = json.loads(agent_cli(agent, "cameras", "list", "--json").stdout)["cameras"]
+        door = next(c for c in listed if c["id"] == "door")
+        assert door["source"].startswith(f"rtsp://{pair.viewer_ip}:8554/"), door
+        assert door["move_held"]["to"] == ATTACKER_IN and door["serial"], door
+        table = agent_cli(agent, "cameras", "list").stdout
+        assert f"cameras move door {ATTACKER_IN}" in table
+
+        seen = watch(agent, "door", token["token"])  # the viewer keeps watching the camera
+        assert seen == {"status": 201, "width": 320, "height": 240}, seen
+
+        report = json.loads(agent_cli(agent, "doctor", "--json").stdout)
+        held = [c for c in report["checks"] if c["group"] == "camera door"
+                and c["check"] == "move"]
+        assert held and held[0]["status"] == "warn", report
+        audit = json.loads(agent.cli("audit", "--camera", "door", "--json").stdout)
+        assert [e["event"] for e in audit].count("camera.move_held") == 2
+        assert "camera.moved" not in [e["event"] for e in audit]
+    finally:
+        received = [a.close() for a in attackers]
+        site.close()
+    for lines in received:
+        assert not [line for line in lines if "connection" in line], lines
+    assert PASSWORD not in agent.log_path.read_text()
+
+
 def test_agent_announces_itself_over_mdns(agent: NamespacedAgent, netns_pair: NetnsPair) -> None:
     """Another machine on the LAN browsing _therelay._tcp finds the agent at its address."""
     script = (
@@ -190,7 +292,7 @@ def test_an_mdns_camera_announced_by_avahi_is_found_adopted_and_watched(
     creds = tmp_path / "creds"
     creds.mkdir()
     password_file = creds / "garage.password"
-    password_file.write_text(PASSWORD)
+    write_secret(password_file, PASSWORD)
     camera = RtspCamera.start(8555, netns=pair.viewer_ns, address=pair.viewer_ip,
                               path="/garage", user="viewer", password=PASSWORD,
                               width=320, height=240, fps=15)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from agent.doctor import Report, Status, diagnose
-from tests.conftest import remember
+from tests.conftest import remember, write_secret
 from tests.support.agent import AgentProcess
 from tests.support.camera import RtspCamera, needs_rtsp_server, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay
@@ -71,8 +72,8 @@ async def test_cameras_with_right_wrong_and_missing_credentials(
                                      password="right-horse-9", **SMALL)
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "good").write_text("right-horse-9\n")
-    (creds / "bad").write_text("wrong-horse-1\n")
+    write_secret(creds / "good", "right-horse-9\n")
+    write_secret(creds / "bad", "wrong-horse-1\n")
     config = write_config(tmp_path, [
         {"id": "good", "source": camera.url, "username": "viewer",
          "password_file": str(creds / "good")},
@@ -166,8 +167,8 @@ async def test_digest_camera_sending_h265_is_a_warning(tmp_path: Path) -> None:
     server, port = await serve_digest_camera("admin", "d1gest-Pass", sdp)
     creds = tmp_path / "creds"
     creds.mkdir()
-    (creds / "cam").write_text("d1gest-Pass")
-    (creds / "wrong").write_text("nope")
+    write_secret(creds / "cam", "d1gest-Pass")
+    write_secret(creds / "wrong", "nope")
     async with server:
         config = write_config(tmp_path, [
             {"id": "hevc", "source": f"rtsp://127.0.0.1:{port}/Streaming/Channels/101",
@@ -285,7 +286,7 @@ def test_invalid_config_exits_2(tmp_path: Path) -> None:
 def relay_config(tmp: Path, relay: FakeRelay, token: str, url: str | None = None) -> Path:
     creds = tmp / "creds"
     creds.mkdir(exist_ok=True)
-    (creds / "publisher-token").write_text(token + "\n")
+    write_secret(creds / "publisher-token", token + "\n")
     return write_config(tmp, [{"id": "demo", "source": TESTSRC}],
                         relay={"url": url or relay.url,
                                "publisher_token_file": str(creds / "publisher-token")})
@@ -370,7 +371,7 @@ async def test_next_to_a_running_daemon_nothing_is_disturbed(tmp_path: Path) -> 
     async with FakeRelay() as relay:
         token = relay.issue_publisher(agent_id="site1")
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(token + "\n")
+        write_secret(secret, token + "\n")
         daemon = await AgentProcess.start(
             tmp_path, [{"id": "demo", "source": TESTSRC}],
             relay={"url": relay.url, "publisher_token_file": str(secret)})
@@ -410,3 +411,40 @@ async def test_port_taken_by_another_program(tmp_path: Path) -> None:
     status, finding, fix = got[("agent", "http")]
     assert status is Status.FAIL and "another program already listens" in finding
     assert fix is not None and "http.listen" in fix
+
+
+# -- secret files ---------------------------------------------------------------------------
+
+
+async def test_secret_files_others_may_read_are_refused_everywhere(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    token = write_secret(creds / "publisher-token", FakeRelay().issue_publisher() + "\n")
+    password = write_secret(creds / "door", "right-horse-9\n")
+    config = write_config(tmp_path, [
+        {"id": "door", "source": "rtsp://127.0.0.1:9/live", "username": "viewer",
+         "password_file": str(password)}],
+        relay={"url": "ws://127.0.0.1:9/agent", "publisher_token_file": str(token)})
+    token.chmod(0o644)
+    password.chmod(0o640)
+    got = by_check(await diagnose(config, timeout=2))
+    for (group, name), path in ((("relay", "token"), token), (("camera door", "source"),
+                                                               password)):
+        status, finding, fix = got[(group, name)]
+        assert status is Status.FAIL and "can be read or changed by other users" in finding
+        assert fix == f"chmod 600 {path}"
+    env = {**os.environ, "THERELAY_STATE_DIR": str(tmp_path / "state")}
+    for command in (["config", "check"], ["run"]):
+        done = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "agent", *command, "--config", str(config), env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(done.communicate(), 60)
+        assert done.returncode == 2, (command, out, err)
+        line = err.decode().strip()
+        assert line.startswith("error: secret file ") and "chmod 600 " in line, line
+        assert len(line.splitlines()) == 1  # one line, no traceback
+    token.chmod(0o600)
+    password.chmod(0o600)
+    got = by_check(await diagnose(config, timeout=2))
+    assert not [finding for _, finding, _ in got.values() if "other users" in finding]
+    assert ("camera door", "source") not in got  # it went on to resolve and connect

@@ -42,6 +42,7 @@ CAMERA = {"id": "door", "name": "Front door", "state": "online", "error": None,
 @pytest.fixture
 async def relay() -> AsyncIterator[FakeRelay]:
     async with FakeRelay() as fake:
+        fake.check_retries = False  # these clients reconnect at will
         yield fake
 
 
@@ -397,7 +398,8 @@ async def post(url: str, token: str, sdp: str,
                content_type: str = "application/sdp") -> tuple[int, dict[str, str], str]:
     async with aiohttp.ClientSession() as http, http.post(
             url, data=sdp, allow_redirects=False,
-            headers={"Authorization": f"Bearer {token}", "Content-Type": content_type}) as r:
+            headers={"Authorization": f"Bearer {token}", "Content-Type": content_type,
+                     "User-Agent": "therelay-agent/0.1.0"}) as r:
         return r.status, dict(r.headers), await r.text()
 
 
@@ -495,8 +497,67 @@ async def test_contract_breaches_are_listed_as_violations(relay: FakeRelay) -> N
     await agent.expect("ack")
     await agent.send("publish.status", session_id="s-x", state="failed", error=None)
     await agent.expect("ack")
+    _, record = relay.issue_access_token("camera:door")
+    sid = await relay.send_tokens([record])
+    assert sid is not None
+    sync = await agent.expect("tokens.sync")
+    await agent.ack(sync, cursor=sync["cursor"], refused=[{"token_id": record["id"],
+                                                          "code": "because"}])
+    await relay.wait_ack(sid)
     await agent.ws.close()
     text = "\n".join(relay.violations)
+    assert "malformed refused list" in text
     assert "a token crossed the control channel" in text and token not in text
     assert "URL with credentials" in text and "carries ['source']" in text
     assert "failed without error" in text
+
+
+async def test_the_v1_1_rules_on_the_agent_are_checked(relay: FakeRelay) -> None:
+    """Each rule the fake checks on a real agent fires when a client breaks it."""
+    relay.expect_within = 0.5
+    token = relay.issue_publisher(agent_id=AGENT)
+    agent = await open_agent(relay, token)
+    await agent.hello()
+    await (await agent.ws.ping())  # a ping frame at once, not heartbeat_s after welcome
+    # An online camera without video; an update that changes nothing.
+    await agent.send("cameras.update", cameras=[dict(CAMERA, video=None)], removed=[])
+    await agent.expect("ack")
+    await agent.send("cameras.update", cameras=[dict(CAMERA, video=None)], removed=[])
+    await agent.expect("ack")
+    # A refused publish without publish.status failed; an accepted one never reported
+    # stopped after the channel dropped.
+    await relay.publish("door")
+    await agent.ack(await agent.expect("publish"), ok=False,
+                    error={"code": "read_only", "message": "read-only"})
+    running = await relay.publish("door")
+    await agent.ack(await agent.expect("publish"))
+    await relay.wait_ack(relay.sessions[running].publish_id or "")
+    await agent.ws.close()
+    await relay.wait_closed()
+    # A retry 0 s after an ordinary failure (the close), then the reconnect's silence.
+    relay.check_retries = True
+    agent = await open_agent(relay, token)
+    await agent.hello()
+    # A WHIP POST without the agent's User-Agent.
+    async with aiohttp.ClientSession() as http, http.post(
+            relay.sessions[running].whip_url, data="v=0",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/sdp",
+                     "User-Agent": "curl/8"}) as r:
+        await r.read()
+    await asyncio.sleep(1.0)
+    await agent.ws.close()
+    # A welcome naming another agent id, which the client ignores (it acks the sync).
+    relay.check_retries = False
+    relay.welcome_agent_id = "someone-else"
+    agent = await open_agent(relay, token)
+    await agent.hello()
+    await agent.ws.close()
+    await relay.wait_closed(since=2)
+    text = "\n".join(relay.violations)
+    for expected in ("online with video null", "did not change",
+                     "refused (read_only) without publish.status failed",
+                     f"session {running}, running when the control channel dropped",
+                     "retry after an ordinary failure (attempt 1) came after",
+                     "WHIP POST: User-Agent 'curl/8'", "sent ack after a welcome naming",
+                     "did not close with 4005", "(heartbeat_s 20)"):
+        assert expected in text, (expected, text)

@@ -11,6 +11,7 @@ import aiohttp
 from agent.access.model import SESSION_PROTOCOLS
 from agent.media.hub import CameraState
 from agent.relay.link import LinkState
+from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.fake_relay import FakeRelay
 
@@ -90,7 +91,7 @@ async def test_metrics_are_in_base_units_for_served_protocols_only(tmp_path: Pat
 async def test_relay_link_state_has_a_series_per_state(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher() + "\n")
+        write_secret(secret, relay.issue_publisher() + "\n")
         agent = await AgentProcess.start(
             tmp_path, [{"id": "cam1", "source": SMALL}],
             relay={"url": relay.url, "publisher_token_file": str(secret)})

@@ -28,6 +28,7 @@ from agent.discovery.onvif import (
     choose_profile,
     query_device,
 )
+from tests.conftest import write_secret
 from tests.support.camera import (
     RtspCamera,
     needs_rtsp_server,
@@ -265,7 +266,7 @@ async def test_the_stream_uri_plays(rtsp_camera_factory: Callable[..., RtspCamer
 
 async def test_the_device_runs_as_a_subprocess(tmp_path: Path) -> None:
     password_file = tmp_path / "camera-password.secret"
-    password_file.write_text(PASSWORD + "\n")
+    write_secret(password_file, PASSWORD + "\n")
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.support.onvif_device", "--model", "dahua",

@@ -8,11 +8,19 @@ violations empty.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import yaml
 
+from tests.bench import bench_relay_sync
+from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 from tests.support.fake_relay import FakeRelay, Message
@@ -23,13 +31,19 @@ Factory = Callable[..., RtspCamera]
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 
-async def start_agent(tmp: Path, relay: FakeRelay, token: str, **extra: object) -> AgentProcess:
+async def start_agent(tmp: Path, relay: FakeRelay, token: str, *,
+                      cameras: tuple[str, ...] = ("cam1",), always: bool = False,
+                      **extra: Any) -> AgentProcess:
+    """The daemon with these test-pattern cameras, linked to the fake relay (or, with
+    ``always``, publishing every camera to its WHIP template without a control channel)."""
     secret = tmp / "publisher-token.secret"
-    secret.write_text(token + "\n")
-    return await AgentProcess.start(tmp, [{"id": "cam1", "name": "Lobby", "source": SMALL}],
-                                    agent={"id": "nvr1", "account_id": "acme"},
-                                    relay={"url": relay.url,
-                                           "publisher_token_file": str(secret)}, **extra)
+    write_secret(secret, token + "\n")
+    section: dict[str, str] = {"publisher_token_file": str(secret)}
+    section.update({"publish": "always", "whip_url_template": relay.whip_url_template}
+                   if always else {"url": relay.url})
+    return await AgentProcess.start(
+        tmp, [{"id": c, "name": c.title(), "source": SMALL} for c in cameras],
+        agent={"id": "nvr1", "account_id": "acme"}, relay=section, **extra)
 
 
 async def snapshot_status(agent: AgentProcess, token: str) -> int:
@@ -119,11 +133,15 @@ async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -
             message = await relay.publish("cam1")
             ack = await relay.wait_for("ack", lambda m: m.get("ok") is False, timeout=10)
             assert ack["error"]["code"] == "read_only"
+            # v1.1 (1.3): the refusal is also the session's terminal publish.status.
+            status = await relay.wait_status(message, "failed")
+            assert status["error"]["code"] == "read_only"
             assert relay.whip_resource(message) is None
             await wait_until(lambda: any(e.get("event") == "relay_read_only"
                                          for e in agent.log_events()), 5)
         finally:
             assert await agent.stop() == 0  # the fake relay keeps serving
+        assert relay.violations == []
 
 
 async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
@@ -156,10 +174,17 @@ async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
             message = await relay.send_tokens([record])
             assert message is not None
             ack = await relay.wait_ack(message)
+            session = await relay.publish("cam1")
+            await relay.wait_status(session, "live", timeout=20)
             mark = len(relay.received)
             await relay.close_agent(1001, "restart")
             hello = await relay.wait_for("hello", since=mark, timeout=20)
             assert hello["token_cursor"] == ack["cursor"]
+            # v1.1 (section 3): the session the drop ended is reported after the welcome.
+            await relay.wait_whip_deleted(session)
+            stopped = await relay.wait_status(session, "stopped")
+            assert stopped["error"]["code"] == "channel_lost"
+            assert relay.received.index(stopped) > relay.received.index(hello)
         finally:
             assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
@@ -175,14 +200,12 @@ async def test_always_mode_publishes_to_any_whip_server_without_a_control_channe
     async with FakeRelay() as relay:
         token = relay.issue_publisher()
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(token + "\n")
-        agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL},
-                                         {"id": "cam2", "source": SMALL}],
-                                         agent={"id": "nvr1"},
-                                         relay={"publish": "always",
-                                                "publisher_token_file": str(secret),
-                                                "whip_url_template": relay.whip_url_template,
-                                                "always_cameras": ["cam2"]})
+        write_secret(secret, token + "\n")
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "cam1", "source": SMALL}, {"id": "cam2", "source": SMALL}],
+            agent={"id": "nvr1"},
+            relay={"publish": "always", "publisher_token_file": str(secret),
+                   "whip_url_template": relay.whip_url_template, "always_cameras": ["cam2"]})
         try:
             frame = await relay.whip_frame(relay.always_session("nvr1", "cam2"), timeout=20)
             assert (frame.width, frame.height) == (320, 240)
@@ -233,15 +256,15 @@ async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -
 async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
         tmp_path: Path, rtsp_camera_factory: Factory) -> None:
     camera = await asyncio.to_thread(rtsp_camera_factory, width=320, height=240, fps=15,
-                                   gop=15, bitrate=300)
+                                     gop=15, bitrate=300)
     async with FakeRelay() as relay:
         relay.clock_offset = 120.0  # the relay's clock is two minutes ahead
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher() + "\n")
-        agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
-                                         agent={"id": "nvr1"}, media={"idle_grace": 1.0},
-                                         relay={"url": relay.url,
-                                                "publisher_token_file": str(secret)})
+        write_secret(secret, relay.issue_publisher() + "\n")
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "door", "source": camera.url}], agent={"id": "nvr1"},
+            media={"idle_grace": 1.0},
+            relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
             assert camera.total_connections == 0  # nothing is pulled before publish
@@ -275,3 +298,242 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
             assert any(e.get("event") == "clock_skew" for e in agent.log_events())
         finally:
             assert await agent.stop() == 0
+
+
+def events(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
+    return [e for e in agent.log_events() if e.get("event") == name]
+
+
+async def test_a_rejection_after_other_failures_is_still_said_once(tmp_path: Path) -> None:
+    """The independent relay's finding: a relay restart, an overloaded relay, then 401
+    token_revoked — one relay_rejected_agent error, no relay_unavailable for it."""
+    async with FakeRelay() as relay:
+        token = relay.issue_publisher(agent_id="nvr1")
+        agent = await start_agent(tmp_path, relay, token)
+        try:
+            await relay.wait_agent(timeout=20)
+            await relay.revoke_publisher(token, close=False)  # seen at the next upgrade
+            relay.fail_upgrades(503)
+            await relay.close_agent(1001, "restart")
+            await wait_until(lambda: [a.status for a in relay.attempts[1:]] == [503, 401], 15)
+            await wait_until(lambda: events(agent, "relay_rejected_agent"), 5)
+            (rejected,) = events(agent, "relay_rejected_agent")
+            assert rejected["level"] == "error" and rejected["reason"] == "token_revoked"
+            assert "TheRelay Dashboard" in rejected["fix"] and rejected["retry_in_s"] >= 15
+            unavailable = events(agent, "relay_unavailable")
+            assert [e["error"] for e in unavailable] == [
+                "the relay closed the connection (1001 going_away)",
+                "the relay answered HTTP 503 (unavailable)"]
+            assert token not in agent.log_path.read_text()
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []
+
+
+async def test_a_welcome_naming_another_agent_is_closed_4005(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        relay.welcome_agent_id = "nvr-elsewhere"
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            closed = await relay.wait_closed(timeout=20)
+            assert (closed.code, closed.by_relay) == (4005, False)
+            await wait_until(lambda: events(agent, "relay_rejected_agent"), 5)
+            (rejected,) = events(agent, "relay_rejected_agent")
+            assert rejected["reason"] == "agent_not_allowed" and "agent.id" in rejected["fix"]
+            await asyncio.sleep(3)
+            assert relay.connections == 1  # the next try is 15 s or more away
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []
+
+
+async def test_a_relay_that_never_welcomes(tmp_path: Path) -> None:
+    """It accepts the upgrade and the hello, then says nothing: the agent says so, closes
+    (4009), comes back, and LAN viewing never notices."""
+    async with FakeRelay() as relay:
+        relay.send_welcome = False
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            _, token = await agent.token("--camera", "cam1")
+            closed = await relay.wait_closed(timeout=25)
+            assert (closed.code, closed.by_relay) == (4009, False)
+            await wait_until(lambda: events(agent, "relay_unavailable"), 5)
+            (line,) = events(agent, "relay_unavailable")
+            assert line["error"] == ("the relay accepted the connection but sent no welcome "
+                                     "within 10 s")
+            assert await snapshot_status(agent, token) == 200
+            relay.send_welcome = True
+            await relay.wait_agent(timeout=20)
+            assert await snapshot_status(agent, token) == 200
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []
+
+
+async def test_bad_input_from_the_relay(tmp_path: Path) -> None:
+    """A bad field is refused with an ack, the connection stays; a too-big message is the
+    agent's own 1009, logged as such."""
+    async with FakeRelay() as relay:
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            bad = await relay.send("publish", session_id="s-1", whip_url="x" * 5000)
+            ack = await relay.wait_ack(bad)
+            assert ack["ok"] is False and ack["error"]["code"] == "invalid"
+            unknown = await relay.send("ack", ack="never-sent", ok=True)
+            assert unknown and relay.connections == 1
+            pong = await relay.ping()  # the connection is still up
+            assert pong["type"] == "pong" and relay.connections == 1
+            mark = len(relay.closed)
+            await relay.send_raw(json.dumps({"type": "ping", "id": "big",
+                                             "pad": "x" * (2 << 20)}))
+            closed = await relay.wait_closed(since=mark)
+            assert (closed.code, closed.by_relay) == (1009, False)
+            await wait_until(lambda: events(agent, "relay_unavailable"), 5)
+            assert events(agent, "relay_unavailable")[0]["error"] == (
+                "the agent closed the connection (1009 message_too_big)")
+            await relay.wait_agent(timeout=20)
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []
+
+
+async def test_always_mode_republishes_within_5_s_after_the_whip_server_dies(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = await start_agent(tmp_path, relay,
+                                        relay.issue_publisher(), always=True)
+        key = relay.always_session("nvr1", "cam1")
+        try:
+            await relay.whip_frame(key, timeout=20)
+            loop = asyncio.get_running_loop()
+            live_since = loop.time()
+            await wait_until(lambda: events(agent, "whip_always_publishing"), 5)
+            await asyncio.sleep(max(0.0, 10.5 - (loop.time() - live_since)))  # it had worked
+            dead = relay.crash_whip(key)
+            crashed = loop.time()
+            await wait_until(lambda: (r := relay.whip_resource(key)) is not None
+                             and r is not dead, 10)
+            took = loop.time() - crashed
+            print(f"republished {took:.2f} s after the WHIP peer died")
+            assert took <= 5.0
+            await relay.whip_frame(key, timeout=10)
+            (lost,) = events(agent, "whip_always_lost")
+            assert "sent nothing" in lost["error"]
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []
+
+
+async def test_a_sync_of_100000_tokens_keeps_the_event_loop_responsive() -> None:
+    """The benchmark, in its own process (its loop is the one measured, not this test's)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}  # no debug cost
+    bench = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.bench_relay_sync", "--json", env=env,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(bench.communicate(), 300)
+    assert bench.returncode == 0
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    print(bench_relay_sync.report(bench_relay_sync.TOKENS, result))
+    assert result["tokens"] >= 100_000
+    # No event-loop step of the agent's work takes more than 50 ms; the wall-clock lag
+    # (printed) adds this busy machine's waits for a CPU and CPython's full collections
+    # (docs/field-notes.md).
+    assert result["longest_step_ms"] <= 50
+    assert result["seconds"] < 120 and result["rss_growth_mib"] < 1024
+
+
+async def test_the_heartbeat_follows_welcome(tmp_path: Path) -> None:
+    async with FakeRelay(heartbeat_s=5) as relay:
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
+        try:
+            await relay.wait_agent(timeout=20)
+            await asyncio.sleep(11.5)
+            link = relay._current()
+            assert link is not None and link.welcomed_at is not None
+            gaps = [b - a for a, b in zip([link.welcomed_at, *link.pings], link.pings,
+                                          strict=False)]
+            assert len(gaps) == 2 and all(4.5 <= g <= 6 for g in gaps), gaps  # not 20 s
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []
+
+
+async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
+        tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(),
+                                        cameras=("cam1", "cam2"))
+        try:
+            await relay.wait_agent(timeout=20)
+            doomed = await relay.publish("cam2")
+            await relay.wait_status(doomed, "live", timeout=20)
+            config = yaml.safe_load(agent.config_path.read_text())
+            config["cameras"] = config["cameras"][:1]
+            agent.config_path.write_text(yaml.safe_dump(config))
+            agent.proc.send_signal(signal.SIGHUP)
+            stopped = await relay.wait_status(doomed, "stopped", timeout=15)
+            assert stopped["error"]["code"] == "camera_removed"
+            await relay.wait_whip_deleted(doomed)
+            await wait_until(lambda: "cam2" not in relay.cameras, 5)
+            again = await relay.publish("cam2")
+            failed = await relay.wait_status(again, "failed")
+            assert failed["error"]["code"] == "unknown_camera"
+            live = await relay.publish("cam1")
+            await relay.wait_status(live, "live", timeout=20)
+        finally:
+            assert await agent.stop() == 0
+        # Section 2: at shutdown the session is DELETEd and reported stopped.
+        await relay.wait_whip_deleted(live)
+        assert relay.statuses[live][-1]["state"] == "stopped"
+        assert relay.violations == []
+
+
+async def test_a_sync_can_neither_unrevoke_a_token_nor_change_its_hash(tmp_path: Path) -> None:
+    async with FakeRelay() as relay:
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        try:
+            await relay.wait_agent(timeout=20)
+            text, record = relay.issue_access_token("host:nvr1")
+            kept_text, kept = relay.issue_access_token("host:nvr1")
+            forged_text, forged = relay.issue_access_token("host:nvr1")
+            message = await relay.send_tokens([record, kept])
+            assert message is not None and (await relay.wait_ack(message))["ok"] is True
+            assert (await relay.wait_ack(await relay.revoke(record["id"])))["ok"] is True
+            assert await snapshot_status(agent, text) == 401
+            # A misbehaving relay lists the revoked token as active, and gives another token
+            # id the hash of a different secret. Both are refused, the rest applied.
+            refused_ids = []
+            for _ in range(2):  # a repeat is refused again, but logged and audited once
+                sync = await relay.send_tokens([
+                    {**record, "revoked_at": None},
+                    {**kept, "sha256": forged["sha256"], "last4": forged["last4"]},
+                    {**forged, "id": forged["id"]}])
+                assert sync is not None
+                ack = await relay.wait_ack(sync)
+                assert ack["ok"] is True and ack["cursor"] == relay.cursor
+                refused_ids.append({r["token_id"]: r["code"] for r in ack["refused"]})
+            assert refused_ids[0] == refused_ids[1] == {record["id"]: "revocation_final",
+                                                        kept["id"]: "hash_changed"}
+            assert await snapshot_status(agent, text) == 401
+            assert await snapshot_status(agent, kept_text) == 200  # the original still works
+            assert await snapshot_status(agent, forged_text) == 200  # under its own id only
+            logged = [e for e in agent.log_events() if e.get("event") == "relay_sync_refused"]
+            assert sorted((e["token_id"], e["reason"]) for e in logged) == sorted(
+                [(record["id"], "revocation_final"), (kept["id"], "hash_changed")])
+            audited = await agent.audit("--event", "token.sync_refused")
+            assert sorted((e["token_id"], e["reason"], e["actor"]) for e in audited) == sorted(
+                [(record["id"], "revocation_final", "relay"),
+                 (kept["id"], "hash_changed", "relay")])
+            # A relay token revoked on the agent itself stays revoked whatever the relay says.
+            revoked = await agent.cli("token", "revoke", kept["id"])
+            assert revoked.returncode == 0, revoked.stderr
+            sync = await relay.send_tokens([kept], full=True)
+            assert sync is not None
+            ack = await relay.wait_ack(sync)
+            assert {r["token_id"]: r["code"] for r in ack["refused"]} == {
+                kept["id"]: "revocation_final"}
+            assert await snapshot_status(agent, kept_text) == 401
+        finally:
+            assert await agent.stop() == 0
+        assert relay.violations == []

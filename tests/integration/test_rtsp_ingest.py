@@ -13,6 +13,7 @@ import aiohttp
 import av
 import pytest
 
+from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer, run_async, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 
@@ -92,8 +93,8 @@ async def test_credentials_from_a_file_and_a_clear_error_when_wrong(
     camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, user="viewer",
                                      password="s3cret-pass")
     good, bad = tmp_path / "good.secret", tmp_path / "bad.secret"
-    good.write_text("s3cret-pass\n")
-    bad.write_text("wrong\n")
+    write_secret(good, "s3cret-pass\n")
+    write_secret(bad, "wrong\n")
     agent = await AgentProcess.start(tmp_path, [
         {"id": "door", "source": camera.url, "username": "viewer", "password_file": str(good)},
         {"id": "yard", "source": camera.url, "username": "viewer", "password_file": str(bad)},

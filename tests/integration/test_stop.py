@@ -25,7 +25,7 @@ from typing import Any
 
 import aiohttp
 
-from tests.conftest import remember
+from tests.conftest import remember, write_secret
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.fake_relay import FakeRelay, Message
 from tests.support.netns import free_port
@@ -84,7 +84,8 @@ async def test_sigterm_with_a_live_viewer_ends_its_session_as_shutdown(tmp_path:
     finally:
         if agent.proc.poll() is None:
             await agent.stop()
-    ended = await agent.audit("--token", token_id, "--event", "session.ended")
+    ended = await agent.audit("--token", token_id, "--event",
+                                    "session.ended")
     assert [e["reason"] for e in ended] == ["shutdown"]
     assert ended[0]["detail"]["bytes"] > 0
     await verified(agent)
@@ -93,11 +94,10 @@ async def test_sigterm_with_a_live_viewer_ends_its_session_as_shutdown(tmp_path:
 async def test_sigterm_deletes_the_whip_session_at_the_relay(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         secret = tmp_path / "publisher-token.secret"
-        secret.write_text(relay.issue_publisher(agent_id="nvr1") + "\n")
-        agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL}],
-                                         agent={"id": "nvr1", "account_id": "acme"},
-                                         relay={"url": relay.url,
-                                                "publisher_token_file": str(secret)})
+        write_secret(secret, relay.issue_publisher(agent_id="nvr1") + "\n")
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "cam1", "source": SMALL}], agent={"id": "nvr1", "account_id": "acme"},
+            relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
             session = await relay.publish("cam1")
@@ -337,10 +337,10 @@ async def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, ad
 
 async def relay_agent(tmp: Path, relay: FakeRelay, token: str) -> AgentProcess:
     secret = tmp / "publisher-token.secret"
-    secret.write_text(token + "\n")
-    return await AgentProcess.start(tmp, [{"id": "cam1", "source": SMALL}],
-                                    agent={"id": "nvr1", "account_id": "acme"},
-                                    relay={"url": relay.url, "publisher_token_file": str(secret)})
+    write_secret(secret, token + "\n")
+    return await AgentProcess.start(
+        tmp, [{"id": "cam1", "source": SMALL}], agent={"id": "nvr1", "account_id": "acme"},
+        relay={"url": relay.url, "publisher_token_file": str(secret)})
 
 
 def outbox(agent: AgentProcess) -> dict[str, str]:

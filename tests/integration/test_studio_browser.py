@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from agent.http import tls
 from tests.conftest import remember
 from tests.support.agent import NamespacedAgent
 from tests.support.browser import artifact_path, chromium_available, run_in_browser
@@ -48,12 +49,12 @@ print(json.dumps({"status": status, "headers": headers, "body": data.decode("lat
 class StudioAgent(NamespacedAgent):
     """The agent in its namespace, an admin token, and HTTP from either side."""
 
-    def __init__(self, pair: NetnsPair, tmp: Path) -> None:
+    def __init__(self, pair: NetnsPair, tmp: Path, **extra: Any) -> None:
         super().__init__(pair, tmp, [
             {"id": "lobby", "name": "Lobby", "source": "testsrc://?size=640x360&fps=15",
              "always_on": True},
             {"id": "yard", "name": "Yard", "source": "testsrc://?size=320x240&fps=15"},
-        ], audit={"flush_interval": 0.1})
+        ], audit={"flush_interval": 0.1}, **extra)
         created = self.cli("token", "create", "--admin", "--label", "studio test", "--json")
         assert created.returncode == 0, created.stderr
         admin = json.loads(created.stdout)
@@ -89,14 +90,15 @@ def agent(netns_pair: NetnsPair, tmp_path: Path):
 
 
 def studio(agent: StudioAgent, body: str, shot: str | None, *, timeout: float = 40,
-           viewport: tuple[int, int] | None = None) -> Any:
+           viewport: tuple[int, int] | None = None, chromium_args: tuple[str, ...] = ()) -> Any:
     """Open /studio, run ``body`` (the inside of an async JS function, with the helpers
     below in scope) and return its value; the screenshot is of the page after ``body``."""
     script = "async () => {\n" + JS_HELPERS.replace("%ADMIN%", json.dumps(agent.admin_token)) \
         + body + "\n}"
     path = artifact_path("studio", shot) if shot else None
     report = run_in_browser(agent.pair, f"{agent.base}/studio", result=script, wait_for="true",
-                            screenshot=path, timeout=timeout, viewport=viewport)
+                            screenshot=path, timeout=timeout, viewport=viewport,
+                            chromium_args=chromium_args)
     assert not report.page_errors, report.page_errors
     # Chromium logs every 4xx answer as "Failed to load resource"; those are expected here.
     assert not [c for c in report.console if c.startswith("error")
@@ -585,3 +587,80 @@ def test_rotate_with_a_grace_period(agent: StudioAgent) -> None:
     assert f"replaces {old['id']}" in result["newRow"] and "yard monitor" in result["newRow"]
     for token in (old["token"], new_token):  # the old one keeps working for the grace hour
         assert agent.cli("token", "check", token, "--camera", "yard").returncode == 0
+
+
+def test_edit_a_token_and_its_session_cap(agent: StudioAgent) -> None:
+    old = json.loads(agent.cli("token", "create", "--camera", "yard", "--protocol",
+                               "webrtc,snapshot", "--ttl", "1w", "--label", "yard monitor",
+                               "--json").stdout)
+    result = studio(agent, f"""
+      await login();
+      const id = {json.dumps(old["id"])};
+      const row = () => $(`#tokens-table tr[data-token="${{id}}"]`);
+      const out = {{}};
+      click(row().querySelector("button[data-edit]"));
+      await until("the edit dialog", () => $("#edit-dialog").open);
+      out.opened = {{ title: text($("#edit-title")), scope: text($("#edit-scope")),
+                     label: $("#edit-label").value, focus: document.activeElement.id,
+                     protocols: $$('#edit-form input[name="protocol"]:checked').map((i) => i.value),
+                     cap: $("#edit-max-sessions").value }};
+      click("#edit-submit");  // nothing changed yet: said so, nothing sent
+      await until("the message", () => text($("#edit-error")));
+      out.unchanged = text($("#edit-error"));
+      fill("#edit-max-sessions", "0");
+      click("#edit-submit");
+      await until("the cap message", () => text($("#edit-error")) !== out.unchanged);
+      out.badCap = text($("#edit-error"));
+      fill("#edit-label", "yard monitor (gate)");
+      click('#edit-form input[name="protocol"][value="webrtc"]');
+      click('#edit-form input[name="expiry"][value="never"]');
+      fill("#edit-max-sessions", "2");
+      click("#edit-submit");
+      await until("the update", () => window.__studio.lastUpdatedId === id
+                                      && !$("#edit-dialog").open && idle());
+      await until("the new row", () => rowText(row()).includes("gate"));
+      out.row = rowText(row());
+      out.status = text($("#status"));
+      out.errors = window.__studio.errors.map((e) => e.action);
+      return out;""", "edited.png")
+    assert result["opened"] == {
+        "title": f"Edit {old['display']}", "label": "yard monitor", "focus": "edit-label",
+        "protocols": ["webrtc", "snapshot"], "cap": "",
+        "scope": "Scope camera:yard (a scope cannot change: create a new token for another "
+                 "scope, or rotate this one to replace its secret)."}
+    assert result["unchanged"] == "Nothing was changed."
+    assert result["badCap"].startswith("Live sessions at once: a whole number from 1 to 10000")
+    assert "yard monitor (gate)" in result["row"] and "at most 2 live sessions" in result["row"]
+    assert "| snapshot" in result["row"]
+    assert result["status"].startswith(f"Updated {old['display']}")
+    assert result["errors"] == ["edit", "edit"]  # the two refused in the page, none by the API
+    shown = json.loads(agent.cli("token", "show", old["id"], "--json").stdout)
+    assert (shown["label"], shown["protocols"], shown["expires_at"], shown["max_sessions"]) == (
+        "yard monitor (gate)", ["snapshot"], None, 2)
+    audit = json.loads(agent.cli("audit", "--json", "--token", old["id"], "--event",
+                                 "token.updated").stdout)
+    assert len(audit) == 1 and audit[0]["actor"] == f"admin:{agent.admin_id}"
+    assert audit[0]["detail"]["before"]["protocols"] == ["snapshot", "webrtc"]
+    assert audit[0]["detail"]["after"] == {"label": "yard monitor (gate)", "expires_at": None,
+                                           "ttl_seconds": None, "protocols": ["snapshot"],
+                                           "max_sessions": 2}
+
+
+def test_the_hosts_view_shows_the_https_fingerprint(netns_pair: NetnsPair,
+                                                    tmp_path: Path) -> None:
+    agent = StudioAgent(netns_pair, tmp_path, tls={"self_signed": True})
+    try:
+        cert = tls.describe(*tls.self_signed_paths(agent.state_dir))
+        result = studio(agent, """
+          await login();
+          await openTab("hosts");
+          const el = $("#hosts-table [data-fingerprint]");
+          return { fingerprint: el && el.dataset.fingerprint, row: rowTexts("hosts-table")[0],
+                   origin: location.origin };""", "hosts-https.png",
+                        chromium_args=(f"--ignore-certificate-errors-spki-list="
+                                       f"{cert.spki_sha256}",))
+    finally:
+        agent.stop()
+    assert result["origin"].startswith("https://")
+    assert result["fingerprint"] == cert.fingerprint
+    assert f"{cert.fingerprint}SHA-256 · self-signed · valid until " in result["row"]

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -37,12 +38,15 @@ class AgentProcess:
     ``await agent.token(…)``, ``await agent.stop()``. Synchronous tests and fixtures (no
     loop running) wrap the same coroutines in ``asyncio.run``."""
 
-    def __init__(self, tmp: Path, cameras: list[dict[str, Any]], **sections: Any) -> None:
-        """Spawn the daemon; it is usable after ``await healthy()`` (``start`` does both)."""
+    def __init__(self, tmp: Path, cameras: list[dict[str, Any]],
+                 tls: dict[str, Any] | None = None, **sections: Any) -> None:
+        """Spawn the daemon; it is usable after ``await healthy()`` (``start`` does both).
+        ``tls``: the http.tls section; the agent then serves HTTPS only."""
         self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.state_dir = tmp / "state"
         config = {"agent": {"id": "site1", "account_id": "acme"},
-                  "http": {"listen": f"127.0.0.1:{self.port}"},
+                  "http": {"listen": f"127.0.0.1:{self.port}", **({"tls": tls} if tls else {})},
                   "webrtc": {"host_addresses": ["127.0.0.1"]},
                   "audit": {"flush_interval": 0.1},
                   # the host's namespace: never probe or announce on its real interfaces
@@ -59,8 +63,8 @@ class AgentProcess:
 
     @classmethod
     async def start(cls, tmp: Path, cameras: list[dict[str, Any]],
-                    **sections: Any) -> AgentProcess:
-        agent = cls(tmp, cameras, **sections)
+                    tls: dict[str, Any] | None = None, **sections: Any) -> AgentProcess:
+        agent = cls(tmp, cameras, tls, **sections)
         await agent.healthy()
         return agent
 
@@ -71,8 +75,8 @@ class AgentProcess:
                 if self.proc.poll() is not None:
                     raise AssertionError(
                         f"the agent exited: {self.log_path.read_text()[-2000:]}")
-                try:
-                    async with http.get(f"{self.base}/healthz") as response:
+                try:  # up yet? (the TLS tests check the certificate themselves)
+                    async with http.get(f"{self.base}/healthz", ssl=False) as response:
                         if response.status == 200:
                             return
                 except (OSError, aiohttp.ClientError, TimeoutError):
@@ -179,7 +183,9 @@ class WhepViewer:
     """An aiortc WHEP client: offer, answer, decoded frames."""
 
     def __init__(self, base: str, camera: str, token: str | None, *, audio: bool = True,
-                 via_query: bool = False, host_address: str = "127.0.0.1") -> None:
+                 via_query: bool = False, host_address: str = "127.0.0.1",
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.tls: ssl.SSLContext | bool = tls if tls is not None else True
         install_host_addresses([host_address])
         self.url = f"{base}/whep/{camera}"
         self.base = base
@@ -214,7 +220,8 @@ class WhepViewer:
         url, headers = self._auth()
         async with aiohttp.ClientSession() as http:
             response = await http.post(url, data=sdp or self.pc.localDescription.sdp,
-                                       headers={**headers, "Content-Type": "application/sdp"})
+                                       headers={**headers, "Content-Type": "application/sdp"},
+                                       ssl=self.tls)
             self.status = response.status
             self.body = await response.text()
             self.headers = dict(response.headers)
@@ -232,7 +239,7 @@ class WhepViewer:
         url, headers = self._auth()
         target = self.base + self.location + (url[len(self.url):] if self.via_query else "")
         async with aiohttp.ClientSession() as http:
-            response = await http.delete(target, headers=headers)
+            response = await http.delete(target, headers=headers, ssl=self.tls)
             return response.status
 
     async def close(self) -> None:
@@ -243,14 +250,16 @@ class NamespacedAgent:
     """The daemon inside the agent namespace of a NetnsPair (browser tests), and its CLI."""
 
     def __init__(self, pair: NetnsPair, tmp: Path, cameras: list[dict[str, Any]],
-                 env: dict[str, str] | None = None, **sections: Any) -> None:
+                 env: dict[str, str] | None = None, tls: dict[str, Any] | None = None,
+                 **sections: Any) -> None:
         self.pair = pair
         self.port = 8800
-        self.base = f"http://{pair.agent_ip}:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://{pair.agent_ip}:{self.port}"
+        self.state_dir = tmp / "state"
         config = tmp / "agent.yaml"
         config.write_text(yaml.safe_dump({
             "agent": {"id": "site1", "account_id": "acme"},
-            "http": {"listen": f"{pair.agent_ip}:{self.port}"},
+            "http": {"listen": f"{pair.agent_ip}:{self.port}", **({"tls": tls} if tls else {})},
             "cameras": cameras, **sections,
         }))
         self.env = {**os.environ, "THERELAY_STATE_DIR": str(tmp / "state"),
@@ -263,7 +272,8 @@ class NamespacedAgent:
         self._wait()
 
     def _wait(self) -> None:
-        probe = f"import urllib.request; urllib.request.urlopen('{self.base}/healthz', timeout=1)"
+        probe = ("import ssl, urllib.request; urllib.request.urlopen("
+                 f"'{self.base}/healthz', timeout=1, context=ssl._create_unverified_context())")
         for _ in range(150):
             if self.proc.poll() is not None:
                 raise AssertionError(f"the agent exited: {self.log_path.read_text()[-2000:]}")

@@ -59,6 +59,7 @@ _OPTION_FLAGS = {
     "gop": "--gop",
     "bitrate": "--bitrate",
     "user": "--user",
+    "auth": "--auth",
     "audio": "--audio",
     "pattern": "--pattern",
 }
@@ -140,7 +141,8 @@ class RtspCamera:
     def start(cls, port: int | None = None, **options: Any) -> RtspCamera:
         """Start a camera (on a free loopback port unless ``port``) and wait for READY.
 
-        Options: address, path, width, height, fps, gop, bitrate, user + password,
+        Options: address, path, width, height, fps, gop, bitrate, user + password (auth:
+        "basic", default, or "digest"),
         audio ("none"|"pcmu"|"aac"), pattern ("smpte" scrolling, default, or "ball": ~3x the
         drawing CPU), ready_timeout. Defaults: 640x360@30, GOP 2 s, 1000 kbit/s.
         """

@@ -14,7 +14,18 @@ Everything the agent sends is recorded (``received``, ``acks``, ``usage_events``
 breaks the contract without being fatal is listed in ``violations`` (a test that drives the
 real agent should end with ``assert relay.violations == []``).
 
-Choices where the protocol text leaves room are marked "(choice)" below.
+Choices where the protocol text leaves room are marked "(choice)" below. The rules of
+version 1.1 that the fake checks on the agent (each a ``violations`` entry when broken):
+
+- retries follow section 3: the gap before each attempt lies within the schedule of the
+  last failure's kind (rejection or ordinary), counts restarting after a 30 s session
+  (``check_retries``; off for hand-driven clients that reconnect at will);
+- a refused ``publish`` (ack ``ok: false``) is followed by ``publish.status failed`` with
+  the same code within 10 s; a session running when the control channel dropped is
+  reported ``stopped`` within 10 s of the next ``welcome``;
+- after a ``welcome`` naming another agent id the agent sends nothing and closes with 4005;
+- an ``online`` camera has ``video``; a ``cameras.update`` changes something;
+- WHIP requests carry ``User-Agent: therelay-agent/<version>``.
 """
 
 from __future__ import annotations
@@ -40,6 +51,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from multidict import CIMultiDict
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
@@ -61,6 +73,8 @@ CLOSE = {
 
 #: relay → agent messages the agent must ack (1.4).
 ACKED_BY_AGENT = frozenset({"tokens.sync", "tokens.revoke", "publish", "unpublish"})
+#: Codes an agent may give for a tokens.sync record it did not apply (1.5).
+SYNC_REFUSALS = frozenset({"revocation_final", "hash_changed", "local_token", "hash_in_use"})
 CAMERA_STATES = frozenset({"idle", "connecting", "online", "offline", "unsupported"})
 PUBLISH_STATES = frozenset({"starting", "live", "stopped", "failed"})
 #: Keys that would carry camera credentials or source URLs (never sent, 1.3).
@@ -135,6 +149,9 @@ class Link:
     hello: Message | None = None
     welcome: Message | None = None
     closed_by_relay: bool = False
+    welcomed_at: float | None = None  # time.monotonic() of the welcome
+    mismatch: bool = False  # the welcome named another agent id than the hello
+    pings: list[float] = field(default_factory=list)  # time.monotonic() of ping frames
 
     @property
     def agent_id(self) -> str | None:
@@ -202,6 +219,9 @@ class FakeRelay:
         self.whip_redirect_status = 307
         self.whip_fail: int | None = None  # answer every WHIP POST with this HTTP status
         self.whip_ice_servers: list[dict[str, Any]] = []  # sent as Link headers (§4.6)
+        self.send_welcome = True  # False: accept the upgrade and the hello, never answer
+        self.check_retries = True  # check the agent's retry schedule (section 3)
+        self.expect_within = 10.0  # seconds the agent has for an expected publish.status
         # What happened.
         self.received: list[Message] = []  # every valid message from the agent, in order
         self.invalid_frames: list[str | bytes] = []
@@ -218,6 +238,11 @@ class FakeRelay:
         self.closed: list[Closed] = []
         self.violations: list[str] = []
         self.connections = 0  # upgrades accepted, ever
+        # Section 3 bookkeeping: the last attempt's end (kind, time) and counts per kind.
+        self._last_end: tuple[str, float] | None = None
+        self._counts = {"ordinary": 0, "rejected": 0}
+        self._active: set[str] = set()  # sessions whose publish was accepted, not ended
+        self._lost: set[str] = set()  # sessions a dropped channel ended: "stopped" expected
         self.agent_cursor: str | None = None  # the cursor the agent last acked
         # Token table (1.5): id → record, with the sequence number of its last change.
         self._publishers: dict[str, Publisher] = {}  # sha256 → publisher
@@ -313,8 +338,12 @@ class FakeRelay:
         self.add_publisher(text, agent_id, permission, expired, revoked)
         return text
 
-    async def revoke_publisher(self, token_text: str) -> None:
-        """Revoke it; live connections under it are closed at once with 4003 (1.6)."""
+    async def revoke_publisher(self, token_text: str, close: bool = True) -> None:
+        """Revoke it; live connections under it are closed at once with 4003 (1.6), unless
+        ``close`` is False (the revocation shows at the next upgrade)."""
+        if not close:
+            self._publishers[sha256_hex(token_text)].revoked_at = time.time()
+            return
         await self._end_publisher(token_text, "token_revoked")
 
     async def expire_publisher(self, token_text: str) -> None:
@@ -416,6 +445,22 @@ class FakeRelay:
             self.sessions[session_id].unpublished = True
         return await self.send("unpublish", session_id=session_id)
 
+    def crash_whip(self, session_id: str) -> WhipResource:
+        """The WHIP server side of the session's newest resource dies without a word: its
+        UDP sockets close, so no DTLS alert, no RTCP and no ICE answer reach the agent (a
+        crashed or unplugged server). Returns the dead resource."""
+        resource = self.whip_resource(session_id)
+        if resource is None:
+            raise RuntimeError(f"no live WHIP resource for {session_id}")
+        for transceiver in resource.pc.getTransceivers():
+            ice = transceiver.receiver.transport.transport
+            for stun in list(ice._connection._protocols):
+                if stun.transport is not None:
+                    stun.transport.close()
+        resource.deleted = True  # gone: a later DELETE finds nothing
+        self._notify()
+        return resource
+
     def always_session(self, agent_id: str, camera_id: str) -> str:
         """The session id under which ``always``-mode POSTs to the template are kept."""
         return f"{agent_id}/{camera_id}"
@@ -443,10 +488,17 @@ class FakeRelay:
                 raise  # an acked message stays queued and is repeated after a reconnect
         return str(message["id"])
 
-    async def send_raw(self, data: str | bytes) -> None:
-        """Send a frame as is (to test the agent's handling of garbage)."""
+    async def send_raw(self, data: str | bytes, fragment: int | None = None) -> None:
+        """Send a frame as is (to test the agent's handling of garbage). With
+        ``fragment``, ``data`` (UTF-8 bytes) goes as one text message in fragments of that
+        many bytes (RFC 6455 §5.4), as a relay sends a big tokens.sync."""
         link = self._require_link()
-        await link.ws.send(data)
+        if fragment is None:
+            await link.ws.send(data)
+            return
+        raw = data.encode() if isinstance(data, str) else data
+        await link.ws.send([raw[i:i + fragment] for i in range(0, len(raw), fragment)],
+                           text=True)
 
     async def ping(self, timeout: float = 5.0) -> Message:
         """Send ``ping`` and return the agent's ``pong``."""
@@ -610,6 +662,7 @@ class FakeRelay:
 
         def refuse(status: int, error: str, message: str) -> Response:
             self.attempts.append(Attempt(time.monotonic(), status, error, user_agent, offered))
+            self._ended("rejected" if status in (401, 403, 426) else "ordinary")
             self._notify()
             response = connection.respond(status, json.dumps({"error": error,
                                                               "message": message}))
@@ -621,6 +674,7 @@ class FakeRelay:
 
         if urlsplit(request.path).path != "/agent":
             return refuse(404, "not_found", "the agent control channel is /agent")
+        self._check_retry()
         if self._refusals:
             return refuse(*self._refusals.pop(0))
         # (choice) the token is checked before the subprotocol: authenticate first.
@@ -647,6 +701,7 @@ class FakeRelay:
             await ws.close(CLOSE[publisher], publisher)
             return
         link = Link(ws, publisher)
+        self._record_pings(link)
         self._links.append(link)
         self.connections += 1
         self._notify()
@@ -662,10 +717,82 @@ class FakeRelay:
         finally:
             await ws.wait_closed()
             frame = ws.protocol.close_sent if link.closed_by_relay else ws.protocol.close_rcvd
-            self.closed.append(Closed(
-                frame.code if frame else ws.close_code, frame.reason if frame else "",
-                link.closed_by_relay, link.agent_id))
+            closed = Closed(frame.code if frame else ws.close_code,
+                            frame.reason if frame else "", link.closed_by_relay, link.agent_id)
+            self.closed.append(closed)
+            self._link_ended(link, closed)
             self._notify()
+
+    # ---- rules of version 1.1 on the agent ------------------------------------------------
+
+    def _ended(self, kind: str, stable: bool = False) -> None:
+        if stable:
+            self._counts = {"ordinary": 0, "rejected": 0}
+        self._counts[kind] += 1
+        self._last_end = (kind, time.monotonic())
+
+    def _check_retry(self) -> None:
+        """Section 3: attempt n of a kind waits [0.5, min(60, 2^(n-1))] s (ordinary) or
+        [15, min(300, 30 * 2^(n-1))] s (rejection) after the last end."""
+        if not self.check_retries or self._last_end is None:
+            return
+        kind, at = self._last_end  # "ordinary" or "rejected"
+        n = self._counts[kind]
+        low, high = (15.0, min(300.0, 30.0 * 2 ** (n - 1))) if kind == "rejected" else \
+            (0.5, min(60.0, 2.0 ** (n - 1)))
+        gap = time.monotonic() - at
+        if gap < low - 0.05 or gap > high + 5.0:  # 5 s of slack for a busy test machine
+            what = "a rejection" if kind == "rejected" else "an ordinary failure"
+            self.violations.append(f"retry after {what} (attempt {n}) came after {gap:.2f} s, "
+                                   f"outside [{low:g}, {high:g}] s")
+
+    def _link_ended(self, link: Link, closed: Closed) -> None:
+        code = closed.code or 1006
+        rejected = (closed.by_relay and 4001 <= code <= 4006) or (
+            not closed.by_relay and code == CLOSE["agent_not_allowed"])
+        stable = link.welcomed_at is not None and time.monotonic() - link.welcomed_at >= 30
+        if link.mismatch and (closed.by_relay or code != CLOSE["agent_not_allowed"]):
+            self.violations.append(f"after a welcome naming another agent id the agent "
+                                   f"did not close with 4005 (closed: {closed})")
+        self._ended("rejected" if rejected else "ordinary", stable)
+        if link.welcome is not None:
+            self._lost |= self._active
+            self._active = set()
+
+    def _expect(self, what: str, done: Callable[[], bool]) -> None:
+        async def check() -> None:
+            await asyncio.sleep(self.expect_within)
+            if not done():
+                self.violations.append(what)
+        self._spawn(check())
+
+    def _record_pings(self, link: Link) -> None:
+        """Note the agent's WebSocket ping frames; each gap after the welcome must be about
+        ``heartbeat_s`` (1.3: the agent honours it, within 5–120 s)."""
+        receive = link.ws.protocol.recv_frame
+
+        def recv_frame(frame: Frame) -> None:
+            if frame.opcode is Opcode.PING:
+                now = time.monotonic()
+                last = link.pings[-1] if link.pings else link.welcomed_at
+                wanted = min(120.0, max(5.0, self.heartbeat_s))
+                if last is not None and not wanted - 0.5 <= now - last <= wanted + 3.0:
+                    self.violations.append(f"a ping frame {now - last:.1f} s after the last "
+                                           f"(heartbeat_s {wanted:g})")
+                link.pings.append(now)
+            receive(frame)
+        link.ws.protocol.recv_frame = recv_frame  # type: ignore[method-assign]
+
+    def _expect_stopped(self, sid: str) -> None:
+        mark = len(self.statuses.get(sid, []))
+        self._expect(f"session {sid}, running when the control channel dropped, was not "
+                     "reported stopped after the next welcome",
+                     lambda: self._has_status(sid, "stopped", since=mark))
+
+    def _has_status(self, sid: str, state: str, code: str | None = None,
+                    since: int = 0) -> bool:
+        return any(m.get("state") == state and (code is None or (m.get("error") or {}).get(
+            "code") == code) for m in self.statuses.get(sid, [])[since:])
 
     def _parse(self, raw: str | bytes) -> Message | str:
         """The message, or why it breaks the envelope of 1.2."""
@@ -713,6 +840,9 @@ class FakeRelay:
         hello = await self._next(link, self.hello_timeout)
         if hello is None:
             return
+        if not self.send_welcome:  # a relay that accepts and then says nothing
+            await link.ws.wait_closed()
+            return
         if hello["type"] != "hello" or not isinstance(hello.get("agent_id"), str) \
                 or not hello["agent_id"]:
             await self._close(link, "protocol_error")  # wrong order, or hello without id
@@ -741,7 +871,12 @@ class FakeRelay:
             "token_scope": "agent" if bound is not None else "account",
             "ice_servers": self.ice_servers, "server_time": now,
             "heartbeat_s": self.heartbeat_s}
+        link.welcomed_at = time.monotonic()
+        link.mismatch = link.welcome["agent_id"] != hello["agent_id"]
         await self._send(link, link.welcome)
+        for sid in sorted(self._lost):
+            self._expect_stopped(sid)
+        self._lost = set()
         for mid in [m for m, msg in self._unacked.items() if msg["type"] == "tokens.sync"]:
             del self._unacked[mid]  # superseded by the sync below
         sync = self._message("tokens.sync", self._sync_since(hello.get("token_cursor")))
@@ -790,6 +925,8 @@ class FakeRelay:
             self.violations.append(f"{where}: camera {cid} carries {sorted(secret)}")
         for kind, keys in (("video", ("codec", "width", "height", "fps")), ("audio", ("codec",))):
             value = camera.get(kind)
+            if value is None and kind == "video" and camera.get("state") == "online":
+                self.violations.append(f"{where}: camera {cid} is online with video null")
             if value is not None and (not isinstance(value, dict)
                                         or not all(k in value for k in keys)):
                 self.violations.append(f"{where}: camera {cid}: {kind} {value!r}")
@@ -806,6 +943,9 @@ class FakeRelay:
     async def _dispatch(self, link: Link, message: Message) -> bool:
         """Handle one steady-state message; False when the connection was closed."""
         kind = message["type"]
+        if link.mismatch:
+            self.violations.append(f"the agent sent {kind} after a welcome naming another "
+                                   "agent id")
         if kind == "ack":
             self._on_ack(message)
             return True
@@ -851,11 +991,25 @@ class FakeRelay:
             (m for m in self.sent if m["id"] == target), None)
         if original is None:
             self.violations.append(f"ack of an id the relay never sent: {target}")
+        elif original["type"] == "publish":
+            sid = str(original["session_id"])
+            if message["ok"]:
+                self._active.add(sid)
+            else:
+                code = (message.get("error") or {}).get("code")
+                self._expect(f"publish {sid} refused ({code}) without publish.status failed",
+                             lambda: self._has_status(sid, "failed", code))
         elif original["type"] == "tokens.sync" and message["ok"]:
             if message.get("cursor") != original["cursor"]:
                 self.violations.append(f"tokens.sync ack carries cursor "
                                        f"{message.get('cursor')!r}, not {original['cursor']!r}")
             self.agent_cursor = message.get("cursor")
+            refused = message.get("refused", [])
+            if not isinstance(refused, list) or not all(
+                    isinstance(r, dict) and isinstance(r.get("token_id"), str)
+                    and r.get("code") in SYNC_REFUSALS and isinstance(r.get("message"), str)
+                    for r in refused):
+                self.violations.append(f"tokens.sync ack: malformed refused list {refused!r}")
         self.acks.setdefault(target, message)
         self._notify()
 
@@ -867,6 +1021,8 @@ class FakeRelay:
             return
         for camera in cameras:
             self._check_camera("cameras.update", camera)
+            if isinstance(camera, dict) and self.cameras.get(str(camera.get("id"))) == camera:
+                self.violations.append(f"cameras.update: camera {camera['id']} did not change")
             if isinstance(camera, dict) and isinstance(camera.get("id"), str):
                 self.cameras[camera["id"]] = camera
         for cid in removed:
@@ -885,6 +1041,8 @@ class FakeRelay:
         if state == "failed" and error is None:
             self.violations.append(f"publish.status failed without error: {sid}")
         self.statuses.setdefault(sid, []).append(message)
+        if state in ("stopped", "failed"):
+            self._active.discard(sid)
         await self._ack(link, message)
 
     async def _on_usage(self, link: Link, message: Message) -> None:
@@ -954,6 +1112,10 @@ class FakeRelay:
             self.sessions[key] = session
         if session is None or session.unpublished or len(parts) > 2:
             return self._whip_error(request, 404, "unknown_session")
+        agent = request.headers.get("User-Agent", "")
+        if not agent.startswith("therelay-agent/"):
+            self.violations.append(f"WHIP POST: User-Agent {agent!r} is not "
+                                   "therelay-agent/<version>")
         if self.whip_redirect and hop < self.whip_redirect_hops:
             self.whip_requests.append((request.method, request.path, self.whip_redirect_status))
             return web.Response(status=self.whip_redirect_status,

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from tests.conftest import write_secret
 from tests.support.camera import RtspCamera
 from tests.support.netns import NetnsPair, wait_for_output
 
@@ -26,10 +27,11 @@ class CameraSite:
         creds = tmp / "creds"
         creds.mkdir(exist_ok=True)
         self.password_file = creds / "camera.password"
-        self.password_file.write_text(PASSWORD)
+        write_secret(self.password_file, PASSWORD)
         self.rtsp = RtspCamera.start(8554, netns=pair.viewer_ns, address=ip,
                                      path="/Streaming/Channels/101", user="admin",
-                                     password=PASSWORD, width=320, height=240, fps=15)
+                                     password=PASSWORD, auth="digest", width=320, height=240,
+                                     fps=15)
         self.onvif = pair.popen(pair.viewer_ns, [
             sys.executable, "-m", "tests.support.onvif_device", "--model", "hikvision",
             "--host", ip, "--port", "8080", "--user", "admin",

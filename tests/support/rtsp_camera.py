@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gop", type=int, default=None, help="key-int-max in frames (default 2 s)")
     p.add_argument("--bitrate", type=int, default=1000, help="video bitrate in kbit/s")
     p.add_argument("--user", default=None, help="require Basic auth as this user")
+    p.add_argument("--auth", choices=("basic", "digest"), default="basic",
+                   help="how --user must authenticate (RFC 2617 Basic, or Digest)")
     p.add_argument("--password-file", default=None, help="file holding the password")
     p.add_argument("--audio", choices=("none", "pcmu", "aac"), default="none")
     p.add_argument(
@@ -138,11 +140,19 @@ def launch_description(args: argparse.Namespace) -> str:
     return f"( {video}{audio} )"
 
 
-def make_auth(factory: GstRtspServer.RTSPMediaFactory, user: str, password: str):
+def make_auth(factory: GstRtspServer.RTSPMediaFactory, user: str, password: str,
+              method: str = "basic"):
     auth = GstRtspServer.RTSPAuth()
     token = GstRtspServer.RTSPToken()
     token.set_string("media.factory.role", "viewer")
-    auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+    if method == "digest":
+        gi.require_version("GstRtsp", "1.0")
+        from gi.repository import GstRtsp
+
+        auth.add_digest(user, password, token)
+        auth.set_supported_methods(GstRtsp.RTSPAuthMethod.DIGEST)
+    else:
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
     permissions = GstRtspServer.RTSPPermissions()
     permissions.add_permission_for_role("viewer", "media.factory.access", True)
     permissions.add_permission_for_role("viewer", "media.factory.construct", True)
@@ -201,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     # shared pipeline for every client already watching. CLOCK_AND_OFFSET makes it live-only.
     factory.set_publish_clock_mode(GstRtspServer.RTSPPublishClockMode.CLOCK_AND_OFFSET)
     if args.user is not None:
-        server.set_auth(make_auth(factory, args.user, password))
+        server.set_auth(make_auth(factory, args.user, password, args.auth))
     server.get_mount_points().add_factory(args.path, factory)
 
     counter = ClientCounter()

@@ -31,7 +31,7 @@ Run = Callable[..., CliResult]
 RECORD_FIELDS = {
     "id", "display", "kind", "scope", "protocols", "permission", "status", "created_at",
     "created_by", "expires_at", "label", "origin", "revoked_at", "replaced_by", "replaces",
-    "last_used_at",
+    "last_used_at", "max_sessions",
 }
 
 
@@ -388,19 +388,69 @@ def test_check_unknown_and_bad_secret(run_cli: Run) -> None:
     stranger = generate(Kind.ACCESS).text
     forged = generate(Kind.ACCESS, token_id).text  # a known id with another secret
     remember(stranger + " " + forged)
-    assert check(run_cli, stranger, "--camera", "demo").out.startswith("denied: unknown\n")
-    result = check(run_cli, forged, "--camera", "demo")
-    assert result.code == 1
-    assert result.out.startswith("denied: bad_secret\n")
+    stranger_id = stranger[4:16]
+    for args in (("--camera", "demo"), ()):
+        result = check(run_cli, stranger, *args)
+        assert result.code == 1
+        assert result.out == (f"denied: unknown (token id {stranger_id})\n"
+                              f"fix: {FIX[Reason.UNKNOWN]}\n")
+        result = check(run_cli, forged, *args)
+        assert result.code == 1
+        assert result.out == (f"denied: bad_secret (token id {token_id})\n"
+                              f"fix: {FIX[Reason.BAD_SECRET]}\n")
 
 
 def test_check_scope_mismatch(run_cli: Run) -> None:
     _, token = create(run_cli, "--camera", "demo")
-    for args in (("--camera", "yard"), ()):
-        result = check(run_cli, token, *args)
-        assert result.code == 1
-        assert result.out.splitlines()[0].startswith("denied: scope_mismatch")
-        assert result.out.splitlines()[1] == f"fix: {FIX[Reason.SCOPE_MISMATCH]}"
+    result = check(run_cli, token, "--camera", "yard")
+    assert result.code == 1
+    assert result.out.splitlines()[0].startswith("denied: scope_mismatch")
+    assert result.out.splitlines()[1] == f"fix: {FIX[Reason.SCOPE_MISMATCH]}"
+
+
+def test_check_without_a_camera_says_what_the_token_is(run_cli: Run) -> None:
+    token_id, token = create(run_cli, "--camera", "demo", "--protocol", "webrtc,snapshot",
+                             "--expires", "2099-01-01T00:00Z", "--max-sessions", "3")
+    result = check(run_cli, token)
+    assert result.code == 0, result.out
+    assert result.out.splitlines() == [
+        f"valid (token tra_{token_id}…{token[-4:]})",
+        "  kind:      access",
+        "  scope:     camera:demo",
+        "  protocols: snapshot,webrtc",
+        "  expires:   2099-01-01T00:00:00Z",
+        "  sessions:  0 live, at most 3",
+        "  status:    valid",
+    ]
+    assert check(run_cli, token, "--protocol", "snapshot").code == 0
+    narrow = check(run_cli, token, "--protocol", "rtsp")
+    assert narrow.code == 1 and narrow.out.startswith("denied: protocol_not_allowed")
+    _, host = create(run_cli, "--host")
+    assert "  sessions:  0 live, unlimited" in check(run_cli, host).out
+    _, admin = create(run_cli, "--admin")
+    result = check(run_cli, admin)
+    assert result.code == 0 and "  kind:      admin" in result.out
+    assert run_cli("token", "revoke", token_id).code == 0
+    result = check(run_cli, token)
+    assert result.code == 1
+    lines = result.out.splitlines()
+    assert lines[0] == f"denied: revoked (token tra_{token_id}…{token[-4:]})"
+    assert "  status:    revoked" in lines and lines[-1] == f"fix: {FIX[Reason.REVOKED]}"
+
+
+def test_check_says_session_limit_at_the_cap(run_cli: Run, state_dir: Path) -> None:
+    token_id, token = create(run_cli, "--camera", "demo", "--max-sessions", "1")
+    assert check(run_cli, token, "--camera", "demo").code == 0
+    with sqlite3.connect(state_dir / DB_NAME) as db:  # as the running daemon publishes it
+        db.execute("INSERT INTO live_sessions VALUES (?, 1, ?)", (token_id, time.time()))
+    result = check(run_cli, token, "--camera", "demo")
+    assert result.code == 1
+    assert result.out.splitlines() == [f"denied: session_limit (token tra_{token_id}…"
+                                       f"{token[-4:]})", f"fix: {FIX[Reason.SESSION_LIMIT]}"]
+    assert check(run_cli, token, "--camera", "demo", "--protocol", "snapshot").code == 0
+    described = check(run_cli, token)
+    assert described.code == 0 and "  sessions:  1 live, at most 1" in described.out
+    assert "session_limit" in described.out
 
 
 def test_host_token_grants_any_configured_camera(
@@ -422,6 +472,9 @@ def test_check_json(run_cli: Run) -> None:
     assert json.loads(result.out) == {
         "granted": False, "reason": "protocol_not_allowed", "token_id": token_id,
         "camera": "demo", "protocol": "rtsp", "fix": FIX[Reason.PROTOCOL_NOT_ALLOWED],
+        "token": {"kind": "access", "scope": "camera:demo", "protocols": ["snapshot"],
+                  "expires_at": None, "max_sessions": None, "live_sessions": 0,
+                  "status": "valid"},
     }
     result = check(run_cli, token, "--camera", "demo", "--protocol", "snapshot", "--json")
     assert result.code == 0
@@ -714,3 +767,85 @@ def test_list_older_than_finds_tokens_due_for_rotation(run_cli: Run, monkeypatch
     table = run_cli("token", "list").out
     assert "created_at" in table.splitlines()[0] and new_id in table
     assert run_cli("token", "list", "--older-than", "soon").code == 2
+
+
+# -- update ---------------------------------------------------------------------------------
+
+
+def updated_entries(run_cli: Run, token_id: str) -> list[dict[str, Any]]:
+    result = run_cli("audit", "--json", "--token", token_id, "--event", "token.updated")
+    assert result.code == 0, result.err
+    entries: list[dict[str, Any]] = json.loads(result.out)
+    return entries
+
+
+def test_update_changes_label_expiry_protocols_and_cap(run_cli: Run) -> None:
+    token_id, token = create(run_cli, "--camera", "demo", "--protocol", "webrtc",
+                             "--label", "door", "--max-sessions", "2")
+    assert show(run_cli, token_id)["max_sessions"] == 2
+    result = run_cli("token", "update", token_id, "--label", "door (night)", "--ttl", "2h",
+                     "--protocol", "webrtc,snapshot", "--max-sessions", "1")
+    assert result.code == 0, result.err
+    assert result.out.splitlines()[0] == f"Updated tra_{token_id}…{token[-4:]}:"
+    assert "  label: 'door' -> 'door (night)'" in result.out
+    assert "  expires_at: never -> 20" in result.out
+    assert "  protocols: webrtc -> snapshot,webrtc" in result.out
+    assert "  max_sessions: 2 -> 1" in result.out
+    data = show(run_cli, token_id)
+    assert (data["label"], data["protocols"], data["max_sessions"], data["scope"]) == (
+        "door (night)", ["snapshot", "webrtc"], 1, "camera:demo")
+    assert near(data["expires_at"], time.time() + 7200)
+    assert check(run_cli, token, "--camera", "demo", "--protocol", "snapshot").code == 0
+    (entry,) = updated_entries(run_cli, token_id)
+    assert entry["detail"]["before"]["label"] == "door"
+    assert entry["detail"]["after"]["max_sessions"] == 1
+    assert entry["actor"].startswith("cli")
+    # Lifting: no expiry, every protocol, no cap.
+    result = run_cli("token", "update", token_id, "--no-expiry", "--protocol", "all",
+                     "--max-sessions", "unlimited", "--json")
+    assert result.code == 0, result.err
+    data = json.loads(result.out)
+    assert (data["expires_at"], data["protocols"], data["max_sessions"]) == (None, ["all"],
+                                                                             None)
+    same = run_cli("token", "update", token_id, "--no-expiry")
+    assert same.code == 0 and "nothing changed" in same.out
+    assert len(updated_entries(run_cli, token_id)) == 2
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    ((), "nothing to change"),
+    (("--expires", "2001-01-01T00:00Z"), "in the past"),
+    (("--expires", "9999-06-01T00:00Z"), "before the year 9999"),
+    (("--ttl", "soon"), "--ttl"),
+    (("--protocol", "webrtc,ftp"), "unknown protocol 'ftp'"),
+    (("--max-sessions", "0"), "from 1 to 10000"),
+    (("--max-sessions", "-1"), "from 1 to 10000"),
+    (("--max-sessions", "1000000000000"), "from 1 to 10000"),
+    (("--max-sessions", "lots"), "whole number"),
+    (("--camera", "yard"), "scope cannot be changed"),
+    (("--host",), "rotate"),
+    (("--label", "x" * 201), "at most 200"),
+])
+def test_update_refuses_bad_input_and_changes_nothing(
+        run_cli: Run, args: tuple[str, ...], expected: str) -> None:
+    token_id, _ = create(run_cli, "--camera", "demo", "--label", "kept")
+    before = show(run_cli, token_id)
+    result = run_cli("token", "update", token_id, *args)
+    assert result.code == 2, result.out
+    assert result.err.startswith("error: ") and expected in result.err
+    assert len(result.err.splitlines()) == 1
+    assert show(run_cli, token_id) == before
+    assert updated_entries(run_cli, token_id) == []
+
+
+def test_update_refuses_revoked_unknown_and_both_expiries(run_cli: Run) -> None:
+    token_id, _ = create(run_cli, "--camera", "demo")
+    assert run_cli("token", "revoke", token_id).code == 0
+    result = run_cli("token", "update", token_id, "--no-expiry")
+    assert result.code == 2 and "revocation is final" in result.err
+    result = run_cli("token", "update", "AAAAAAAAAAAA", "--label", "x")
+    assert result.code == 2 and "no token with id 'AAAAAAAAAAAA'" in result.err
+    with pytest.raises(SystemExit) as info:  # argparse: not allowed together
+        run_cli("token", "update", token_id, "--ttl", "1h", "--no-expiry")
+    assert info.value.code == 2
+    assert updated_entries(run_cli, token_id) == []

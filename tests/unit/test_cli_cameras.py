@@ -14,6 +14,7 @@ from agent.access.policy import Site
 from agent.access.store import TokenStore
 from agent.discovery.adopted import AdoptedCameras
 from agent.discovery.catalog import Sighting, short_id
+from tests.conftest import write_secret
 
 GARAGE = Sighting("Garage._rtsp._tcp.local.", methods=["mdns"], name="Garage",
                   addresses=["192.0.2.80"], mdns=["Garage._rtsp._tcp.local."],
@@ -46,7 +47,7 @@ def test_discover_with_nothing_to_look_with_says_so(cli) -> None:
 
 def test_adopt_from_the_cache_then_token_then_remove(cli, state_dir: Path) -> None:
     secret = state_dir.parent / "garage.password"
-    secret.write_text("pw-garage\n")
+    write_secret(secret, "pw-garage\n")
     result = cli("cameras", "adopt", short_id(GARAGE.identity), "--user", "viewer",
                  "--password-file", str(secret))
     assert result.code == 0, result.err
@@ -67,6 +68,30 @@ def test_adopt_from_the_cache_then_token_then_remove(cli, state_dir: Path) -> No
     assert cli("cameras", "remove", "garage").code == 0
     assert not stored.exists()
     assert cli("cameras", "remove", "garage").code == 1
+
+
+def test_move_and_allow_basic(cli, state_dir: Path) -> None:
+    """The installer confirms a move: the URL keeps port and path, the password goes by
+    Digest only from then on, until Basic is allowed for the camera."""
+    assert cli("cameras", "adopt", short_id(GARAGE.identity)).code == 0
+    listed = json.loads(cli("cameras", "list", "--json").out)["cameras"]
+    assert listed[1]["rtsp_auth"] == "auto" and listed[1]["move_held"] is None
+
+    assert cli("cameras", "move", "garage", "192.0.2.81").code == 0
+    garage = json.loads(cli("cameras", "list", "--json").out)["cameras"][1]
+    assert garage["source"] == "rtsp://192.0.2.81:554/live"
+    assert garage["rtsp_auth"] == "digest"
+    assert cli("cameras", "allow-basic", "garage", "yes").code == 0
+    assert json.loads(cli("cameras", "list", "--json").out)["cameras"][1]["rtsp_auth"] == "basic"
+
+    stays = cli("cameras", "move", "garage", "192.0.2.81")  # where it is: a dismissal
+    assert stays.code == 0 and "dismissed" in stays.out
+    bad = cli("cameras", "move", "garage", "camera.local")
+    assert bad.code == 2 and "not an IP address" in bad.err
+    assert cli("cameras", "move", "nope", "192.0.2.9").code == 1
+    events = json.loads(cli("audit", "--json", "--camera", "garage").out)
+    assert {"camera.moved", "camera.rtsp_basic", "camera.move_dismissed"} <= {
+        e["event"] for e in events}
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -14,6 +14,7 @@ from agent.config import (
     CameraConfig,
     Config,
     RelaySection,
+    check_secret_files,
     load,
     publisher_token,
     read_secret,
@@ -25,6 +26,8 @@ from tests.conftest import remember
 def write(tmp_path: Path, text: str, name: str = "config.yaml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    if name.endswith(".secret"):
+        path.chmod(0o600)  # as the agent requires of a secret file
     return path
 
 
@@ -536,9 +539,58 @@ def test_read_secret_unreadable(tmp_path: Path, kind: str) -> None:
         path.mkdir()
     elif kind == "not-utf8":
         path.write_bytes(b"\xff\xfe\xfa")
+        path.chmod(0o600)
     with pytest.raises(ConfigError) as info:
         read_secret("db", path, {})
     assert str(info.value).startswith(f"secret file {path} for db cannot be read: ")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_secret_file_others_may_read_is_refused_with_the_fix(tmp_path: Path,
+                                                                 mode: int) -> None:
+    path = write(tmp_path, "s3cret-value\n", "db.secret")
+    path.chmod(mode)
+    with pytest.raises(ConfigError) as info:
+        read_secret("db", path, {})
+    assert str(info.value) == (
+        f"secret file {path} for db can be read or changed by other users (mode {mode:04o}): "
+        f"run 'chmod 600 {path}' (owned by the agent's user)")
+    assert "s3cret" not in str(info.value)
+    path.chmod(0o400)  # owner-only, read-only: fine
+    assert read_secret("db", path, {}) == "s3cret-value"
+
+
+def test_systemd_credentials_keep_their_own_modes(tmp_path: Path) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    credential = creds / "db.secret"
+    credential.write_text("from-systemd\n", encoding="utf-8")
+    credential.chmod(0o644)
+    environ = {"CREDENTIALS_DIRECTORY": str(creds)}
+    assert read_secret("db.secret", None, environ) == "from-systemd"
+    assert read_secret("db.secret", credential, environ) == "from-systemd"  # named explicitly
+
+
+def test_every_secret_file_of_the_config_is_checked_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    token = write(tmp_path, new_token(Kind.PUBLISHER) + "\n", "publisher.secret")
+    camera = write(tmp_path, "pw\n", "camera.secret")
+    turn = write(tmp_path, "turn-pw\n", "turn.secret")
+    config = load_text(tmp_path, f"""
+relay: {{publisher_token_file: {token}}}
+cameras: [{{id: door, source: "rtsp://10.0.0.9/live", username: admin,
+            password_file: {camera}}}]
+webrtc:
+  ice_servers: [{{urls: ["turn:turn.example.net:3478"], username: a,
+                  credential_file: {turn}}}]
+""")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    check_secret_files(config)
+    for path, what in ((token, "publisher-token"), (camera, "camera-door"), (turn, "turn-0")):
+        path.chmod(0o644)
+        with pytest.raises(ConfigError, match=f"for {what} can be read .*chmod 600 {path}"):
+            check_secret_files(config)
+        path.chmod(0o600)
 
 
 # -- the publisher token --------------------------------------------------------------------

@@ -10,8 +10,8 @@ import base64
 
 import pytest
 
-from agent.doctor import rtsp
-from agent.doctor.rtsp import Challenge
+from agent.media import rtsp
+from agent.media.rtsp import Challenge
 
 # -- Digest ---------------------------------------------------------------------------------
 

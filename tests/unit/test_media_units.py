@@ -16,6 +16,7 @@ from agent.media.sources.pyav import describe_error, with_credentials
 from agent.media.sources.testsrc import parse_options
 from agent.media.stream import annexb_parameter_sets, nal_types, with_parameter_sets
 from agent.webrtc import ice, speedups
+from tests.conftest import write_secret
 
 SPS = bytes([0x67, 0x42, 0xC0, 0x1E, 0xDA, 0x02, 0x80])
 PPS = bytes([0x68, 0xCE, 0x3C, 0x80])
@@ -129,7 +130,7 @@ def test_ice_servers_are_always_explicit(tmp_path: Path) -> None:
     # aiortc would use a public STUN server if given none: the agent never lets it.
     assert ice.rtc_configuration(WebrtcSection()).iceServers == []
     secret = tmp_path / "turn.secret"
-    secret.write_text("hunter2\n")
+    write_secret(secret, "hunter2\n")
     config = ice.rtc_configuration(WebrtcSection(ice_servers=[IceServerConfig(
         urls=["turn:turn.example.net:3478"], username="agent", credential_file=secret)]))
     assert config.iceServers is not None

@@ -23,7 +23,8 @@ const VIEWS = ["hosts", "cameras", "tokens", "audit", "usage", "unused"];
 // What the browser tests read. Never put a token's text in here.
 const studio = {
   ready: false, loggedIn: false, view: null, loading: 0,
-  lastCreatedId: null, lastRevokedId: null, lastRotatedId: null, lastExport: null,
+  lastCreatedId: null, lastRevokedId: null, lastRotatedId: null, lastUpdatedId: null,
+  lastExport: null,
   loginMessage: "", errors: [], rendered: {},
 };
 window.__studio = studio;
@@ -213,6 +214,25 @@ async function attempt(action, fn) {
   }
 }
 
+/**
+ * Run a dialog's action with its button disabled; a failure is shown in the dialog (which
+ * stays open) and recorded for the tests. A 401/403 has already ended the session.
+ */
+async function inDialog(action, button, errorBox, fn) {
+  errorBox.textContent = "";
+  button.disabled = true;
+  try {
+    await fn();
+  } catch (e) {
+    if (!(e instanceof LoggedOut)) {
+      errorBox.textContent = e.message;
+      studio.errors.push({ action, status: e.status || 0, code: e.code || "error", message: e.message });
+    }
+  } finally {
+    button.disabled = false;
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Login and logout
 
@@ -331,11 +351,23 @@ async function loadHosts() {
     cell("Uptime", duration(host.uptime_s)),
     cell("Cameras online", `${host.cameras_online} of ${host.cameras}`),
     cell("Sessions", String(host.sessions)),
+    tlsCell(host.tls),
     actions(
       h("button", { type: "button", class: "small", onclick: () => openCreate({ scope: "host" }) },
         "Create token for this host")),
   )));
   rendered("hosts");
+}
+
+/** The fingerprint viewers compare before trusting the agent (what the browser shows as
+ * "SHA-256 fingerprint" of the certificate). */
+function tlsCell(tls) {
+  if (!tls) return cell("HTTPS certificate", h("span", { class: "sub" }, "off: plain HTTP on the LAN"));
+  return cell("HTTPS certificate",
+    h("div", { class: "mono", dataset: { fingerprint: tls.fingerprint_sha256 } }, tls.fingerprint_sha256),
+    h("div", { class: "sub" },
+      `SHA-256 · ${tls.self_signed ? "self-signed" : "from your certificate file"} · valid until `,
+      when(tls.not_after)));
 }
 
 async function fetchCameras() {
@@ -411,6 +443,10 @@ function tokenActions(token) {
     h("button", { type: "button", class: "small", "aria-label": `Usage of ${token.display}`,
                   onclick: () => openUsage(token.id) }, "Usage"),
     active && !token.replaced_by && token.origin === "local"
+      ? h("button", { type: "button", class: "small", "aria-label": `Edit ${token.display}`,
+                      dataset: { edit: token.id }, onclick: () => openEdit(token) }, "Edit")
+      : null,
+    active && !token.replaced_by && token.origin === "local"
       ? h("button", { type: "button", class: "small", "aria-label": `Rotate ${token.display}`,
                       onclick: () => openRotate(token) }, "Rotate")
       : null,
@@ -439,7 +475,8 @@ async function loadTokens() {
     cell("Token", code(t.display), t.origin === "relay" ? h("div", { class: "sub" }, "from TheRelay cloud") : null),
     cell("Kind", t.kind),
     cell("Scope", t.scope),
-    cell("Protocols", protocolsText(t.protocols)),
+    cell("Protocols", protocolsText(t.protocols),
+         t.max_sessions ? h("div", { class: "sub" }, `at most ${t.max_sessions} live sessions`) : null),
     statusCell(t),
     cell("Created", when(t.created_at), t.created_by ? h("div", { class: "sub" }, `by ${t.created_by}`) : null),
     cell("Expires", when(t.expires_at)),
@@ -483,35 +520,106 @@ function createRequest() {
   body.protocols = [...form.querySelectorAll('input[name="protocol"]:checked')].map((i) => i.value);
   const expiry = form.querySelector('input[name="expiry"]:checked').value;
   if (expiry === "custom") {
-    const local = $("create-expires-at").value;
-    const date = local ? new Date(local) : null; // datetime-local is the browser's local time
-    if (!date || Number.isNaN(date.getTime())) throw new ApiError(0, "invalid", "Choose the expiry date and time.");
-    if (date.getTime() <= Date.now()) throw new ApiError(0, "invalid", "The expiry must lie in the future.");
-    body.expires_at = date.toISOString();
+    body.expires_at = customExpiry($("create-expires-at"));
   } else if (expiry !== "never") {
     body.ttl = expiry;
   }
+  const cap = sessionCap($("create-max-sessions"));
+  if (cap !== null) body.max_sessions = cap;
   return body;
+}
+
+/** A session cap field: null when empty (unlimited), else a whole number from 1 to 10000. */
+function sessionCap(input) {
+  const raw = input.value.trim();
+  if (!raw) return null;
+  const n = Number(raw);
+  if (!Number.isInteger(n) || n < 1 || n > 10000) {
+    throw new ApiError(0, "invalid", "Live sessions at once: a whole number from 1 to 10000, or empty for unlimited.");
+  }
+  return n;
+}
+
+/** A custom expiry from a datetime-local input (the browser's local time), as ISO. */
+function customExpiry(input) {
+  const local = input.value;
+  const date = local ? new Date(local) : null;
+  if (!date || Number.isNaN(date.getTime())) throw new ApiError(0, "invalid", "Choose the expiry date and time.");
+  if (date.getTime() <= Date.now()) throw new ApiError(0, "invalid", "The expiry must lie in the future.");
+  return date.toISOString();
+}
+
+// -- edit --------------------------------------------------------------------------------
+
+let editing = null; // the token (public view) the edit dialog is about
+
+function openEdit(token) {
+  editing = token;
+  const form = $("edit-form");
+  form.reset();
+  $("edit-error").textContent = "";
+  $("edit-title").textContent = `Edit ${token.display}`;
+  $("edit-scope").textContent =
+    `Scope ${token.scope} (a scope cannot change: create a new token for another scope, ` +
+    "or rotate this one to replace its secret).";
+  $("edit-label").value = token.label || "";
+  for (const box of form.querySelectorAll('input[name="protocol"]')) {
+    box.checked = (token.protocols || []).includes(box.value);
+  }
+  $("edit-expiry-now").textContent = token.expires_at
+    ? `(${shortTime(toDate(token.expires_at))})` : "(never)";
+  $("edit-expires-at").disabled = true;
+  const now = new Date(Date.now() - new Date().getTimezoneOffset() * 60000);
+  $("edit-expires-at").min = now.toISOString().slice(0, 16);
+  $("edit-max-sessions").value = token.max_sessions ? String(token.max_sessions) : "";
+  // Only access tokens have protocols and open sessions (an admin token keeps its label
+  // and expiry editable).
+  $("edit-protocols").hidden = $("edit-cap-field").hidden = token.kind !== "access";
+  $("edit-dialog").showModal();
+  $("edit-label").focus();
+}
+
+/** Only what the form changed: the agent audits each change with its before and after. */
+function editRequest(token) {
+  const form = $("edit-form");
+  const body = {};
+  const label = $("edit-label").value.trim();
+  if (label !== (token.label || "")) body.label = label;
+  const protocols = [...form.querySelectorAll('input[name="protocol"]:checked')].map((i) => i.value).sort();
+  const before = (token.protocols || []).filter((p) => p !== "all").sort();
+  if (token.kind === "access" && protocols.join(",") !== before.join(",")) body.protocols = protocols;
+  const expiry = form.querySelector('input[name="expiry"]:checked').value;
+  if (expiry === "never") body.expires_at = null;
+  else if (expiry === "custom") body.expires_at = customExpiry($("edit-expires-at"));
+  else if (expiry !== "keep") body.ttl = expiry;
+  const cap = token.kind === "access" ? sessionCap($("edit-max-sessions")) : null;
+  if (cap !== (token.max_sessions ?? null)) body.max_sessions = cap;
+  if (!Object.keys(body).length) throw new ApiError(0, "unchanged", "Nothing was changed.");
+  return body;
+}
+
+async function submitEdit(event) {
+  event.preventDefault();
+  const token = editing;
+  if (!token) return;
+  await inDialog("edit", $("edit-submit"), $("edit-error"), async () => {
+    const updated = await api(`${API}/tokens/${encodeURIComponent(token.id)}`,
+                              { method: "PATCH", json: editRequest(token) });
+    $("edit-dialog").close();
+    studio.lastUpdatedId = updated.id;
+    setStatus(`Updated ${updated.display}. Live sessions it no longer allows have ended.`);
+    await refreshAfterChange();
+  });
 }
 
 async function submitCreate(event) {
   event.preventDefault(); // keep the dialog open until the agent answered
-  const button = $("create-submit");
-  $("create-error").textContent = "";
-  button.disabled = true;
-  try {
+  await inDialog("create", $("create-submit"), $("create-error"), async () => {
     const created = await api(`${API}/tokens`, { method: "POST", json: createRequest() });
     $("create-dialog").close();
     showSecret(created, "created");
-    refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("create-error").textContent = e.message;
-      studio.errors.push({ action: "create", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    button.disabled = false;
-  }
+    refreshAfterChange(); // not awaited: the new token is on screen first
+  });
 }
 
 // -- the once-only secret dialog -------------------------------------------------------
@@ -593,21 +701,13 @@ async function confirmRevoke(event) {
   event.preventDefault();
   const token = pending;
   if (!token) return;
-  $("revoke-confirm").disabled = true;
-  try {
+  await inDialog("revoke", $("revoke-confirm"), $("revoke-error"), async () => {
     const revoked = await api(`${API}/tokens/${encodeURIComponent(token.id)}/revoke`, { method: "POST" });
     $("revoke-dialog").close();
     studio.lastRevokedId = revoked.id;
     setStatus(`Revoked ${revoked.display}. Its live sessions have ended.`);
     await refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("revoke-error").textContent = e.message;
-      studio.errors.push({ action: "revoke", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    $("revoke-confirm").disabled = false;
-  }
+  });
 }
 
 function openRotate(token) {
@@ -625,22 +725,14 @@ async function confirmRotate(event) {
   const token = pending;
   if (!token) return;
   const grace = $("rotate-grace").value;
-  $("rotate-confirm").disabled = true;
-  try {
+  await inDialog("rotate", $("rotate-confirm"), $("rotate-error"), async () => {
     const created = await api(`${API}/tokens/${encodeURIComponent(token.id)}/rotate`,
                               { method: "POST", json: grace ? { grace } : {} });
     $("rotate-dialog").close();
     studio.lastRotatedId = token.id;
     showSecret(created, "rotated");
-    refreshAfterChange();
-  } catch (e) {
-    if (!(e instanceof LoggedOut)) {
-      $("rotate-error").textContent = e.message;
-      studio.errors.push({ action: "rotate", status: e.status || 0, code: e.code || "error", message: e.message });
-    }
-  } finally {
-    $("rotate-confirm").disabled = false;
-  }
+    refreshAfterChange(); // not awaited: the new token is on screen first
+  });
 }
 
 /** After a change, reload what the current view shows. */
@@ -933,6 +1025,17 @@ function wire() {
   $("secret-done").addEventListener("click", () => { wipeSecret(); $("secret-dialog").close(); });
   $("secret-dialog").addEventListener("cancel", wipeSecret);
   $("secret-dialog").addEventListener("close", wipeSecret);
+
+  $("edit-form").addEventListener("submit", submitEdit);
+  $("edit-cancel").addEventListener("click", () => $("edit-dialog").close());
+  $("edit-dialog").addEventListener("close", () => { editing = null; });
+  for (const radio of document.querySelectorAll('#edit-form input[name="expiry"]')) {
+    radio.addEventListener("change", () => {
+      const custom = radio.value === "custom" && radio.checked;
+      $("edit-expires-at").disabled = !custom;
+      if (custom) $("edit-expires-at").focus();
+    });
+  }
 
   $("revoke-form").addEventListener("submit", confirmRevoke);
   $("revoke-cancel").addEventListener("click", () => $("revoke-dialog").close());

@@ -37,7 +37,8 @@ def make_source(camera: CameraConfig, timeout: float) -> Source:
             raise SourceError(f"camera {camera.id!r} has a username but no password: set "
                               f"password_file, or load the systemd credential camera-{camera.id}")
     return rtsp_source(camera.source, transport=camera.transport, timeout=timeout,
-                       username=camera.username, password=password, audio_mode=camera.audio)
+                       username=camera.username, password=password, audio_mode=camera.audio,
+                       camera_id=camera.id, rule=camera.rtsp_auth)
 
 
 # At the end: these modules import Source's neighbours, not this package's names.

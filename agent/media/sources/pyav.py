@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,9 @@ import av
 import av.error
 
 from agent.errors import SourceError
+from agent.media import rtsp
 from agent.media.audio import AudioPath
+from agent.media.sources import rtsp_login
 from agent.media.stream import (
     AudioInfo,
     MediaPacket,
@@ -26,6 +28,9 @@ from agent.media.stream import (
 # SPS/PPS; without them the fast open sees no size, and we open again with normal probing
 # (docs/field-notes.md, PyAV).
 FAST_OPEN = {"probesize": "32", "analyzeduration": "0"}
+#: An open (the camera's challenge, FFmpeg's RTSP handshake and stream probe) must finish
+#: within this many socket timeouts (media.camera_timeout), whatever the camera sends.
+OPEN_DEADLINE = 3
 
 
 def with_credentials(url: str, username: str | None, password: str | None) -> str:
@@ -51,9 +56,15 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, av.error.ConnectionRefusedError):
         return "connection refused: the camera is not listening on this port"
     if isinstance(exc, av.error.TimeoutError | TimeoutError):
-        return "no answer from the camera (timeout): check address and network"
+        return rtsp_login.TIMEOUT
     if isinstance(exc, av.error.ExitError | av.error.EOFError):
         return "the camera closed the stream"
+    if isinstance(exc, av.error.HTTPServerError):
+        return ("the camera answered with a server error (5xx): it may be starting up or "
+                "overloaded, or it refuses more connections")
+    if isinstance(exc, av.error.InvalidDataError):
+        return ("the camera sent data the agent cannot read as an RTSP stream of H.264 (a "
+                "non-RTSP port, or a broken stream)")
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return f"{type(exc).__name__}"
@@ -70,8 +81,14 @@ class PyAVSource:
         audio_mode: str = "auto",
         realtime: bool = False,
         loop: bool = False,
+        open_deadline: float | None = None,
+        login: Callable[[float], str] | None = None,
+        diagnose: Callable[[float], None] | None = None,
     ) -> None:
+        self._diagnose = diagnose  # after a failed open: raises the installer's reason
         self._url = url
+        self._open_deadline = open_deadline
+        self._login = login  # asks the camera first; gives the URL FFmpeg may open
         self._options = options
         self._audio_mode = audio_mode
         self._realtime = realtime
@@ -89,19 +106,23 @@ class PyAVSource:
         self._video_tb = Fraction(1, 90_000)
 
     def open(self) -> StreamInfo:
+        deadline = time.monotonic() + self._open_deadline if self._open_deadline else None
+        url = self._url if self._login is None else self._login(self._open_deadline or 60.0)
         try:
-            # The socket timeout is FFmpeg's own "timeout" option (µs). PyAV's timeout= would
-            # also work, but through an interrupt callback into Python on every I/O wait.
-            container = av.open(self._url, options={**self._options, **FAST_OPEN})
+            container = self._open_container(url, {**self._options, **FAST_OPEN}, deadline)
             video = container.streams.video[0] if container.streams.video else None
             if video is not None and not video.codec_context.width:
                 container.close()
-                container = av.open(self._url, options=self._options)
+                container = self._open_container(url, self._options, deadline)
                 video = container.streams.video[0] if container.streams.video else None
-        except av.error.FFmpegError as exc:
+        except (av.error.FFmpegError, OSError) as exc:
+            if self._diagnose is not None and not isinstance(exc, av.error.HTTPError):
+                self._diagnose(self._open_deadline or 60.0)
             raise SourceError(describe_error(exc)) from None
-        except OSError as exc:
-            raise SourceError(describe_error(exc)) from None
+        except SourceError:
+            if self._diagnose is not None:  # the deadline: junk after RTSP, or no RTSP at all?
+                self._diagnose(self._open_deadline or 60.0)
+            raise
         if video is None:
             container.close()
             raise SourceError("the source has no video stream")
@@ -125,6 +146,31 @@ class PyAVSource:
         self._packets = container.demux(streams)
         fps = float(video.average_rate) if video.average_rate else None
         return StreamInfo(codec, ctx.width, ctx.height, fps, self._parameter_sets, audio_info)
+
+    def _open_container(self, url: str, options: dict[str, str], deadline: float | None) -> Any:
+        """``av.open`` bounded by what is left of ``deadline``.
+
+        A camera that keeps sending bytes that never make an answer holds FFmpeg's socket
+        timeout off forever. PyAV's ``timeout`` is an interrupt callback FFmpeg polls in its
+        I/O loops; with no read timeout it returns at once, without the GIL, while streaming,
+        so it costs nothing after the open. It applies to FFmpeg's open and to its stream
+        probe, one after the other: each gets half of what is left.
+        """
+        if deadline is None:
+            return av.open(url, options=options)
+        budget = max((deadline - time.monotonic()) / 2, 0.05)
+        started = time.monotonic()
+        try:
+            return av.open(url, options=options, timeout=(budget, None))
+        except av.error.FFmpegError:
+            # FFmpeg's RTSP code reports the interrupt as whatever it was reading (often
+            # InvalidDataError): past the budget, the deadline is the reason.
+            if time.monotonic() - started >= budget * 0.95:
+                raise SourceError(
+                    f"the camera did not deliver a stream within {self._open_deadline:g} s of "
+                    "connecting (it answers, but not with RTSP/H.264 the agent can use): check "
+                    "the URL path and the camera's stream settings") from None
+            raise
 
     def read(self) -> MediaPacket:
         while not self._pending:
@@ -186,10 +232,34 @@ class PyAVSource:
 
 def rtsp_source(
     url: str, *, transport: str, timeout: float, username: str | None, password: str | None,
-    audio_mode: str,
+    audio_mode: str, camera_id: str = "", rule: str = "auto",
 ) -> PyAVSource:
+    """An RTSP camera. Its credentials reach FFmpeg only through :mod:`rtsp_login` (the
+    camera's challenge checked first); the whole open is bounded by ``OPEN_DEADLINE`` times
+    the socket timeout."""
     options = {"rtsp_transport": transport, "timeout": str(int(timeout * 1_000_000))}
-    return PyAVSource(with_credentials(url, username, password), options, audio_mode=audio_mode)
+    try:
+        target = rtsp.target(url, username, password)  # credentials in the URL, or apart
+    except ValueError as exc:
+        raise SourceError(f"cameras[].source: {exc}") from None
+    clean = target.url
+    deadline = timeout * OPEN_DEADLINE
+    if target.username:
+        user, secret = target.username, target.password or ""
+
+        def login(budget: float) -> str:
+            return rtsp_login.login_url(camera_id, clean, user, secret, rule,
+                                        min(timeout, budget))
+        return PyAVSource(clean, options, audio_mode=audio_mode, open_deadline=deadline,
+                          login=login)
+
+    def diagnose(budget: float) -> None:
+        # No credentials to protect: no question first (no extra connection when all is
+        # well); after a failure, OPTIONS alone names a silent or a non-RTSP port.
+        rtsp_login.ask(clean, min(timeout, budget), describe=False)
+
+    return PyAVSource(clean, options, audio_mode=audio_mode, open_deadline=deadline,
+                      diagnose=diagnose)
 
 
 def file_source(url: str, audio_mode: str) -> PyAVSource:

@@ -1,4 +1,5 @@
-"""A small RTSP client for diagnosis: OPTIONS and DESCRIBE, Basic and Digest auth, the SDP.
+"""A small RTSP client: OPTIONS and DESCRIBE, Basic and Digest auth, the SDP (for doctor, and
+for the question every camera open asks first: agent/media/sources/rtsp_login.py).
 
 It never sends SETUP or PLAY, so asking a camera costs it one short TCP connection and
 never disturbs the agent's own pull (RFC 2326 §10.2: DESCRIBE only describes). The parsing
@@ -187,15 +188,16 @@ def digest_authorization(challenge: Challenge, method: str, uri: str, username: 
 
 
 def authorization(challenges: list[Challenge], method: str, uri: str, username: str,
-                  password: str) -> str | None:
-    """The strongest answer we can give: Digest when offered, else Basic; None if neither."""
+                  password: str, *, basic: bool = True) -> str | None:
+    """The strongest answer we can give: Digest when offered, else Basic (unless ``basic``
+    is False: the password never goes in clear then); None if neither."""
     for challenge in challenges:
         if challenge.scheme == "digest":
             try:
                 return digest_authorization(challenge, method, uri, username, password)
             except ValueError:
                 continue
-    if any(c.scheme == "basic" for c in challenges):
+    if basic and any(c.scheme == "basic" for c in challenges):
         return basic_authorization(username, password)
     return None
 
@@ -318,7 +320,8 @@ class Description:
         return self.response.body.decode("utf-8", "replace")
 
 
-async def describe(conn: Connection, t: Target, address: str | None = None) -> Description:
+async def describe(conn: Connection, t: Target, address: str | None = None, *,
+                   basic: bool = True) -> Description:
     """OPTIONS, then DESCRIBE; once more with credentials when the camera asks for them.
 
     Takes ownership of ``conn`` (closed on return). A camera that closed the connection
@@ -331,7 +334,8 @@ async def describe(conn: Connection, t: Target, address: str | None = None) -> D
         challenges = [parse_challenge(v) for v in first.all("WWW-Authenticate")]
         if first.status != 401 or t.username is None:
             return Description(first, False, None, challenges)
-        answer = authorization(challenges, "DESCRIBE", t.url, t.username, t.password or "")
+        answer = authorization(challenges, "DESCRIBE", t.url, t.username, t.password or "",
+                               basic=basic)
         if answer is None:
             return Description(first, False, None, challenges)
         headers["Authorization"] = answer
