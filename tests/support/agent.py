@@ -122,7 +122,7 @@ class AgentProcess:
         code = await exited(self.proc, timeout=15)
         self._log.close()
         problems = [e.get("event", "") for e in self.log_events()
-                    if (e.get("logger") == "asyncio" and _blocked_for(str(e.get("event"))) > 0.5)
+                    if (e.get("logger") == "asyncio" and blocked_for(str(e.get("event"))) > 0.5)
                     or "Traceback" in json.dumps(e)]
         assert not problems, f"the daemon's log shows: {problems[:3]}"
         return code
@@ -156,7 +156,7 @@ async def exited(proc: subprocess.Popen[Any], timeout: float) -> int:
     return code
 
 
-def _blocked_for(message: str) -> float:
+def blocked_for(message: str) -> float:
     """Seconds from asyncio's "Executing <…> took 0.123 seconds" (0 for other messages).
 
     asyncio reports callbacks over 100 ms; on a loaded 2-core CI machine the scheduler alone
@@ -296,5 +296,5 @@ class NamespacedAgent:
         self.proc.wait(timeout=15)
         self.log.close()
         problems = [line for line in self.log_path.read_text().splitlines()
-                    if "Traceback" in line or _blocked_for(line) > 0.5]
+                    if "Traceback" in line or blocked_for(line) > 0.5]
         assert not problems, problems[:3]
