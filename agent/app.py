@@ -14,7 +14,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import ifaddr
 import structlog
 from aiohttp import web
 
@@ -34,10 +33,12 @@ from agent.http.admin import AdminApi
 from agent.http.metrics import LoopLag, Metrics
 from agent.http.views import Views
 from agent.http.whep import WhepEndpoint
+from agent.links import certificate_names, rtsp_urls, viewer_urls
 from agent.media.cameras import Cameras
 from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import LinkState, RelayLink, camera_inventory
+from agent.rtsp.server import RtspServer
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
 from agent.stores import open_store
 from agent.systemd import Notifier
@@ -101,31 +102,6 @@ def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken
     )
 
 
-def viewer_hosts(config: Config, limit: int | None = 3) -> list[str]:
-    """The addresses viewers are offered (in printed links, and in the TLS certificate)."""
-    host, _ = config.http.host_port
-    if host in ("0.0.0.0", "::", ""):  # noqa: S104 (comparing, not binding)
-        addresses = [ip.ip for adapter in ifaddr.get_adapters() for ip in adapter.ips
-                     if isinstance(ip.ip, str) and not ip.ip.startswith("127.")][:limit]
-        return addresses or ["127.0.0.1"]
-    return [host]
-
-
-def viewer_urls(config: Config, token: str) -> list[str]:
-    """Links that open the viewer page with ``token`` in the fragment (never sent in a URL);
-    https:// when the listener uses TLS."""
-    _, port = config.http.host_port
-    scheme = "https" if tls.enabled(config) else "http"
-    return [f"{scheme}://{f'[{h}]' if ':' in h else h}:{port}/#token={token}"
-            for h in viewer_hosts(config)]
-
-
-def certificate_names(config: Config) -> list[str]:
-    """Every address a viewer may use: all of viewer_hosts, loopback and the WebRTC ones."""
-    return [*viewer_hosts(config, limit=None), "127.0.0.1", "::1",
-            *config.webrtc.host_addresses]
-
-
 class Daemon:
     """Every long-lived part of a running agent, built and wired in one place."""
 
@@ -153,6 +129,8 @@ class Daemon:
         self.notifier: Notifier | None = None  # set by run(): STATUS= when cameras change
         self.whep = WhepEndpoint(self.access, self.cameras, config.webrtc,
                                  config.media.camera_timeout)
+        self.rtsp = (RtspServer(self.access, self.cameras, config.rtsp,
+                                config.media.camera_timeout) if config.rtsp.enabled else None)
         self.lag = LoopLag()
         self.link: RelayLink | None = None
         self.always: AlwaysPublisher | None = None
@@ -173,7 +151,7 @@ class Daemon:
         self.whep.routes(self.app)
         Views(self.access, self.cameras,
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
-              store.site).routes(self.app)
+              store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
                  tls=lambda: self.certificate).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
@@ -220,6 +198,7 @@ class Daemon:
                 f"cannot listen on {self.config.http.listen}: {exc.strerror}. Another program "
                 "may use the port: change http.listen."
             ) from None
+        await self._start_rtsp()
         await self._sync_adopted()
         self.cameras.start()
         self.lag.start()
@@ -231,6 +210,19 @@ class Daemon:
         self._db_watch = asyncio.create_task(self._watch_database(), name="database-watch")
         # In the background: announcing takes ~1.6 s of mDNS probing, ONVIF warm-up ~0.3 s.
         self._discovery = asyncio.create_task(self._start_discovery(), name="discovery-start")
+
+    async def _start_rtsp(self) -> None:
+        """RTSP is served beside HTTP; a port taken by another program (often another media
+        server on the same box) is a loud error, not a reason to stop serving WebRTC viewers."""
+        if self.rtsp is None:
+            return
+        try:
+            await self.rtsp.start()
+        except OSError as exc:
+            log.error("rtsp_unavailable", listen=self.config.rtsp.listen, error=exc.strerror,
+                      fix="another program may use the port: change rtsp.listen, or set "
+                          "rtsp.enabled: false")
+            self.rtsp = None
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file; apply camera changes only, leaving the viewers
@@ -280,8 +272,10 @@ class Daemon:
                       *(self.adopted.config(a) for a in self._adopted if a.id not in configured)]
             added, removed, changed = await self.cameras.apply(wanted)
             for camera_id in removed + changed:
-                await self.whep.close_camera(camera_id, "camera_removed"
-                                             if camera_id in removed else "camera_changed")
+                why = "camera_removed" if camera_id in removed else "camera_changed"
+                await self.whep.close_camera(camera_id, why)
+                if self.rtsp is not None:
+                    self.rtsp.close_camera(camera_id, why)
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
             if self.notifier is not None and (added or removed):
@@ -377,6 +371,8 @@ class Daemon:
         publishing = [p.stop() for p in (self.link, self.always) if p is not None]
         await budget.run("stop_publishing", asyncio.gather(
             *publishing, self._drain_requests(min(REQUEST_GRACE, budget.remaining / 2))))
+        if self.rtsp is not None:
+            await budget.run("stop_rtsp", self.rtsp.stop())
         await budget.run("end_sessions", self.whep.close())
         if runner is not None:
             await budget.run("close_http", runner.cleanup())
@@ -422,10 +418,14 @@ async def run(config: Config, *, quick_start: bool) -> int:
         daemon = Daemon(config, store, relay_token, certificate)
         if quick_start and config.cameras:
             new = await asyncio.to_thread(quick_start_token, config, store, time.time())
+            camera = config.cameras[0].id
             urls = "\n".join(f"  {url}" for url in viewer_urls(config, new.token))
-            print(f"Watch camera '{config.cameras[0].id}' in a browser on this network "
+            print(f"Watch camera '{camera}' in a browser on this network "
                   f"(access token valid until {format_time(new.record.expires_at)}, shown "
                   f"once):\n{urls}", flush=True)
+            if rtsp := rtsp_urls(config, camera, new.token):
+                print("Or in VLC, ffmpeg or a VMS (RTSP, same token):\n"
+                      + "\n".join(f"  {url}" for url in rtsp), flush=True)
         await daemon.start()
         notifier = Notifier()
         daemon.notifier = notifier

@@ -70,11 +70,30 @@ class TlsSection:
     #: first start (viewers pin its fingerprint).
     self_signed: bool = False
 
+    @property
+    def enabled(self) -> bool:
+        return self.self_signed or self.cert_file is not None
+
 
 @dataclass(frozen=True)
 class HttpSection:
     listen: str = "0.0.0.0:8800"
     tls: TlsSection = field(default_factory=TlsSection)
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class RtspSection:
+    #: Serve cameras to RTSP clients (VMS, NVRs, VLC, FFmpeg) at rtsp://<agent>:8554/<camera>.
+    enabled: bool = True
+    listen: str = "0.0.0.0:8554"
+    #: Seconds a session may go without a request (or RTCP) before it ends; advertised in
+    #: the Session header. Sessions set up and never played end after this too.
+    session_timeout: float = 60.0
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -229,6 +248,7 @@ class Config:
     audit: AuditSection = field(default_factory=AuditSection)
     log: LogSection = field(default_factory=LogSection)
     relay: RelaySection = field(default_factory=RelaySection)
+    rtsp: RtspSection = field(default_factory=RtspSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     #: Where this config came from (a path, or "embedded defaults"); not a YAML key.
     origin: str = field(default="embedded defaults", compare=False)
@@ -453,6 +473,12 @@ def validate(config: Config) -> None:
          and 0 < int(port) < 65536,
          f"http.listen: {config.http.listen!r} must be host:port, like 0.0.0.0:8800")
     problems += _tls_problems(config.http.tls)
+    host, sep, port = config.rtsp.listen.rpartition(":")
+    need(bool(sep) and bool(host) and port.isascii() and port.isdigit()
+         and 0 <= int(port) < 65536,
+         f"rtsp.listen: {config.rtsp.listen!r} must be host:port, like 0.0.0.0:8554")
+    need(1 <= config.rtsp.session_timeout <= 3600,
+         "rtsp.session_timeout: must be between 1 and 3600 seconds")
     seen: set[str] = set()
     for i, cam in enumerate(config.cameras):
         need(is_identifier(cam.id),

@@ -32,6 +32,7 @@ from agent.access.tokens import Kind
 from agent.cli.output import TOKEN_COLUMNS, emit_json, table, token_dict, token_rows
 from agent.config import Config
 from agent.errors import TokenError, UsageError
+from agent.links import allows_rtsp, rtsp_urls
 
 T = TypeVar("T")
 
@@ -162,11 +163,12 @@ def cmd_create(args: argparse.Namespace, config: Config, store: TokenStore) -> i
         protocols=protocols, expires_at=expires, ttl=ttl, label=args.label,
         created_by=actor(), max_sessions=cap,
     )
-    _print_new(args, new, now, "Created")
+    _print_new(args, config, new, now, "Created")
     return 0
 
 
-def _print_new(args: argparse.Namespace, new: NewToken, now: float, verb: str) -> None:
+def _print_new(args: argparse.Namespace, config: Config, new: NewToken, now: float,
+               verb: str) -> None:
     if args.json:
         emit_json({**token_dict(new.record, now), "token": new.token})
         return
@@ -175,6 +177,11 @@ def _print_new(args: argparse.Namespace, new: NewToken, now: float, verb: str) -
           f"{','.join(r['protocols'])}, expires {r['expires_at'] or 'never'}.")
     print("The token is shown this once; store it safely (it cannot be recovered):\n")
     print(f"  {new.token}\n")
+    if new.record.kind is Kind.ACCESS and allows_rtsp(new.record):
+        scope = new.record.scope
+        camera = scope.value if scope.level is ScopeLevel.CAMERA else "<camera-id>"
+        for url in rtsp_urls(config, camera, new.token):
+            print(f"RTSP (VLC, ffmpeg, a VMS):\n  {url}\n")
 
 
 def cmd_list(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
@@ -272,14 +279,14 @@ def cmd_revoke(args: argparse.Namespace, _config: Config, store: TokenStore) -> 
     return 0
 
 
-def cmd_rotate(args: argparse.Namespace, _config: Config, store: TokenStore) -> int:
+def cmd_rotate(args: argparse.Namespace, config: Config, store: TokenStore) -> int:
     now = time.time()
     grace = _value(parse_duration, args.grace, "--grace") if args.grace else None
     new = store.rotate(args.id, now, actor(), grace=grace)
     if not args.json:
         old = "keeps working until " + format_time(now + grace) if grace else "stopped working"
         print(f"Rotated {args.id}: the old token {old}.")
-    _print_new(args, new, now, "New")
+    _print_new(args, config, new, now, "New")
     return 0
 
 

@@ -86,6 +86,15 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
         free = None if daemon.running else await asyncio.to_thread(local.port_free_sync, config)
         return [local.judge_http(config, daemon, free)]
 
+    async def rtsp() -> list[Result]:
+        daemon = await daemon_task
+        if not config.rtsp.enabled:
+            return [local.judge_rtsp(config, daemon, None, None)]
+        server = await local.rtsp_server_name(config, timeout) if daemon.running else None
+        free = (None if daemon.running else
+                await asyncio.to_thread(local.bind_free_sync, *config.rtsp.host_port))
+        return [local.judge_rtsp(config, daemon, server, free)]
+
     async def relay_check() -> list[Result]:
         daemon = await daemon_task
         state = str(daemon.health.get("relay")) if daemon.health else None
@@ -100,6 +109,7 @@ async def run_checks(config: Config, timeout: float = DEFAULT_TIMEOUT) -> Report
         _guard("agent", "ice", slow, thread(lambda: local.ice_sync(config))),
         _guard("agent", "tls", slow, thread(lambda: local.tls_sync(config))),
         _guard("agent", "http", timeout * 2, http),
+        _guard("agent", "rtsp", timeout * 2, rtsp),
     ]
     configured = set(config.camera_ids)
     rows = [c for c in await asyncio.to_thread(read_adopted_cameras, config.state_dir)

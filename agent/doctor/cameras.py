@@ -61,10 +61,11 @@ def judge_codec(g: str, codec: str | None, where: str) -> Result:
         return result(g, "codec", Status.OK, f"{codec.upper()} video: viewers can play it")
     if codec == "hevc":
         return result(g, "codec", Status.WARN,
-                      "H.265 (HEVC) video: WebRTC viewers cannot play it, the agent answers "
-                      "501 unsupported_codec", H265_FIX)
+                      "H.265 (HEVC) video: served over RTSP, but WebRTC viewers cannot play "
+                      "it (501 unsupported_codec)", H265_FIX)
     return result(g, "codec", Status.FAIL,
-                  f"{codec.upper()} video: the agent passes only H.264 to viewers", H265_FIX)
+                  f"{codec.upper()} video: the agent serves only H.264 (and H.265 over RTSP)",
+                  H265_FIX)
 
 
 async def check_rtsp_camera(camera: CameraConfig, timeout: float) -> list[Result]:

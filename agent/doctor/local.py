@@ -7,6 +7,7 @@ never creates, migrates or locks the agent's state.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ipaddress
 import os
@@ -28,6 +29,7 @@ from agent.config import Config, check_private
 from agent.doctor.model import Result, Status, result
 from agent.errors import ConfigError, SecretFileExposed
 from agent.http import tls
+from agent.rtsp.protocol import SERVER_NAME
 
 GROUP = "agent"
 DISK_WARN = 500 * 1024 * 1024
@@ -308,7 +310,11 @@ def tls_sync(config: Config) -> Result:
 
 def port_free_sync(config: Config) -> tuple[bool, str]:
     """Whether the daemon could bind http.listen now (bound and released at once)."""
-    host, port = config.http.host_port
+    return bind_free_sync(*config.http.host_port)
+
+
+def bind_free_sync(host: str, port: int) -> tuple[bool, str]:
+    """Whether a TCP listener could bind host:port now (bound and released at once)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds
@@ -323,6 +329,59 @@ def port_free_sync(config: Config) -> tuple[bool, str]:
                 return False, f"port {port} needs privileges this user does not have"
             return False, exc.strerror or str(exc)
     return True, "free"
+
+
+async def rtsp_server_name(config: Config, timeout: float) -> str | None:
+    """The Server header an RTSP OPTIONS on rtsp.listen is answered with ("" if none),
+    or None when nothing answers."""
+    host, port = config.rtsp.host_port
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(_local_host(host), port), timeout)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(b"OPTIONS * RTSP/1.0\r\nCSeq: 1\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
+    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        return ""
+    finally:
+        writer.close()
+    for line in head.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "server":
+            return value.strip()
+    return ""
+
+
+def judge_rtsp(config: Config, daemon: Daemon, server: str | None,
+               free: tuple[bool, str] | None) -> Result:
+    listen = config.rtsp.listen
+    if not config.rtsp.enabled:
+        return result(GROUP, "rtsp", Status.INFO, "RTSP is off (rtsp.enabled: false)")
+    if daemon.running:
+        if server == SERVER_NAME:
+            return result(GROUP, "rtsp", Status.OK, f"the agent serves RTSP on {listen}")
+        if server is None:
+            return result(GROUP, "rtsp", Status.WARN,
+                          f"the agent runs but nothing answers RTSP on {listen}",
+                          "its log says why (rtsp_unavailable): another program may hold "
+                          "the port; change rtsp.listen or stop that program")
+        return result(GROUP, "rtsp", Status.WARN,
+                      f"another RTSP server ({server or 'unnamed'}) answers on {listen}",
+                      "stop it (ss -ltnp shows it) or set rtsp.listen to a free port")
+    return _judge_free("rtsp", listen, free, "rtsp.listen to a free host:port (or "
+                       "rtsp.enabled: false)")
+
+
+def _judge_free(check: str, listen: str, free: tuple[bool, str] | None, setting: str) -> Result:
+    """The agent is not running: can it bind ``listen``?"""
+    assert free is not None
+    ok, why = free
+    if ok:
+        return result(GROUP, check, Status.OK, f"the agent is not running; {listen} is free")
+    return result(GROUP, check, Status.FAIL, f"the agent cannot listen on {listen}: {why}",
+                  f"stop the other program (ss -ltnp shows it), or set {setting}")
 
 
 def judge_http(config: Config, daemon: Daemon, free: tuple[bool, str] | None) -> Result:
@@ -344,10 +403,5 @@ def judge_http(config: Config, daemon: Daemon, free: tuple[bool, str] | None) ->
         return result(GROUP, "http", Status.INFO,
                       f"the agent is running on {listen} (version {h.get('version')}, up "
                       f"{h.get('uptime_s')} s, relay {h.get('relay')})")
-    assert free is not None
-    ok, why = free
-    if ok:
-        return result(GROUP, "http", Status.OK, f"the agent is not running; {listen} is free")
-    return result(GROUP, "http", Status.FAIL, f"the agent cannot listen on {listen}: {why}",
-                  "stop the other program (ss -ltnp shows it), or set http.listen (or "
-                  "THERELAY_HTTP_LISTEN) to a free host:port")
+    return _judge_free("http", listen, free,
+                       "http.listen (or THERELAY_HTTP_LISTEN) to a free host:port")

@@ -64,8 +64,7 @@ class Certificate:
 
 
 def enabled(config: Config) -> bool:
-    t = config.http.tls
-    return t.self_signed or t.cert_file is not None
+    return config.http.tls.enabled
 
 
 def self_signed_paths(state_dir: Path) -> tuple[Path, Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import resources
 
 from aiohttp import web
@@ -20,11 +21,12 @@ SNAPSHOT = "snapshot"
 
 class Views:
     def __init__(self, access: AccessService, cameras: Cameras, snapshots: Snapshotter,
-                 site: Site) -> None:
+                 site: Site, rtsp_port: Callable[[], int | None] = lambda: None) -> None:
         self._access = access
         self._cameras = cameras
         self._snapshots = snapshots
         self._site = site
+        self._rtsp_port = rtsp_port  # None while RTSP is not served
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/snapshot/{camera}.jpg", self.snapshot)
@@ -60,12 +62,18 @@ class Views:
             return denial(decision)
         record = decision.record
         visible = [c for c in self._cameras if scope_covers(record, c.id, self._site)]
+        port = self._rtsp_port()
+        # the host this client reached us by; the token is never put in the URL here
+        host = request.url.host or "127.0.0.1"
+        rtsp_base = (f"rtsp://{f'[{host}]' if ':' in host else host}:{port}/"
+                     if port is not None else None)
         return web.json_response({
             "agent_id": self._site.agent_id,
             "token": {"id": record.id, "scope": str(record.scope),
                       "protocols": sorted(record.protocols) or ["all"],
                       "expires_at": record.expires_at},
             "cameras": [{"id": c.id, "name": c.name, "viewers": c.hub.viewers,
+                         "rtsp_url": f"{rtsp_base}{c.id}" if rtsp_base else None,
                          **c.hub.status.as_dict()} for c in visible],
         })
 

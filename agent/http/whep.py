@@ -83,6 +83,8 @@ class WhepEndpoint:
                 return error(503, "camera_offline",
                              f"camera {camera_id!r} is offline: {hub.status.error or 'starting'}",
                              **{"Retry-After": RETRY_AFTER_OFFLINE})
+            if (refusal := hub.webrtc_refusal()) is not None:  # H.265: RTSP clients only
+                return error(501, "unsupported_codec", refusal)
             try:
                 viewer, answer = await ViewerSession.answer(
                     camera_id, hub, offer, self._rtc_configuration)

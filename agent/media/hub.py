@@ -23,8 +23,9 @@ import structlog
 from agent.errors import AgentError
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import VIDEO_CLOCK, Consumer
+from agent.media.rtp import Packetizer, audio_packetizer, video_packetizer
 from agent.media.sources import Source
-from agent.media.stream import VIDEO_CODECS, MediaPacket, StreamInfo
+from agent.media.stream import PULLED_CODECS, VIDEO_CODECS, MediaPacket, StreamInfo
 from agent.retry import FailureLog, backoff
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,7 @@ class CameraState(enum.StrEnum):
     CONNECTING = "connecting"
     ONLINE = "online"
     OFFLINE = "offline"  # the camera cannot be reached; retried with backoff
-    UNSUPPORTED = "unsupported"  # reached, but its video cannot be served (H.265)
+    UNSUPPORTED = "unsupported"  # reached, but its video cannot be served (e.g. MJPEG)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,10 @@ class CameraHub:
         self._stops = 0
         self._pulling = False  # a pull thread runs (perhaps told to stop, not yet out)
         self._pulling_lock = threading.Lock()
+        #: Once an RTP consumer came, every packet is packetized once here, for all of them.
+        self._rtp_on = False
+        self._video_rtp: Packetizer | None = None
+        self._audio_rtp: Packetizer | None = None
 
     # -- consumers (event loop) ---------------------------------------------------------
 
@@ -125,9 +130,14 @@ class CameraHub:
                                         name=f"camera-{self.camera_id}", daemon=True)
         self._thread.start()
 
-    def subscribe(self, video: bool = True) -> Consumer:
-        """A new consumer; video consumers start from the cached GOP."""
+    def subscribe(self, video: bool = True, rtp: bool = False) -> Consumer:
+        """A new consumer; video consumers start from the cached GOP. ``rtp``: its packets
+        come with their RTP payloads (``MediaPacket.rtp``), made once for every consumer."""
         self.start()
+        if rtp and not self._rtp_on:
+            self._rtp_on = True
+            self._make_packetizers()
+            self._gop = [(e, self._packetized(p)) for e, p in self._gop]
         replay = list(self._gop) if video and self._gop_cache_on else []
         clock = VIDEO_CLOCK if video else self._audio_clock()
         consumer = Consumer(video, self._queue_packets, replay, self._epoch, clock)
@@ -199,6 +209,27 @@ class CameraHub:
         if thread is not None:
             await asyncio.to_thread(thread.join, 10)
 
+    def _make_packetizers(self) -> None:
+        info = self.info
+        self._video_rtp = video_packetizer(info) if info is not None else None
+        name = webrtc_audio_codec(info.audio.codec) if info and info.audio else None
+        self._audio_rtp = audio_packetizer(name) if name else None
+
+    def _packetized(self, packet: MediaPacket) -> MediaPacket:
+        if packet.rtp is not None:
+            return packet
+        packetizer = self._video_rtp if packet.video else self._audio_rtp
+        if packetizer is None:
+            return packet
+        return packet._replace(rtp=packetizer.packetize(packet))
+
+    def webrtc_refusal(self) -> str | None:
+        """Why WebRTC viewers (and WHIP) cannot take this camera's video, or None."""
+        if self.info is None or self.info.codec in VIDEO_CODECS:
+            return None
+        return (f"the camera sends {self.info.codec.upper()} video, which WebRTC viewers "
+                "cannot play: watch it over RTSP, or set the camera (or its substream) to H.264")
+
     def _audio_clock(self) -> int:
         codec = self.info.audio.codec if self.info and self.info.audio else None
         return 8000 if codec in ("pcm_mulaw", "pcm_alaw") else 48_000
@@ -208,6 +239,8 @@ class CameraHub:
     def _deliver(self, epoch: int, packet: MediaPacket) -> None:
         if epoch != self._epoch:
             return  # a packet from a pull that has since been replaced
+        if self._rtp_on:
+            packet = self._packetized(packet)
         if packet.video:
             self._cache(epoch, packet)
             self._measure(packet)
@@ -248,6 +281,8 @@ class CameraHub:
         self._gop.clear()
         self._gop_bytes = 0
         self._window_start, self._window_bytes, self._window_frames = time.monotonic(), 0, 0
+        if self._rtp_on:
+            self._make_packetizers()
         log.info("camera_online", camera=self.camera_id, codec=info.codec,
                  size=f"{info.width}x{info.height}")
         audio = webrtc_audio_codec(info.audio.codec) if info.audio else None
@@ -294,7 +329,7 @@ class CameraHub:
                 source = self._open_source()
                 info = source.open()
                 self.connections += 1
-                if info.codec not in VIDEO_CODECS:
+                if info.codec not in PULLED_CODECS:
                     loop.call_soon_threadsafe(self._unsupported, info)
                     stop.wait(UNSUPPORTED_RETRY)
                     continue
@@ -321,8 +356,8 @@ class CameraHub:
 
     def _unsupported(self, info: StreamInfo) -> None:
         self.info = info
-        message = (f"the camera sends {info.codec.upper()} video, which WebRTC viewers cannot "
-                   "play: set the camera (or its substream) to H.264")
+        message = (f"the camera sends {info.codec.upper()} video, which the agent cannot "
+                   "serve: set the camera (or its substream) to H.264")
         self._set_status(state=CameraState.UNSUPPORTED, error=message, codec=info.codec,
                          width=info.width, height=info.height)
         self._wake_waiters()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from fractions import Fraction
+from typing import Any
 
 import av
 
@@ -17,9 +18,9 @@ from agent.media.hub import CameraHub
 from agent.media.stream import MediaPacket
 
 
-def encode_jpeg(packet: MediaPacket, quality: int = 5) -> bytes:
-    """Decode one H.264 keyframe and encode it as JPEG. Blocking: run in a thread."""
-    decoder = av.CodecContext.create("h264", "r")
+def encode_jpeg(packet: MediaPacket, codec: str = "h264", quality: int = 5) -> bytes:
+    """Decode one keyframe (H.264 or H.265) and encode it as JPEG. Blocking: in a thread."""
+    decoder: Any = av.CodecContext.create(codec, "r")  # a video context: codec is h264/hevc
     frames = list(decoder.decode(av.Packet(packet.data)))
     frames += list(decoder.decode(None))
     if not frames:
@@ -60,12 +61,12 @@ class Snapshotter:
             if found is None:
                 future.cancel()
                 return None
-            packet, _info = found
+            packet, info = found
             if cached and cached[1] is packet:
                 data = cached[2]  # same keyframe as last time: no decode
             else:
                 self.decodes += 1
-                data = await asyncio.to_thread(encode_jpeg, packet)
+                data = await asyncio.to_thread(encode_jpeg, packet, info.codec)
             self._cache[hub.camera_id] = (time.monotonic(), packet, data)
             future.set_result(data)
             return data

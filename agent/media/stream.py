@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from agent.media.rtp import Payload
 
 START_CODE = b"\x00\x00\x00\x01"
 NAL_SPS = 7
 
 #: WebRTC in this agent carries these; anything else is refused with a clear error.
 VIDEO_CODECS = ("h264",)
+#: The hub pulls these: RTSP clients take both; WebRTC viewers only VIDEO_CODECS.
+PULLED_CODECS = ("h264", "hevc")
 PASSTHROUGH_AUDIO = {"pcm_mulaw": "PCMU", "pcm_alaw": "PCMA", "opus": "opus"}
 
 
@@ -42,6 +47,8 @@ class MediaPacket(NamedTuple):
     pts: int
     time_base: Fraction
     keyframe: bool
+    #: Its RTP payloads, made once per camera by the hub while an RTP consumer wants them.
+    rtp: tuple[Payload, ...] | None = None
 
 
 def annexb_parameter_sets(extradata: bytes | None) -> bytes:

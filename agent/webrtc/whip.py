@@ -82,6 +82,8 @@ class WhipPublisher:
         try:
             if not await self._hub.ready(timeout):
                 raise WhipError("camera_offline", self._hub.status.error or "camera not ready")
+            if (refusal := self._hub.webrtc_refusal()) is not None:
+                raise WhipError("unsupported_codec", refusal)
         finally:
             self._hub.unsubscribe(holder)  # the tracks below keep it running
         assert self._hub.info is not None

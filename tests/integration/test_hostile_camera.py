@@ -22,6 +22,7 @@ from agent.config import CameraConfig, RtspAuth
 from agent.errors import SourceError
 from agent.media.hub import CameraHub
 from agent.media.sources import make_source, rtsp_login
+from tests.conftest import write_secret
 from tests.support.netns import free_port, wait_for_output
 
 PASSWORD = "hunter2-Camera"
@@ -67,7 +68,7 @@ def camera(url: str, tmp: Path, rule: RtspAuth = "auto", camera_id: str = "cam",
     if not credentials:  # asked nothing first: the reason is found after FFmpeg fails
         return CameraConfig(id=camera_id, source=url)
     secret = tmp / "pw"
-    secret.write_text(PASSWORD)
+    write_secret(secret, PASSWORD)
     return CameraConfig(id=camera_id, source=url, username="admin", password_file=secret,
                         rtsp_auth=rule)
 

@@ -44,10 +44,14 @@ class AgentProcess:
         ``tls``: the http.tls section; the agent then serves HTTPS only."""
         self.port = free_port()
         self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.rtsp_port = free_port()
+        rtsp = {"listen": f"127.0.0.1:{self.rtsp_port}", **sections.pop("rtsp", {})}
         self.state_dir = tmp / "state"
         config = {"agent": {"id": "site1", "account_id": "acme"},
                   "http": {"listen": f"127.0.0.1:{self.port}", **({"tls": tls} if tls else {})},
                   "webrtc": {"host_addresses": ["127.0.0.1"]},
+                  # a port of its own: agents of concurrent tests must not contend for 8554
+                  "rtsp": rtsp,
                   "audit": {"flush_interval": 0.1},
                   # the host's namespace: never probe or announce on its real interfaces
                   "discovery": {"enabled": False, "advertise": False},

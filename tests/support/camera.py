@@ -62,6 +62,7 @@ _OPTION_FLAGS = {
     "auth": "--auth",
     "audio": "--audio",
     "pattern": "--pattern",
+    "codec": "--codec",
 }
 _EVENT = re.compile(r"^(READY|CLIENT_CONNECTED|CLIENT_CLOSED|STOPPED)\s+(\S+)")
 

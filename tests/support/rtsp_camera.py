@@ -7,10 +7,11 @@ which the project venv cannot see)::
     /usr/bin/python3 tests/support/rtsp_camera.py --port 8554 [--path /stream]
         [--width 640 --height 360 --fps 30 --gop 60] [--bitrate 1000]
         [--user U --password-file F] [--audio none|pcmu|aac] [--pattern smpte|ball]
-        [--address 127.0.0.1]
+        [--address 127.0.0.1] [--codec h264|h265]
 
-It serves one live, shared H.264 stream (all clients see the same encoder, and join mid-GOP
-like on a real camera) and prints, flushed, one line per event on stdout:
+It serves one live, shared H.264 stream (``--codec h265``: x265enc H.265; all clients see
+the same encoder, and join mid-GOP like on a real camera) and prints, flushed, one line per
+event on stdout:
 
     READY rtsp://127.0.0.1:8554/stream   once the socket is bound and listening
     CLIENT_CONNECTED <n>                 a client connected; n = clients connected now
@@ -35,6 +36,7 @@ gi.require_version("GstRtspServer", "1.0")
 from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 
 VIDEO_ELEMENTS = ("videotestsrc", "videoconvert", "x264enc", "h264parse", "rtph264pay")
+H265_ELEMENTS = ("videotestsrc", "videoconvert", "x265enc", "h265parse", "rtph265pay")
 AUDIO_ELEMENTS = {
     "pcmu": ("audiotestsrc", "audioconvert", "audioresample", "mulawenc", "rtppcmupay"),
     "aac": ("audiotestsrc", "audioconvert", "audioresample", "aacparse", "rtpmp4gpay"),
@@ -68,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how --user must authenticate (RFC 2617 Basic, or Digest)")
     p.add_argument("--password-file", default=None, help="file holding the password")
     p.add_argument("--audio", choices=("none", "pcmu", "aac"), default="none")
+    p.add_argument("--codec", choices=("h264", "h265"), default="h264")
     p.add_argument(
         "--pattern",
         choices=("smpte", "ball"),
@@ -97,7 +100,8 @@ def first_available(names: tuple[str, ...]) -> str | None:
 
 
 def launch_description(args: argparse.Namespace) -> str:
-    missing = [e for e in VIDEO_ELEMENTS if Gst.ElementFactory.find(e) is None]
+    elements = VIDEO_ELEMENTS if args.codec == "h264" else H265_ELEMENTS
+    missing = [e for e in elements if Gst.ElementFactory.find(e) is None]
     if args.audio != "none":
         missing += [e for e in AUDIO_ELEMENTS[args.audio] if Gst.ElementFactory.find(e) is None]
     aac_encoder = first_available(AAC_ENCODERS) if args.audio == "aac" else None
@@ -123,6 +127,16 @@ def launch_description(args: argparse.Namespace) -> str:
         "! h264parse config-interval=-1 "
         "! rtph264pay name=pay0 pt=96"
     )
+    if args.codec == "h265":  # 8-bit 4:2:0 Main profile, as H.265 cameras send
+        video = (
+            f"videotestsrc is-live=true {motion} "
+            f"! video/x-raw,format=I420,width={args.width},height={args.height},"
+            f"framerate={args.fps}/1 "
+            f"! x265enc tune=zerolatency speed-preset=ultrafast key-int-max={args.gop} "
+            f"bitrate={args.bitrate} "
+            "! h265parse config-interval=-1 "
+            "! rtph265pay name=pay0 pt=96"
+        )
     if args.audio == "pcmu":
         audio = (
             " audiotestsrc is-live=true wave=sine freq=440 volume=0.2 "

@@ -193,13 +193,23 @@ def test_version(run_cli: Run, capsys: pytest.CaptureFixture[str]) -> None:
 def test_create_prints_exactly_one_token(run_cli: Run) -> None:
     result = run_cli("token", "create", "--camera", "demo", "--label", "lobby tv")
     assert result.code == 0, result.err
-    (token,) = result.tokens
+    (token,) = set(result.tokens)
     assert token.startswith("tra_")
-    assert result.out.count(token) == 1
+    # the token line, and the ready RTSP URL (the token allows every protocol)
+    assert result.out.count(token) == 2
+    assert f"rtsp://token:{token}@" in result.out and result.out.rstrip().endswith("/demo")
     first = result.out.splitlines()[0]
     assert first.startswith(f"Created access token {token[4:16]}: scope camera:demo, ")
     assert first.endswith("protocols all, expires never.")
     assert "shown this once" in result.out
+
+
+def test_create_prints_an_rtsp_url_only_when_the_token_allows_rtsp(run_cli: Run) -> None:
+    webrtc = run_cli("token", "create", "--camera", "demo", "--protocol", "webrtc")
+    assert webrtc.code == 0 and "rtsp://" not in webrtc.out
+    host = run_cli("token", "create", "--host", "--protocol", "rtsp")
+    (token,) = set(host.tokens)
+    assert f"rtsp://token:{token}@" in host.out and host.out.rstrip().endswith("/<camera-id>")
 
 
 def test_create_json_has_token_and_record(run_cli: Run) -> None:
@@ -748,7 +758,7 @@ def test_python_m_agent_creates_a_token(run_cli: Run, state_dir: Path, tmp_path:
     )
     found = remember(proc.stdout)
     assert proc.returncode == 0, proc.stderr
-    assert len(found) == 1
+    assert len(set(found)) == 1  # once alone, once in the RTSP URL
     assert found[0].startswith("tra_")
     assert proc.stdout.startswith(f"Created access token {found[0][4:16]}: scope camera:demo")
     assert "Traceback" not in proc.stderr

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from agent.access.tokens import Kind, generate
 from agent.cli.doctor import exit_status, render
+from agent.config import Config, RtspSection
 from agent.doctor.cameras import judge_codec
-from agent.doctor.local import Interface, judge_ice
+from agent.doctor.local import Daemon, Interface, judge_ice, judge_rtsp
 from agent.doctor.model import Report, Status, result
 from agent.doctor.relay import judge_skew
+from agent.rtsp.protocol import SERVER_NAME
 
 LAN = Interface("eth0", ["192.168.1.20", "fd00::20"])
 LO = Interface("lo", ["127.0.0.1", "::1"])
@@ -78,3 +82,17 @@ def test_exit_status_and_rendering() -> None:
     assert any("fix: check the port" in line for line in lines)
     assert "fix: use H.264" in text
     assert lines[-1] == "1 ok, 1 warn, 1 fail: a check failed"
+
+
+def test_rtsp_port_judged_free_ours_taken_or_off() -> None:
+    config = Config()
+    running, stopped = Daemon(True, {"agent_id": config.agent.id}), Daemon(False)
+    assert judge_rtsp(config, running, SERVER_NAME, None).status is Status.OK
+    other = judge_rtsp(config, running, "GStreamer RTSP server", None)
+    assert other.status is Status.WARN and "GStreamer" in other.finding
+    assert judge_rtsp(config, running, None, None).status is Status.WARN
+    assert judge_rtsp(config, stopped, None, (True, "free")).status is Status.OK
+    taken = judge_rtsp(config, stopped, None, (False, "another program already listens on it"))
+    assert taken.status is Status.FAIL and "rtsp.listen" in (taken.fix or "")
+    off = replace(config, rtsp=RtspSection(enabled=False))
+    assert judge_rtsp(off, stopped, None, None).status is Status.INFO

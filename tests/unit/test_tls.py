@@ -14,7 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import app
+from agent import links
 from agent.config import Config, check_secret_files, load
 from agent.errors import ConfigError
 from agent.http import tls
@@ -81,10 +81,10 @@ def test_config_rules(tmp_path: Path, section: dict[str, str], message: str) -> 
 
 
 def test_links_use_https_and_the_key_file_must_be_private(tmp_path: Path) -> None:
-    assert app.viewer_urls(config(tmp_path), "T") == ["http://192.168.7.20:8443/#token=T"]
+    assert links.viewer_urls(config(tmp_path), "T") == ["http://192.168.7.20:8443/#token=T"]
     on = config(tmp_path, self_signed="true")
     assert tls.enabled(on)
-    assert app.viewer_urls(on, "T") == ["https://192.168.7.20:8443/#token=T"]
+    assert links.viewer_urls(on, "T") == ["https://192.168.7.20:8443/#token=T"]
     made = tls.ensure_self_signed(tmp_path / "made", "nvr1", ["192.168.7.20"])
     key = tmp_path / "agent.key"
     shutil.copy(made.key_file, key)

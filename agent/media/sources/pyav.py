@@ -104,6 +104,7 @@ class PyAVSource:
         self._clock_start: float | None = None
         self._first_pts: int | None = None
         self._video_tb = Fraction(1, 90_000)
+        self._codec = "h264"
 
     def open(self) -> StreamInfo:
         deadline = time.monotonic() + self._open_deadline if self._open_deadline else None
@@ -129,9 +130,17 @@ class PyAVSource:
         self._container = container
         ctx = video.codec_context
         codec = video.codec_context.name
-        if codec == "h264" and ctx.extradata and not ctx.extradata.startswith(b"\x00"):
-            self._bsf = av.bitstream.BitStreamFilterContext("h264_mp4toannexb", video)
-        self._parameter_sets = annexb_parameter_sets(ctx.extradata)
+        extradata: bytes = ctx.extradata or b""
+        annexb = extradata.startswith(b"\x00")
+        if codec in ("h264", "hevc") and ctx.extradata and not annexb:
+            # MP4-style length-prefixed units (a recording): to Annex-B, parameter sets
+            # in-band before every keyframe
+            self._bsf = av.bitstream.BitStreamFilterContext(f"{codec}_mp4toannexb", video)
+        self._codec = codec
+        if codec == "h264":
+            self._parameter_sets = annexb_parameter_sets(ctx.extradata)
+        else:  # hvcC is not avcC: only Annex-B extradata (an RTSP camera's SDP) is taken
+            self._parameter_sets = extradata if annexb else b""
         self._video_tb = Fraction(video.time_base or Fraction(1, 90_000))
         audio_info = None
         streams: list[Any] = [video]
@@ -201,7 +210,7 @@ class PyAVSource:
 
     def _video(self, packet: Any) -> MediaPacket:
         data = bytes(packet)
-        if packet.is_keyframe:
+        if packet.is_keyframe and self._codec == "h264":
             data = with_parameter_sets(data, self._parameter_sets)
         pts = int(packet.pts) + self._offset
         self._loop_span = max(self._loop_span, int(packet.pts) + int(packet.duration or 0))

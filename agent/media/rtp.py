@@ -1,0 +1,213 @@
+"""The per-camera RTP packetizer: each access unit becomes RTP payloads once, for every consumer.
+
+Payloads are shared and immutable: a :class:`Payload` is a small prefix (an FU or aggregation
+header) plus a zero-copy ``memoryview`` of the camera's access unit. Every consumer (an RTSP
+client today, WebRTC viewers later) adds only its own 12-byte RTP header — SSRC, sequence
+number, its timestamp, payload type — and the payload's marker bit.
+
+The codec-specific part sits behind :class:`Packetizer` (``packetize(packet) -> payloads``);
+the hub and the fan-out never change per codec. Video: H.264 (RFC 6184) and H.265 (RFC 7798),
+single NAL unit packets, parameter sets aggregated on every keyframe (STAP-A / AP), large NAL
+units fragmented (FU-A / FU). Audio: one payload per frame (G.711 and Opus as they are; AAC
+per RFC 3640 ``mpeg4-generic`` AAC-hbr).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from typing import NamedTuple, Protocol
+
+from agent.media.stream import MediaPacket, StreamInfo
+
+#: Bytes of RTP payload per packet: 1200 leaves room for the RTP header (12), SRTP's tag (10),
+#: IPv6 + UDP (48) and a tunnel on a 1280-1500 byte path MTU.
+PAYLOAD_SIZE = 1200
+
+# RFC 6184 §5.2 NAL unit types used by the payload format
+H264_SPS, H264_PPS, H264_AUD = 7, 8, 9
+H264_STAP_A, H264_FU_A = 24, 28
+# RFC 7798 §1.1.4 / H.265 Table 7-1
+H265_VPS, H265_SPS, H265_PPS, H265_AUD = 32, 33, 34, 35
+H265_AP, H265_FU = 48, 49
+
+
+class Payload(NamedTuple):
+    """One RTP payload: ``prefix + body``; ``marker`` set on an access unit's last packet;
+    ``size`` their length (counted once per camera, not once per consumer)."""
+
+    prefix: bytes
+    body: memoryview | bytes
+    marker: bool
+    size: int
+
+
+class Packetizer(Protocol):
+    """Turns one hub packet into its RTP payloads (same order as they are to be sent)."""
+
+    def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]: ...
+
+
+def split_annexb(data: bytes) -> list[memoryview]:
+    """The NAL units of an Annex-B access unit, as views (no copy), start codes removed."""
+    view = memoryview(data)
+    nals: list[memoryview] = []
+    start = data.find(b"\x00\x00\x01")
+    if start < 0:
+        return [view] if data else []
+    start += 3
+    while True:
+        nxt = data.find(b"\x00\x00\x01", start)
+        end = len(data) if nxt < 0 else nxt
+        while nxt >= 0 and end > start and data[end - 1] == 0:
+            end -= 1  # a 4-byte start code's zero, or trailing_zero_8bits, is not the NAL's
+        if end > start:
+            nals.append(view[start:end])
+        if nxt < 0:
+            return nals
+        start = nxt + 3
+
+
+class _NalPacketizer:
+    """What H.264 and H.265 share: single NAL, aggregation of parameter sets, fragmentation."""
+
+    header_size = 1  # bytes of NAL unit header
+    parameter_types: tuple[int, ...] = ()
+    dropped_types: tuple[int, ...] = ()
+
+    def __init__(self, parameter_sets: bytes, payload_size: int = PAYLOAD_SIZE) -> None:
+        self.size = payload_size
+        self._stored = {self.nal_type(n): bytes(n) for n in split_annexb(parameter_sets)
+                        if self.nal_type(n) in self.parameter_types}
+
+    def nal_type(self, nal: memoryview | bytes) -> int:
+        raise NotImplementedError
+
+    def aggregate(self, nals: list[bytes]) -> bytes:
+        raise NotImplementedError
+
+    def fragments(self, nal: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+        raise NotImplementedError
+
+    def parameter_sets(self, nals: list[memoryview]) -> list[bytes]:
+        """The access unit's own parameter sets, else the stored ones (learnt or from SDP)."""
+        for n in nals:
+            kind = self.nal_type(n)
+            if kind in self.parameter_types:
+                self._stored[kind] = bytes(n)
+        return [self._stored[k] for k in self.parameter_types if k in self._stored]
+
+    def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
+        nals = [n for n in split_annexb(packet.data)
+                if len(n) > self.header_size and self.nal_type(n) not in self.dropped_types]
+        out: list[tuple[bytes, memoryview | bytes]] = []
+        if packet.keyframe:
+            params = self.parameter_sets(nals)
+            nals = [n for n in nals if self.nal_type(n) not in self.parameter_types]
+            if sum(len(p) + 2 for p in params) + self.header_size <= self.size:
+                if params:
+                    out.append((self.aggregate(params), b""))
+            else:  # too big to aggregate: sent ahead as ordinary units
+                nals = [memoryview(p) for p in params] + nals
+        for nal in nals:
+            if len(nal) <= self.size:
+                out.append((b"", nal))
+            else:
+                out.extend(self.fragments(nal))
+        last = len(out) - 1
+        return tuple(Payload(prefix, body, i == last, len(prefix) + len(body))
+                     for i, (prefix, body) in enumerate(out))
+
+
+class H264Packetizer(_NalPacketizer):
+    """RFC 6184, packetization-mode=1: single NAL unit, STAP-A (§5.7.1), FU-A (§5.8)."""
+
+    header_size = 1
+    parameter_types = (H264_SPS, H264_PPS)
+    dropped_types = (H264_AUD,)  # access unit delimiters are optional and only cost bytes
+
+    def nal_type(self, nal: memoryview | bytes) -> int:
+        return nal[0] & 0x1F
+
+    def aggregate(self, nals: list[bytes]) -> bytes:
+        nri = max(n[0] & 0x60 for n in nals)  # §5.7: the highest NRI of the aggregated units
+        return bytes([nri | H264_STAP_A]) + b"".join(
+            struct.pack("!H", len(n)) + n for n in nals)
+
+    def fragments(self, nal: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+        indicator = (nal[0] & 0xE0) | H264_FU_A
+        kind = nal[0] & 0x1F
+        body = nal[1:]
+        step = self.size - 2  # FU indicator + FU header
+        for pos in range(0, len(body), step):
+            start = 0x80 if pos == 0 else 0
+            end = 0x40 if pos + step >= len(body) else 0
+            yield bytes([indicator, start | end | kind]), body[pos:pos + step]
+
+
+class H265Packetizer(_NalPacketizer):
+    """RFC 7798: single NAL unit (§4.4.1), AP (§4.4.2), FU (§4.4.3); no DONL fields
+    (sprop-max-don-diff is 0: units are sent in decoding order)."""
+
+    header_size = 2
+    parameter_types = (H265_VPS, H265_SPS, H265_PPS)
+    dropped_types = (H265_AUD,)
+
+    def nal_type(self, nal: memoryview | bytes) -> int:
+        return (nal[0] >> 1) & 0x3F
+
+    def aggregate(self, nals: list[bytes]) -> bytes:
+        # §4.4.2: F is the OR of the units' F bits, LayerId and TID the lowest of theirs
+        f = max(n[0] & 0x80 for n in nals)
+        layer = min(((n[0] & 1) << 5) | (n[1] >> 3) for n in nals)
+        tid = min(n[1] & 0x07 for n in nals)
+        header = bytes([f | (H265_AP << 1) | (layer >> 5), ((layer & 0x1F) << 3) | tid])
+        return header + b"".join(struct.pack("!H", len(n)) + n for n in nals)
+
+    def fragments(self, nal: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+        kind = self.nal_type(nal)
+        header = bytes([(nal[0] & 0x81) | (H265_FU << 1), nal[1]])
+        body = nal[2:]
+        step = self.size - 3  # payload header (2) + FU header (1)
+        for pos in range(0, len(body), step):
+            start = 0x80 if pos == 0 else 0
+            end = 0x40 if pos + step >= len(body) else 0
+            yield header + bytes([start | end | kind]), body[pos:pos + step]
+
+
+class FramePacketizer:
+    """Audio whose RTP payload is the frame itself: G.711 (RFC 3551 §4.5.14), Opus (RFC 7587)."""
+
+    def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
+        return (Payload(b"", packet.data, False, len(packet.data)),)
+
+
+class AacPacketizer:
+    """RFC 3640 §3.3.6 AAC-hbr: a 16-bit AU-headers-length, one AU-header (13-bit size,
+    3-bit index), then the raw AAC frame (ADTS header stripped if the source left one)."""
+
+    def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
+        data = packet.data
+        body: memoryview | bytes = data
+        if len(data) > 7 and data[0] == 0xFF and (data[1] & 0xF6) == 0xF0:  # ADTS sync word
+            body = memoryview(data)[9 if not data[1] & 1 else 7:]
+        if len(body) >= 1 << 13:
+            return ()  # cannot be described in 13 bits; no camera sends such frames
+        return (Payload(struct.pack("!HH", 16, len(body) << 3), body, True, 4 + len(body)),)
+
+
+def video_packetizer(info: StreamInfo, payload_size: int = PAYLOAD_SIZE) -> Packetizer | None:
+    if info.codec == "h264":
+        return H264Packetizer(info.parameter_sets, payload_size)
+    if info.codec == "hevc":
+        return H265Packetizer(info.parameter_sets, payload_size)
+    return None
+
+
+def audio_packetizer(codec: str) -> Packetizer | None:
+    """For audio as the hub delivers it (after the audio path): its RTP encoding name."""
+    if codec in ("PCMU", "PCMA", "opus"):
+        return FramePacketizer()
+    if codec == "aac":
+        return AacPacketizer()
+    return None
