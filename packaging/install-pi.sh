@@ -111,9 +111,14 @@ do_install() {
         export PIP_CONFIG_FILE=/dev/null
     else
         tr_check_python
-        [ -n "$wheel" ] || build_wheel
+        pins=""
+        if [ -z "$wheel" ]; then
+            build_wheel
+            # from the source tree: its dependencies at the versions the tests ran with
+            pins="$(cd "$here/.." && pwd)/constraints.txt"
+        fi
         [ -f "$wheel" ] || tr_die "$wheel: no such file"
-        set -- "$wheel"
+        if [ -n "$pins" ] && [ -f "$pins" ]; then set -- -c "$pins" "$wheel"; else set -- "$wheel"; fi
     fi
     tr_create_user
     tr_make_dirs

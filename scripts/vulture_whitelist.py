@@ -22,6 +22,8 @@ _.qmax
 _.qmin
 _.framerate
 _.gop_size
+_.async_update_records  # mdns.py: zeroconf RecordUpdateListener callbacks
+_.async_update_records_complete
 _.datagram_received  # wsd.py: asyncio.DatagramProtocol callbacks
 _.error_received
 on_state  # webrtc: registered with @pc.on("connectionstatechange")

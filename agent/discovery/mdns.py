@@ -22,12 +22,18 @@ from typing import Any, Literal
 from urllib.parse import quote
 
 import structlog
-from zeroconf import (
+from zeroconf import (  # type: ignore[attr-defined]  # DNSAddress, DNSCache: not in __all__
     BadTypeInNameException,
+    DNSAddress,
+    DNSCache,
     InterfaceChoice,
     IPVersion,
     NonUniqueNameException,
+    RecordUpdate,
+    RecordUpdateListener,
     ServiceStateChange,
+    Zeroconf,
+    current_time_millis,
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
@@ -44,9 +50,21 @@ MAX_TXT_KEY = 64  # RFC 6763 §6.4 recommends ≤ 9 characters; be lenient, but 
 MAX_TXT_VALUE = 255  # one TXT string is at most 255 bytes on the wire (RFC 6763 §6.1)
 RESOLVE_TIMEOUT = 3.0  # seconds for SRV/TXT/A after a PTR was seen
 RESOLVE_CONCURRENCY = 16
-# RFC 6762 §10.2: records replaced under the cache-flush bit linger for one second, so a
-# re-resolution right after an update could still see the old SRV/A next to the new one.
-SETTLE_DELAY = 1.1
+# When a camera is renumbered (DHCP), its old address leaves the cache in steps. RFC 6762
+# §10.2: an address announced with the cache-flush bit flushes the cached addresses of that
+# host received more than one second before it; they linger one more second (TTL 1 s). An
+# address received within that second (the old responder's last answer, just before it lost
+# power) survives the first announcement and is flushed by the next one, at least a second
+# later (§8.3; Avahi adds up to 250 ms; 2.2 s measured on a loaded test machine). zeroconf
+# reports the new address as an update, but neither the later flush nor the expiry. So a
+# resolution waits until the service has been quiet for SETTLE_DELAY (one that never stops
+# changing: MAX_SETTLE), an address with at most LEAVING_TTL seconds left (flushed, or a
+# goodbye) is not reported, and a flush of a tracked host's address counts as a change of its
+# services (resolved again after SETTLE_DELAY), so the stale address never stays.
+SETTLE_DELAY = 2.5
+MAX_SETTLE = 10.0
+LEAVING_TTL = 1.0
+_TYPE_A, _TYPE_AAAA, _CLASS_IN = 1, 28, 1  # RFC 1035 §3.2.2-4, RFC 3596 §2.1
 
 # Axis cameras announce their web server as _axis-video._tcp (port 80); their RTSP server
 # is on the standard port 554 at this path on every AXIS OS firmware (VAPIX "RTSP API").
@@ -246,6 +264,8 @@ class MdnsBrowser:
         self._table: dict[str, MdnsService] = {}  # lower-cased instance → service
         self._tasks: dict[str, asyncio.Task[None]] = {}  # resolutions under way
         self._dirty: set[str] = set()  # updated while a resolution ran
+        self._changed: dict[str, float] = {}  # loop time of the last change, while tracked
+        self._flush_watch = _FlushWatch(self._on_flush)
         self._reserved: set[str] = set()  # in the table or being resolved: what the cap counts
         self._limit = asyncio.Semaphore(RESOLVE_CONCURRENCY)
         self._browser: AsyncServiceBrowser | None = None
@@ -264,6 +284,7 @@ class MdnsBrowser:
     async def start(self) -> None:
         if self._browser is not None:
             raise RuntimeError("MdnsBrowser already started")
+        self._zc.zeroconf.async_add_listener(self._flush_watch, None)
         self._browser = AsyncServiceBrowser(
             self._zc.zeroconf, self._types, handlers=[self._on_state_change]
         )
@@ -273,6 +294,7 @@ class MdnsBrowser:
         """Stop browsing; the last table stays readable through ``services``."""
         browser, self._browser = self._browser, None
         if browser is not None:
+            self._zc.zeroconf.async_remove_listener(self._flush_watch)
             await browser.async_cancel()
         tasks = list(self._tasks.values())
         for task in tasks:
@@ -280,6 +302,7 @@ class MdnsBrowser:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._tasks.clear()
         self._dirty.clear()
+        self._changed.clear()
         self._reserved = set(self._table)
 
     # zeroconf calls this in the event loop, with keyword arguments (its handler protocol).
@@ -290,11 +313,8 @@ class MdnsBrowser:
         if state_change is ServiceStateChange.Removed:
             self._forget(key)
             return
-        if key in self._tasks:
-            self._dirty.add(key)
-            return
-        if key in self._table:
-            self._spawn(key, service_type, name, SETTLE_DELAY)
+        if key in self._tasks or key in self._table:
+            self._changed_service(key, service_type, name)
             return
         if instance_label(name, service_type) is None:
             log.debug("mdns_bad_instance_name", service_type=service_type, instance=name[:300])
@@ -307,33 +327,55 @@ class MdnsBrowser:
                             hint="more services than the table holds are being announced; "
                                  "extras are ignored until some go away")
             return
-        self._spawn(key, service_type, name, 0.0)
+        self._spawn(key, service_type, name, settle=False)
 
-    def _spawn(self, key: str, service_type: str, name: str, delay: float) -> None:
+    def _spawn(self, key: str, service_type: str, name: str, *, settle: bool) -> None:
         self._reserved.add(key)
         task = asyncio.get_running_loop().create_task(
-            self._track(key, service_type, name, delay), name=f"mdns-resolve {name[:80]}"
+            self._track(key, service_type, name, settle), name=f"mdns-resolve {name[:80]}"
         )
         self._tasks[key] = task
 
-    async def _track(self, key: str, service_type: str, name: str, delay: float) -> None:
+    async def _track(self, key: str, service_type: str, name: str, settle: bool) -> None:
         try:
             while True:
-                if delay:
-                    await asyncio.sleep(delay)
+                if settle:
+                    await self._settle(key)
                 self._dirty.discard(key)
                 service = await self._resolve(service_type, name)
                 if service is not None:
                     self._store(key, service)
                 if key not in self._dirty:
                     break
-                delay = SETTLE_DELAY
+                settle = True
         finally:
             if self._tasks.get(key) is asyncio.current_task():
                 del self._tasks[key]
                 self._dirty.discard(key)
+                self._changed.pop(key, None)
                 if key not in self._table:
                     self._release(key)
+
+    async def _settle(self, key: str) -> None:
+        """Sleep until SETTLE_DELAY after the last change of ``key`` (MAX_SETTLE at most)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + MAX_SETTLE
+        while (wake := min(self._changed.get(key, 0.0) + SETTLE_DELAY, give_up)) > loop.time():
+            await asyncio.sleep(wake - loop.time())
+
+    def _on_flush(self, host: str) -> None:
+        """An address of ``host`` was flushed: its services changed."""
+        for key, service in list(self._table.items()):
+            if (service.host or "").lower() == host:
+                self._changed_service(key, service.service_type, service.instance)
+
+    def _changed_service(self, key: str, service_type: str, name: str) -> None:
+        """Resolve a tracked service again once it has been quiet for SETTLE_DELAY."""
+        self._changed[key] = asyncio.get_running_loop().time()
+        if key in self._tasks:
+            self._dirty.add(key)
+        else:
+            self._spawn(key, service_type, name, settle=True)
 
     async def _resolve(self, service_type: str, name: str) -> MdnsService | None:
         async with self._limit:
@@ -347,6 +389,10 @@ class MdnsBrowser:
             return None
         addresses = info.parsed_scoped_addresses(IPVersion.V4Only) + \
             info.parsed_scoped_addresses(IPVersion.V6Only)
+        if info.server:
+            leaving = leaving_addresses(self._zc.zeroconf.cache, info.server,
+                                        current_time_millis())
+            addresses = [a for a in addresses if a.split("%")[0] not in leaving]
         return make_service(service_type, name, info.server, addresses, info.port, info.text)
 
     def _store(self, key: str, service: MdnsService) -> None:
@@ -380,6 +426,42 @@ class MdnsBrowser:
             self._on_change(kind, service)
         except Exception:  # a consumer's bug must not stop discovery
             log.exception("mdns_on_change_failed", instance=service.instance)
+
+
+def leaving_addresses(cache: DNSCache, host: str, now_ms: float) -> set[str]:
+    """Addresses of ``host`` in ``cache`` with at most LEAVING_TTL seconds left: flushed by a
+    newer announcement or said goodbye to (RFC 6762 §10.1, §10.2), so not to be reported."""
+    leaving: set[str] = set()
+    for type_ in (_TYPE_A, _TYPE_AAAA):
+        for record in cache.async_all_by_details(host, type_, _CLASS_IN):
+            if isinstance(record, DNSAddress) and record.get_remaining_ttl(now_ms) <= LEAVING_TTL:
+                leaving.add(str(ipaddress.ip_address(record.address)))
+    return leaving
+
+
+class _FlushWatch(RecordUpdateListener):
+    """Calls ``on_flush(host)`` when an address announcement leaves another address of
+    ``host`` leaving (zeroconf has no event for that; see SETTLE_DELAY)."""
+
+    def __init__(self, on_flush: Callable[[str], None]) -> None:
+        super().__init__()
+        self._on_flush = on_flush
+        self._hosts: set[str] = set()
+
+    def async_update_records(self, zc: Zeroconf, now: float, records: list[RecordUpdate]) -> None:
+        for update in records:
+            record = update.new
+            if not (isinstance(record, DNSAddress) and record.unique) or \
+                    record.get_remaining_ttl(now) <= LEAVING_TTL:
+                continue
+            new = str(ipaddress.ip_address(record.address))
+            if leaving_addresses(zc.cache, record.name, now) - {new}:
+                self._hosts.add(record.name.lower())
+
+    def async_update_records_complete(self) -> None:
+        hosts, self._hosts = self._hosts, set()
+        for host in hosts:
+            self._on_flush(host)
 
 
 async def browse(

@@ -74,10 +74,10 @@ asyncio.run(main())
 def bench_cpu(window: float) -> None:
     with tempfile.TemporaryDirectory() as tmp, RtspCamera.start(
             width=1920, height=1080, fps=30, gop=60, bitrate=4000) as camera:
-        agent = AgentProcess(Path(tmp), [{"id": "cam", "source": camera.url,
-                                          "always_on": True}])
+        agent = asyncio.run(AgentProcess.start(
+            Path(tmp), [{"id": "cam", "source": camera.url, "always_on": True}]))
         try:
-            _, token = agent.token("--camera", "cam")
+            _, token = asyncio.run(agent.token("--camera", "cam"))
             time.sleep(3)  # connected, warm
             pid = agent.proc.pid
             print(f"camera: 1920x1080@30, 4 Mbit/s (GStreamer RTSP server, pid {camera.pid})")
@@ -101,7 +101,7 @@ def bench_cpu(window: float) -> None:
             print(f"camera connections: {camera.total_connections}")
             viewers.kill()
         finally:
-            agent.stop()
+            asyncio.run(agent.stop())
 
 
 async def first_frame(base: str, token: str) -> float:
@@ -119,11 +119,11 @@ def bench_first_frame(trials: int) -> None:
     with RtspCamera.start(width=1280, height=720, fps=30, gop=60, bitrate=2000) as camera:
         for cache in (True, False):
             with tempfile.TemporaryDirectory() as tmp:
-                agent = AgentProcess(Path(tmp), [{"id": "cam", "source": camera.url,
-                                                  "always_on": True}],
-                                     media={"gop_cache": cache})
+                agent = asyncio.run(AgentProcess.start(
+                    Path(tmp), [{"id": "cam", "source": camera.url, "always_on": True}],
+                    media={"gop_cache": cache}))
                 try:
-                    _, token = agent.token("--camera", "cam")
+                    _, token = asyncio.run(agent.token("--camera", "cam"))
                     time.sleep(3)
                     rng = random.Random(11)
                     times = []
@@ -135,7 +135,7 @@ def bench_first_frame(trials: int) -> None:
                           f"p50 {statistics.median(times):6.0f} ms   p95 {q[18]:6.0f} ms   "
                           f"min {min(times):5.0f}   max {max(times):5.0f}   (n={trials})")
                 finally:
-                    agent.stop()
+                    asyncio.run(agent.stop())
 
 
 def bench_relay(window: float) -> None:
@@ -148,12 +148,11 @@ def bench_relay(window: float) -> None:
             async with FakeRelay() as relay:
                 secret = Path(tmp) / "publisher.secret"
                 write_secret(secret, relay.issue_publisher())
-                agent = AgentProcess(Path(tmp), [{"id": "cam", "source": camera.url}],
-                                     agent={"id": "nvr1"},
-                                     relay={"url": relay.url,
-                                            "publisher_token_file": str(secret)})
+                agent = await AgentProcess.start(
+                    Path(tmp), [{"id": "cam", "source": camera.url}], agent={"id": "nvr1"},
+                    relay={"url": relay.url, "publisher_token_file": str(secret)})
                 try:
-                    _, token = agent.token("--camera", "cam")
+                    _, token = await agent.token("--camera", "cam")
                     await relay.wait_agent(timeout=20)
                     session = await relay.publish("cam")
                     await relay.wait_status(session, "live", timeout=20)
@@ -171,7 +170,7 @@ def bench_relay(window: float) -> None:
                           f"{camera.total_connections})")
                     viewers.kill()
                 finally:
-                    await asyncio.to_thread(agent.stop)
+                    await agent.stop()
 
     asyncio.run(scenario())
 

@@ -198,15 +198,15 @@ def main() -> None:
                                   stdout=subprocess.PIPE, text=True)
         assert camera.stdout is not None
         camera_url = camera.stdout.readline().split()[1]
-        agent = AgentProcess(Path(tmp), [{"id": "clip", "source": camera_url}],
-                             media={"idle_grace": 600.0})
+        agent = asyncio.run(AgentProcess.start(Path(tmp), [{"id": "clip", "source": camera_url}],
+                                               media={"idle_grace": 600.0}))
         try:
-            _, token = agent.token("--camera", "clip", "--protocol", "rtsp")
+            _, token = asyncio.run(agent.token("--camera", "clip", "--protocol", "rtsp"))
             one_cpu, one_sys, one_fps = run_phase(agent, token, 1, args.window, args.windows)
             many_cpu, many_sys, many_fps = run_phase(agent, token, args.clients, args.window,
                                                      args.windows)
         finally:
-            agent.stop()
+            asyncio.run(agent.stop())
             camera.terminate()
             camera.wait(timeout=10)
     per_client = [(m - o) / (args.clients - 1)

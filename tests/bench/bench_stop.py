@@ -34,9 +34,8 @@ os.environ.pop("PYTHONASYNCIODEBUG", None)
 async def one_stop(viewers: int) -> tuple[float, int]:
     """Seconds from SIGTERM to exit with ``viewers`` live viewers, and sessions audited."""
     with tempfile.TemporaryDirectory() as tmp:
-        agent = await asyncio.to_thread(AgentProcess, Path(tmp), [{"id": "cam1",
-                                                                   "source": SMALL}])
-        _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        agent = await AgentProcess.start(Path(tmp), [{"id": "cam1", "source": SMALL}])
+        _, token = await agent.token("--camera", "cam1")
         peers = [WhepViewer(agent.base, "cam1", token, audio=False) for _ in range(viewers)]
         statuses = await asyncio.gather(*(p.connect() for p in peers))
         assert all(s == 201 for s in statuses), statuses
@@ -47,8 +46,8 @@ async def one_stop(viewers: int) -> tuple[float, int]:
         elapsed = time.monotonic() - started
         assert code == 0
         await asyncio.gather(*(p.close() for p in peers))
-        await asyncio.to_thread(agent.stop)
-        ended = await asyncio.to_thread(agent.audit, "--event", "session.ended",
+        await agent.stop()
+        ended = await agent.audit("--event", "session.ended",
                                         "--reason", "shutdown")
         return elapsed, len(ended)
 
@@ -58,11 +57,10 @@ async def grant_latency() -> tuple[list[float], list[float]]:
     with tempfile.TemporaryDirectory() as tmp:
         # The failure limiter off: every denial takes the same path as the grants.
         limits = {"failed_attempts": {"burst": 100_000, "per_minute": 100_000}}
-        agent = await asyncio.to_thread(AgentProcess, Path(tmp), [{"id": "cam1",
-                                                                   "source": SMALL}],
-                                        tokens=limits)
+        agent = await AgentProcess.start(Path(tmp), [{"id": "cam1", "source": SMALL}],
+                                         tokens=limits)
         try:
-            _, token = await asyncio.to_thread(agent.token, "--host")
+            _, token = await agent.token("--host")
             granted: list[float] = []
             denied: list[float] = []
             async with aiohttp.ClientSession() as http:
@@ -77,7 +75,7 @@ async def grant_latency() -> tuple[list[float], list[float]]:
                     (granted if good else denied).append((time.perf_counter() - started) * 1000)
                     assert (r.status == 200) == good, r.status
         finally:
-            await asyncio.to_thread(agent.stop)
+            await agent.stop()
         return granted, denied
 
 

@@ -43,18 +43,18 @@ _UNSET: Any = object()
 def agent(tmp_path_factory: pytest.TempPathFactory):
     # The failure limiter is widened: this module sends a few dozen bad tokens on purpose and
     # must see their own reasons, not rate_limited (which has its own test below).
-    process = AgentProcess(tmp_path_factory.mktemp("admin"), [
+    process = asyncio.run(AgentProcess.start(tmp_path_factory.mktemp("admin"), [
         {"id": "cam1", "source": SRC},
         {"id": "cam2", "source": SRC},
-    ], tokens={"failed_attempts": {"burst": 1000, "per_minute": 1000}})
+    ], tokens={"failed_attempts": {"burst": 1000, "per_minute": 1000}}))
     yield process
-    assert process.stop() == 0
+    assert asyncio.run(process.stop()) == 0
 
 
 @pytest.fixture(scope="module")
 def admin(agent: AgentProcess) -> tuple[str, str]:
     """(id, token) of an admin token made on the CLI, as an installer would."""
-    return agent.token("--admin", "--label", "test admin")
+    return asyncio.run(agent.token("--admin", "--label", "test admin"))
 
 
 @dataclass
@@ -184,7 +184,7 @@ async def test_only_a_valid_admin_token_opens_the_admin_api(
         remember(token)
         token_id = token[4:16]
     elif case == "access token":
-        token_id, token = (await asyncio.to_thread(agent.token, "--host"))
+        token_id, token = (await agent.token("--host"))
     elif case == "publisher token":
         token = generate(Kind.PUBLISHER).text  # only the relay holds these
         remember(token)
@@ -233,7 +233,7 @@ async def test_only_a_valid_admin_token_opens_the_admin_api(
 async def test_every_admin_action_is_audited_with_the_admin_as_actor(
         agent: AgentProcess, admin: tuple[str, str]) -> None:
     _, observer = admin
-    actor_id, actor = await asyncio.to_thread(agent.token, "--admin", "--label", "actor")
+    actor_id, actor = await agent.token("--admin", "--label", "actor")
     made = await create(agent, actor, scope="camera:cam1", label="audited")
     assert made["created_by"] == f"admin:{actor_id}"
     other = await create(agent, actor)
@@ -463,10 +463,10 @@ async def test_create_refuses_what_the_store_refuses(
 
 
 async def test_token_limit_and_rate_limit(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SRC}], tokens={
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}], tokens={
         "max_active": 2, "failed_attempts": {"burst": 2, "per_minute": 1}})
     try:
-        _, admin_token = await asyncio.to_thread(agent.token, "--admin")
+        _, admin_token = await agent.token("--admin")
         second = await create(agent, admin_token, scope="camera:cam1")
         answer = await call(agent, "POST", f"{API}/tokens", admin_token, body={})
         assert "tokens.max_active" in answer.error(409, "token_limit")
@@ -483,7 +483,7 @@ async def test_token_limit_and_rate_limit(tmp_path: Path) -> None:
         assert statuses == [(401, "malformed", None)] * 2 + [(429, "rate_limited", "60")] * 2
         assert (await call(agent, "GET", f"{API}/hosts", admin_token)).status == 200
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 async def test_list_tokens_with_filters(agent: AgentProcess, admin: tuple[str, str]) -> None:
@@ -973,7 +973,7 @@ async def test_metrics_need_an_admin_token(agent: AgentProcess, admin: tuple[str
     answer = await call(agent, "GET", "/metrics")
     answer.error(401, "missing")
     assert answer.headers["WWW-Authenticate"].startswith('Bearer realm="therelay-agent"')
-    _, access = await asyncio.to_thread(agent.token, "--host")
+    _, access = await agent.token("--host")
     (await call(agent, "GET", "/metrics", access)).error(403, "wrong_kind")
     answer = await call(agent, "GET", "/metrics", admin_token)
     assert answer.status == 200
@@ -1126,7 +1126,7 @@ async def test_a_narrowing_ends_the_sessions_it_no_longer_allows(
         assert await bystander.connect() == 201  # the cap is per token
 
         async def cli_says_session_limit() -> bool:
-            checked = await asyncio.to_thread(agent.cli, "token", "check", made["token"],
+            checked = await agent.cli("token", "check", made["token"],
                                               "--camera", "cam1")
             return checked.returncode == 1 and "denied: session_limit" in checked.stdout
 

@@ -19,6 +19,7 @@ pytest 9 no longer has.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import zlib
 from datetime import datetime, timedelta
@@ -49,20 +50,21 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory):
-    process = AgentProcess(tmp_path_factory.mktemp("fuzz"), [
+    process = asyncio.run(AgentProcess.start(tmp_path_factory.mktemp("fuzz"), [
         {"id": "cam1", "source": SRC},
         {"id": "cam2", "source": SRC},
     ], tokens={"max_active": 100_000,
                # negative cases drop the Authorization header (401, documented): without a
                # wide budget the failure limiter would answer 429 to the rest of them
-               "failed_attempts": {"burst": 100_000, "per_minute": 100_000}})
+               "failed_attempts": {"burst": 100_000, "per_minute": 100_000}}))
     yield process
-    assert process.stop() == 0  # and its log shows no traceback
+    assert asyncio.run(process.stop()) == 0  # and its log shows no traceback
 
 
 @pytest.fixture(scope="module")
 def admin_token(agent: AgentProcess) -> str:
-    return agent.token("--admin", "--label", "fuzz")[1]
+    _, token = asyncio.run(agent.token("--admin", "--label", "fuzz"))
+    return token
 
 
 schema = schemathesis.openapi.from_dict(openapi.document())

@@ -372,8 +372,8 @@ async def test_next_to_a_running_daemon_nothing_is_disturbed(tmp_path: Path) -> 
         token = relay.issue_publisher(agent_id="site1")
         secret = tmp_path / "publisher-token.secret"
         write_secret(secret, token + "\n")
-        daemon = await asyncio.to_thread(
-            AgentProcess, tmp_path, [{"id": "demo", "source": TESTSRC}],
+        daemon = await AgentProcess.start(
+            tmp_path, [{"id": "demo", "source": TESTSRC}],
             relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
@@ -397,7 +397,7 @@ async def test_next_to_a_running_daemon_nothing_is_disturbed(tmp_path: Path) -> 
             assert relay.open_connections == 1
             assert len([m for m in relay.received if m["type"] == "hello"]) == 1
         finally:
-            assert await asyncio.to_thread(daemon.stop) == 0
+            assert await daemon.stop() == 0
     assert relay.violations == []
 
 

@@ -4,6 +4,7 @@ daemon. One line, a non-zero exit, no traceback; the daemon says it loudly."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -101,7 +102,7 @@ def test_a_read_only_database_is_one_clear_line(small_disk: Path) -> None:
 
 
 def test_a_database_removed_under_the_daemon_is_noticed(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, [{"id": "demo", "source": "testsrc://"}])
+    agent = asyncio.run(AgentProcess.start(tmp_path, [{"id": "demo", "source": "testsrc://"}]))
     try:
         database = Path(agent.env["THERELAY_STATE_DIR"]) / "agent.db"
         for suffix in ("", "-wal", "-shm"):
@@ -118,20 +119,20 @@ def test_a_database_removed_under_the_daemon_is_noticed(tmp_path: Path) -> None:
         assert "was removed" in str(health["problems"])
         lost = [e for e in agent.log_events() if e.get("event") == "state_database_lost"]
         assert lost and lost[0]["level"] == "error", lost
-        report = json.loads(agent.cli("doctor", "--json").stdout)
+        report = json.loads(asyncio.run(agent.cli("doctor", "--json")).stdout)
         http = next(c for c in report["checks"] if c["check"] == "http")
         assert http["status"] == "fail" and "was removed" in http["finding"], http
     finally:
-        agent.stop()
+        asyncio.run(agent.stop())
 
 
 def test_a_full_disk_under_the_daemon_is_a_503_not_a_traceback(tmp_path: Path) -> None:
     """The daemon's state_dir on a 2 MiB tmpfs (its log elsewhere); filled while it runs.
     Creating a token through the admin API says why it failed; viewing goes on."""
     with tmpfs(tmp_path / "state", "2m") as state:
-        agent = AgentProcess(tmp_path, [{"id": "demo", "source": "testsrc://"}])
+        agent = asyncio.run(AgentProcess.start(tmp_path, [{"id": "demo", "source": "testsrc://"}]))
         try:
-            _, admin = agent.token("--admin")
+            _, admin = asyncio.run(agent.token("--admin"))
             fill(state)
             request = urllib.request.Request(
                 f"{agent.base}/api/v1/admin/tokens", method="POST",
@@ -148,4 +149,4 @@ def test_a_full_disk_under_the_daemon_is_a_503_not_a_traceback(tmp_path: Path) -
             with urllib.request.urlopen(f"{agent.base}/healthz", timeout=5) as r:
                 assert r.status == 200
         finally:
-            agent.stop()  # fails on any traceback in the daemon's log
+            asyncio.run(agent.stop())  # fails on any traceback in the daemon's log

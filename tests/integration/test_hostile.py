@@ -45,11 +45,11 @@ def junk_h264(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("hostile")
-    process = AgentProcess(tmp, [{"id": "cam1", "source": SRC},
+    process = asyncio.run(AgentProcess.start(tmp, [{"id": "cam1", "source": SRC},
                                  {"id": "junk", "source": f"file://{junk_h264(tmp / 'j.mkv')}"}],
-                           log={"level": "debug"})
+                           log={"level": "debug"}))
     yield process
-    assert process.stop() == 0
+    assert asyncio.run(process.stop()) == 0
 
 
 def _bytes_under(path: Path) -> int:
@@ -78,9 +78,9 @@ async def test_a_flood_of_long_unauthenticated_requests_stays_small(
     grow by ~14 kB per request (42 MB here); now by less than 2 MB, and a viewer with a
     valid token is answered at once meanwhile."""
     state = Path(agent.env["THERELAY_STATE_DIR"])
-    _, token = await asyncio.to_thread(agent.token, "--camera", "cam1", "--protocol",
+    _, token = await agent.token("--camera", "cam1", "--protocol",
                                        "snapshot")
-    await asyncio.to_thread(agent.audit)  # the database and its WAL exist
+    await agent.audit()  # the database and its WAL exist
     before = await asyncio.to_thread(_bytes_under, state)
     log_before = agent.log_path.stat().st_size
     paths = [f"/whep/{i:05d}" + "x" * 8000 for i in range(3000)]
@@ -97,7 +97,7 @@ async def test_a_flood_of_long_unauthenticated_requests_stays_small(
             await asyncio.sleep(0.1)
     statuses = await flood
     assert len(statuses) == 3000 and set(statuses) <= {401, 429}
-    entries = await asyncio.to_thread(agent.audit, "--result", "denied")
+    entries = await agent.audit("--result", "denied")
     await asyncio.sleep(0.3)  # one more flush interval for the WAL
     grown = await asyncio.to_thread(_bytes_under, state) - before
     assert grown < 2 * 1024 * 1024, f"the state grew by {grown / 2**20:.1f} MB"
@@ -110,7 +110,7 @@ async def test_a_flood_of_long_unauthenticated_requests_stays_small(
 async def test_tokens_glued_or_percent_encoded_reach_no_file(agent: AgentProcess) -> None:
     """A token right after other text (``%3Dtra_…``, ``xtra_…``, ``tra%5F…``) used to escape
     redaction in the log, and a token in the path was stored verbatim in the audit."""
-    _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    _, token = await agent.token("--camera", "cam1")
     secret = token[17:]
     pct = token.replace("_", "%5F")
     probes = [f"/whep/x{token}", f"/whep/%3D{token}", f"/whep/{pct}",
@@ -121,7 +121,7 @@ async def test_tokens_glued_or_percent_encoded_reach_no_file(agent: AgentProcess
             async with http.post(agent.base + path, data=b"v=0\r\n",
                                  headers={"Content-Type": "application/sdp"}) as r:
                 assert 400 <= r.status < 500
-    await asyncio.to_thread(agent.audit)  # flushed
+    await agent.audit()  # flushed
     root = agent.log_path.parent
     for file in root.rglob("*"):
         if file.is_file():
@@ -172,8 +172,7 @@ async def test_connection_caps_and_the_header_deadline(tmp_path: Path) -> None:
     """Idle connections used to be kept 75 s each, with no cap: now the ninth from one
     address is closed at once (the others are not), a client that never finishes its
     headers is dropped after http.header_timeout, and refusals make one log line a burst."""
-    agent = await asyncio.to_thread(
-        AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}],
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}],
         http={"max_connections": 16, "max_connections_per_ip": 8, "header_timeout": 1.5})
     try:
         held = await _opened(8, port=agent.port)
@@ -200,14 +199,13 @@ async def test_connection_caps_and_the_header_deadline(tmp_path: Path) -> None:
         lines = [e for e in agent.log_events() if e.get("event") == "http_connections_refused"]
         assert len(lines) == 1 and lines[0]["cap"] == "per_ip"
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0
 
 
 async def test_accept_errors_at_the_open_files_limit_are_logged_once(tmp_path: Path) -> None:
     """At the open-files limit asyncio logged every failed accept() (167k lines in 34 s):
     one line for the burst now, and the agent serves again once connections close."""
-    agent = await asyncio.to_thread(
-        AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}], nofile=160,
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}], nofile=160,
         http={"max_connections": 1000, "max_connections_per_ip": 1000})
     try:
         conns = []
@@ -224,7 +222,7 @@ async def test_accept_errors_at_the_open_files_limit_are_logged_once(tmp_path: P
         raw = [e for e in events if "out of system resource" in str(e.get("event"))]
         assert len(failing) == 1 and not raw
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0
 
 
 async def test_a_junk_stream_snapshot_is_never_a_500(agent: AgentProcess) -> None:
@@ -232,7 +230,7 @@ async def test_a_junk_stream_snapshot_is_never_a_500(agent: AgentProcess) -> Non
     camera_unreadable with FFmpeg's reason (whether this junk file's keyframe reaches the
     decoder depends on the ingest's own checks; tests/unit/test_media_units.py decodes one
     directly)."""
-    _, token = await asyncio.to_thread(agent.token, "--camera", "junk")
+    _, token = await agent.token("--camera", "junk")
     async with aiohttp.ClientSession() as http, http.get(
             f"{agent.base}/snapshot/junk.jpg",
             headers={"Authorization": f"Bearer {token}"}) as r:
@@ -259,7 +257,7 @@ async def test_undecodable_or_absurd_offers_are_4xx_at_once(
         agent: AgentProcess, content_type: str, body: bytes, status: int, code: str) -> None:
     """Bodies that are not UTF-8 or name an unknown charset were 500s; 700 m-lines held the
     loop 0.57 s before being refused. Now each is a 4xx before aiortc parses anything."""
-    _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    _, token = await agent.token("--camera", "cam1")
     started = time.monotonic()
     async with aiohttp.ClientSession() as http, http.post(
             f"{agent.base}/whep/cam1", data=body,
@@ -284,7 +282,7 @@ async def test_a_large_audit_export_streams_without_holding_the_loop(
         agent: AgentProcess) -> None:
     """A 28 MB export was built in one piece on the event loop (0.39 s without an answer to
     anyone). Now it streams page by page; /healthz keeps answering meanwhile."""
-    _, admin_token = await asyncio.to_thread(agent.token, "--admin")
+    _, admin_token = await agent.token("--admin")
     state = Path(agent.env["THERELAY_STATE_DIR"])
     await asyncio.to_thread(_fill_audit, state / "agent.db", 80_000)
     lags: list[float] = []
@@ -342,9 +340,9 @@ async def test_a_full_disk_loses_no_grant_and_holds_no_viewer(
     """On a full state filesystem every grant was held 2 s (DURABLE_WAIT) and could be lost.
     Now the reserve file is given up for the grants: each is answered at once and is in the
     audit log before the disk is freed."""
-    agent = await asyncio.to_thread(AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}])
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}])
     try:
-        token_id, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        token_id, token = await agent.token("--camera", "cam1")
         reserve = small_state / "audit.reserve"
         for _ in range(100):
             if reserve.exists() and reserve.stat().st_size == 4 * 1024 * 1024:
@@ -362,7 +360,7 @@ async def test_a_full_disk_loses_no_grant_and_holds_no_viewer(
                 times.append(time.monotonic() - started)
         assert max(times) < 1.0, sorted(times)[-3:]
         assert not reserve.exists()
-        granted = await asyncio.to_thread(agent.audit, "--token", token_id, "--result",
+        granted = await agent.audit("--token", token_id, "--result",
                                           "granted")
         assert len(granted) == 30  # on disk while the disk is still full
         events = [e.get("event") for e in agent.log_events()]
@@ -373,4 +371,4 @@ async def test_a_full_disk_loses_no_grant_and_holds_no_viewer(
                 headers={"Authorization": f"Bearer {token}"}) as r:
             assert r.status == 200
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0

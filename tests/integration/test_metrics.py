@@ -43,11 +43,11 @@ async def scrape(agent: AgentProcess, token: str) -> tuple[dict[str, str], dict[
 
 
 async def test_metrics_are_in_base_units_for_served_protocols_only(tmp_path: Path) -> None:
-    agent = await asyncio.to_thread(AgentProcess, tmp_path, [
+    agent = await AgentProcess.start(tmp_path, [
         {"id": "cam1", "source": SMALL}, {"id": "cam2", "source": SMALL}])
     try:
-        _, admin = await asyncio.to_thread(agent.token, "--admin")
-        _, access = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        _, admin = await agent.token("--admin")
+        _, access = await agent.token("--camera", "cam1")
         viewer = WhepViewer(agent.base, "cam1", access, audio=False)
         assert await viewer.connect() == 201
         await viewer.frame()
@@ -60,7 +60,7 @@ async def test_metrics_are_in_base_units_for_served_protocols_only(tmp_path: Pat
         types, samples = await scrape(agent, admin)
         await viewer.close()
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0
 
     assert set(types) == NAMES  # no relay configured: no relay series
     assert all(types[n] == "counter" for n in types if n.endswith("_total"))
@@ -92,12 +92,12 @@ async def test_relay_link_state_has_a_series_per_state(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         secret = tmp_path / "publisher-token.secret"
         write_secret(secret, relay.issue_publisher() + "\n")
-        agent = await asyncio.to_thread(
-            AgentProcess, tmp_path, [{"id": "cam1", "source": SMALL}],
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "cam1", "source": SMALL}],
             relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
-            _, admin = await asyncio.to_thread(agent.token, "--admin")
+            _, admin = await agent.token("--admin")
 
             for _ in range(100):
                 _, connected = await scrape(agent, admin)
@@ -106,7 +106,7 @@ async def test_relay_link_state_has_a_series_per_state(tmp_path: Path) -> None:
                 await asyncio.sleep(0.1)
             types, _ = await scrape(agent, admin)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
     assert set(types) == NAMES | RELAY_NAMES
     link = {s: v for s, v in connected.items() if s.startswith("therelay_relay_link{")}
     assert link == {f'therelay_relay_link{{state="{s.value}"}}': float(s is LinkState.CONNECTED)

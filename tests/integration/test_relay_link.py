@@ -23,7 +23,7 @@ from tests.bench import bench_relay_sync
 from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
-from tests.support.fake_relay import FakeRelay
+from tests.support.fake_relay import FakeRelay, Message
 
 __all__ = ["rtsp_camera_factory_fixture"]
 Factory = Callable[..., RtspCamera]
@@ -31,8 +31,9 @@ Factory = Callable[..., RtspCamera]
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 
 
-def start_agent(tmp: Path, relay: FakeRelay, token: str, *, cameras: tuple[str, ...] = ("cam1",),
-                always: bool = False, **extra: Any) -> AgentProcess:
+async def start_agent(tmp: Path, relay: FakeRelay, token: str, *,
+                      cameras: tuple[str, ...] = ("cam1",), always: bool = False,
+                      **extra: Any) -> AgentProcess:
     """The daemon with these test-pattern cameras, linked to the fake relay (or, with
     ``always``, publishing every camera to its WHIP template without a control channel)."""
     secret = tmp / "publisher-token.secret"
@@ -40,8 +41,9 @@ def start_agent(tmp: Path, relay: FakeRelay, token: str, *, cameras: tuple[str, 
     section: dict[str, str] = {"publisher_token_file": str(secret)}
     section.update({"publish": "always", "whip_url_template": relay.whip_url_template}
                    if always else {"url": relay.url})
-    return AgentProcess(tmp, [{"id": c, "name": c.title(), "source": SMALL} for c in cameras],
-                        agent={"id": "nvr1", "account_id": "acme"}, relay=section, **extra)
+    return await AgentProcess.start(
+        tmp, [{"id": c, "name": c.title(), "source": SMALL} for c in cameras],
+        agent={"id": "nvr1", "account_id": "acme"}, relay=section, **extra)
 
 
 async def snapshot_status(agent: AgentProcess, token: str) -> int:
@@ -52,7 +54,7 @@ async def snapshot_status(agent: AgentProcess, token: str) -> int:
 
 async def test_hello_inventory_token_sync_and_instant_revocation(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
         try:
             hello = await relay.wait_agent(timeout=20)
             assert hello["agent_id"] == "nvr1" and "whip" in hello["capabilities"]
@@ -74,20 +76,20 @@ async def test_hello_inventory_token_sync_and_instant_revocation(tmp_path: Path)
             await wait_until(lambda: viewer.pc.connectionState in ("closed", "failed"), 10)
             await viewer.close()
             assert await snapshot_status(agent, text) == 401
-            ended = agent.audit("--token", record["id"], "--event", "session.ended")
+            ended = await agent.audit("--token", record["id"], "--event", "session.ended")
             assert ended and ended[0]["reason"] == "revoked"
-            assert agent.audit("--token", record["id"], "--event", "token.revoked")[0][
+            assert (await agent.audit("--token", record["id"], "--event", "token.revoked"))[0][
                 "actor"] == "relay"
             pong = await relay.ping()
             assert pong["type"] == "pong"
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
 async def test_publish_on_demand_over_whip(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             session = await relay.publish("cam1")
@@ -101,14 +103,14 @@ async def test_publish_on_demand_over_whip(tmp_path: Path) -> None:
             refused = await relay.wait_for("ack", lambda m: m.get("ok") is False, timeout=10)
             assert refused["error"]["code"] == "unknown_camera"
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
 async def test_redirects_are_followed_and_failures_reported(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         relay.whip_redirect = True
-        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             session = await relay.publish("cam1")
@@ -119,13 +121,13 @@ async def test_redirects_are_followed_and_failures_reported(tmp_path: Path) -> N
             status = await relay.wait_status(failing, "failed", timeout=20)
             assert status["error"]["code"] == "http_503"
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
 async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(permission="read"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(permission="read"))
         try:
             await relay.wait_agent(timeout=20)
             message = await relay.publish("cam1")
@@ -138,7 +140,7 @@ async def test_a_read_only_token_registers_but_never_publishes(tmp_path: Path) -
             await wait_until(lambda: any(e.get("event") == "relay_read_only"
                                          for e in agent.log_events()), 5)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
@@ -146,7 +148,7 @@ async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         token = relay.issue_publisher(revoked=True)
-        agent = start_agent(tmp_path, relay, token)
+        agent = await start_agent(tmp_path, relay, token)
         try:
             await wait_until(lambda: len(relay.attempts) >= 1, 20)
             await asyncio.sleep(5)
@@ -159,13 +161,13 @@ async def test_a_revoked_publisher_token_is_said_once_and_retried_slowly(
             status, _, body = await _get(f"{agent.base}/healthz")
             assert status == 200 and b'"relay": "rejected"' in body
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
 
 
 async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             _, record = relay.issue_access_token("host:nvr1")
@@ -184,7 +186,7 @@ async def test_reconnects_after_the_relay_drops_and_resumes_from_its_cursor(
             assert stopped["error"]["code"] == "channel_lost"
             assert relay.received.index(stopped) > relay.received.index(hello)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0  # the fake relay keeps serving
+            assert await agent.stop() == 0  # the fake relay keeps serving
         assert relay.violations == []
 
 
@@ -199,25 +201,24 @@ async def test_always_mode_publishes_to_any_whip_server_without_a_control_channe
         token = relay.issue_publisher()
         secret = tmp_path / "publisher-token.secret"
         write_secret(secret, token + "\n")
-        agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL},
-                                        {"id": "cam2", "source": SMALL}],
-                             agent={"id": "nvr1"},
-                             relay={"publish": "always", "publisher_token_file": str(secret),
-                                    "whip_url_template": relay.whip_url_template,
-                                    "always_cameras": ["cam2"]})
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "cam1", "source": SMALL}, {"id": "cam2", "source": SMALL}],
+            agent={"id": "nvr1"},
+            relay={"publish": "always", "publisher_token_file": str(secret),
+                   "whip_url_template": relay.whip_url_template, "always_cameras": ["cam2"]})
         try:
             frame = await relay.whip_frame(relay.always_session("nvr1", "cam2"), timeout=20)
             assert (frame.width, frame.height) == (320, 240)
             assert relay.whip_resource(relay.always_session("nvr1", "cam1")) is None
             assert relay.connections == 0  # no control channel was needed
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         await relay.wait_whip_deleted(relay.always_session("nvr1", "cam2"))
 
 
 async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
         try:
             await relay.wait_agent(timeout=20)
             text, record = relay.issue_access_token("host:nvr1")
@@ -234,26 +235,36 @@ async def test_usage_reaches_the_relay_in_acknowledged_batches(tmp_path: Path) -
             again = await relay.wait_for("usage", lambda m: m["batch"] == first["batch"],
                                          since=mark, timeout=40)
             assert again["events"] == first["events"]
-            mine = [e for e in relay.usage_events if e["token_id"] == record["id"]]
-            assert [e["result"] for e in mine] == ["granted"] * 3
-            assert {e["protocol"] for e in mine} == {"snapshot"}
-            assert any(e["token_id"] is None and e["reason"] == "malformed"
-                       for e in relay.usage_events)
+
+            # The first batch holds what was written when it went out (on a loaded machine
+            # perhaps only the first snapshot); the rest follow once it is acknowledged.
+            def mine() -> list[Message]:
+                return [e for e in relay.usage_events if e["token_id"] == record["id"]]
+
+            def malformed() -> bool:
+                return any(e["token_id"] is None and e["reason"] == "malformed"
+                           for e in relay.usage_events)
+
+            await wait_until(lambda: len(mine()) >= 3 and malformed(), 20)
+            assert [e["result"] for e in mine()] == ["granted"] * 3  # each once, resend or not
+            assert {e["protocol"] for e in mine()} == {"snapshot"}
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
 async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
         tmp_path: Path, rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(width=320, height=240, fps=15, gop=15, bitrate=300)
+    camera = await asyncio.to_thread(rtsp_camera_factory, width=320, height=240, fps=15,
+                                     gop=15, bitrate=300)
     async with FakeRelay() as relay:
         relay.clock_offset = 120.0  # the relay's clock is two minutes ahead
         secret = tmp_path / "publisher-token.secret"
         write_secret(secret, relay.issue_publisher() + "\n")
-        agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
-                             agent={"id": "nvr1"}, media={"idle_grace": 1.0},
-                             relay={"url": relay.url, "publisher_token_file": str(secret)})
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "door", "source": camera.url}], agent={"id": "nvr1"},
+            media={"idle_grace": 1.0},
+            relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
             assert camera.total_connections == 0  # nothing is pulled before publish
@@ -262,7 +273,7 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
             frame = await relay.whip_frame(session)
             assert (frame.width, frame.height) == (320, 240)
             # A LAN viewer shares the same single pull.
-            _, token = await asyncio.to_thread(agent.token, "--camera", "door")
+            _, token = await agent.token("--camera", "door")
             viewer = WhepViewer(agent.base, "door", token)
             assert await viewer.connect() == 201
             await viewer.frame()
@@ -286,7 +297,7 @@ async def test_camera_to_relay_on_demand_and_robust_to_a_misbehaving_relay(
             assert camera.total_connections == 1
             assert any(e.get("event") == "clock_skew" for e in agent.log_events())
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
 
 
 def events(agent: AgentProcess, name: str) -> list[dict[str, Any]]:
@@ -298,7 +309,7 @@ async def test_a_rejection_after_other_failures_is_still_said_once(tmp_path: Pat
     token_revoked — one relay_rejected_agent error, no relay_unavailable for it."""
     async with FakeRelay() as relay:
         token = relay.issue_publisher(agent_id="nvr1")
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay, token)
+        agent = await start_agent(tmp_path, relay, token)
         try:
             await relay.wait_agent(timeout=20)
             await relay.revoke_publisher(token, close=False)  # seen at the next upgrade
@@ -315,14 +326,14 @@ async def test_a_rejection_after_other_failures_is_still_said_once(tmp_path: Pat
                 "the relay answered HTTP 503 (unavailable)"]
             assert token not in agent.log_path.read_text()
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
 async def test_a_welcome_naming_another_agent_is_closed_4005(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         relay.welcome_agent_id = "nvr-elsewhere"
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             closed = await relay.wait_closed(timeout=20)
             assert (closed.code, closed.by_relay) == (4005, False)
@@ -332,7 +343,7 @@ async def test_a_welcome_naming_another_agent_is_closed_4005(tmp_path: Path) -> 
             await asyncio.sleep(3)
             assert relay.connections == 1  # the next try is 15 s or more away
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
@@ -341,9 +352,9 @@ async def test_a_relay_that_never_welcomes(tmp_path: Path) -> None:
     (4009), comes back, and LAN viewing never notices."""
     async with FakeRelay() as relay:
         relay.send_welcome = False
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
-            _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+            _, token = await agent.token("--camera", "cam1")
             closed = await relay.wait_closed(timeout=25)
             assert (closed.code, closed.by_relay) == (4009, False)
             await wait_until(lambda: events(agent, "relay_unavailable"), 5)
@@ -355,7 +366,7 @@ async def test_a_relay_that_never_welcomes(tmp_path: Path) -> None:
             await relay.wait_agent(timeout=20)
             assert await snapshot_status(agent, token) == 200
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
@@ -363,7 +374,7 @@ async def test_bad_input_from_the_relay(tmp_path: Path) -> None:
     """A bad field is refused with an ack, the connection stays; a too-big message is the
     agent's own 1009, logged as such."""
     async with FakeRelay() as relay:
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             bad = await relay.send("publish", session_id="s-1", whip_url="x" * 5000)
@@ -383,14 +394,14 @@ async def test_bad_input_from_the_relay(tmp_path: Path) -> None:
                 "the agent closed the connection (1009 message_too_big)")
             await relay.wait_agent(timeout=20)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
 async def test_always_mode_republishes_within_5_s_after_the_whip_server_dies(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay,
+        agent = await start_agent(tmp_path, relay,
                                         relay.issue_publisher(), always=True)
         key = relay.always_session("nvr1", "cam1")
         try:
@@ -410,7 +421,7 @@ async def test_always_mode_republishes_within_5_s_after_the_whip_server_dies(
             (lost,) = events(agent, "whip_always_lost")
             assert "sent nothing" in lost["error"]
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
@@ -434,7 +445,7 @@ async def test_a_sync_of_100000_tokens_keeps_the_event_loop_responsive() -> None
 
 async def test_the_heartbeat_follows_welcome(tmp_path: Path) -> None:
     async with FakeRelay(heartbeat_s=5) as relay:
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher())
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher())
         try:
             await relay.wait_agent(timeout=20)
             await asyncio.sleep(11.5)
@@ -444,14 +455,14 @@ async def test_the_heartbeat_follows_welcome(tmp_path: Path) -> None:
                                           strict=False)]
             assert len(gaps) == 2 and all(4.5 <= g <= 6 for g in gaps), gaps  # not 20 s
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []
 
 
 async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
         tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = await asyncio.to_thread(start_agent, tmp_path, relay, relay.issue_publisher(),
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(),
                                         cameras=("cam1", "cam2"))
         try:
             await relay.wait_agent(timeout=20)
@@ -471,7 +482,7 @@ async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
             live = await relay.publish("cam1")
             await relay.wait_status(live, "live", timeout=20)
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         # Section 2: at shutdown the session is DELETEd and reported stopped.
         await relay.wait_whip_deleted(live)
         assert relay.statuses[live][-1]["state"] == "stopped"
@@ -480,7 +491,7 @@ async def test_a_camera_removed_meanwhile_and_a_shutdown_end_their_sessions(
 
 async def test_a_sync_can_neither_unrevoke_a_token_nor_change_its_hash(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
-        agent = start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
+        agent = await start_agent(tmp_path, relay, relay.issue_publisher(agent_id="nvr1"))
         try:
             await relay.wait_agent(timeout=20)
             text, record = relay.issue_access_token("host:nvr1")
@@ -510,12 +521,12 @@ async def test_a_sync_can_neither_unrevoke_a_token_nor_change_its_hash(tmp_path:
             logged = [e for e in agent.log_events() if e.get("event") == "relay_sync_refused"]
             assert sorted((e["token_id"], e["reason"]) for e in logged) == sorted(
                 [(record["id"], "revocation_final"), (kept["id"], "hash_changed")])
-            audited = await asyncio.to_thread(agent.audit, "--event", "token.sync_refused")
+            audited = await agent.audit("--event", "token.sync_refused")
             assert sorted((e["token_id"], e["reason"], e["actor"]) for e in audited) == sorted(
                 [(record["id"], "revocation_final", "relay"),
                  (kept["id"], "hash_changed", "relay")])
             # A relay token revoked on the agent itself stays revoked whatever the relay says.
-            revoked = await asyncio.to_thread(agent.cli, "token", "revoke", kept["id"])
+            revoked = await agent.cli("token", "revoke", kept["id"])
             assert revoked.returncode == 0, revoked.stderr
             sync = await relay.send_tokens([kept], full=True)
             assert sync is not None
@@ -524,5 +535,5 @@ async def test_a_sync_can_neither_unrevoke_a_token_nor_change_its_hash(tmp_path:
                 kept["id"]: "revocation_final"}
             assert await snapshot_status(agent, kept_text) == 401
         finally:
-            assert await asyncio.to_thread(agent.stop) == 0
+            assert await agent.stop() == 0
         assert relay.violations == []

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 from pathlib import Path
@@ -23,10 +22,10 @@ async def listed(agent: AgentProcess, token: str) -> list[str]:
 
 async def test_reload_applies_camera_changes_and_keeps_unchanged_viewers(
         tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL},
-                                    {"id": "cam2", "source": SMALL}])
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL},
+                                     {"id": "cam2", "source": SMALL}])
     try:
-        _, token = await asyncio.to_thread(agent.token, "--host")
+        _, token = await agent.token("--host")
         keep = WhepViewer(agent.base, "cam1", token)
         gone = WhepViewer(agent.base, "cam2", token)
         assert await keep.connect() == 201 and await gone.connect() == 201
@@ -44,7 +43,7 @@ async def test_reload_applies_camera_changes_and_keeps_unchanged_viewers(
             await keep.frame()
         assert keep.pc.connectionState == "connected"
         await wait_until(lambda: gone.pc.connectionState in ("closed", "failed"), 10)
-        ended = await asyncio.to_thread(agent.audit, "--event", "session.ended",
+        ended = await agent.audit("--event", "session.ended",
                                         "--camera", "cam2")
         assert ended[0]["reason"] == "camera_removed"
         # An invalid file on reload keeps the running configuration.
@@ -57,4 +56,4 @@ async def test_reload_applies_camera_changes_and_keeps_unchanged_viewers(
         await keep.close()
         await gone.close()
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0

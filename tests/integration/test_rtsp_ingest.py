@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import json
+import sys
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import av
 import pytest
 
 from tests.conftest import write_secret
-from tests.support.agent import AgentProcess, WhepViewer, wait_until
+from tests.support.agent import AgentProcess, WhepViewer, run_async, wait_until
 from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
 
 __all__ = ["rtsp_camera_factory_fixture"]
@@ -23,28 +23,28 @@ Factory = Callable[..., RtspCamera]
 CAMERA = {"width": 320, "height": 240, "fps": 15, "gop": 15, "bitrate": 300}
 
 
-def status(agent: AgentProcess, token: str, camera: str) -> dict[str, Any]:
-    request = urllib.request.Request(f"{agent.base}/api/v1/cameras",
-                                     headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=5) as r:
-        cameras = json.loads(r.read())["cameras"]
+async def status(agent: AgentProcess, token: str, camera: str) -> dict[str, Any]:
+    async with aiohttp.ClientSession() as http, http.get(
+            f"{agent.base}/api/v1/cameras", headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=5)) as r:
+        cameras = (await r.json())["cameras"]
     return next(c for c in cameras if c["id"] == camera)
 
 
 async def test_five_viewers_one_rtsp_connection(tmp_path: Path,
                                                 rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA)
-    agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
-                         media={"idle_grace": 1.0})
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
+    agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
+                                     media={"idle_grace": 1.0})
     try:
-        _, token = agent.token("--camera", "door")
+        _, token = await agent.token("--camera", "door")
         viewers = [WhepViewer(agent.base, "door", token) for _ in range(5)]
         for viewer in viewers:
             assert await viewer.connect() == 201, viewer.body
         frames = await asyncio.gather(*(v.frame() for v in viewers))
         assert {(f.width, f.height) for f in frames} == {(320, 240)}
         assert camera.connected == 1 and camera.total_connections == 1
-        info = status(agent, token, "door")
+        info = await status(agent, token, "door")
         assert (info["state"], info["codec"], info["width"]) == ("online", "h264", 320)
         assert info["viewers"] == 5
         for viewer in viewers:
@@ -53,23 +53,27 @@ async def test_five_viewers_one_rtsp_connection(tmp_path: Path,
         # The last viewer gone, the pull stops after media.idle_grace.
         await wait_until(lambda: camera.connected == 0, timeout=10)
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 async def test_a_camera_blip_does_not_end_the_session(tmp_path: Path,
                                                       rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA)
-    agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}],
-                         media={"camera_timeout": 2.0, "reconnect_max": 2.0})
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
+    agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
+                                     media={"camera_timeout": 2.0, "reconnect_max": 2.0})
     try:
-        _, token = agent.token("--camera", "door")
+        _, token = await agent.token("--camera", "door")
         viewer = WhepViewer(agent.base, "door", token)
         assert await viewer.connect() == 201
         await viewer.frame()
-        camera.kill()
-        await wait_until(lambda: status(agent, token, "door")["state"] == "offline", timeout=15)
+        await asyncio.to_thread(camera.kill)
+        async def offline() -> bool:
+            info = await status(agent, token, "door")
+            return bool(info["state"] == "offline")
+
+        await wait_until(offline, timeout=15)
         assert viewer.pc.connectionState == "connected"
-        camera.restart()
+        await asyncio.to_thread(camera.restart)
         # Frames flow again once the camera is back: read until one arrives after restart.
         restarted = time.monotonic()
         deadline = restarted + 30
@@ -77,25 +81,26 @@ async def test_a_camera_blip_does_not_end_the_session(tmp_path: Path,
             await viewer.frame(timeout=30)
             if time.monotonic() - restarted > 0.5:
                 break
-        assert status(agent, token, "door")["state"] == "online"
+        assert (await status(agent, token, "door"))["state"] == "online"
         assert viewer.pc.connectionState == "connected"
         await viewer.close()
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 async def test_credentials_from_a_file_and_a_clear_error_when_wrong(
         tmp_path: Path, rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA, user="viewer", password="s3cret-pass")
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, user="viewer",
+                                     password="s3cret-pass")
     good, bad = tmp_path / "good.secret", tmp_path / "bad.secret"
     write_secret(good, "s3cret-pass\n")
     write_secret(bad, "wrong\n")
-    agent = AgentProcess(tmp_path, [
+    agent = await AgentProcess.start(tmp_path, [
         {"id": "door", "source": camera.url, "username": "viewer", "password_file": str(good)},
         {"id": "yard", "source": camera.url, "username": "viewer", "password_file": str(bad)},
     ])
     try:
-        _, token = agent.token("--host")
+        _, token = await agent.token("--host")
         viewer = WhepViewer(agent.base, "door", token)
         assert await viewer.connect() == 201, viewer.body
         await viewer.frame()
@@ -106,47 +111,46 @@ async def test_credentials_from_a_file_and_a_clear_error_when_wrong(
         assert "refused the credentials" in refused.body
         assert "s3cret" not in agent.log_path.read_text()
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 @pytest.mark.parametrize(("audio", "codec"), [("pcmu", "PCMU"), ("aac", "opus")])
 async def test_audio_reaches_the_viewer(tmp_path: Path, rtsp_camera_factory: Factory,
                                         audio: str, codec: str) -> None:
-    camera = rtsp_camera_factory(**CAMERA, audio=audio)
-    agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url}])
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, audio=audio)
+    agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}])
     try:
-        _, token = agent.token("--camera", "door")
+        _, token = await agent.token("--camera", "door")
         viewer = WhepViewer(agent.base, "door", token)
         assert await viewer.connect() == 201, viewer.body
         assert f"{codec}/" in viewer.body
         await viewer.frame()
         sound = await asyncio.wait_for(viewer.tracks["audio"].recv(), 10)
         assert isinstance(sound, av.AudioFrame) and sound.samples > 0
-        assert status(agent, token, "door")["audio"] == codec
+        assert (await status(agent, token, "door"))["audio"] == codec
         await viewer.close()
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 async def test_a_username_without_password_is_a_clear_error(
         tmp_path: Path, rtsp_camera_factory: Factory) -> None:
-    camera = rtsp_camera_factory(**CAMERA, user="viewer", password="s3cret-pass")
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, user="viewer",
+                                     password="s3cret-pass")
     config = tmp_path / "c.yaml"
     config.write_text(f"cameras: [{{id: door, source: '{camera.url}', username: viewer}}]\n")
-    import subprocess
-    import sys
-
-    checked = subprocess.run([sys.executable, "-m", "agent", "config", "check", "--config",
-                              str(config)], capture_output=True, text=True, check=False,
-                             env={"PATH": "/usr/bin:/bin", "THERELAY_STATE_DIR": str(tmp_path)})
+    checked = await run_async([sys.executable, "-m", "agent", "config", "check", "--config",
+                               str(config)],
+                              env={"PATH": "/usr/bin:/bin", "THERELAY_STATE_DIR": str(tmp_path)})
     assert checked.returncode == 2
     assert "'door' has a username but no password" in checked.stderr
-    agent = AgentProcess(tmp_path, [{"id": "door", "source": camera.url, "username": "viewer"}])
+    agent = await AgentProcess.start(
+        tmp_path, [{"id": "door", "source": camera.url, "username": "viewer"}])
     try:
-        _, token = agent.token("--camera", "door")
+        _, token = await agent.token("--camera", "door")
         viewer = WhepViewer(agent.base, "door", token)
         assert await viewer.connect() == 503
         await viewer.close()
         assert "has a username but no password" in viewer.body
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0

@@ -44,14 +44,14 @@ def cameras() -> Iterator[dict[str, RtspCamera]]:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory,
           cameras: dict[str, RtspCamera]) -> Iterator[AgentProcess]:
-    process = AgentProcess(tmp_path_factory.mktemp("rtsp"), [
+    process = asyncio.run(AgentProcess.start(tmp_path_factory.mktemp("rtsp"), [
         {"id": "cam", "source": cameras["cam"].url},
         {"id": "hevc", "source": cameras["hevc"].url},
         {"id": "other", "source": "testsrc://?size=160x120&fps=10&gop=1"},
     ], media={"camera_timeout": 3.0, "idle_grace": 60.0},
-        rtsp={"session_timeout": SESSION_TIMEOUT})
+        rtsp={"session_timeout": SESSION_TIMEOUT}))
     yield process
-    assert process.stop() == 0
+    assert asyncio.run(process.stop()) == 0
 
 
 def url(agent: AgentProcess, camera: str, token: str | None = None, query: bool = False) -> str:
@@ -63,7 +63,7 @@ def url(agent: AgentProcess, camera: str, token: str | None = None, query: bool 
 
 
 async def token(agent: AgentProcess, *args: str) -> tuple[str, str]:
-    return await asyncio.to_thread(agent.token, *args)
+    return await agent.token(*args)
 
 
 async def run(*cmd: str, timeout: float = 30.0) -> tuple[int, bytes, bytes]:
@@ -167,8 +167,7 @@ async def test_ffmpeg_decodes_frames_of_the_camera_size_with_audio(
     assert len(out) == 20 * W * H
     streams = await ffprobe(url(agent, "cam", secret, query=True), transport)
     assert streams == [f"h264,{W},{H}", "pcm_mulaw"]
-    granted = await asyncio.to_thread(agent.audit, "--token", token_id, "--event",
-                                      "access.granted")
+    granted = await agent.audit("--token", token_id, "--event", "access.granted")
     assert granted and {g["protocol"] for g in granted} == {"rtsp"}
 
 
@@ -243,14 +242,13 @@ async def _playing_ffmpeg(agent: AgentProcess, token_id: str,
 async def test_revocation_ends_a_playing_client_within_a_second(agent: AgentProcess) -> None:
     token_id, secret = await token(agent, "--camera", "cam")
     proc = await _playing_ffmpeg(agent, token_id, secret)
-    result = await asyncio.to_thread(agent.cli, "token", "revoke", token_id)
+    result = await agent.cli("token", "revoke", token_id)
     assert result.returncode == 0, result.stderr
     revoked = time.monotonic()
     await asyncio.wait_for(proc.wait(), 5)
     assert time.monotonic() - revoked < 1.0
     await wait_until(lambda: agent.audit("--token", token_id, "--event", "session.ended"))
-    (ended,) = await asyncio.to_thread(agent.audit, "--token", token_id, "--event",
-                                       "session.ended")
+    (ended,) = await agent.audit("--token", token_id, "--event", "session.ended")
     assert ended["reason"] == "revoked" and ended["protocol"] == "rtsp"
 
 
@@ -278,7 +276,7 @@ async def test_the_token_session_cap_covers_rtsp(agent: AgentProcess) -> None:
             Session=headers["session"].split(";")[0])
         assert status == 429 and refused["retry-after"] == "60"
         second.close()
-        denied = await asyncio.to_thread(agent.audit, "--token", token_id, "--result", "denied")
+        denied = await agent.audit("--token", token_id, "--result", "denied")
         assert [(e["reason"], e["protocol"]) for e in denied] == [("session_limit", "rtsp")]
     finally:
         first.close()
@@ -407,6 +405,5 @@ async def test_removing_the_camera_ends_its_rtsp_clients(agent: AgentProcess) ->
     assert await client.closed(timeout=10)
     client.close()
     await wait_until(lambda: agent.audit("--token", token_id, "--event", "session.ended"))
-    (ended,) = await asyncio.to_thread(agent.audit, "--token", token_id, "--event",
-                                       "session.ended")
+    (ended,) = await agent.audit("--token", token_id, "--event", "session.ended")
     assert ended["reason"] == "camera_removed" and ended["protocol"] == "rtsp"

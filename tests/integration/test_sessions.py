@@ -70,15 +70,15 @@ async def wait_for(probe: Any, timeout: float, step: float = 0.2) -> Any:
 
 @pytest.fixture
 def agent(tmp_path: Path):
-    process = AgentProcess(tmp_path, [{"id": "cam1", "source": SRC}],
+    process = asyncio.run(AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}],
                            sessions={"handshake_timeout": 2, "max_pending_per_ip": 3,
-                                     "max_per_ip": 6, "max_total": 12})
+                                     "max_per_ip": 6, "max_total": 12}))
     yield process
-    assert process.stop() == 0
+    assert asyncio.run(process.stop()) == 0
 
 
 async def test_a_session_that_never_connects_ends_as_ice_timeout(agent: AgentProcess) -> None:
-    token_id, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    token_id, token = await agent.token("--camera", "cam1")
     offer = await phantom_offer()
     async with aiohttp.ClientSession() as http:
         status, headers = await post_offer(http, agent, token, offer)
@@ -90,7 +90,7 @@ async def test_a_session_that_never_connects_ends_as_ice_timeout(agent: AgentPro
     assert 1.5 < time.monotonic() - started < 5
 
     async def ended() -> list[dict[str, Any]]:
-        entries = await asyncio.to_thread(agent.audit, "--event", "session.ended",
+        entries = await agent.audit("--event", "session.ended",
                                           "--token", token_id)
         return entries
     (entry,) = await wait_for(ended, timeout=5)
@@ -105,7 +105,7 @@ async def test_caps_refuse_with_retry_after_and_a_connected_viewer_is_not_pendin
         agent: AgentProcess) -> None:
     """Pending per address (3), then overall (12); a viewer that connects stops counting as
     pending. (The per-address cap of live sessions is checked in tests/unit/test_policy.py.)"""
-    _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    _, token = await agent.token("--camera", "cam1")
     offer = await phantom_offer()
     async with aiohttp.ClientSession() as http:
         answers = [await post_offer(http, agent, token, offer) for _ in range(4)]
@@ -138,11 +138,10 @@ async def test_1100_phantom_sessions_under_1024_files_leave_viewers_playing(
     full garbage collection in the daemon takes 0.1-0.25 s (measured without asyncio debug),
     which the debug-mode daemon of the suite, on a loaded machine, stretches past the 0.5 s
     the log check allows."""
-    agent = await asyncio.to_thread(
-        AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}], nofile=1024,
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}], nofile=1024,
         sessions={"handshake_timeout": 3, "max_total": 100})
     try:
-        _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        _, token = await agent.token("--camera", "cam1")
         offer = await phantom_offer()
         baseline = open_files(agent.proc.pid)
         statuses: list[int] = []
@@ -171,9 +170,9 @@ async def test_1100_phantom_sessions_under_1024_files_leave_viewers_playing(
         await viewer.close()
         await asyncio.sleep(1)
         assert open_files(agent.proc.pid) < baseline + 40
-        ended = await asyncio.to_thread(agent.audit, "--event", "session.ended", "--reason",
+        ended = await agent.audit("--event", "session.ended", "--reason",
                                         "ice_timeout")
         assert len(ended) == statuses.count(201)
         assert not [e for e in agent.log_events() if "Too many open files" in json.dumps(e)]
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0

@@ -44,13 +44,13 @@ async def sigterm(agent: AgentProcess, what: str) -> float:
         elapsed = time.monotonic() - started
         print(f"\nSIGTERM -> exit ({what}): {elapsed:.2f} s")
     assert code == 0
-    assert await asyncio.to_thread(agent.stop) == 0  # no traceback, no blocked loop
+    assert await agent.stop() == 0  # no traceback, no blocked loop
     assert elapsed < STOP_LIMIT, f"stopping took {elapsed:.2f} s (limit {STOP_LIMIT} s)"
     return elapsed
 
 
-def verified(agent: AgentProcess) -> None:
-    result = agent.cli("audit", "verify")
+async def verified(agent: AgentProcess) -> None:
+    result = await agent.cli("audit", "verify")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -73,9 +73,9 @@ async def silent_camera() -> AsyncIterator[str]:
 
 
 async def test_sigterm_with_a_live_viewer_ends_its_session_as_shutdown(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL}])
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL}])
     try:
-        token_id, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        token_id, token = await agent.token("--camera", "cam1")
         viewer = WhepViewer(agent.base, "cam1", token)
         assert await viewer.connect() == 201
         await viewer.frame()
@@ -83,21 +83,21 @@ async def test_sigterm_with_a_live_viewer_ends_its_session_as_shutdown(tmp_path:
         await viewer.close()
     finally:
         if agent.proc.poll() is None:
-            await asyncio.to_thread(agent.stop)
-    ended = await asyncio.to_thread(agent.audit, "--token", token_id, "--event",
+            await agent.stop()
+    ended = await agent.audit("--token", token_id, "--event",
                                     "session.ended")
     assert [e["reason"] for e in ended] == ["shutdown"]
     assert ended[0]["detail"]["bytes"] > 0
-    await asyncio.to_thread(verified, agent)
+    await verified(agent)
 
 
 async def test_sigterm_deletes_the_whip_session_at_the_relay(tmp_path: Path) -> None:
     async with FakeRelay() as relay:
         secret = tmp_path / "publisher-token.secret"
         write_secret(secret, relay.issue_publisher(agent_id="nvr1") + "\n")
-        agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL}],
-                             agent={"id": "nvr1", "account_id": "acme"},
-                             relay={"url": relay.url, "publisher_token_file": str(secret)})
+        agent = await AgentProcess.start(
+            tmp_path, [{"id": "cam1", "source": SMALL}], agent={"id": "nvr1", "account_id": "acme"},
+            relay={"url": relay.url, "publisher_token_file": str(secret)})
         try:
             await relay.wait_agent(timeout=20)
             session = await relay.publish("cam1")
@@ -108,22 +108,22 @@ async def test_sigterm_deletes_the_whip_session_at_the_relay(tmp_path: Path) -> 
             assert deleted is not None
         finally:
             if agent.proc.poll() is None:
-                await asyncio.to_thread(agent.stop)
+                await agent.stop()
         assert relay.violations == []
-    await asyncio.to_thread(verified, agent)
+    await verified(agent)
 
 
 async def test_sigterm_while_a_camera_hangs_and_a_viewer_is_negotiating(
         tmp_path: Path) -> None:
     refused = f"rtsp://127.0.0.1:{free_port()}/nothing-listens"
     async with silent_camera() as hung:
-        agent = AgentProcess(tmp_path, [
+        agent = await AgentProcess.start(tmp_path, [
             {"id": "hung", "source": hung, "always_on": True},
             {"id": "gone", "source": refused, "always_on": True},
             {"id": "slow", "source": hung}],
             media={"camera_timeout": 30.0})
         try:
-            _, token = await asyncio.to_thread(agent.token, "--host")
+            _, token = await agent.token("--host")
             await wait_until(lambda: any(e.get("event") == "camera_unavailable"
                                          for e in agent.log_events()), 15)
             # A viewer whose offer is in flight: the agent is waiting for the camera to
@@ -139,8 +139,8 @@ async def test_sigterm_while_a_camera_hangs_and_a_viewer_is_negotiating(
             await viewer.close()
         finally:
             if agent.proc.poll() is None:
-                await asyncio.to_thread(agent.stop)
-    await asyncio.to_thread(verified, agent)
+                await agent.stop()
+    await verified(agent)
 
 
 # -- SIGKILL: nothing acknowledged is lost ----------------------------------------------------
@@ -170,7 +170,7 @@ async def cli_worker(agent: AgentProcess, acked: Acknowledged, stop: asyncio.Eve
         step += 1
         if step % 3 == 0 and mine:
             old = mine.pop(0)
-            done = await asyncio.to_thread(agent.cli, "token", "rotate", old, "--grace", "1h",
+            done = await agent.cli("token", "rotate", old, "--grace", "1h",
                                            "--json")
             if done.returncode == 0:
                 new = json.loads(done.stdout)["id"]
@@ -178,11 +178,11 @@ async def cli_worker(agent: AgentProcess, acked: Acknowledged, stop: asyncio.Eve
                 acked.made(new, "cli")
         elif step % 3 == 2 and mine:
             old = mine.pop(0)
-            done = await asyncio.to_thread(agent.cli, "token", "revoke", old)
+            done = await agent.cli("token", "revoke", old)
             if done.returncode == 0:
                 acked.revoked.add(old)
         else:
-            done = await asyncio.to_thread(agent.cli, "token", "create", "--camera", "cam1",
+            done = await agent.cli("token", "create", "--camera", "cam1",
                                            "--json", "--label", "crash-cli")
             if done.returncode == 0 and json.loads(done.stdout).get("token"):
                 token_id = json.loads(done.stdout)["id"]
@@ -265,8 +265,8 @@ async def whep_worker(agent: AgentProcess, token: str, acked: Acknowledged,
             await viewer.close()
 
 
-def export(agent: AgentProcess) -> list[dict[str, Any]]:
-    done = agent.cli("audit", "--export", "jsonl")
+async def export(agent: AgentProcess) -> list[dict[str, Any]]:
+    done = await agent.cli("audit", "--export", "jsonl")
     assert done.returncode == 0, done.stderr
     return [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
 
@@ -276,9 +276,9 @@ async def test_sigkill_during_heavy_activity_loses_nothing_acknowledged(
     cameras = [{"id": "cam1", "source": SMALL}]
     sections: dict[str, Any] = {"audit": {"flush_interval": 1.0},  # the shipped default
                                 "tokens": {"max_active": 100_000}}
-    agent = AgentProcess(tmp_path, cameras, **sections)
-    admin_id, admin = await asyncio.to_thread(agent.token, "--admin")
-    viewer_id, viewer = await asyncio.to_thread(agent.token, "--camera", "cam1")
+    agent = await AgentProcess.start(tmp_path, cameras, **sections)
+    admin_id, admin = await agent.token("--admin")
+    viewer_id, viewer = await agent.token("--camera", "cam1")
     acked = Acknowledged()
     stop = asyncio.Event()
     workers = [asyncio.create_task(w) for w in (
@@ -291,24 +291,25 @@ async def test_sigkill_during_heavy_activity_loses_nothing_acknowledged(
     await asyncio.to_thread(agent.proc.wait, 10)
     stop.set()
     await asyncio.gather(*workers)
-    await asyncio.to_thread(agent.stop)  # already dead: checks its log only
+    await agent.stop()  # already dead: checks its log only
     print(f"\nSIGKILL after {moment:.2f} s: {len(acked.created)} tokens created, "
           f"{len(acked.revoked)} revoked, {len(acked.rotated)} rotated, grants answered "
           f"{dict(acked.granted)}, admin answers {acked.admin_answers}")
     assert acked.created and acked.granted["snapshot"] and acked.admin_answers
 
-    again = await asyncio.to_thread(AgentProcess, tmp_path, cameras, **sections)  # same state
+    again = await AgentProcess.start(tmp_path, cameras, **sections)  # same state
     try:
-        await asyncio.to_thread(nothing_acknowledged_lost, again, acked, admin_id, viewer_id)
+        await nothing_acknowledged_lost(again, acked, admin_id, viewer_id)
     finally:
-        assert await asyncio.to_thread(again.stop) == 0
+        assert await again.stop() == 0
 
 
-def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id: str,
+async def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id: str,
                               viewer_id: str) -> None:
     """Every acknowledged change and grant is in the store and the audit log; it verifies."""
-    verified(agent)
-    tokens = {t["id"]: t for t in json.loads(agent.cli("token", "list", "--json").stdout)}
+    await verified(agent)
+    listed = await agent.cli("token", "list", "--json")
+    tokens = {t["id"]: t for t in json.loads(listed.stdout)}
     assert set(acked.created) <= set(tokens)
     for token_id in acked.revoked:
         assert tokens[token_id]["status"] == "revoked", token_id
@@ -316,7 +317,7 @@ def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id
         assert tokens[old]["replaced_by"] == new
         assert tokens[old]["status"] == "active" and tokens[old]["expires_at"]  # its grace
         assert tokens[new]["replaces"] == old
-    entries = export(agent)
+    entries = await export(agent)
     by_event: dict[str, set[str]] = {}
     for e in entries:
         by_event.setdefault(e["event"], set()).add(e["token_id"])
@@ -330,16 +331,16 @@ def nothing_acknowledged_lost(agent: AgentProcess, acked: Acknowledged, admin_id
     admin_granted = sum(1 for e in entries
                         if e["event"] == "access.granted" and e["token_id"] == admin_id)
     assert admin_granted >= acked.admin_answers
-    stats = json.loads(agent.cli("stats", viewer_id, "--json").stdout)
+    stats = json.loads((await agent.cli("stats", viewer_id, "--json")).stdout)
     assert stats["uses"] >= sum(acked.granted.values())
 
 
-def relay_agent(tmp: Path, relay: FakeRelay, token: str) -> AgentProcess:
+async def relay_agent(tmp: Path, relay: FakeRelay, token: str) -> AgentProcess:
     secret = tmp / "publisher-token.secret"
     write_secret(secret, token + "\n")
-    return AgentProcess(tmp, [{"id": "cam1", "source": SMALL}],
-                        agent={"id": "nvr1", "account_id": "acme"},
-                        relay={"url": relay.url, "publisher_token_file": str(secret)})
+    return await AgentProcess.start(
+        tmp, [{"id": "cam1", "source": SMALL}], agent={"id": "nvr1", "account_id": "acme"},
+        relay={"url": relay.url, "publisher_token_file": str(secret)})
 
 
 def outbox(agent: AgentProcess) -> dict[str, str]:
@@ -362,7 +363,7 @@ async def test_usage_batches_across_sigkill_are_counted_once(tmp_path: Path) -> 
     resent under its name with the same events, even though more were written since."""
     async with FakeRelay() as relay:
         publisher = relay.issue_publisher(agent_id="nvr1")
-        agent = await asyncio.to_thread(relay_agent, tmp_path, relay, publisher)
+        agent = await relay_agent(tmp_path, relay, publisher)
         again: AgentProcess | None = None
         try:
             await relay.wait_agent(timeout=20)
@@ -391,16 +392,15 @@ async def test_usage_batches_across_sigkill_are_counted_once(tmp_path: Path) -> 
             await snapshots(agent, text, 2)  # written after that batch went out
             agent.proc.kill()
             await asyncio.to_thread(agent.proc.wait, 10)
-            await asyncio.to_thread(agent.stop)
+            await agent.stop()
             relay.ack_usage = True
             mark = len(relay.received)
-            again = await asyncio.to_thread(relay_agent, tmp_path, relay, publisher)
+            again = await relay_agent(tmp_path, relay, publisher)
             resent = await relay.wait_for("usage", since=mark, timeout=30)
             assert resent["batch"] == pending["batch"]
             assert resent["events"] == pending["events"]
             await wait_until(lambda: len(mine()) >= 7, 30)
-            granted = await asyncio.to_thread(again.audit, "--token", record["id"],
-                                              "--event", "access.granted")
+            granted = await again.audit("--token", record["id"], "--event", "access.granted")
             assert sorted(e["ts"] for e in mine()) == sorted(e["ts"] for e in granted)
             assert len(granted) == 7
             batches = [m["batch"] for m in relay.received if m["type"] == "usage"]
@@ -408,7 +408,7 @@ async def test_usage_batches_across_sigkill_are_counted_once(tmp_path: Path) -> 
         finally:
             for process in (agent, again):
                 if process is not None and process.proc.poll() is None:
-                    await asyncio.to_thread(process.stop)
+                    await process.stop()
         assert relay.violations == []
 
 

@@ -50,8 +50,8 @@ async def presented(port: int) -> str:
 
 
 async def test_self_signed_https_is_pinned_and_carries_whep(tmp_path: Path) -> None:
-    agent = await asyncio.to_thread(AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}],
-                                    tls={"self_signed": True})
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SRC}],
+                                     tls={"self_signed": True})
     try:
         cert_file, key_file = tls.self_signed_paths(agent.state_dir)
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -72,7 +72,7 @@ async def test_self_signed_https_is_pinned_and_carries_whep(tmp_path: Path) -> N
         code, _ = await curl(url.replace("https://", "http://"))
         assert code != 0  # nothing is served in clear
         # The WHEP flow over HTTPS, the client trusting exactly this certificate.
-        _, token = await asyncio.to_thread(agent.token, "--camera", "cam1")
+        _, token = await agent.token("--camera", "cam1")
         pinned = ssl.create_default_context(cafile=str(cert_file))
         viewer = WhepViewer(agent.base, "cam1", token, tls=pinned)
         try:
@@ -88,20 +88,20 @@ async def test_self_signed_https_is_pinned_and_carries_whep(tmp_path: Path) -> N
             await refused.connect()
         await refused.close()
         # The fingerprint where installers look: the Studio's host view (admin API), doctor.
-        _, admin = await asyncio.to_thread(agent.token, "--admin")
+        _, admin = await agent.token("--admin")
         async with aiohttp.ClientSession() as http, http.get(
                 f"{agent.base}/api/v1/admin/hosts", ssl=pinned,
                 headers={"Authorization": f"Bearer {admin}"}) as r:
             host = (await r.json())["hosts"][0]
         assert host["tls"]["fingerprint_sha256"] == cert.fingerprint
         assert host["tls"]["spki_sha256"] == cert.spki_sha256 and host["tls"]["self_signed"]
-        doctor = await asyncio.to_thread(agent.cli, "doctor", "--json", "--timeout", "2")
+        doctor = await agent.cli("doctor", "--json", "--timeout", "2")
         checks = {(c["group"], c["check"]): c for c in json.loads(doctor.stdout)["checks"]}
         assert checks[("agent", "tls")]["status"] == "ok"
         assert cert.fingerprint in checks[("agent", "tls")]["finding"]
         assert checks[("agent", "http")]["finding"].startswith("the agent is running")
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0
 
 
 async def test_certificate_files_are_read_again_on_sighup(tmp_path: Path) -> None:
@@ -117,8 +117,8 @@ async def test_certificate_files_are_read_again_on_sighup(tmp_path: Path) -> Non
         key_file.chmod(0o600)
 
     install(first)
-    agent = await asyncio.to_thread(
-        AgentProcess, tmp_path, [{"id": "cam1", "source": SRC}],
+    agent = await AgentProcess.start(
+        tmp_path, [{"id": "cam1", "source": SRC}],
         tls={"cert_file": str(cert_file), "key_file": str(key_file)})
     try:
         assert await presented(agent.port) == first.fingerprint
@@ -136,4 +136,4 @@ async def test_certificate_files_are_read_again_on_sighup(tmp_path: Path) -> Non
         assert await presented(agent.port) == second.fingerprint
         assert (await curl("--cacert", str(second.cert_file), f"{agent.base}/healthz"))[0] == 0
     finally:
-        assert await asyncio.to_thread(agent.stop) == 0
+        assert await agent.stop() == 0

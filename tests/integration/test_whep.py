@@ -28,7 +28,7 @@ def hevc_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory, hevc_file: Path):
     closed = _closed_port()
-    process = AgentProcess(tmp_path_factory.mktemp("agent"), [
+    process = asyncio.run(AgentProcess.start(tmp_path_factory.mktemp("agent"), [
         {"id": "cam1", "name": "Front door", "source": SMALL},
         {"id": "cam2", "source": SMALL},
         {"id": "h265", "source": f"file://{hevc_file}"},
@@ -36,9 +36,9 @@ def agent(tmp_path_factory: pytest.TempPathFactory, hevc_file: Path):
     ], media={"camera_timeout": 2.0, "idle_grace": 2.0},
         # a dozen deliberate denials from 127.0.0.1 in a few seconds: the limiter (tested
         # on its own) must not turn the later ones into 429s
-        tokens={"failed_attempts": {"burst": 100}})
+        tokens={"failed_attempts": {"burst": 100}}))
     yield process
-    assert process.stop() == 0
+    assert asyncio.run(process.stop()) == 0
 
 
 def _closed_port() -> int:
@@ -56,7 +56,7 @@ def bearer(token: str) -> dict[str, str]:
 
 
 async def test_a_viewer_gets_decoded_frames_of_the_camera(agent: AgentProcess) -> None:
-    token_id, token = agent.token("--camera", "cam1")
+    token_id, token = await agent.token("--camera", "cam1")
     viewer = WhepViewer(agent.base, "cam1", token)
     assert await viewer.connect() == 201, viewer.body
     assert viewer.headers["Content-Type"] == "application/sdp"
@@ -67,12 +67,12 @@ async def test_a_viewer_gets_decoded_frames_of_the_camera(agent: AgentProcess) -
     for _ in range(15):  # a second of moving picture
         frame = await viewer.frame()
     await viewer.close()
-    granted = agent.audit("--token", token_id, "--event", "access.granted")
+    granted = await agent.audit("--token", token_id, "--event", "access.granted")
     assert granted[-1]["protocol"] == "webrtc" and granted[-1]["peer_ip"] == "127.0.0.1"
 
 
 async def test_delete_ends_the_session_and_it_is_audited(agent: AgentProcess) -> None:
-    token_id, token = agent.token("--camera", "cam2")
+    token_id, token = await agent.token("--camera", "cam2")
     viewer = WhepViewer(agent.base, "cam2", token)
     assert await viewer.connect() == 201
     await viewer.frame()
@@ -80,7 +80,7 @@ async def test_delete_ends_the_session_and_it_is_audited(agent: AgentProcess) ->
     assert await viewer.delete() == 404
     await viewer.close()
     await wait_until(lambda: agent.audit("--token", token_id, "--event", "session.ended"))
-    (ended,) = agent.audit("--token", token_id, "--event", "session.ended")
+    (ended,) = await agent.audit("--token", token_id, "--event", "session.ended")
     assert ended["reason"] == "deleted" and ended["detail"]["bytes"] > 0
     assert ended["protocol"] == "webrtc"
     assert viewer.location is not None
@@ -88,7 +88,7 @@ async def test_delete_ends_the_session_and_it_is_audited(agent: AgentProcess) ->
 
 
 async def test_token_in_the_query_works_and_never_reaches_the_log(agent: AgentProcess) -> None:
-    _, token = agent.token("--camera", "cam1")
+    _, token = await agent.token("--camera", "cam1")
     viewer = WhepViewer(agent.base, "cam1", token, via_query=True)
     assert await viewer.connect() == 201
     await viewer.frame()
@@ -114,15 +114,15 @@ async def ended(viewer: WhepViewer, timeout: float = 10.0) -> float:
 
 
 async def test_revocation_ends_a_live_session(agent: AgentProcess) -> None:
-    token_id, token = agent.token("--host")
+    token_id, token = await agent.token("--host")
     viewer = WhepViewer(agent.base, "cam1", token)
     assert await viewer.connect() == 201
     await viewer.frame()
-    assert agent.cli("token", "revoke", token_id).returncode == 0
+    assert (await agent.cli("token", "revoke", token_id)).returncode == 0
     await ended(viewer)
     await viewer.close()
     await wait_until(lambda: agent.audit("--token", token_id, "--event", "session.ended"))
-    (entry,) = agent.audit("--token", token_id, "--event", "session.ended")
+    (entry,) = await agent.audit("--token", token_id, "--event", "session.ended")
     assert entry["reason"] == "revoked"
     again = WhepViewer(agent.base, "cam1", token)
     assert await again.connect() == 401
@@ -130,14 +130,15 @@ async def test_revocation_ends_a_live_session(agent: AgentProcess) -> None:
 
 
 async def test_expiry_ends_a_live_session(agent: AgentProcess) -> None:
-    token_id, token = agent.token("--camera", "cam1", "--ttl", "4s")
+    token_id, token = await agent.token("--camera", "cam1", "--ttl", "4s")
     viewer = WhepViewer(agent.base, "cam1", token)
     assert await viewer.connect() == 201
     await viewer.frame()
     await ended(viewer, timeout=15)
     await viewer.close()
     await wait_until(lambda: agent.audit("--token", token_id, "--event", "session.ended"))
-    assert agent.audit("--token", token_id, "--event", "session.ended")[0]["reason"] == "expired"
+    (entry,) = await agent.audit("--token", token_id, "--event", "session.ended")
+    assert entry["reason"] == "expired"
 
 
 def _change_one(token: str) -> str:
@@ -169,22 +170,22 @@ async def test_each_denial_has_its_status_header_and_audit_entry(
     elif case == "malformed":
         token = "not-a-token"
     elif case == "corrupted":
-        token = _change_one(agent.token("--camera", "cam1")[1])
+        token = _change_one((await agent.token("--camera", "cam1"))[1])
     elif case == "unknown":
         token = generate(Kind.ACCESS).text
     elif case == "revoked":
-        token_id, token = agent.token("--camera", "cam1")
-        agent.cli("token", "revoke", token_id)
+        token_id, token = await agent.token("--camera", "cam1")
+        await agent.cli("token", "revoke", token_id)
         await asyncio.sleep(0.5)  # a daemon that knew the token follows the store every 0.2 s
     elif case == "expired":
-        token = agent.token("--camera", "cam1", "--ttl", "1s")[1]
+        token = (await agent.token("--camera", "cam1", "--ttl", "1s"))[1]
         await asyncio.sleep(1.5)
     elif case == "other camera":
-        token = agent.token("--camera", "cam2")[1]
+        token = (await agent.token("--camera", "cam2"))[1]
     elif case == "snapshot only":
-        token = agent.token("--camera", "cam1", "--protocol", "snapshot")[1]
+        token = (await agent.token("--camera", "cam1", "--protocol", "snapshot"))[1]
     else:
-        token = agent.token("--admin")[1]
+        token = (await agent.token("--admin"))[1]
     # No wait for the watcher: an id the daemon has not seen yet makes it read the store.
     viewer = WhepViewer(agent.base, "cam1", token)
     assert await viewer.connect() == status
@@ -195,12 +196,15 @@ async def test_each_denial_has_its_status_header_and_audit_entry(
         error = "invalid_request" if reason == "missing" else "invalid_token"
         assert viewer.headers["WWW-Authenticate"] == (
             f'Bearer realm="therelay-agent", error="{error}"')
-    await wait_until(lambda: any(e["reason"] == reason for e in agent.audit(
-        "--event", "access.denied", "--camera", "cam1", "--since", "10s")))
+    async def denied() -> bool:
+        return any(e["reason"] == reason for e in await agent.audit(
+            "--event", "access.denied", "--camera", "cam1", "--since", "10s"))
+
+    await wait_until(denied)
 
 
 async def test_rate_limited_after_repeated_failures(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL}],
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL}],
                          tokens={"failed_attempts": {"burst": 3, "per_minute": 1}})
     try:
         statuses = []
@@ -209,18 +213,18 @@ async def test_rate_limited_after_repeated_failures(tmp_path: Path) -> None:
                                                headers=bearer("junk"), data=b"v=0")
             statuses.append((status, headers.get("Retry-After")))
         assert statuses == [(401, None)] * 3 + [(429, "60")] * 2
-        _, token = agent.token("--camera", "cam1")  # a valid token is never limited
+        _, token = await agent.token("--camera", "cam1")  # a valid token is never limited
         viewer = WhepViewer(agent.base, "cam1", token)
         assert await viewer.connect() == 201
         await viewer.close()
     finally:
-        assert agent.stop() == 0
+        assert await agent.stop() == 0
 
 
 async def test_unknown_camera_is_404_only_for_a_token_that_could_see_it(
         agent: AgentProcess) -> None:
-    _, host = agent.token("--host")
-    _, cam = agent.token("--camera", "cam1")
+    _, host = await agent.token("--host")
+    _, cam = await agent.token("--camera", "cam1")
     for token, expected in ((host, 404), (cam, 403)):
         status, _, body = await request("POST", f"{agent.base}/whep/nope",
                                         headers={**bearer(token),
@@ -243,7 +247,7 @@ async def test_unknown_camera_is_404_only_for_a_token_that_could_see_it(
 )
 async def test_bad_offers_get_clear_errors(agent: AgentProcess, content_type: str, body: bytes,
                                            status: int, code: str) -> None:
-    _, token = agent.token("--camera", "cam1")
+    _, token = await agent.token("--camera", "cam1")
     got, _, answer = await request(
         "POST", f"{agent.base}/whep/cam1", data=body,
         headers={**bearer(token), "Content-Type": content_type})
@@ -268,21 +272,21 @@ async def test_patch_is_not_supported_and_cors_preflight_is(agent: AgentProcess)
 
 async def test_h265_camera_is_a_clear_error_for_webrtc_viewers(agent: AgentProcess) -> None:
     """The camera is pulled (RTSP clients take it, snapshots decode it); WebRTC gets 501."""
-    _, token = agent.token("--camera", "h265")
+    _, token = await agent.token("--camera", "h265")
     viewer = WhepViewer(agent.base, "h265", token)
     assert await viewer.connect() == 501
     await viewer.close()
     assert "H.264" in viewer.body and "HEVC" in viewer.body and "RTSP" in viewer.body
     _, _, body = await request("GET", f"{agent.base}/api/v1/cameras", headers=bearer(token))
     assert b'"state": "online"' in body and b'"codec": "hevc"' in body
-    snap_token = agent.token("--camera", "h265", "--protocol", "snapshot")[1]
+    snap_token = (await agent.token("--camera", "h265", "--protocol", "snapshot"))[1]
     status, headers, body = await request("GET", f"{agent.base}/snapshot/h265.jpg",
                                           headers=bearer(snap_token))
     assert status == 200 and headers["Content-Type"] == "image/jpeg"
 
 
 async def test_offline_camera_is_503_with_retry_after(agent: AgentProcess) -> None:
-    _, token = agent.token("--camera", "gone")
+    _, token = await agent.token("--camera", "gone")
     viewer = WhepViewer(agent.base, "gone", token)
     assert await viewer.connect() == 503
     await viewer.close()
@@ -296,7 +300,7 @@ async def test_offline_camera_is_503_with_retry_after(agent: AgentProcess) -> No
 
 
 async def test_snapshot(agent: AgentProcess) -> None:
-    _, token = agent.token("--camera", "cam2", "--protocol", "snapshot")
+    _, token = await agent.token("--camera", "cam2", "--protocol", "snapshot")
     results = await asyncio.gather(*(request("GET", f"{agent.base}/snapshot/cam2.jpg",
                                              headers=bearer(token)) for _ in range(5)))
     for status, headers, body in results:
@@ -304,15 +308,15 @@ async def test_snapshot(agent: AgentProcess) -> None:
         with av.open(io.BytesIO(body), "r") as jpeg:
             picture = next(jpeg.decode(video=0))
             assert (picture.width, picture.height) == (320, 240)
-    _, webrtc_only = agent.token("--camera", "cam2", "--protocol", "webrtc")
+    _, webrtc_only = await agent.token("--camera", "cam2", "--protocol", "webrtc")
     status, _, body = await request("GET", f"{agent.base}/snapshot/cam2.jpg",
                                     headers=bearer(webrtc_only))
     assert status == 403 and b"protocol_not_allowed" in body
 
 
 async def test_camera_list_follows_the_scope(agent: AgentProcess) -> None:
-    _, host = agent.token("--host")
-    _, cam = agent.token("--camera", "cam2", "--protocol", "snapshot")
+    _, host = await agent.token("--host")
+    _, cam = await agent.token("--camera", "cam2", "--protocol", "snapshot")
     import json
 
     _, _, body = await request("GET", f"{agent.base}/api/v1/cameras", headers=bearer(host))
@@ -345,12 +349,12 @@ async def test_health_tells_no_camera_ids(agent: AgentProcess) -> None:
 
 
 async def test_stopping_the_agent_ends_sessions_as_shutdown(tmp_path: Path) -> None:
-    agent = AgentProcess(tmp_path, [{"id": "cam1", "source": SMALL}])
-    token_id, token = agent.token("--camera", "cam1")
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL}])
+    token_id, token = await agent.token("--camera", "cam1")
     viewer = WhepViewer(agent.base, "cam1", token)
     assert await viewer.connect() == 201
     await viewer.frame()
-    assert agent.stop() == 0
+    assert await agent.stop() == 0
     await viewer.close()
-    (ended,) = agent.audit("--token", token_id, "--event", "session.ended")
+    (ended,) = await agent.audit("--token", token_id, "--event", "session.ended")
     assert ended["reason"] == "shutdown"

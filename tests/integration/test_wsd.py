@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 
 from agent.discovery.wsd import MAX_SEEN_IDS, WSD_GROUP
+from tests.conftest import SLOW_CALLBACK_SECONDS
+from tests.support.agent import blocked_for
 from tests.support.netns import NetnsPair, netns_pair
 
 __all__ = ["netns_pair"]  # the fixture, used by name below
@@ -144,8 +146,12 @@ def test_a_flood_leaves_the_listener_bounded_and_working(netns_pair: NetnsPair) 
     listener.send("stop")
     assert listener.proc.wait(timeout=10) == 0
     assert listener.proc.stderr is not None
-    # The peer inherits PYTHONASYNCIODEBUG=1: asyncio would log any step over 100 ms.
-    assert " took " not in listener.proc.stderr.read()
+    # The peer inherits PYTHONASYNCIODEBUG=1: asyncio logs any step over 100 ms (wall clock,
+    # so a loaded machine's scheduler shows up too); a step as long as the suite's threshold
+    # fails the test, as it would in the test process.
+    slow = [line for line in listener.proc.stderr.read().splitlines()
+            if blocked_for(line) >= SLOW_CALLBACK_SECONDS]
+    assert not slow, slow
 
 
 def test_no_usable_interface_is_a_clear_error(netns_pair: NetnsPair) -> None:

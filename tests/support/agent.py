@@ -10,6 +10,7 @@ pinned to 127.0.0.1 through ``webrtc.host_addresses``, the viewer's through the 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import re
@@ -19,8 +20,6 @@ import ssl
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +41,15 @@ def _limit_open_files(limit: int) -> Any:
 
 
 class AgentProcess:
+    """The daemon and its CLI. The tests' event loops fail on any call that blocks them, so
+    everything that waits is a coroutine: ``agent = await AgentProcess.start(…)``,
+    ``await agent.token(…)``, ``await agent.stop()``. Synchronous tests and fixtures (no
+    loop running) wrap the same coroutines in ``asyncio.run``."""
+
     def __init__(self, tmp: Path, cameras: list[dict[str, Any]],
                  tls: dict[str, Any] | None = None, **sections: Any) -> None:
-        """``tls``: the http.tls section; the agent then serves HTTPS only. ``sections``:
+        """Spawn the daemon; it is usable after ``await healthy()`` (``start`` does both).
+        ``tls``: the http.tls section; the agent then serves HTTPS only. ``sections``:
         config sections; ``nofile=N`` instead runs the daemon under ``ulimit -n N``."""
         nofile: int | None = sections.pop("nofile", None)
         self.port = free_port()
@@ -75,38 +80,45 @@ class AgentProcess:
             [sys.executable, "-m", "agent", "run"], env=self.env, stdout=self._log,
             stderr=subprocess.STDOUT,
             preexec_fn=_limit_open_files(nofile) if nofile else None)  # noqa: PLW1509
-        self._wait_healthy()
 
-    def _wait_healthy(self) -> None:
+    @classmethod
+    async def start(cls, tmp: Path, cameras: list[dict[str, Any]],
+                    tls: dict[str, Any] | None = None, **sections: Any) -> AgentProcess:
+        agent = cls(tmp, cameras, tls, **sections)
+        await agent.healthy()
+        return agent
+
+    async def healthy(self) -> None:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the agent exited: {self.log_path.read_text()[-2000:]}")
-            try:
-                # Up yet? (The TLS tests check the certificate themselves.)
-                with urllib.request.urlopen(f"{self.base}/healthz", timeout=2,
-                                            context=_UNVERIFIED):
-                    return
-            except (OSError, urllib.error.URLError):
-                time.sleep(0.1)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise AssertionError(
+                        f"the agent exited: {self.log_path.read_text()[-2000:]}")
+                try:  # up yet? (the TLS tests check the certificate themselves)
+                    async with http.get(f"{self.base}/healthz", ssl=False) as response:
+                        if response.status == 200:
+                            return
+                except (OSError, aiohttp.ClientError, TimeoutError):
+                    pass
+                await asyncio.sleep(0.1)
         raise AssertionError("the agent never became healthy")
 
-    def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run([sys.executable, "-m", "agent", *args], env=self.env,
-                                text=True, capture_output=True, input=stdin, timeout=60,
-                                check=False)
-        remember(result.stdout)
-        return result
+    async def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        done = await run_async([sys.executable, "-m", "agent", *args], env=self.env,
+                               stdin=stdin, timeout=60)
+        remember(done.stdout)
+        return done
 
-    def token(self, *args: str) -> tuple[str, str]:
+    async def token(self, *args: str) -> tuple[str, str]:
         """Create a token with ``token create ARGS``: (id, token)."""
-        result = self.cli("token", "create", "--json", *args)
+        result = await self.cli("token", "create", "--json", *args)
         assert result.returncode == 0, result.stderr
         data = json.loads(result.stdout)
         return data["id"], data["token"]
 
-    def audit(self, *args: str) -> list[dict[str, Any]]:
-        result = self.cli("audit", "--json", "--limit", "1000", *args)
+    async def audit(self, *args: str) -> list[dict[str, Any]]:
+        result = await self.cli("audit", "--json", "--limit", "1000", *args)
         assert result.returncode == 0, result.stderr
         entries: list[dict[str, Any]] = json.loads(result.stdout)
         return entries
@@ -122,26 +134,49 @@ class AgentProcess:
                 out.append({"event": line})
         return out
 
-    def stop(self) -> int:
+    async def stop(self) -> int:
         """SIGTERM and wait. The daemon ran in asyncio debug mode (inherited from the tests):
         a callback that blocked its loop, or any traceback, fails the test here."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=15)
+        code = await exited(self.proc, timeout=15)
         self._log.close()
         problems = [e.get("event", "") for e in self.log_events()
-                    if (e.get("logger") == "asyncio" and _blocked_for(str(e.get("event"))) > 0.5)
+                    if (e.get("logger") == "asyncio" and blocked_for(str(e.get("event"))) > 0.5)
                     or "Traceback" in json.dumps(e)]
         assert not problems, f"the daemon's log shows: {problems[:3]}"
         return code
 
 
-_UNVERIFIED = ssl.create_default_context()
-_UNVERIFIED.check_hostname = False
-_UNVERIFIED.verify_mode = ssl.CERT_NONE
+async def run_async(argv: list[str], *, env: dict[str, str] | None = None,
+                    stdin: str | None = None, timeout: float = 60,
+                    ) -> subprocess.CompletedProcess[str]:
+    """``subprocess.run(argv, capture_output=True, text=True)`` without blocking the loop."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, err = await asyncio.wait_for(
+            proc.communicate(stdin.encode() if stdin is not None else None), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    assert proc.returncode is not None
+    return subprocess.CompletedProcess(argv, proc.returncode, out.decode(), err.decode())
 
 
-def _blocked_for(message: str) -> float:
+async def exited(proc: subprocess.Popen[Any], timeout: float) -> int:
+    """``proc.wait(timeout)`` for a ``subprocess.Popen``, without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while (code := proc.poll()) is None:
+        if time.monotonic() > deadline:
+            raise subprocess.TimeoutExpired(proc.args, timeout)
+        await asyncio.sleep(0.02)
+    return code
+
+
+def blocked_for(message: str) -> float:
     """Seconds from asyncio's "Executing <…> took 0.123 seconds" (0 for other messages).
 
     asyncio reports callbacks over 100 ms; on a loaded 2-core CI machine the scheduler alone
@@ -152,9 +187,13 @@ def _blocked_for(message: str) -> float:
 
 
 async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.05) -> None:
+    """Poll ``predicate`` (a function returning a bool, or a coroutine function) until true."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if predicate():
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
             return
         await asyncio.sleep(step)
     raise AssertionError("condition not met in time")
@@ -277,5 +316,5 @@ class NamespacedAgent:
         self.proc.wait(timeout=15)
         self.log.close()
         problems = [line for line in self.log_path.read_text().splitlines()
-                    if "Traceback" in line or _blocked_for(line) > 0.5]
+                    if "Traceback" in line or blocked_for(line) > 0.5]
         assert not problems, problems[:3]

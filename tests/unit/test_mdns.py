@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import socket
+from types import SimpleNamespace
+
 import pytest
+from zeroconf import (  # type: ignore[attr-defined]  # not in __all__
+    DNSAddress,
+    DNSCache,
+    RecordUpdate,
+    current_time_millis,
+)
 
 from agent.discovery import mdns
 
@@ -178,3 +187,49 @@ def test_advertisable_never_loopback() -> None:
     assert mdns.advertisable(given) == ["192.168.1.20", "2001:db8::2"]
 
 
+
+
+# -- an address retired by the network (RFC 6762 §10.2) ---------------------------------------
+
+def _address(text: str, created: float) -> DNSAddress:
+    # class IN with the cache-flush bit, as a responder announces its host's address
+    return DNSAddress("cam3.local.", 1, 1 | 0x8000, 120, socket.inet_aton(text), created=created)
+
+
+def test_an_address_flushed_by_a_newer_announcement_is_leaving_and_reported() -> None:
+    now = current_time_millis()
+    cache = DNSCache()
+    old, new = _address("192.0.2.10", now - 5000), _address("192.0.2.11", now)
+    cache.async_add_records([old])
+    assert mdns.leaving_addresses(cache, "cam3.local.", now) == set()
+    flushed: list[str] = []
+    watch = mdns._FlushWatch(flushed.append)
+    # what zeroconf does with an incoming announcement: flush, tell listeners, then cache it
+    cache.async_mark_unique_records_older_than_1s_to_expire(
+        {("cam3.local.", 1, 1)}, [new], now)
+    zc = SimpleNamespace(cache=cache)  # the one part of Zeroconf the watch reads
+    watch.async_update_records(zc, now, [RecordUpdate(new, None)])  # type: ignore[arg-type]
+    assert flushed == []  # listeners are told once the whole packet is processed
+    watch.async_update_records_complete()
+    assert flushed == ["cam3.local."]
+    cache.async_add_records([new])
+    assert mdns.leaving_addresses(cache, "cam3.local.", now) == {"192.0.2.10"}
+    assert mdns.leaving_addresses(cache, "cam3.local.", now + 500) == {"192.0.2.10"}
+
+
+def test_an_address_received_within_the_second_survives_the_first_announcement() -> None:
+    # RFC 6762 §10.2: only records received more than a second earlier are flushed; the
+    # old responder's last answer, just before it went away, stays until the next one.
+    now = current_time_millis()
+    cache = DNSCache()
+    old, new = _address("192.0.2.10", now - 400), _address("192.0.2.11", now)
+    cache.async_add_records([old])
+    cache.async_mark_unique_records_older_than_1s_to_expire(
+        {("cam3.local.", 1, 1)}, [new], now)
+    flushed: list[str] = []
+    watch = mdns._FlushWatch(flushed.append)
+    zc = SimpleNamespace(cache=cache)  # the one part of Zeroconf the watch reads
+    watch.async_update_records(zc, now, [RecordUpdate(new, None)])  # type: ignore[arg-type]
+    watch.async_update_records_complete()
+    assert flushed == []
+    assert mdns.leaving_addresses(cache, "cam3.local.", now) == set()
