@@ -232,7 +232,7 @@ async def test_a_grant_is_answered_only_once_audited(tmp_path: Path) -> None:
         assert len(await asyncio.to_thread(committed, state.tokens.path)) == 2
     finally:
         await access.stop()
-        state.close()
+        await asyncio.to_thread(state.close)
     assert (await asyncio.to_thread(committed, state.tokens.path))[-1] == ("access.denied", "api")
 
 
