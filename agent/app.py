@@ -26,7 +26,7 @@ from agent.access.sessions import SessionLimits
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.config import Config, check_secret_files, load, publisher_token
-from agent.discovery.adopted import AdoptedCamera
+from agent.discovery.adopted import AdoptedCamera, held_move_text
 from agent.errors import AgentError
 from agent.http import server, tls
 from agent.http.admin import AdminApi
@@ -159,7 +159,7 @@ class Daemon:
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
-                 tls=lambda: self.certificate).routes(self.app)
+                 tls=lambda: self.certificate, held_moves=self._held_moves).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
         self._runner: web.AppRunner | None = None
 
@@ -290,6 +290,9 @@ class Daemon:
                 self.notifier.notify(f"STATUS=serving {len(self.cameras.ids)} camera(s) on "
                                      f"{self.config.http.listen}")
             return added, removed, changed
+
+    def _held_moves(self) -> dict[str, str]:
+        return {a.id: held_move_text(a.id, a.pending) for a in self._adopted if a.pending}
 
     async def _sync_adopted(self) -> bool:
         """Re-read the adopted cameras if the CLI or discovery changed them; apply."""

@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -80,8 +80,12 @@ class BadRequest(Exception):
 
 class AdminApi:
     def __init__(self, access: AccessService, store: TokenStore, cameras: Cameras,
-                 started: float, tls: Callable[[], Certificate | None] = lambda: None) -> None:
+                 started: float, tls: Callable[[], Certificate | None] = lambda: None,
+                 held_moves: Callable[[], Mapping[str, str]] = dict) -> None:
+        """``held_moves``: camera id → what discovery saw and did not follow (a move for
+        the installer to confirm, docs/discovery.md)."""
         self._tls = tls
+        self._held_moves = held_moves
         self._access = access
         self._store = store
         self._cameras = cameras
@@ -315,10 +319,12 @@ class AdminApi:
     # -- cameras and hosts -----------------------------------------------------------------
 
     async def cameras(self, _request: web.Request, _d: Decision) -> web.StreamResponse:
+        held = self._held_moves()
         return web.json_response({"cameras": [{
             "id": c.id, "name": c.name, "source": redact_text(c.config.source),
             "always_on": c.config.always_on, **c.hub.status.as_dict(),
             "viewers": {p.value: self._access.sessions.count(c.id, p.value) for p in Protocol},
+            "held_move": held.get(c.id),
         } for c in self._cameras]})
 
     async def hosts(self, _request: web.Request, _d: Decision) -> web.StreamResponse:

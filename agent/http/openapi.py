@@ -113,6 +113,8 @@ _CAMERA = _object(
     height={"type": "integer", "nullable": True}, fps=_NULLABLE_NUMBER,
     bitrate_kbps=_NULLABLE_NUMBER, audio=_NULLABLE_STR,
     viewers=_object(_PROTOCOLS, **dict.fromkeys(_PROTOCOLS, _INT)),
+    held_move={**_NULLABLE_STR, "description": "an announced move of this adopted camera "
+               "that discovery did not follow, for the installer to confirm"},
 )
 _HOST = _object(
     ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions", "tls"],

@@ -76,6 +76,20 @@ def watch(agent: NamespacedAgent, camera: str, token: str, until: int = 201) -> 
     return result
 
 
+def admin_cameras(agent: NamespacedAgent, admin_token: str) -> dict[str, dict[str, Any]]:
+    """GET /api/v1/admin/cameras from the camera network, by camera id."""
+    script = ("import json, os, sys, urllib.request\n"
+              "req = urllib.request.Request(sys.argv[1] + '/api/v1/admin/cameras', headers={\n"
+              "    'Authorization': 'Bearer ' + os.environ['ADMIN_TOKEN']})\n"
+              "print(urllib.request.urlopen(req, timeout=10).read().decode())\n")
+    pair = agent.pair
+    done = pair.run(pair.viewer_ns, [sys.executable, "-c", script, agent.base],
+                    env={**agent.env, "ADMIN_TOKEN": admin_token}, capture_output=True,
+                    text=True, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {c["id"]: c for c in json.loads(done.stdout)["cameras"]}
+
+
 def log_event(agent: NamespacedAgent, event: str, timeout: float = 30,
               **fields: Any) -> dict[str, Any]:
     """The first ``event`` in the agent's log whose fields have these values."""
@@ -246,6 +260,10 @@ def test_a_forged_hello_moves_nothing_and_gets_no_password(
 
         seen = watch(agent, "door", token["token"])  # the viewer keeps watching the camera
         assert seen == {"status": 201, "width": 320, "height": 240}, seen
+
+        admin = json.loads(agent.cli("token", "create", "--admin", "--json").stdout)["token"]
+        shown = admin_cameras(agent, admin)  # what Token Studio's Cameras view shows
+        assert f"cameras move door {ATTACKER_IN}" in shown["door"]["held_move"], shown
 
         report = json.loads(agent_cli(agent, "doctor", "--json").stdout)
         held = [c for c in report["checks"] if c["group"] == "camera door"

@@ -395,7 +395,8 @@ async function loadCameras() {
     const fps = camera.fps ? ` @ ${Math.round(camera.fps)} fps` : "";
     return h("tr", { dataset: { camera: camera.id } },
       cell("Camera", h("strong", {}, camera.name), " ", h("span", { class: "sub" }, camera.id)),
-      cell("State", badge(camera.state), camera.error ? h("div", { class: "sub" }, camera.error) : null),
+      cell("State", badge(camera.state), camera.error ? h("div", { class: "sub" }, camera.error) : null,
+        camera.held_move ? h("div", { class: "sub warn", role: "note" }, "Move not followed: " + camera.held_move) : null),
       cell("Codec", camera.codec || "—", camera.audio ? h("span", { class: "sub" }, ` + ${camera.audio}`) : null),
       cell("Size", size + fps),
       cell("Viewers", ...viewerCounts(camera.viewers)),
