@@ -37,6 +37,7 @@ Transport = Literal["tcp", "udp"]
 AudioMode = Literal["auto", "passthrough", "off"]
 LogFormat = Literal["auto", "json", "console"]
 PublishMode = Literal["on_demand", "always"]
+SendPath = Literal["agent", "aiortc"]
 
 
 def _default_agent_id() -> str:
@@ -132,6 +133,9 @@ class WebrtcSection:
     interfaces: list[str] = field(default_factory=list)
     #: STUN/TURN servers for viewers outside this network segment.
     ice_servers: list[IceServerConfig] = field(default_factory=list)
+    #: Who sends viewers' media: the agent (packetized once per camera, SRTP and UDP GSO per
+    #: viewer, its own RTCP) or aiortc's per-packet sender (the fallback).
+    send_path: SendPath = "agent"
 
 
 @dataclass(frozen=True)

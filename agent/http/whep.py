@@ -85,7 +85,8 @@ class WhepEndpoint:
                 return error(501, "unsupported_codec", refusal)
             try:
                 viewer, answer = await ViewerSession.answer(
-                    camera_id, hub, offer, self._rtc_configuration)
+                    camera_id, hub, offer, self._rtc_configuration,
+                    direct=self._webrtc.send_path == "agent")
             except OfferError as exc:
                 return error(400, "bad_offer", str(exc))
         finally:

@@ -134,6 +134,11 @@ class CameraHub:
         self._consumers.add(consumer)
         return consumer
 
+    def replay(self, consumer: Consumer) -> None:
+        """Restart ``consumer`` from the cached GOP's keyframe (or the next keyframe)."""
+        if self._gop and self._gop_cache_on:
+            consumer.replay(list(self._gop))
+
     def unsubscribe(self, consumer: Consumer) -> None:
         consumer.close()
         self._consumers.discard(consumer)

@@ -19,6 +19,7 @@ from aiortc import (
 )
 
 from agent.media.hub import CameraHub
+from agent.webrtc.direct import DirectTrack, add_direct_tracks
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 
@@ -51,27 +52,33 @@ class ViewerSession:
         self.camera_id = camera_id
         self._hub = hub
         self.pc = pc
-        self.tracks: list[HubTrack] = []
+        self.tracks: list[HubTrack] | list[DirectTrack] = []
         self._closed = asyncio.Event()
         self.on_closed: Callable[[ViewerSession], None] | None = None
 
     @classmethod
     async def answer(
-        cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration
+        cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration,
+        direct: bool = False,
     ) -> tuple[ViewerSession, str]:
-        """Build the session and its SDP answer (ICE gathered: no trickle needed)."""
+        """Build the session and its SDP answer (ICE gathered: no trickle needed). ``direct``:
+        the agent sends the media itself (agent/webrtc/direct.py), else aiortc does."""
         _check_offer(offer)
         assert hub.info is not None
         pc = RTCPeerConnection(configuration)
         session = cls(camera_id, hub, pc)
         try:
-            session.tracks = add_camera_tracks(
-                pc, hub, audio="\nm=audio " in offer.replace("\r\n", "\n"))
+            audio = "\nm=audio " in offer.replace("\r\n", "\n")
+            session.tracks = (add_direct_tracks if direct else add_camera_tracks)(
+                pc, hub, audio=audio)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             except Exception as exc:  # aiortc raises assorted errors on bad SDP
                 raise OfferError(_explain(exc)) from None
             await pc.setLocalDescription(await pc.createAnswer())
+            for track in session.tracks:
+                if isinstance(track, DirectTrack):
+                    track.start(pc.localDescription.sdp)
         except BaseException:
             await session.close()
             raise
@@ -97,7 +104,10 @@ class ViewerSession:
             return
         self._closed.set()
         for track in self.tracks:
-            self._hub.unsubscribe(track._consumer)  # no packet is sent after this
+            if isinstance(track, DirectTrack):
+                track.close()  # no packet is sent after this
+            else:
+                self._hub.unsubscribe(track._consumer)
         with contextlib.suppress(Exception):
             await self.pc.close()
         if self.on_closed is not None:
