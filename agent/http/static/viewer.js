@@ -4,7 +4,7 @@
 "use strict";
 
 const state = { token: null, sessions: new Map() };
-window.__viewer = { cameras: {}, frames: {} }; // read by the browser tests
+window.__viewer = { cameras: {}, frames: {}, pcs: {} }; // read by the browser tests
 
 const TITLES = {
   missing: "No access token",
@@ -112,6 +112,7 @@ async function play(view) {
   clearTimeout(view.retry);
   setState(view, "connecting…");
   const pc = new RTCPeerConnection({ iceServers: [] });
+  window.__viewer.pcs[view.camera.id] = pc;
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addTransceiver("audio", { direction: "recvonly" });
   const stream = new MediaStream();
