@@ -86,8 +86,10 @@ class RelayLink:
     def __init__(self, url: str, publisher_token: str, agent_id: str, store: TokenStore,
                  access: AccessService, inventory: Callable[[], list[dict[str, Any]]],
                  hubs: Callable[[str], CameraHub | None],
-                 ice: Callable[[list[dict[str, Any]]], RTCConfiguration]) -> None:
+                 ice: Callable[[list[dict[str, Any]]], RTCConfiguration],
+                 direct: bool = True) -> None:
         self._url = url
+        self._direct = direct  # webrtc.send_path: agent
         self._token = publisher_token
         self._agent_id = agent_id
         self._store = store
@@ -254,7 +256,7 @@ class RelayLink:
             return
         await _send(ws, protocol.ack(event.message_id))
         publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
-                                  self._ice(self.welcome.ice_servers))
+                                  self._ice(self.welcome.ice_servers), direct=self._direct)
         self.publishers[event.session_id] = publisher
         task = asyncio.get_running_loop().create_task(
             self._run_publisher(ws, event.session_id, publisher))

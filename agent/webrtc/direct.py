@@ -52,23 +52,29 @@ class SilentTrack(MediaStreamTrack):
         raise MediaStreamError
 
 
-def stream_params(sdp: str, mid: str | None, clock: int) -> StreamParams:
-    """SSRC, payload types and CNAME of the sent track ``mid`` in our SDP."""
+def _section(sdp: str, mid: str | None) -> Any:
     for media in SessionDescription.parse(sdp).media:
-        if media.rtp.muxId != mid:
-            continue
-        codec = media.rtp.codecs[0]
-        rtx = next((c for c in media.rtp.codecs if c.mimeType.lower().endswith("/rtx")
-                    and c.parameters.get("apt") == codec.payloadType), None)
-        fid = next((g.items for g in media.ssrc_group if g.semantic == "FID"), None)
-        main = media.ssrc[0]
-        rtx_pt = rtx.payloadType if rtx is not None and fid and len(fid) > 1 else None
-        assert codec.payloadType is not None  # aiortc numbers every codec of an answer
-        return StreamParams(ssrc=main.ssrc, payload_type=codec.payloadType, clock=clock,
-                            cname=main.cname or "agent",
-                            rtx_ssrc=int(fid[1]) if fid and rtx_pt is not None else None,
-                            rtx_payload_type=rtx_pt)
-    raise ValueError(f"no media section with mid {mid!r} in the answer")
+        if media.rtp.muxId == mid:
+            return media
+    raise ValueError(f"no media section with mid {mid!r}")
+
+
+def stream_params(local: str, answer: str, mid: str | None, clock: int) -> StreamParams:
+    """The sent track ``mid``: its SSRCs and CNAME from our SDP, its payload types from the
+    answer (ours as a WHEP answerer, the server's as a WHIP offerer): the answer's first
+    codec is the one chosen (RFC 3264 §6.1)."""
+    media, chosen = _section(local, mid), _section(answer, mid)
+    codec = chosen.rtp.codecs[0]
+    rtx = next((c for c in chosen.rtp.codecs if c.mimeType.lower().endswith("/rtx")
+                and c.parameters.get("apt") == codec.payloadType), None)
+    fid = next((g.items for g in media.ssrc_group if g.semantic == "FID"), None)
+    main = media.ssrc[0]
+    rtx_pt = rtx.payloadType if rtx is not None and fid and len(fid) > 1 else None
+    assert codec.payloadType is not None  # every codec of an answer is numbered
+    return StreamParams(ssrc=main.ssrc, payload_type=codec.payloadType, clock=clock,
+                        cname=main.cname or "agent",
+                        rtx_ssrc=int(fid[1]) if fid and rtx_pt is not None else None,
+                        rtx_payload_type=rtx_pt)
 
 
 class DirectTrack:
@@ -89,9 +95,9 @@ class DirectTrack:
     def bytes_sent(self) -> int:
         return self.stream.bytes_sent if self.stream is not None else 0
 
-    def start(self, sdp: str) -> None:
+    def start(self, local: str, answer: str) -> None:
         """After the answer: take over the sender's RTCP; send once DTLS is connected."""
-        params = stream_params(sdp, self.transceiver.mid, self._consumer.clock)
+        params = stream_params(local, answer, self.transceiver.mid, self._consumer.clock)
         internals.take_over_rtcp(self.transceiver.sender, self._on_rtcp)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._run(params)))

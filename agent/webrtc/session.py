@@ -78,7 +78,7 @@ class ViewerSession:
             await pc.setLocalDescription(await pc.createAnswer())
             for track in session.tracks:
                 if isinstance(track, DirectTrack):
-                    track.start(pc.localDescription.sdp)
+                    track.start(pc.localDescription.sdp, pc.localDescription.sdp)
         except BaseException:
             await session.close()
             raise

@@ -1,8 +1,8 @@
 """WHIP publishing (RFC 9725): send a camera to a relay (or any WHIP server).
 
-The tracks are the same passthrough tracks LAN viewers get, from the same single camera
-pull. ICE is gathered before the offer is sent (no trickle); redirects are followed; the
-session ends with a DELETE on the resource the server named.
+The tracks are the same as LAN viewers get (the agent's send path, or aiortc's), from the
+same single camera pull. ICE is gathered before the offer is sent (no trickle); redirects are
+followed; the session ends with a DELETE on the resource the server named.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from aiortc import (
 )
 
 from agent.media.hub import CameraHub
+from agent.webrtc.direct import DirectTrack, add_direct_tracks
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 log = structlog.get_logger(__name__)
@@ -52,13 +53,15 @@ def ice_servers_from_links(headers: list[str]) -> list[RTCIceServer]:
 
 class WhipPublisher:
     def __init__(self, hub: CameraHub, url: str, bearer: str,
-                 configuration: RTCConfiguration) -> None:
+                 configuration: RTCConfiguration, direct: bool = True) -> None:
+        """``direct``: the agent sends the media (agent/webrtc/direct.py), else aiortc."""
         self._hub = hub
         self._url = url
         self._bearer = bearer
         self._configuration = configuration
         self.pc: RTCPeerConnection | None = None
-        self.tracks: list[HubTrack] = []
+        self._direct = direct
+        self.tracks: list[HubTrack] | list[DirectTrack] = []
         self.resource: str | None = None
         self.connected = asyncio.Event()
         self.failed = asyncio.Event()
@@ -75,7 +78,8 @@ class WhipPublisher:
             self._hub.unsubscribe(holder)  # the tracks below keep it running
         assert self._hub.info is not None
         pc = self.pc = RTCPeerConnection(self._configuration)
-        self.tracks = add_camera_tracks(pc, self._hub, audio=True)
+        self.tracks = (add_direct_tracks if self._direct else add_camera_tracks)(
+            pc, self._hub, audio=True)
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -88,6 +92,9 @@ class WhipPublisher:
         answer, location = await self._post(pc.localDescription.sdp, timeout)
         self.resource = location
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        for track in self.tracks:
+            if isinstance(track, DirectTrack):
+                track.start(pc.localDescription.sdp, answer)
 
     async def _post(self, offer: str, timeout: float) -> tuple[str, str]:
         headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {self._bearer}"}
@@ -124,7 +131,10 @@ class WhipPublisher:
     async def stop(self) -> None:
         """DELETE the WHIP resource, release the camera, close the peer. Idempotent."""
         for track in self.tracks:
-            self._hub.unsubscribe(track._consumer)
+            if isinstance(track, DirectTrack):
+                track.close()
+            else:
+                self._hub.unsubscribe(track._consumer)
         self.tracks = []
         if self.resource is not None:
             resource, self.resource = self.resource, None
