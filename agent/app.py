@@ -145,7 +145,8 @@ class Daemon:
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started).routes(self.app)
-        Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
+        Metrics(self.access, self.cameras, self.lag, self.link, LinkState,
+                reception=self.whep.reception).routes(self.app)
         self._runner: web.AppRunner | None = None
 
     def health(self) -> dict[str, object]:

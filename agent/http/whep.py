@@ -21,6 +21,7 @@ from agent.http.auth import camera_access, denial, error, peer_ip, presented_tok
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
 from agent.webrtc.ice import rtc_configuration
+from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.session import OfferError, ViewerSession
 
 log = structlog.get_logger(__name__)
@@ -45,6 +46,11 @@ class WhepEndpoint:
         self._timeout = camera_timeout + 1.0
         self._live: dict[str, _Live] = {}
         self._closing: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    def reception(self) -> list[tuple[str, ReceptionStats]]:
+        """(camera id, receiver-report figures) of each live viewer on the agent's send path."""
+        return [(live.viewer.camera_id, stats) for live in self._live.values()
+                if (stats := live.viewer.reception) is not None]
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/whep/{camera}", self.post)

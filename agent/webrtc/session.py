@@ -20,6 +20,7 @@ from aiortc import (
 
 from agent.media.hub import CameraHub
 from agent.webrtc.direct import DirectTrack, add_direct_tracks
+from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 
@@ -93,6 +94,14 @@ class ViewerSession:
     @property
     def bytes_sent(self) -> int:
         return sum(t.bytes_sent for t in self.tracks)
+
+    @property
+    def reception(self) -> ReceptionStats | None:
+        """What the viewer's receiver reports say about its video (the agent's send path)."""
+        for track in self.tracks:
+            if isinstance(track, DirectTrack) and track.video and track.stream is not None:
+                return track.stream.stats
+        return None
 
     @property
     def closed(self) -> bool:

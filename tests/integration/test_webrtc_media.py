@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiortc.rtp import (
     RTCP_PSFB_PLI,
@@ -110,6 +111,26 @@ async def test_hostile_rtcp_costs_bounded_work_and_other_viewers_do_not_notice(
     assert "Traceback" not in log and "webrtc_rtcp_failed" not in log
     for viewer in (victim, hostile):
         await viewer.close()
+
+
+async def test_receiver_reports_give_the_viewers_rtt_in_metrics(agent: AgentProcess) -> None:
+    _, admin = await asyncio.to_thread(agent.token, "--admin")
+    _, token = await asyncio.to_thread(agent.token, "--camera", "cam")
+    viewer = WhepViewer(agent.base, "cam", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    await viewer.frame()
+    series = 'therelay_webrtc_viewer_rtt_seconds{camera="cam"}'
+    rtt = 0.0
+    for _ in range(50):  # receiver reports come every second or so, after our first SR
+        await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{agent.base}/metrics", headers={"Authorization": f"Bearer {admin}"}) as r:
+            lines = [line for line in (await r.text()).splitlines()
+                     if line.startswith(series)]
+        if lines and (rtt := float(lines[0].rsplit(" ", 1)[1])) > 0:
+            break
+    await viewer.close()
+    assert 0 < rtt < 0.5, "the RTT from SR/RR over loopback"
 
 
 async def test_the_aiortc_send_path_is_still_selectable(tmp_path: Path) -> None:
