@@ -192,7 +192,6 @@ class DirectTrack:
                     if r.ssrc == stream.params.ssrc:
                         stream.report(r.fraction_lost, r.packets_lost, r.jitter, r.lsr, r.dlsr)
             elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
-                stream.stats.nacks += 1
                 self._write(stream.retransmit(packet.lost))
             elif (isinstance(packet, RtcpPsfbPacket) and self.video
                   and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)

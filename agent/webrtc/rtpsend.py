@@ -38,7 +38,7 @@ GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit
 HISTORY_FRAMES = 96  # ~1 s of video at 30 fps plus audio frames riding along
 NACK_MAX = 64  # sequence numbers looked at per NACK packet: bounded work per viewer
 KEYFRAME_INTERVAL = 1.0  # at most one GOP replay per second per viewer (PLI floods)
-RTCP_RR, RTCP_SR = 201, 200
+RTCP_SR = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,6 @@ class ReceptionStats:
     packets_lost: int = 0
     jitter_seconds: float = 0.0
     rtt_seconds: float | None = None
-    nacks: int = 0
     retransmitted: int = 0
     keyframe_requests: int = 0
 
@@ -198,14 +197,12 @@ class UdpOut:
         self.sock = sock
         self.address = address
         self.gso = hasattr(socket, "SOL_UDP")
-        self.syscalls = 0
 
     def send(self, packets: list[bytes]) -> bool:
         """False when the socket buffer is full (the viewer is behind: the rest is dropped)."""
         try:
             if self.gso:
                 for run in gso_batches(packets):
-                    self.syscalls += 1
                     if len(run) == 1:
                         self.sock.sendto(run[0], self.address)
                     else:
@@ -214,7 +211,6 @@ class UdpOut:
                                           0, self.address)
             else:
                 for packet in packets:
-                    self.syscalls += 1
                     self.sock.sendto(packet, self.address)
         except BlockingIOError:
             return False
