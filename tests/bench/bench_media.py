@@ -1,6 +1,7 @@
 """Media benchmarks against a real RTSP camera (GStreamer) and real WebRTC viewers.
 
     .venv/bin/python -m tests.bench.bench_media cpu [--clip /tmp/clip.mp4] [--viewers 20]
+    .venv/bin/python -m tests.bench.bench_media cameras [--cameras 8]  # N cameras x 1 viewer
     .venv/bin/python -m tests.bench.bench_media first-frame   # WHEP time to first frame
     .venv/bin/python -m tests.bench.bench_media relay         # CPU: relay publish + 2 viewers
 
@@ -78,8 +79,9 @@ async def viewers_main(base: str, token: str) -> None:
     viewers: list[WhepViewer] = []
     marked: tuple[float, list[int]] = (time.monotonic(), [])
     while line := (await reader.readline()).decode().strip():
-        if line == "add":
-            viewer = WhepViewer(base, "cam", token, audio=False)
+        if line.startswith("add"):
+            camera = line.split()[1] if " " in line else "cam"
+            viewer = WhepViewer(base, camera, token, audio=False)
             assert await viewer.connect() == 201, viewer.body
             viewers.append(viewer)
             await asyncio.sleep(3)  # past the GOP replay
@@ -108,8 +110,8 @@ class Viewers:
         self.proc.stdin.flush()
         return self.proc.stdout.readline() if line != "mark" else ""
 
-    def add(self) -> None:
-        json.loads(self._say("add"))
+    def add(self, camera: str = "cam") -> None:
+        json.loads(self._say(f"add {camera}"))
 
     def window(self, pid: int, seconds: float) -> tuple[float, list[float]]:
         """The agent's CPU (% of one core) over one window, and each viewer's fps in it."""
@@ -176,6 +178,38 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None) -> None
                   + "  ".join(f"{e:+.2f}" for e in extra))
             if invalid:
                 print("WARNING: some windows do not count (a viewer below the camera rate)")
+        finally:
+            if viewers is not None:
+                viewers.stop()
+            agent.stop()
+
+
+def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None) -> None:
+    """Agent CPU with ``cameras`` cameras (the same clip, one pull each) and one viewer each."""
+    with tempfile.TemporaryDirectory() as tmp, \
+            clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
+        ids = [f"cam{i}" for i in range(cameras)]
+        agent = AgentProcess(Path(tmp), [{"id": i, "source": camera_url, "always_on": True}
+                                         for i in ids])
+        viewers: Viewers | None = None
+        try:
+            _, token = agent.token("--host")
+            time.sleep(5)  # connected, warm
+            pid = agent.proc.pid
+            pulls = [measure(pid, window) for _ in range(windows)]
+            print(f"{cameras} cameras, pull only : {summary(pulls)}   RSS {rss_mb(pid):5.1f} MB",
+                  flush=True)
+            viewers = Viewers(agent.base, token)
+            for camera_id in ids:
+                viewers.add(camera_id)
+            loads, slowest = [], FPS * 2.0
+            for _ in range(windows):
+                load, fps = viewers.window(pid, window)
+                loads.append(load)
+                slowest = min(slowest, *fps)
+            print(f"{cameras} cameras x 1 viewer: {summary(loads)}   RSS {rss_mb(pid):5.1f} MB   "
+                  f"slowest viewer {slowest:4.1f} fps"
+                  f"{'  INVALID: a viewer fell behind the camera' if slowest < FPS - 1 else ''}")
         finally:
             if viewers is not None:
                 viewers.stop()
@@ -254,7 +288,9 @@ def main() -> None:
     # the agent as it runs in production.
     os.environ.pop("PYTHONASYNCIODEBUG", None)
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["cpu", "first-frame", "relay", "viewers-process"])
+    parser.add_argument("what", choices=["cpu", "cameras", "first-frame", "relay",
+                                         "viewers-process"])
+    parser.add_argument("--cameras", type=int, default=8, help="cameras: how many")
     parser.add_argument("--window", type=float, default=20.0, help="seconds per CPU reading")
     parser.add_argument("--windows", type=int, default=3, help="readings per step")
     parser.add_argument("--viewers", type=int, default=5, help="the last step's viewers")
@@ -268,6 +304,8 @@ def main() -> None:
         asyncio.run(viewers_main(args.base, args.token))
     elif args.what == "cpu":
         bench_cpu(args.window, args.windows, args.viewers, args.clip)
+    elif args.what == "cameras":
+        bench_cameras(args.window, args.windows, args.cameras, args.clip)
     elif args.what == "relay":
         bench_relay(args.window)
     else:
