@@ -136,20 +136,26 @@ def summary(values: list[float]) -> str:
             f"max {max(values):5.2f}")
 
 
-def bench_cpu(window: float, windows: int, most: int, clip: Path | None) -> None:
+def webrtc_section(send_path: str) -> dict[str, object]:
+    return {"host_addresses": ["127.0.0.1"], "send_path": send_path}
+
+
+def bench_cpu(window: float, windows: int, most: int, clip: Path | None,
+              send_path: str = "agent") -> None:
     """Agent CPU with the pull alone, then 1..5 viewers (and ``most`` if more than 5)."""
     steps = [*range(1, 6), *([most] if most > 5 else [])]
     with tempfile.TemporaryDirectory() as tmp, \
             clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
         agent = AgentProcess(Path(tmp), [{"id": "cam", "source": camera_url,
-                                          "always_on": True}])
+                                          "always_on": True}],
+                             webrtc=webrtc_section(send_path))
         viewers: Viewers | None = None
         try:
             _, token = agent.token("--camera", "cam")
             time.sleep(3)  # connected, warm
             pid = agent.proc.pid
             print(f"camera: pre-encoded 1920x1080@30 4 Mbit/s clip; {windows} windows of "
-                  f"{window:g} s each; agent CPU in % of one core")
+                  f"{window:g} s each; agent CPU in % of one core; send path {send_path}")
             loads = {0: [measure(pid, window) for _ in range(windows)]}
             print(f"pull only       : {summary(loads[0])}   RSS {rss_mb(pid):5.1f} MB",
                   flush=True)
@@ -184,13 +190,14 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None) -> None
             agent.stop()
 
 
-def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None) -> None:
+def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None,
+                  send_path: str = "agent") -> None:
     """Agent CPU with ``cameras`` cameras (the same clip, one pull each) and one viewer each."""
     with tempfile.TemporaryDirectory() as tmp, \
             clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
         ids = [f"cam{i}" for i in range(cameras)]
         agent = AgentProcess(Path(tmp), [{"id": i, "source": camera_url, "always_on": True}
-                                         for i in ids])
+                                         for i in ids], webrtc=webrtc_section(send_path))
         viewers: Viewers | None = None
         try:
             _, token = agent.token("--host")
@@ -291,6 +298,8 @@ def main() -> None:
     parser.add_argument("what", choices=["cpu", "cameras", "first-frame", "relay",
                                          "viewers-process"])
     parser.add_argument("--cameras", type=int, default=8, help="cameras: how many")
+    parser.add_argument("--send-path", choices=["agent", "aiortc"], default="agent",
+                        help="webrtc.send_path of the measured agent")
     parser.add_argument("--window", type=float, default=20.0, help="seconds per CPU reading")
     parser.add_argument("--windows", type=int, default=3, help="readings per step")
     parser.add_argument("--viewers", type=int, default=5, help="the last step's viewers")
@@ -303,9 +312,9 @@ def main() -> None:
     if args.what == "viewers-process":
         asyncio.run(viewers_main(args.base, args.token))
     elif args.what == "cpu":
-        bench_cpu(args.window, args.windows, args.viewers, args.clip)
+        bench_cpu(args.window, args.windows, args.viewers, args.clip, args.send_path)
     elif args.what == "cameras":
-        bench_cameras(args.window, args.windows, args.cameras, args.clip)
+        bench_cameras(args.window, args.windows, args.cameras, args.clip, args.send_path)
     elif args.what == "relay":
         bench_relay(args.window)
     else:
