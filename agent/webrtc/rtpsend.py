@@ -94,9 +94,10 @@ class RtpStream:
         self._history.append((seq, timestamp, payloads))
         out = []
         size = 0
+        join, pack = b"".join, _HEADER.pack  # one copy per packet (+ makes two)
         for prefix, body, marker, length in payloads:
-            out.append(protect(_HEADER.pack(RTP_VERSION, 0x80 | pt if marker else pt, seq,
-                                            timestamp, ssrc) + prefix + body))
+            out.append(protect(join((pack(RTP_VERSION, 0x80 | pt if marker else pt, seq,
+                                          timestamp, ssrc), prefix, body))))
             size += length
             seq = (seq + 1) & 0xFFFF
         self.seq = seq
@@ -129,7 +130,7 @@ class RtpStream:
             pt, ssrc, out_seq = p.payload_type, p.ssrc, seq
         header = _HEADER.pack(RTP_VERSION, 0x80 | pt if marker else pt, out_seq, timestamp,
                               ssrc)
-        return bytes(self._srtp.protect(header + prefix + body))
+        return bytes(self._srtp.protect(b"".join((header, prefix, body))))
 
     def keyframe_wanted(self, now: float) -> bool:
         """A PLI/FIR arrived: True if this viewer may have a keyframe now (rate-limited)."""
