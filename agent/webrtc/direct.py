@@ -38,6 +38,9 @@ log = structlog.get_logger(__name__)
 
 REPORT_INTERVAL = 1.0  # seconds between sender reports (RFC 3550 §6.2, at our low rates)
 CONNECT_TIMEOUT = 30.0
+#: A receiver report's fraction lost (RFC 3550 §6.4.1, in 1/256) at which the viewer is
+#: treated as unable to keep up: half of what we send is lost on its way.
+HUGE_LOSS = 128
 
 
 class SilentTrack(MediaStreamTrack):
@@ -149,7 +152,7 @@ class DirectTrack:
                 datagrams = stream.frame(packet.rtp, ticks)
                 if self._out is not None:
                     if not self._out.send(datagrams) and self.video:
-                        self._behind()
+                        self._behind("socket_buffer_full")
                 else:  # a TURN relay or TCP pair: aioice's own path
                     for datagram in datagrams:
                         await send(datagram)
@@ -158,10 +161,11 @@ class DirectTrack:
         except ConnectionError:  # the ICE connection closed under us
             return
 
-    def _behind(self) -> None:
+    def _behind(self, reason: str) -> None:
+        """Send nothing more until the next keyframe: the viewer cannot take what we send."""
         if not self._skip_to_keyframe:
             self._skip_to_keyframe = True
-            log.info("webrtc_viewer_behind", camera=self._hub.camera_id,
+            log.info("webrtc_viewer_behind", camera=self._hub.camera_id, reason=reason,
                      action="skipping to the next keyframe")
 
     def _write(self, datagrams: list[bytes]) -> None:
@@ -191,6 +195,8 @@ class DirectTrack:
                 for r in packet.reports[:4]:
                     if r.ssrc == stream.params.ssrc:
                         stream.report(r.fraction_lost, r.packets_lost, r.jitter, r.lsr, r.dlsr)
+                        if self.video and r.fraction_lost >= HUGE_LOSS:
+                            self._behind("loss")
             elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
                 self._write(stream.retransmit(packet.lost))
             elif (isinstance(packet, RtcpPsfbPacket) and self.video

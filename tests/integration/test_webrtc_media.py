@@ -14,6 +14,8 @@ from aiortc.rtp import (
     RTCP_PSFB_PLI,
     RTCP_RTPFB_NACK,
     RtcpPsfbPacket,
+    RtcpReceiverInfo,
+    RtcpRrPacket,
     RtcpRtpfbPacket,
 )
 
@@ -111,6 +113,26 @@ async def test_hostile_rtcp_costs_bounded_work_and_other_viewers_do_not_notice(
     assert "Traceback" not in log and "webrtc_rtcp_failed" not in log
     for viewer in (victim, hostile):
         await viewer.close()
+
+
+async def test_a_viewer_reporting_huge_loss_skips_to_the_next_keyframe(
+        agent: AgentProcess) -> None:
+    _, token = await asyncio.to_thread(agent.token, "--camera", "cam")
+    viewer = WhepViewer(agent.base, "cam", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    await viewer.frame()
+    await frames_for(viewer, 1.0)
+    report = RtcpRrPacket(ssrc=1, reports=[RtcpReceiverInfo(
+        ssrc=media_ssrc(viewer), fraction_lost=200, packets_lost=500, highest_sequence=0,
+        jitter=0, lsr=0, dlsr=0)])
+    await send_rtcp(viewer, [bytes(report)])
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        log = Path(agent.log_path).read_text()
+        if "webrtc_viewer_behind" in log:
+            break
+    assert '"reason": "loss"' in log and "webrtc_viewer_behind" in log
+    await viewer.close()
 
 
 async def test_receiver_reports_give_the_viewers_rtt_in_metrics(agent: AgentProcess) -> None:
