@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.clip import FPS, clip_camera
+from tests.bench.clip import FPS, clip_camera, clip_cameras
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.camera import RtspCamera
 
@@ -194,10 +194,11 @@ def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None,
                   send_path: str = "agent") -> None:
     """Agent CPU with ``cameras`` cameras (the same clip, one pull each) and one viewer each."""
     with tempfile.TemporaryDirectory() as tmp, \
-            clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
+            clip_cameras(clip or Path(tmp) / "clip.mp4", cameras) as urls:
         ids = [f"cam{i}" for i in range(cameras)]
-        agent = AgentProcess(Path(tmp), [{"id": i, "source": camera_url, "always_on": True}
-                                         for i in ids], webrtc=webrtc_section(send_path))
+        agent = AgentProcess(Path(tmp), [{"id": i, "source": url, "always_on": True}
+                                         for i, url in zip(ids, urls, strict=True)],
+                             webrtc=webrtc_section(send_path))
         viewers: Viewers | None = None
         try:
             _, token = agent.token("--host")
