@@ -27,11 +27,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from agent.media.rtp import Payload
+from agent.media.rtp import RTP_HEADER as _HEADER
+from agent.media.rtp import RTP_VERSION, Payload
 from agent.webrtc.speedups import ntp_time
 
-_HEADER = struct.Struct("!BBHII")
-RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
 UDP_SEGMENT = 103  # linux/udp.h: the GSO segment size, per sendmsg
 GSO_MAX_SEGMENTS = 64  # linux/udp.h UDP_MAX_SEGMENTS (older kernels)
 GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit
