@@ -146,13 +146,15 @@ class Daemon:
             chosen = config.relay.always_cameras or config.camera_ids
             self.always = AlwaysPublisher(
                 [c for c in self.cameras if c.id in chosen], config.relay.whip_url_template,
-                config.agent.id, relay_token, lambda: base)
+                config.agent.id, relay_token, lambda: base,
+                direct=config.webrtc.send_path == "agent")
         if config.relay.url is not None and relay_token is not None:
             self.link = RelayLink(
                 config.relay.url, relay_token, config.agent.id, store, state.outbox, self.access,
                 camera_inventory(self.cameras),
                 hubs=lambda camera_id: (c.hub if (c := self.cameras.get(camera_id)) else None),
-                ice=lambda servers: with_relay_servers(base, servers))
+                ice=lambda servers: with_relay_servers(base, servers),
+                direct=config.webrtc.send_path == "agent")
         self.app = server.make_app(self.health)
         self.whep.routes(self.app)
         Views(self.access, self.cameras,
@@ -160,7 +162,8 @@ class Daemon:
               store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
                  tls=lambda: self.certificate, held_moves=self._held_moves).routes(self.app)
-        Metrics(self.access, self.cameras, self.lag, self.link, LinkState).routes(self.app)
+        Metrics(self.access, self.cameras, self.lag, self.link, LinkState,
+                reception=self.whep.reception).routes(self.app)
         self._runner: web.AppRunner | None = None
 
     def health(self) -> dict[str, object]:

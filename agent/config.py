@@ -41,6 +41,7 @@ LogFormat = Literal["auto", "json", "console"]
 PublishMode = Literal["on_demand", "always"]
 #: cameras[].rtsp_auth values (agent/media/sources/rtsp_login.py applies them).
 RtspAuth = Literal["auto", "digest", "basic"]
+SendPath = Literal["agent", "aiortc"]
 
 
 def _default_agent_id() -> str:
@@ -161,6 +162,9 @@ class WebrtcSection:
     interfaces: list[str] = field(default_factory=list)
     #: STUN/TURN servers for viewers outside this network segment.
     ice_servers: list[IceServerConfig] = field(default_factory=list)
+    #: Who sends viewers' media: the agent (packetized once per camera, SRTP and UDP GSO per
+    #: viewer, its own RTCP) or aiortc's per-packet sender (the fallback).
+    send_path: SendPath = "agent"
 
 
 @dataclass(frozen=True)

@@ -68,3 +68,8 @@ oversized
 rate_limited
 garbage
 tracked_ids
+
+# aiortc's RTCRtpSender methods, replaced on one sender instance so that aiortc calls the
+# agent's RTCP handling instead (agent/webrtc/internals.py): aiortc reads them, not the agent.
+_._handle_rtcp_packet
+_._send_rtcp

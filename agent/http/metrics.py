@@ -11,7 +11,7 @@ import asyncio
 import time
 import typing
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from aiohttp import web
 
@@ -20,6 +20,9 @@ from agent.access.service import AccessService
 from agent.http.auth import denial, header_token, peer_ip
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
+
+if typing.TYPE_CHECKING:
+    from agent.webrtc.rtpsend import ReceptionStats
 
 
 class LoopLag:
@@ -62,8 +65,12 @@ class RelayState(typing.Protocol):
 
 class Metrics:
     def __init__(self, access: AccessService, cameras: Cameras, lag: LoopLag,
-                 relay: RelayState | None = None, relay_states: Iterable[str] = ()) -> None:
-        """``relay_states``: every state the relay link can be in (one series each)."""
+                 relay: RelayState | None = None, relay_states: Iterable[str] = (),
+                 reception: Callable[[], list[tuple[str, ReceptionStats]]] | None = None,
+                 ) -> None:
+        """``relay_states``: every state the relay link can be in (one series each);
+        ``reception``: live WebRTC viewers' receiver-report figures, by camera."""
+        self._reception = reception
         self._access = access
         self._cameras = cameras
         self._lag = lag
@@ -115,6 +122,8 @@ class Metrics:
                "pulled).",
                [({"camera": c.id}, (c.hub.status.bitrate_kbps or 0) * 1000 / 8)
                 for c in self._cameras])
+        if self._reception is not None:
+            self._viewer_quality(metric)
         if self._relay is not None:
             metric("therelay_relay_link", "gauge", "Relay control channel state (1 = current).",
                    [({"state": s}, float(self._relay.state == s)) for s in self._relay_states])
@@ -125,3 +134,31 @@ class Metrics:
         metric("therelay_event_loop_lag_max_seconds", "gauge",
                "Worst event-loop lag since start.", [({}, self._lag.worst)])
         return "\n".join(out) + "\n"
+
+    def _viewer_quality(self, metric: Callable[..., None]) -> None:
+        """Per camera, the worst live WebRTC viewer (from its RTCP receiver reports) and the
+        repair work done for the live ones; no series for a camera without such viewers, and
+        no family at all while there is none."""
+        assert self._reception is not None
+        by_camera: dict[str, list[ReceptionStats]] = {}
+        for camera_id, stats in self._reception():
+            by_camera.setdefault(camera_id, []).append(stats)
+        worst = sorted(by_camera.items())
+        if not worst:
+            return
+        metric("therelay_webrtc_viewer_loss_ratio", "gauge",
+               "Worst live viewer's fraction of packets lost (last receiver report).",
+               [({"camera": c}, max(s.fraction_lost for s in v)) for c, v in worst])
+        metric("therelay_webrtc_viewer_jitter_seconds", "gauge",
+               "Worst live viewer's interarrival jitter (last receiver report).",
+               [({"camera": c}, max(s.jitter_seconds for s in v)) for c, v in worst])
+        metric("therelay_webrtc_viewer_rtt_seconds", "gauge",
+               "Worst live viewer's round-trip time (from sender/receiver reports).",
+               [({"camera": c}, max(s.rtt_seconds or 0.0 for s in v)) for c, v in worst])
+        metric("therelay_webrtc_retransmitted_packets", "gauge",
+               "Packets resent to the live viewers on NACK (RFC 4585), since each joined.",
+               [({"camera": c}, float(sum(s.retransmitted for s in v))) for c, v in worst])
+        metric("therelay_webrtc_keyframe_requests", "gauge",
+               "PLI/FIR received from the live viewers, since each joined.",
+               [({"camera": c}, float(sum(s.keyframe_requests for s in v)))
+                for c, v in worst])

@@ -24,6 +24,7 @@ from agent.http.connections import read_body
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
 from agent.webrtc.ice import rtc_configuration
+from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.session import OfferError, ViewerSession, check_offer
 
 log = structlog.get_logger(__name__)
@@ -71,6 +72,11 @@ class WhepEndpoint:
         self._handshake = handshake_timeout
         self._live: dict[str, _Live] = {}
         self._closing: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
+
+    def reception(self) -> list[tuple[str, ReceptionStats]]:
+        """(camera id, receiver-report figures) of each live viewer on the agent's send path."""
+        return [(live.viewer.camera_id, stats) for live in self._live.values()
+                if (stats := live.viewer.reception) is not None]
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/whep/{camera}", self.post)
@@ -122,7 +128,8 @@ class WhepEndpoint:
                 return error(501, "unsupported_codec", refusal)
             try:
                 viewer, answer = await ViewerSession.answer(
-                    camera_id, hub, offer, self._rtc_configuration)
+                    camera_id, hub, offer, self._rtc_configuration,
+                    direct=self._webrtc.send_path == "agent")
             except OfferError as exc:
                 admission.release()
                 return error(400, "bad_offer", str(exc))

@@ -61,6 +61,17 @@ class Consumer:
         self._queue.append((epoch, packet))
         self._wake.set()
 
+    def replay(self, gop: list[tuple[int, MediaPacket]]) -> None:
+        """Start again from ``gop``'s keyframe (a viewer lost the picture: PLI/FIR), replayed
+        fast like a new consumer's start; the timeline continues where it was."""
+        if self._closed or not gop:
+            return
+        self._queue.clear()  # the GOP holds every packet up to now
+        self._replay = deque(gop)
+        self._replay_base = None
+        self._need_keyframe = False
+        self._wake.set()
+
     def close(self) -> None:
         self._closed = True
         self._queue.clear()
@@ -80,6 +91,8 @@ class Consumer:
                 raise ConsumerClosed
             self._wake.clear()
             await self._wake.wait()
+            if self._replay:  # replay() while we waited
+                return await self._next_replayed()
         if self._closed:
             raise ConsumerClosed
         epoch, packet = self._queue.popleft()

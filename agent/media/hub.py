@@ -2,8 +2,8 @@
 
 The pull runs in its own thread (PyAV blocks) and starts when the first consumer arrives;
 it stops ``idle_grace`` seconds after the last one left, unless the camera is ``always_on``.
-Packets cross to the event loop one ``call_soon_threadsafe`` at a time; the loop keeps the
-GOP cache and offers each packet to every consumer's bounded queue. A camera that fails is
+Packets cross to the event loop in batches (one ``call_soon_threadsafe`` per batch); the loop
+keeps the GOP cache and offers each packet to every consumer's bounded queue. A camera that fails is
 retried with backoff and jitter while its viewers stay connected; their picture resumes at
 the first keyframe after the camera returns.
 """
@@ -106,6 +106,10 @@ class CameraHub:
         self._rtp_on = False
         self._video_rtp: Packetizer | None = None
         self._audio_rtp: Packetizer | None = None
+        #: Packets from the pull thread waiting for the loop (see _post).
+        self._inbox: list[tuple[int, MediaPacket]] = []
+        self._inbox_lock = threading.Lock()
+        self._drain_scheduled = False
 
     # -- consumers (event loop) ---------------------------------------------------------
 
@@ -143,6 +147,11 @@ class CameraHub:
         consumer = Consumer(video, self._queue_packets, replay, self._epoch, clock)
         self._consumers.add(consumer)
         return consumer
+
+    def replay(self, consumer: Consumer) -> None:
+        """Restart ``consumer`` from the cached GOP's keyframe (or the next keyframe)."""
+        if self._gop and self._gop_cache_on:
+            consumer.replay(list(self._gop))
 
     def unsubscribe(self, consumer: Consumer) -> None:
         consumer.close()
@@ -338,7 +347,7 @@ class CameraHub:
                 failures.recovered("camera_recovered")
                 delays = backoff(1.0, self._reconnect_max)
                 while not stop.is_set() and self._stops == stops:
-                    loop.call_soon_threadsafe(self._deliver, epoch, source.read())
+                    self._post(loop, epoch, source.read())
             except AgentError as exc:  # SourceError, or a camera secret that cannot be read
                 failures.failed(str(exc))
                 loop.call_soon_threadsafe(self._set_status_if_running, stop, str(exc))
@@ -348,6 +357,24 @@ class CameraHub:
             finally:
                 if source is not None:
                     source.close()
+
+    def _post(self, loop: asyncio.AbstractEventLoop, epoch: int, packet: MediaPacket) -> None:
+        """Hand a packet to the loop: one wake-up per batch, not per packet (waking the loop
+        costs a write to its self-pipe and a callback; packets that arrive while it is busy
+        ride along with the batch already scheduled)."""
+        with self._inbox_lock:
+            self._inbox.append((epoch, packet))
+            if self._drain_scheduled:
+                return
+            self._drain_scheduled = True
+        loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._inbox_lock:
+            batch, self._inbox = self._inbox, []
+            self._drain_scheduled = False
+        for epoch, packet in batch:
+            self._deliver(epoch, packet)
 
     def _set_status_if_running(self, stop: threading.Event, error: str) -> None:
         if not stop.is_set():

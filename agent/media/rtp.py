@@ -24,6 +24,11 @@ from agent.media.stream import MediaPacket, StreamInfo
 #: IPv6 + UDP (48) and a tunnel on a 1280-1500 byte path MTU.
 PAYLOAD_SIZE = 1200
 
+#: The fixed RTP header (RFC 3550 §5.1) each consumer puts before a shared payload: V/P/X/CC,
+#: M/PT, sequence number, timestamp, SSRC.
+RTP_HEADER = struct.Struct("!BBHII")
+RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
+
 # RFC 6184 §5.2 NAL unit types used by the payload format
 H264_SPS, H264_PPS, H264_AUD = 7, 8, 9
 H264_STAP_A, H264_FU_A = 24, 28

@@ -27,8 +27,9 @@ REPUBLISH_AT_ONCE_AFTER = 10.0
 
 class AlwaysPublisher:
     def __init__(self, cameras: list[Camera], template: str, agent_id: str, bearer: str,
-                 configuration: Callable[[], RTCConfiguration]) -> None:
+                 configuration: Callable[[], RTCConfiguration], direct: bool = True) -> None:
         self._cameras = cameras
+        self._direct = direct  # webrtc.send_path: agent
         self._template = template
         self._agent_id = agent_id
         self._bearer = bearer
@@ -55,7 +56,8 @@ class AlwaysPublisher:
         failures = FailureLog(log, "whip_always_unavailable", camera=camera.id)
         delays = backoff(1.0, 60.0)
         while True:
-            publisher = WhipPublisher(camera.hub, url, self._bearer, self._configuration())
+            publisher = WhipPublisher(camera.hub, url, self._bearer, self._configuration(),
+                                      direct=self._direct)
             try:
                 await publisher.start(timeout=15)
                 await asyncio.wait_for(publisher.connected.wait(), 15)

@@ -70,8 +70,10 @@ class RelayLink:
                  outbox: RelayOutbox, access: AccessService,
                  inventory: Callable[[], list[dict[str, Any]]],
                  hubs: Callable[[str], CameraHub | None],
-                 ice: Callable[[list[dict[str, Any]]], RTCConfiguration]) -> None:
+                 ice: Callable[[list[dict[str, Any]]], RTCConfiguration],
+                 direct: bool = True) -> None:
         self._url = url
+        self._direct = direct  # webrtc.send_path: agent
         self._token = publisher_token
         self._store = store
         self._outbox = outbox
@@ -277,7 +279,7 @@ class RelayLink:
                 "unknown_camera", f"no camera {event.camera_id!r} on this agent")))
             return
         publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
-                                  self._ice(welcome.ice_servers))
+                                  self._ice(welcome.ice_servers), direct=self._direct)
         self.publishers[event.session_id] = publisher
         sid = event.session_id
         task = self._spawn(self._run_publisher(ws, sid, publisher))

@@ -18,11 +18,11 @@ import structlog
 
 from agent.media.consumer import Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
+from agent.media.rtp import RTP_HEADER as _HEADER
+from agent.media.rtp import RTP_VERSION
 from agent.media.stream import MediaPacket
 
-_HEADER = struct.Struct("!BBHII")
 _INTERLEAVED = struct.Struct("!cBHBBHII")  # RFC 2326 §10.12 framing + the RTP header
-RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
 
 log = structlog.get_logger(__name__)
 

@@ -19,6 +19,8 @@ from aiortc import (
 )
 
 from agent.media.hub import CameraHub
+from agent.webrtc.direct import DirectTrack, add_direct_tracks
+from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 
@@ -68,27 +70,33 @@ class ViewerSession:
         self.camera_id = camera_id
         self._hub = hub
         self.pc = pc
-        self.tracks: list[HubTrack] = []
+        self.tracks: list[HubTrack] | list[DirectTrack] = []
         self._closed = asyncio.Event()
         self.on_closed: Callable[[ViewerSession], None] | None = None
 
     @classmethod
     async def answer(
-        cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration
+        cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration,
+        direct: bool = False,
     ) -> tuple[ViewerSession, str]:
-        """Build the session and its SDP answer (ICE gathered: no trickle needed)."""
+        """Build the session and its SDP answer (ICE gathered: no trickle needed). ``direct``:
+        the agent sends the media itself (agent/webrtc/direct.py), else aiortc does."""
         check_offer(offer)
         assert hub.info is not None
         pc = RTCPeerConnection(configuration)
         session = cls(camera_id, hub, pc)
         try:
-            session.tracks = add_camera_tracks(
-                pc, hub, audio="\nm=audio " in offer.replace("\r\n", "\n"))
+            audio = "\nm=audio " in offer.replace("\r\n", "\n")
+            session.tracks = (add_direct_tracks if direct else add_camera_tracks)(
+                pc, hub, audio=audio)
             try:
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             except Exception as exc:  # aiortc raises assorted errors on bad SDP
                 raise OfferError(_explain(exc)) from None
             await pc.setLocalDescription(await pc.createAnswer())
+            for track in session.tracks:
+                if isinstance(track, DirectTrack):
+                    track.start(pc.localDescription.sdp, pc.localDescription.sdp)
         except BaseException:
             await session.close()
             raise
@@ -105,6 +113,14 @@ class ViewerSession:
         return sum(t.bytes_sent for t in self.tracks)
 
     @property
+    def reception(self) -> ReceptionStats | None:
+        """What the viewer's receiver reports say about its video (the agent's send path)."""
+        for track in self.tracks:
+            if isinstance(track, DirectTrack) and track.video and track.stream is not None:
+                return track.stream.stats
+        return None
+
+    @property
     def closed(self) -> bool:
         return self._closed.is_set()
 
@@ -114,7 +130,10 @@ class ViewerSession:
             return
         self._closed.set()
         for track in self.tracks:
-            self._hub.unsubscribe(track._consumer)  # no packet is sent after this
+            if isinstance(track, DirectTrack):
+                track.close()  # no packet is sent after this
+            else:
+                self._hub.unsubscribe(track._consumer)
         with contextlib.suppress(Exception):
             await self.pc.close()
         if self.on_closed is not None:

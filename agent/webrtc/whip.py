@@ -1,8 +1,8 @@
 """WHIP publishing (RFC 9725): send a camera to a relay (or any WHIP server).
 
-The tracks are the same passthrough tracks LAN viewers get, from the same single camera
-pull. ICE is gathered before the offer is sent (no trickle); redirects are followed; the
-session ends with a DELETE on the resource the server named.
+The tracks are the same as LAN viewers get (the agent's send path, or aiortc's), from the
+same single camera pull. ICE is gathered before the offer is sent (no trickle); redirects are
+followed; the session ends with a DELETE on the resource the server named.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from aiortc import (
 
 from agent import __version__
 from agent.media.hub import CameraHub
+from agent.webrtc.direct import DirectTrack, add_direct_tracks
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
 
 log = structlog.get_logger(__name__)
@@ -63,13 +64,15 @@ def ice_servers_from_links(headers: list[str]) -> list[RTCIceServer]:
 
 class WhipPublisher:
     def __init__(self, hub: CameraHub, url: str, bearer: str,
-                 configuration: RTCConfiguration) -> None:
+                 configuration: RTCConfiguration, direct: bool = True) -> None:
+        """``direct``: the agent sends the media (agent/webrtc/direct.py), else aiortc."""
         self._hub = hub
         self._url = url
         self._bearer = bearer
         self._configuration = configuration
         self.pc: RTCPeerConnection | None = None
-        self.tracks: list[HubTrack] = []
+        self._direct = direct
+        self.tracks: list[HubTrack] | list[DirectTrack] = []
         self.resource: str | None = None
         self.connected = asyncio.Event()
         self.failed = asyncio.Event()
@@ -88,7 +91,8 @@ class WhipPublisher:
             self._hub.unsubscribe(holder)  # the tracks below keep it running
         assert self._hub.info is not None
         pc = self.pc = RTCPeerConnection(self._configuration)
-        self.tracks = add_camera_tracks(pc, self._hub, audio=True)
+        self.tracks = (add_direct_tracks if self._direct else add_camera_tracks)(
+            pc, self._hub, audio=True)
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -103,6 +107,9 @@ class WhipPublisher:
         answer, location = await self._post(pc.localDescription.sdp, timeout)
         self.resource = location
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+        for track in self.tracks:
+            if isinstance(track, DirectTrack):
+                track.start(pc.localDescription.sdp, answer)
 
     def _fail(self, why: str) -> None:
         if not self.failed.is_set():
@@ -164,7 +171,10 @@ class WhipPublisher:
         if self._watch is not None:
             self._watch.cancel()
         for track in self.tracks:
-            self._hub.unsubscribe(track._consumer)
+            if isinstance(track, DirectTrack):
+                track.close()
+            else:
+                self._hub.unsubscribe(track._consumer)
         self.tracks = []
         if self.resource is not None:
             resource, self.resource = self.resource, None

@@ -1,14 +1,19 @@
 """Media benchmarks against a real RTSP camera (GStreamer) and real WebRTC viewers.
 
-    .venv/bin/python -m tests.bench.bench_media cpu           # agent CPU per viewer
+    .venv/bin/python -m tests.bench.bench_media cpu [--clip /tmp/clip.mp4] [--viewers 20]
+    .venv/bin/python -m tests.bench.bench_media cameras [--cameras 8]  # N cameras x 1 viewer
     .venv/bin/python -m tests.bench.bench_media first-frame   # WHEP time to first frame
     .venv/bin/python -m tests.bench.bench_media relay         # CPU: relay publish + 2 viewers
 
-cpu: one 1920x1080@30, 4 Mbit/s camera; the agent's own CPU (utime+stime from
-/proc/PID/stat, % of one core) with no viewer, then 1 to 5 viewers. The viewers run in
-another process and do not decode (their RTP, SRTP, DTLS and ICE are real; only the
-H.264 decoder is replaced by a counter), so the figure is the agent's alone.
-Goals: pull <= 1.5 %, first viewer <= 3 %, each extra viewer <= 0.7 %.
+cpu: a pre-encoded 1920x1080@30 4 Mbit/s clip (GOP 2 s, no B-frames) served by GStreamer
+without re-encoding (tests/bench/clip.py); the agent's own CPU (utime+stime from
+/proc/PID/stat, % of one core) over ``--windows`` windows of ``--window`` s (min/median/max)
+with no viewer, then 1 to 5 viewers (and ``--viewers`` N if more), and its RSS. The viewers
+run in another process whose event loop is never blocked (control lines are read through the
+loop) and do not decode (their RTP, SRTP, DTLS and ICE are real; only the H.264 decoder is
+replaced by a per-viewer counter); each viewer's frame rate is printed for every step, and a
+step where one falls below the camera's rate is marked INVALID.
+Goals (issue 14): pull <= 1.0 %, first viewer <= +1.0 %, each extra viewer <= +0.4 %.
 
 first-frame: camera GOP 2 s; POST sent -> first decoded frame at an aiortc viewer; 20 trials
 at random points in the GOP; with the GOP cache and without. Goal with the cache: p50 <= 150
@@ -29,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench.clip import FPS, clip_camera, clip_cameras
 from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.camera import RtspCamera
@@ -47,60 +53,176 @@ def measure(pid: int, seconds: float) -> float:
     return (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start) * 100
 
 
-VIEWERS_SCRIPT = """
-import asyncio, sys, json
-import aiortc.rtcrtpreceiver as receiver
-class Counter:
-    frames = 0
-    def decode(self, encoded_frame):
-        Counter.frames += 1
-        return []
-receiver.get_decoder = lambda codec: Counter()
-from tests.support.agent import WhepViewer
-from tests.conftest import write_secret
-async def main():
-    base, token = sys.argv[1], sys.argv[2]
-    viewers = []
-    for line in sys.stdin:
-        viewer = WhepViewer(base, "cam", token, audio=False)
-        assert await viewer.connect() == 201, viewer.body
-        viewers.append(viewer)
-        await asyncio.sleep(2)
-        print(json.dumps({"viewers": len(viewers), "frames": Counter.frames}), flush=True)
-asyncio.run(main())
-"""
+# -- the viewers' process -------------------------------------------------------------------
+# Control lines arrive on stdin, read through the event loop (a blocking read would freeze
+# the viewers during every window): "add" connects one more viewer, "mark" starts a window,
+# "report" prints each viewer's frames per second since the mark.
 
 
-def bench_cpu(window: float) -> None:
-    with tempfile.TemporaryDirectory() as tmp, RtspCamera.start(
-            width=1920, height=1080, fps=30, gop=60, bitrate=4000) as camera:
-        agent = asyncio.run(AgentProcess.start(
-            Path(tmp), [{"id": "cam", "source": camera.url, "always_on": True}]))
+async def viewers_main(base: str, token: str) -> None:
+    import aiortc.rtcrtpreceiver as receiver
+
+    counts: list[int] = []
+
+    class Counter:  # replaces the H.264 decoder: the viewers count frames, decode nothing
+        def __init__(self) -> None:
+            self.index = len(counts)
+            counts.append(0)
+
+        def decode(self, encoded_frame: object) -> list[object]:
+            counts[self.index] += 1
+            return []
+
+    receiver.get_decoder = lambda codec: Counter()  # type: ignore[attr-defined,assignment,return-value]
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    viewers: list[WhepViewer] = []
+    marked: tuple[float, list[int]] = (time.monotonic(), [])
+    while line := (await reader.readline()).decode().strip():
+        if line.startswith("add"):
+            camera = line.split()[1] if " " in line else "cam"
+            viewer = WhepViewer(base, camera, token, audio=False)
+            assert await viewer.connect() == 201, viewer.body
+            viewers.append(viewer)
+            await asyncio.sleep(3)  # past the GOP replay
+            print(json.dumps({"viewers": len(viewers)}), flush=True)
+        elif line == "mark":
+            marked = (time.monotonic(), list(counts))
+        elif line == "report":
+            elapsed = time.monotonic() - marked[0]
+            print(json.dumps([round((c - b) / elapsed, 1)
+                              for c, b in zip(counts, marked[1], strict=False)]), flush=True)
+
+
+class Viewers:
+    """The viewers' process, driven from the benchmark."""
+
+    def __init__(self, base: str, token: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.bench.bench_media", "viewers-process",
+             "--base", base, "--token", token],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"})
+
+    def _say(self, line: str) -> str:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return self.proc.stdout.readline() if line != "mark" else ""
+
+    def add(self, camera: str = "cam") -> None:
+        json.loads(self._say(f"add {camera}"))
+
+    def window(self, pid: int, seconds: float) -> tuple[float, list[float]]:
+        """The agent's CPU (% of one core) over one window, and each viewer's fps in it."""
+        self._say("mark")
+        load = measure(pid, seconds)
+        return load, json.loads(self._say("report"))
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def summary(values: list[float]) -> str:
+    return (f"min {min(values):5.2f}  median {statistics.median(values):5.2f}  "
+            f"max {max(values):5.2f}")
+
+
+def webrtc_section(send_path: str) -> dict[str, object]:
+    return {"host_addresses": ["127.0.0.1"], "send_path": send_path}
+
+
+def bench_cpu(window: float, windows: int, most: int, clip: Path | None,
+              send_path: str = "agent") -> None:
+    """Agent CPU with the pull alone, then 1..5 viewers (and ``most`` if more than 5)."""
+    steps = [*range(1, 6), *([most] if most > 5 else [])]
+    with tempfile.TemporaryDirectory() as tmp, \
+            clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
+        agent = asyncio.run(AgentProcess.start(Path(tmp), [{"id": "cam", "source": camera_url,
+                                          "always_on": True}],
+                             webrtc=webrtc_section(send_path)))
+        viewers: Viewers | None = None
         try:
             _, token = asyncio.run(agent.token("--camera", "cam"))
             time.sleep(3)  # connected, warm
             pid = agent.proc.pid
-            print(f"camera: 1920x1080@30, 4 Mbit/s (GStreamer RTSP server, pid {camera.pid})")
-            idle = measure(pid, window)
-            print(f"agent CPU, pull only          : {idle:5.2f} % of one core")
-            viewers = subprocess.Popen(
-                [sys.executable, "-c", VIEWERS_SCRIPT, agent.base, token],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                env={k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"})
-            assert viewers.stdin is not None and viewers.stdout is not None
-            previous = idle
-            for n in range(1, 6):
-                viewers.stdin.write("add\n")
-                viewers.stdin.flush()
-                state = json.loads(viewers.stdout.readline())
-                load = measure(pid, window)
-                print(f"agent CPU, {n} viewer{'s' if n > 1 else ' '}           : {load:5.2f} %"
-                      f"   (+{load - previous:4.2f} for this viewer; frames so far "
-                      f"{state['frames']})")
-                previous = load
-            print(f"camera connections: {camera.total_connections}")
-            viewers.kill()
+            print(f"camera: pre-encoded 1920x1080@30 4 Mbit/s clip; {windows} windows of "
+                  f"{window:g} s each; agent CPU in % of one core; send path {send_path}")
+            loads = {0: [measure(pid, window) for _ in range(windows)]}
+            print(f"pull only       : {summary(loads[0])}   RSS {rss_mb(pid):5.1f} MB",
+                  flush=True)
+            viewers = Viewers(agent.base, token)
+            invalid = False
+            count = 0
+            for n in steps:
+                while count < n:
+                    viewers.add()
+                    count += 1
+                loads[n], slowest = [], FPS * 2.0
+                for _ in range(windows):
+                    load, fps = viewers.window(pid, window)
+                    loads[n].append(load)
+                    slowest = min(slowest, *fps)
+                bad = slowest < FPS - 1
+                invalid |= bad
+                print(f"{n:2d} viewer{'s' if n > 1 else ' '}     : {summary(loads[n])}   "
+                      f"RSS {rss_mb(pid):5.1f} MB   slowest viewer {slowest:4.1f} fps"
+                      f"{'  INVALID: a viewer fell behind the camera' if bad else ''}",
+                      flush=True)
+            medians = {n: statistics.median(v) for n, v in loads.items()}
+            extra = [(medians[n] - medians[1]) / (n - 1) for n in steps if n > 1]
+            print(f"first viewer over the pull (medians): +{medians[1] - medians[0]:.2f}")
+            print(f"each extra viewer (medians, per viewer, 2..{steps[-1]}): "
+                  + "  ".join(f"{e:+.2f}" for e in extra))
+            if invalid:
+                print("WARNING: some windows do not count (a viewer below the camera rate)")
         finally:
+            if viewers is not None:
+                viewers.stop()
+            asyncio.run(agent.stop())
+
+
+def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None,
+                  send_path: str = "agent") -> None:
+    """Agent CPU with ``cameras`` cameras (the same clip, one pull each) and one viewer each."""
+    with tempfile.TemporaryDirectory() as tmp, \
+            clip_cameras(clip or Path(tmp) / "clip.mp4", cameras) as urls:
+        ids = [f"cam{i}" for i in range(cameras)]
+        listed = [{"id": i, "source": url, "always_on": True}
+                  for i, url in zip(ids, urls, strict=True)]
+        agent = asyncio.run(AgentProcess.start(Path(tmp), listed,
+                                               webrtc=webrtc_section(send_path)))
+        viewers: Viewers | None = None
+        try:
+            _, token = asyncio.run(agent.token("--host"))
+            time.sleep(5)  # connected, warm
+            pid = agent.proc.pid
+            pulls = [measure(pid, window) for _ in range(windows)]
+            print(f"{cameras} cameras, pull only : {summary(pulls)}   RSS {rss_mb(pid):5.1f} MB",
+                  flush=True)
+            viewers = Viewers(agent.base, token)
+            for camera_id in ids:
+                viewers.add(camera_id)
+            loads, slowest = [], FPS * 2.0
+            for _ in range(windows):
+                load, fps = viewers.window(pid, window)
+                loads.append(load)
+                slowest = min(slowest, *fps)
+            print(f"{cameras} cameras x 1 viewer: {summary(loads)}   RSS {rss_mb(pid):5.1f} MB   "
+                  f"slowest viewer {slowest:4.1f} fps"
+                  f"{'  INVALID: a viewer fell behind the camera' if slowest < FPS - 1 else ''}")
+        finally:
+            if viewers is not None:
+                viewers.stop()
             asyncio.run(agent.stop())
 
 
@@ -156,19 +278,14 @@ def bench_relay(window: float) -> None:
                     await relay.wait_agent(timeout=20)
                     session = await relay.publish("cam")
                     await relay.wait_status(session, "live", timeout=20)
-                    viewers = subprocess.Popen(
-                        [sys.executable, "-c", VIEWERS_SCRIPT, agent.base, token],
-                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                    assert viewers.stdin is not None and viewers.stdout is not None
+                    viewers = Viewers(agent.base, token)
                     for _ in range(2):
-                        viewers.stdin.write("add\n")
-                        viewers.stdin.flush()
-                        await asyncio.to_thread(viewers.stdout.readline)
-                    load = await asyncio.to_thread(measure, agent.proc.pid, window)
+                        await asyncio.to_thread(viewers.add)
+                    load, fps = await asyncio.to_thread(viewers.window, agent.proc.pid, window)
                     print(f"agent CPU, 1080p30 4 Mbit/s camera published to the relay + 2 LAN "
-                          f"viewers: {load:5.2f} % of one core (camera connections: "
-                          f"{camera.total_connections})")
-                    viewers.kill()
+                          f"viewers: {load:5.2f} % of one core (viewers' fps {fps}; camera "
+                          f"connections: {camera.total_connections})")
+                    viewers.stop()
                 finally:
                     await agent.stop()
 
@@ -180,12 +297,26 @@ def main() -> None:
     # the agent as it runs in production.
     os.environ.pop("PYTHONASYNCIODEBUG", None)
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["cpu", "first-frame", "relay"])
-    parser.add_argument("--window", type=float, default=10.0, help="seconds per CPU reading")
+    parser.add_argument("what", choices=["cpu", "cameras", "first-frame", "relay",
+                                         "viewers-process"])
+    parser.add_argument("--cameras", type=int, default=8, help="cameras: how many")
+    parser.add_argument("--send-path", choices=["agent", "aiortc"], default="agent",
+                        help="webrtc.send_path of the measured agent")
+    parser.add_argument("--window", type=float, default=20.0, help="seconds per CPU reading")
+    parser.add_argument("--windows", type=int, default=3, help="readings per step")
+    parser.add_argument("--viewers", type=int, default=5, help="the last step's viewers")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="keep the encoded clip here and reuse it on later runs")
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.what == "cpu":
-        bench_cpu(args.window)
+    if args.what == "viewers-process":
+        asyncio.run(viewers_main(args.base, args.token))
+    elif args.what == "cpu":
+        bench_cpu(args.window, args.windows, args.viewers, args.clip, args.send_path)
+    elif args.what == "cameras":
+        bench_cameras(args.window, args.windows, args.cameras, args.clip, args.send_path)
     elif args.what == "relay":
         bench_relay(args.window)
     else:

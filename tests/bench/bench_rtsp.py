@@ -21,52 +21,24 @@ import asyncio
 import base64
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from tests.bench.bench_media import TICKS
+from tests.bench.bench_media import TICKS, summary
+from tests.bench.clip import FPS, clip_camera
 from tests.support.agent import AgentProcess
 
 # tests.support.agent imports tests.conftest, which turns asyncio debug mode on for every
 # process started from here: a benchmark must measure the daemon as it runs in production.
 os.environ.pop("PYTHONASYNCIODEBUG", None)
 
-CLIP_SECONDS = 240
-FPS = 30
-CAMERA_SCRIPT = """
-import sys, gi
-gi.require_version("Gst", "1.0"); gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer
-Gst.init(None)
-server = GstRtspServer.RTSPServer(); server.set_address("127.0.0.1"); server.set_service("0")
-factory = GstRtspServer.RTSPMediaFactory()
-factory.set_launch("( filesrc location=%s ! qtdemux ! h264parse config-interval=-1 "
-                   "! rtph264pay name=pay0 pt=96 )" % sys.argv[1])
-factory.set_shared(True)
-server.get_mount_points().add_factory("/clip", factory)
-server.attach(None)
-print("READY rtsp://127.0.0.1:%d/clip" % server.get_bound_port(), flush=True)
-GLib.MainLoop().run()
-"""
-
-
 def cpu_split(pid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / TICKS, int(fields[12]) / TICKS
-
-
-def make_clip(clip: Path) -> None:
-    subprocess.run(
-        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
-         f"testsrc2=size=1920x1080:rate={FPS}", "-t", str(CLIP_SECONDS), "-c:v", "libx264",
-         "-preset", "ultrafast", "-b:v", "4M", "-maxrate", "4M", "-bufsize", "4M",
-         "-g", str(2 * FPS), "-bf", "0", "-pix_fmt", "yuv420p", str(clip)],
-        check=True, timeout=900)
 
 
 # -- the clients' process ------------------------------------------------------------------
@@ -169,11 +141,6 @@ def run_phase(agent: AgentProcess, token: str, n: int, window: float,
     return cpu, system, fps
 
 
-def summary(values: list[float]) -> str:
-    return (f"min {min(values):.2f}  median {statistics.median(values):.2f}  "
-            f"max {max(values):.2f}")
-
-
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--clients", type=int, default=20)
@@ -189,17 +156,10 @@ def main() -> None:
         asyncio.run(clients_main(args.port, args.token, args.clients_process, args.window,
                                  args.windows))
         return
-    with tempfile.TemporaryDirectory() as tmp:
-        clip = args.clip or Path(tmp) / "clip.mp4"
-        if not clip.exists():
-            print(f"encoding a {CLIP_SECONDS} s 1080p30 4 Mbit/s clip once…", flush=True)
-            make_clip(clip)
-        camera = subprocess.Popen(["/usr/bin/python3", "-c", CAMERA_SCRIPT, str(clip)],
-                                  stdout=subprocess.PIPE, text=True)
-        assert camera.stdout is not None
-        camera_url = camera.stdout.readline().split()[1]
+    with tempfile.TemporaryDirectory() as tmp, \
+            clip_camera(args.clip or Path(tmp) / "clip.mp4") as camera_url:
         agent = asyncio.run(AgentProcess.start(Path(tmp), [{"id": "clip", "source": camera_url}],
-                                               media={"idle_grace": 600.0}))
+                             media={"idle_grace": 600.0}))
         try:
             _, token = asyncio.run(agent.token("--camera", "clip", "--protocol", "rtsp"))
             one_cpu, one_sys, one_fps = run_phase(agent, token, 1, args.window, args.windows)
@@ -207,8 +167,6 @@ def main() -> None:
                                                      args.windows)
         finally:
             asyncio.run(agent.stop())
-            camera.terminate()
-            camera.wait(timeout=10)
     per_client = [(m - o) / (args.clients - 1)
                   for m, o in zip(sorted(many_cpu), sorted(one_cpu), strict=True)]
     slowest = min(min(w) for w in many_fps)

@@ -178,7 +178,8 @@ def test_deb_install_remove_purge(debs: dict[str, Path], debroot: DebRoot) -> No
     # the documented first token, made as the agent's user, lands in the state directory
     made = root.run("therelay-agent", "token", "create", "--camera", "demo", "--ttl", "1h",
                     "--label", "deb test", user=USER, net=False)
-    assert len(remember(made.stdout)) == 1
+    # one token, shown alone and inside the ready RTSP URL
+    assert len(set(remember(made.stdout))) == 1 and "rtsp://token:" in made.stdout
     listed = root.run("therelay-agent", "token", "list", user=USER, net=False).stdout
     assert "camera:demo" in listed
     assert _stat(root, "var/lib/therelay-agent/agent.db").st_uid == ids[0]

@@ -23,6 +23,10 @@ NAMES = {
     "therelay_event_loop_lag_max_seconds",
 }
 RELAY_NAMES = {"therelay_relay_link", "therelay_publish_sessions"}
+#: From live WebRTC viewers' RTCP (the agent's send path): one series per camera watched.
+WEBRTC_NAMES = {"therelay_webrtc_viewer_loss_ratio", "therelay_webrtc_viewer_jitter_seconds",
+                "therelay_webrtc_viewer_rtt_seconds", "therelay_webrtc_retransmitted_packets",
+                "therelay_webrtc_keyframe_requests"}
 
 
 async def scrape(agent: AgentProcess, token: str) -> tuple[dict[str, str], dict[str, float]]:
@@ -62,7 +66,10 @@ async def test_metrics_are_in_base_units_for_served_protocols_only(tmp_path: Pat
     finally:
         assert await agent.stop() == 0
 
-    assert set(types) == NAMES  # no relay configured: no relay series
+    assert set(types) == NAMES | WEBRTC_NAMES  # no relay configured: no relay series
+    assert 0 <= samples['therelay_webrtc_viewer_loss_ratio{camera="cam1"}'] <= 1
+    assert not any(s.endswith('{camera="cam2"}') for s in samples
+                   if s.startswith("therelay_webrtc_")), "no viewer of cam2: no series"
     assert all(types[n] == "counter" for n in types if n.endswith("_total"))
     assert all(types[n] == "gauge" for n in types if not n.endswith("_total"))
     # Per-protocol series for the protocols with live sessions, and nothing else.

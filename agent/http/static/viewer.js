@@ -4,7 +4,7 @@
 "use strict";
 
 const state = { token: null, sessions: new Map() };
-window.__viewer = { cameras: {}, frames: {}, sessions: {} }; // read by the browser tests
+window.__viewer = { cameras: {}, frames: {}, sessions: {}, pcs: {} }; // read by the browser tests
 
 const TITLES = {
   missing: "No access token",
@@ -116,6 +116,7 @@ async function play(view) {
   clearTimeout(view.retry);
   setState(view, "connecting…");
   const pc = new RTCPeerConnection({ iceServers: [] });
+  window.__viewer.pcs[view.camera.id] = pc;
   pc.addTransceiver("video", { direction: "recvonly" });
   pc.addTransceiver("audio", { direction: "recvonly" });
   const stream = new MediaStream();

@@ -1,0 +1,108 @@
+"""Every use of aiortc's and aioice's private attributes, in one place (and nowhere else).
+
+The agent keeps aiortc for SDP, ICE, DTLS and the SRTP keys, and sends the media itself
+(agent/webrtc/rtpsend.py). aiortc has no public way to hand over the RTP path, so four of its
+internals are used, each through one function here:
+
+- ``RTCDtlsTransport._tx_srtp``: the outgoing ``pylibsrtp.Session`` keyed by the DTLS
+  handshake (RFC 5764 §4.2);
+- ``RTCIceTransport._connection._nominated[1]``: aioice's selected candidate pair, whose
+  ``protocol.transport`` is the UDP socket ICE chose and ``remote_addr`` the peer;
+- ``RTCRtpSender._handle_rtcp_packet`` and ``RTCRtpSender._send_rtcp``: replaced on the one
+  sender instance so that RTCP for the media (reports, NACK, PLI) comes to the agent and
+  aiortc's own sender reports (whose counters would be zero) are not sent.
+
+``check()`` verifies they are all there; tests/unit/test_webrtc_internals.py runs it, so an
+aiortc or aioice upgrade that removes one fails with the attribute's name. The tested
+versions are pinned in constraints.txt.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import aioice
+import aioice.ice
+import aiortc
+from aiortc import RTCDtlsTransport, RTCRtpSender
+
+
+class InternalsChanged(RuntimeError):
+    """aiortc or aioice no longer has an internal attribute the agent relies on."""
+
+
+def _missing(owner: str, name: str) -> InternalsChanged:
+    return InternalsChanged(
+        f"aiortc {aiortc.__version__} / aioice {aioice.__version__}: {owner}.{name} is gone; "
+        "the agent's WebRTC send path (agent/webrtc/internals.py) needs it — pin the versions "
+        "in constraints.txt or adapt this module")
+
+
+def srtp_session(dtls: RTCDtlsTransport) -> Any:
+    """The outgoing SRTP session (``pylibsrtp.Session``), or None before the handshake."""
+    if not hasattr(dtls, "_tx_srtp"):
+        raise _missing("RTCDtlsTransport", "_tx_srtp")
+    return dtls._tx_srtp
+
+
+def selected_udp(dtls: RTCDtlsTransport) -> tuple[socket.socket, tuple[str, int]] | None:
+    """A duplicate of the UDP socket of ICE's selected pair and the peer's address; None if
+    no pair is selected yet or it is not plain UDP (a TURN relay: use ``ice_send``)."""
+    connection = getattr(dtls.transport, "_connection", None)
+    if connection is None:
+        raise _missing("RTCIceTransport", "_connection")
+    if not hasattr(connection, "_nominated"):
+        raise _missing("aioice.Connection", "_nominated")
+    pair = connection._nominated.get(1)
+    if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
+        return None
+    transport = getattr(pair.protocol, "transport", None)
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.type != socket.SOCK_DGRAM:
+        return None
+    # A duplicate descriptor of the same socket (non-blocking, shared with aioice): a plain
+    # socket object, so sendmsg with UDP_SEGMENT works; closed by its owner.
+    dup = socket.socket(sock.family, socket.SOCK_DGRAM, fileno=os.dup(sock.fileno()))
+    return dup, pair.remote_addr
+
+
+def ice_send(dtls: RTCDtlsTransport) -> Callable[[bytes], Awaitable[None]]:
+    """aioice's own per-datagram send (for pairs that are not plain UDP)."""
+    return dtls.transport._connection.send
+
+
+def take_over_rtcp(sender: RTCRtpSender,
+                   handler: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
+    """RTCP packets aiortc routes to ``sender`` go to ``handler``; aiortc's own reports for
+    it (SR, SDES, BYE) are not sent."""
+    for name in ("_handle_rtcp_packet", "_send_rtcp"):
+        if not callable(getattr(sender, name, None)):
+            raise _missing("RTCRtpSender", name)
+    sender._handle_rtcp_packet = handler  # type: ignore[method-assign,assignment]
+
+    async def silent(packets: list[Any]) -> None:
+        return None
+
+    sender._send_rtcp = silent  # type: ignore[method-assign]
+
+
+def check() -> None:
+    """Raise InternalsChanged naming the first internal that is missing."""
+    init = inspect.getsource(RTCDtlsTransport.__init__)
+    if "self._tx_srtp" not in init:
+        raise _missing("RTCDtlsTransport", "_tx_srtp")
+    if "self._connection" not in inspect.getsource(aiortc.RTCIceTransport):
+        raise _missing("RTCIceTransport", "_connection")
+    if "self._nominated" not in inspect.getsource(aioice.ice.Connection.__init__):
+        raise _missing("aioice.Connection", "_nominated")
+    if not hasattr(aioice.ice.CandidatePair, "remote_addr"):
+        raise _missing("aioice.CandidatePair", "remote_addr")
+    if "self.transport" not in inspect.getsource(aioice.ice.StunProtocol):
+        raise _missing("aioice.StunProtocol", "transport")
+    for name in ("_handle_rtcp_packet", "_send_rtcp"):
+        if not callable(getattr(RTCRtpSender, name, None)):
+            raise _missing("RTCRtpSender", name)

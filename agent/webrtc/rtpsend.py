@@ -1,0 +1,228 @@
+"""One WebRTC viewer's RTP stream: its headers, SRTP, RTCP, and few syscalls per frame.
+
+The payloads come from the camera's packetizer (agent/media/rtp.py), made once for every
+consumer; here only what differs per viewer is done: the 12-byte RTP header (RFC 3550 §5.1:
+SSRC, sequence number, timestamp offset, payload type, marker), SRTP protection with this
+viewer's keys, and the send. A frame's packets leave in as few ``sendmsg`` calls as Linux
+allows: equal-size datagrams in one call with UDP GSO (``UDP_SEGMENT``); the SRTP tag is a
+fixed size, so the equal-size FU-A payloads stay equal once protected.
+
+RTCP for the media: sender reports every second (RFC 3550 §6.4.1; browsers use them for
+A/V sync); receiver reports give loss, jitter and round-trip time; NACK (RFC 4585 §6.2.1) is
+answered from the viewer's history of the last ~1 s of frames (references to the shared
+payloads, re-protected when resent, as RTX per RFC 4588 when negotiated); PLI/FIR (RFC 4585
+§6.3.1, RFC 5104 §4.3.1) replays the camera's cached GOP from its keyframe. Work per RTCP
+packet is bounded whatever the peer sends.
+"""
+
+from __future__ import annotations
+
+import errno
+import secrets
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from agent.media.rtp import RTP_HEADER as _HEADER
+from agent.media.rtp import RTP_VERSION, Payload
+from agent.webrtc.speedups import ntp_time
+
+UDP_SEGMENT = 103  # linux/udp.h: the GSO segment size, per sendmsg
+GSO_MAX_SEGMENTS = 64  # linux/udp.h UDP_MAX_SEGMENTS (older kernels)
+GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit
+HISTORY_FRAMES = 96  # ~1 s of video at 30 fps plus audio frames riding along
+NACK_MAX = 64  # sequence numbers looked at per NACK packet: bounded work per viewer
+KEYFRAME_INTERVAL = 1.0  # at most one GOP replay per second per viewer (PLI floods)
+RTCP_SR = 200
+
+
+@dataclass(frozen=True, slots=True)
+class StreamParams:
+    """What the SDP answer fixed for one sent track."""
+
+    ssrc: int
+    payload_type: int
+    clock: int
+    cname: str
+    rtx_ssrc: int | None = None
+    rtx_payload_type: int | None = None
+
+
+@dataclass(slots=True)
+class ReceptionStats:
+    """The viewer's latest receiver report about this track (RFC 3550 §6.4.1)."""
+
+    fraction_lost: float = 0.0
+    packets_lost: int = 0
+    jitter_seconds: float = 0.0
+    rtt_seconds: float | None = None
+    retransmitted: int = 0
+    keyframe_requests: int = 0
+
+
+class RtpStream:
+    """Sans-I/O: payloads in, protected RTP/RTCP datagrams out, for one viewer's track."""
+
+    def __init__(self, params: StreamParams, srtp: Any) -> None:
+        self.params = params
+        self._srtp = srtp
+        self.seq = secrets.randbits(16)
+        self._rtx_seq = secrets.randbits(16)
+        self._offset = secrets.randbits(32)
+        # (first sequence number, timestamp, payloads) per frame: references, no copies
+        self._history: deque[tuple[int, int, tuple[Payload, ...]]] = deque(
+            maxlen=HISTORY_FRAMES)
+        self.packets = 0
+        self.octets = 0  # payload octets (RFC 3550 §6.4.1 sender's octet count)
+        self.bytes_sent = 0  # RTP bytes: headers and payloads, before SRTP
+        self._last_ts: int | None = None
+        self._last_wall = 0.0
+        self._last_sr = 0  # middle 32 bits of the last SR's NTP timestamp
+        self.stats = ReceptionStats()
+        self._last_keyframe_request = 0.0
+
+    def frame(self, payloads: tuple[Payload, ...], ticks: int) -> list[bytes]:
+        """One frame's packets, protected and in order."""
+        timestamp = (ticks + self._offset) & 0xFFFFFFFF
+        seq, ssrc, pt, protect = self.seq, self.params.ssrc, self.params.payload_type, \
+            self._srtp.protect
+        self._history.append((seq, timestamp, payloads))
+        out = []
+        size = 0
+        join, pack = b"".join, _HEADER.pack  # one copy per packet (+ makes two)
+        for prefix, body, marker, length in payloads:
+            out.append(protect(join((pack(RTP_VERSION, 0x80 | pt if marker else pt, seq,
+                                          timestamp, ssrc), prefix, body))))
+            size += length
+            seq = (seq + 1) & 0xFFFF
+        self.seq = seq
+        self.packets += len(payloads)
+        self.octets += size
+        self.bytes_sent += size + 12 * len(payloads)
+        self._last_ts, self._last_wall = timestamp, time.time()
+        return out
+
+    def retransmit(self, lost: list[int]) -> list[bytes]:
+        """The NACKed packets still in the history (at most NACK_MAX looked at)."""
+        out = []
+        for seq in lost[:NACK_MAX]:
+            for first, timestamp, payloads in self._history:
+                index = (seq - first) & 0xFFFF
+                if index < len(payloads):
+                    out.append(self._resend(seq, timestamp, payloads[index]))
+                    break
+        self.stats.retransmitted += len(out)
+        return out
+
+    def _resend(self, seq: int, timestamp: int, payload: Payload) -> bytes:
+        prefix, body, marker, _ = payload
+        p = self.params
+        if p.rtx_ssrc is not None and p.rtx_payload_type is not None:  # RFC 4588 §4
+            pt, ssrc, out_seq = p.rtx_payload_type, p.rtx_ssrc, self._rtx_seq
+            self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
+            prefix = struct.pack("!H", seq) + prefix
+        else:
+            pt, ssrc, out_seq = p.payload_type, p.ssrc, seq
+        header = _HEADER.pack(RTP_VERSION, 0x80 | pt if marker else pt, out_seq, timestamp,
+                              ssrc)
+        return bytes(self._srtp.protect(b"".join((header, prefix, body))))
+
+    def keyframe_wanted(self, now: float) -> bool:
+        """A PLI/FIR arrived: True if this viewer may have a keyframe now (rate-limited)."""
+        self.stats.keyframe_requests += 1
+        if now - self._last_keyframe_request < KEYFRAME_INTERVAL:
+            return False
+        self._last_keyframe_request = now
+        return True
+
+    def sender_report(self) -> bytes | None:
+        """SR + SDES CNAME (RFC 3550 §6.4.1, §6.5.1), protected; None before any packet."""
+        if self._last_ts is None:
+            return None
+        now = ntp_time()
+        wall = (now >> 32) - 2_208_988_800 + (now & 0xFFFFFFFF) / 4_294_967_296
+        rtp_now = (self._last_ts + int((wall - self._last_wall) * self.params.clock)) \
+            & 0xFFFFFFFF
+        ssrc = self.params.ssrc
+        sr = struct.pack("!BBHIQIII", 0x80, RTCP_SR, 6, ssrc, now, rtp_now,
+                         self.packets & 0xFFFFFFFF, self.octets & 0xFFFFFFFF)
+        self._last_sr = (now >> 16) & 0xFFFFFFFF
+        cname = self.params.cname.encode()[:255]
+        item = bytes([1, len(cname)]) + cname + b"\x00"  # CNAME item, then the end item
+        item += b"\x00" * (-len(item) % 4)
+        sdes = struct.pack("!BBHI", 0x81, 202, (4 + len(item)) // 4, ssrc) + item
+        return bytes(self._srtp.protect_rtcp(sr + sdes))
+
+    def report(self, fraction_lost: int, packets_lost: int, jitter: int, lsr: int,
+               dlsr: int) -> None:
+        """A reception report block about this track (RFC 3550 §6.4.1)."""
+        s = self.stats
+        s.fraction_lost = fraction_lost / 256
+        s.packets_lost = packets_lost
+        s.jitter_seconds = jitter / self.params.clock
+        if lsr and lsr == self._last_sr:  # §6.4.1: RTT = A - LSR - DLSR, in 1/65536 s
+            arrival = (ntp_time() >> 16) & 0xFFFFFFFF
+            rtt = ((arrival - lsr - dlsr) & 0xFFFFFFFF) / 65536
+            if rtt < 60:
+                s.rtt_seconds = rtt
+
+
+def gso_batches(packets: list[bytes]) -> Iterator[list[bytes]]:
+    """Runs of packets one ``UDP_SEGMENT`` sendmsg can carry: equal sizes, the last of a
+    run possibly shorter (the kernel cuts the buffer every ``len(run[0])`` bytes)."""
+    run: list[bytes] = []
+    size = total = 0
+    for packet in packets:
+        n = len(packet)
+        if run and (n > size or len(run) == GSO_MAX_SEGMENTS or total + n > GSO_MAX_BYTES
+                    or len(run[-1]) != size):
+            yield run
+            run = []
+        if not run:
+            size, total = n, 0
+        run.append(packet)
+        total += n
+    if run:
+        yield run
+
+
+class UdpOut:
+    """Writes datagrams to ICE's selected UDP socket: GSO runs, one syscall each."""
+
+    def __init__(self, sock: socket.socket, address: tuple[str, int]) -> None:
+        self.sock = sock
+        self.address = address
+        self.gso = hasattr(socket, "SOL_UDP")
+
+    def send(self, packets: list[bytes]) -> bool:
+        """False when the socket buffer is full (the viewer is behind: the rest is dropped)."""
+        try:
+            if self.gso:
+                for run in gso_batches(packets):
+                    if len(run) == 1:
+                        self.sock.sendto(run[0], self.address)
+                    else:
+                        self.sock.sendmsg(run, [(socket.SOL_UDP, UDP_SEGMENT,
+                                                 struct.pack("H", len(run[0])))],
+                                          0, self.address)
+            else:
+                for packet in packets:
+                    self.sock.sendto(packet, self.address)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT,
+                                          errno.EOPNOTSUPP):
+                self.gso = False  # no GSO on this path (device or kernel): one by one
+                return self.send(packets)
+            if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
+                return False
+            # the peer's port is gone (ICMP) or the network changed: drop, ICE decides
+        return True
+
+    def close(self) -> None:
+        self.sock.close()

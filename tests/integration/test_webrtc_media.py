@@ -1,0 +1,168 @@
+"""The agent's own WebRTC send path against real aiortc viewers, on loopback: frames of the
+right size, the path aiortc used to take still selectable, keyframe on PLI, hostile RTCP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiortc.rtp import (
+    RTCP_PSFB_PLI,
+    RTCP_RTPFB_NACK,
+    RtcpPsfbPacket,
+    RtcpReceiverInfo,
+    RtcpRrPacket,
+    RtcpRtpfbPacket,
+)
+
+from tests.support.agent import AgentProcess, WhepViewer
+
+# A 10 s GOP: a keyframe within a second of a PLI can only be the answer to it.
+LONG_GOP = "testsrc://?size=320x240&fps=30&gop=10"
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory):
+    process = asyncio.run(AgentProcess.start(tmp_path_factory.mktemp("agent"), [
+        {"id": "cam", "source": LONG_GOP, "always_on": True},
+    ]))
+    yield process
+    assert asyncio.run(process.stop()) == 0
+
+
+async def frames_for(viewer: WhepViewer, seconds: float) -> list[Any]:
+    track = viewer.tracks["video"]
+    got = []
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            got.append(await asyncio.wait_for(track.recv(), left))
+        except TimeoutError:
+            break
+    return got
+
+
+async def send_rtcp(viewer: WhepViewer, packets: list[bytes]) -> None:
+    """Raw RTCP from the viewer's side (SRTCP-protected by its DTLS transport)."""
+    dtls = viewer.pc.getReceivers()[0].transport
+    for packet in packets:
+        await dtls._send_rtp(packet)
+
+
+def media_ssrc(viewer: WhepViewer) -> int:
+    for line in viewer.body.splitlines():
+        if line.startswith("a=ssrc:"):
+            return int(line.split()[0].split(":")[1])
+    raise AssertionError("no ssrc in the answer")
+
+
+async def test_offers_with_and_without_audio_get_frames_of_the_camera_size(
+        agent: AgentProcess) -> None:
+    _, token = await agent.token("--camera", "cam")
+    for audio in (False, True):
+        viewer = WhepViewer(agent.base, "cam", token, audio=audio)
+        assert await viewer.connect() == 201, viewer.body
+        first = await viewer.frame()
+        assert (first.width, first.height) == (320, 240)
+        assert len(await frames_for(viewer, 1.0)) >= 20
+        await viewer.close()
+
+
+async def test_a_pli_brings_a_keyframe_long_before_the_camera_sends_one(
+        agent: AgentProcess) -> None:
+    _, token = await agent.token("--camera", "cam")
+    viewer = WhepViewer(agent.base, "cam", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    await viewer.frame()
+    await frames_for(viewer, 1.5)  # past the GOP replay's keyframe
+    ssrc = media_ssrc(viewer)
+    await send_rtcp(viewer, [bytes(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=ssrc))])
+    keyframes = [f for f in await frames_for(viewer, 1.0) if f.key_frame]
+    assert keyframes, "no keyframe within 1 s of the PLI (the camera's GOP is 10 s)"
+    await viewer.close()
+
+
+async def test_hostile_rtcp_costs_bounded_work_and_other_viewers_do_not_notice(
+        agent: AgentProcess) -> None:
+    _, token = await agent.token("--camera", "cam")
+    victim = WhepViewer(agent.base, "cam", token, audio=False)
+    hostile = WhepViewer(agent.base, "cam", token, audio=False)
+    for viewer in (victim, hostile):
+        assert await viewer.connect() == 201, viewer.body
+        await viewer.frame()
+    ssrc = media_ssrc(hostile)
+    junk = [
+        b"\x80\xc9\x00\x07" + b"\xff" * 8,  # an RR whose length runs past the datagram
+        b"\x81\xcd\x00\x02" + b"\x00" * 8 + b"\x80\xcd\xff\xff",  # compound, truncated 2nd
+        b"\x8f\xce\x00\x01\x00\x00\x00\x01",  # a PSFB too short for its media SSRC
+    ]
+    # 10,000 packets asked for, in datagrams SRTCP can carry (4,000 a NACK with bitmasks)
+    nacks = [bytes(RtcpRtpfbPacket(fmt=RTCP_RTPFB_NACK, ssrc=1, media_ssrc=ssrc,
+                                   lost=list(range(start, min(start + 4000, 10_000)))))
+             for start in range(0, 10_000, 4000)]
+    pli = bytes(RtcpPsfbPacket(fmt=RTCP_PSFB_PLI, ssrc=1, media_ssrc=ssrc))
+    await send_rtcp(hostile, junk * 50 + nacks * 20 + [pli] * 500)
+    victim_frames = await frames_for(victim, 3.0)
+    assert len(victim_frames) >= 3.0 * 30 * 0.9, len(victim_frames)
+    assert len(await frames_for(hostile, 1.0)) > 0, "the hostile viewer still plays"
+    log = Path(agent.log_path).read_text()
+    assert "Traceback" not in log and "webrtc_rtcp_failed" not in log
+    for viewer in (victim, hostile):
+        await viewer.close()
+
+
+async def test_a_viewer_reporting_huge_loss_skips_to_the_next_keyframe(
+        agent: AgentProcess) -> None:
+    _, token = await agent.token("--camera", "cam")
+    viewer = WhepViewer(agent.base, "cam", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    await viewer.frame()
+    await frames_for(viewer, 1.0)
+    report = RtcpRrPacket(ssrc=1, reports=[RtcpReceiverInfo(
+        ssrc=media_ssrc(viewer), fraction_lost=200, packets_lost=500, highest_sequence=0,
+        jitter=0, lsr=0, dlsr=0)])
+    await send_rtcp(viewer, [bytes(report)])
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        log = Path(agent.log_path).read_text()
+        if "webrtc_viewer_behind" in log:
+            break
+    assert '"reason": "loss"' in log and "webrtc_viewer_behind" in log
+    await viewer.close()
+
+
+async def test_receiver_reports_give_the_viewers_rtt_in_metrics(agent: AgentProcess) -> None:
+    _, admin = await agent.token("--admin")
+    _, token = await agent.token("--camera", "cam")
+    viewer = WhepViewer(agent.base, "cam", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    await viewer.frame()
+    series = 'therelay_webrtc_viewer_rtt_seconds{camera="cam"}'
+    rtt = 0.0
+    for _ in range(50):  # receiver reports come every second or so, after our first SR
+        await asyncio.sleep(0.2)
+        async with aiohttp.ClientSession() as http, http.get(
+                f"{agent.base}/metrics", headers={"Authorization": f"Bearer {admin}"}) as r:
+            lines = [line for line in (await r.text()).splitlines()
+                     if line.startswith(series)]
+        if lines and (rtt := float(lines[0].rsplit(" ", 1)[1])) > 0:
+            break
+    await viewer.close()
+    assert 0 < rtt < 0.5, "the RTT from SR/RR over loopback"
+
+
+async def test_the_aiortc_send_path_is_still_selectable(tmp_path: Path) -> None:
+    process = asyncio.run(AgentProcess.start(tmp_path, [{"id": "cam", "source": LONG_GOP}],
+                           webrtc={"host_addresses": ["127.0.0.1"], "send_path": "aiortc"}))
+    try:
+        _, token = await process.token("--camera", "cam")
+        viewer = WhepViewer(process.base, "cam", token, audio=False)
+        assert await viewer.connect() == 201, viewer.body
+        assert (await viewer.frame()).width == 320
+        await viewer.close()
+    finally:
+        assert await process.stop() == 0

@@ -1,0 +1,175 @@
+"""The agent's WebRTC send path: per-viewer RTP headers over shared payloads, SRTP, UDP GSO,
+sender reports, NACK from history (bounded), PLI rate limit, and the aiortc internals."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from typing import Any
+
+import pylibsrtp
+import pytest
+
+from agent.media.rtp import Payload
+from agent.webrtc import internals
+from agent.webrtc.rtpsend import (
+    GSO_MAX_SEGMENTS,
+    NACK_MAX,
+    RtpStream,
+    StreamParams,
+    UdpOut,
+    gso_batches,
+)
+
+KEY = bytes(range(30))  # 16-byte key + 14-byte salt (RFC 3711 AES_CM_128_HMAC_SHA1_80)
+
+
+def sessions() -> tuple[pylibsrtp.Session, pylibsrtp.Session]:
+    def policy(kind: int) -> pylibsrtp.Policy:
+        p = pylibsrtp.Policy(key=KEY, ssrc_type=kind)
+        p.allow_repeat_tx = True
+        return p
+    return (pylibsrtp.Session(policy(pylibsrtp.Policy.SSRC_ANY_OUTBOUND)),
+            pylibsrtp.Session(policy(pylibsrtp.Policy.SSRC_ANY_INBOUND)))
+
+
+PARAMS = StreamParams(ssrc=0x11223344, payload_type=102, clock=90_000, cname="agent-x",
+                      rtx_ssrc=0x55667788, rtx_payload_type=103)
+
+
+def frame(n: int, last: int = 300) -> tuple[Payload, ...]:
+    """``n`` payloads: shared views of one buffer, full-size but the last."""
+    data = memoryview(bytes(range(256)) * 20)
+    out = [Payload(b"\x7c\x85", data[:1198], False, 1200) for _ in range(n - 1)]
+    out.append(Payload(b"", data[:last], True, last))
+    return tuple(out)
+
+
+def test_each_viewer_adds_its_header_and_srtp_and_the_peer_decrypts_the_shared_payloads(
+) -> None:
+    tx, rx = sessions()
+    stream = RtpStream(PARAMS, tx)
+    first = stream.seq
+    payloads = frame(3)
+    out = stream.frame(payloads, 9000)
+    assert len(out) == 3
+    assert len({len(p) for p in out[:2]}) == 1, "equal payloads stay equal once protected"
+    plain = [rx.unprotect(p) for p in out]
+    for i, packet in enumerate(plain):
+        b0, b1, seq, _ts, ssrc = struct.unpack("!BBHII", packet[:12])
+        assert b0 == 0x80 and ssrc == PARAMS.ssrc and seq == (first + i) & 0xFFFF
+        assert b1 & 0x7F == 102 and bool(b1 & 0x80) == (i == 2), "marker on the last only"
+        assert packet[12:] == payloads[i].prefix + bytes(payloads[i].body)
+    assert stream.bytes_sent == 2 * 1212 + 312 and stream.packets == 3
+    later = stream.frame(frame(1), 12000)
+    assert struct.unpack("!I", rx.unprotect(later[0])[4:8])[0] == \
+        (struct.unpack("!I", plain[0][4:8])[0] + 3000) & 0xFFFFFFFF, "timestamp offset kept"
+
+
+def test_nack_resends_from_history_as_rtx_and_a_huge_nack_is_bounded() -> None:
+    tx, rx = sessions()
+    stream = RtpStream(PARAMS, tx)
+    first = stream.seq
+    payloads = frame(4)
+    stream.frame(payloads, 0)
+    again = stream.retransmit([(first + 2) & 0xFFFF])
+    assert len(again) == 1
+    packet = rx.unprotect(again[0])
+    _, b1, _, _, ssrc = struct.unpack("!BBHII", packet[:12])
+    assert ssrc == PARAMS.rtx_ssrc and b1 & 0x7F == 103
+    assert packet[12:14] == struct.pack("!H", (first + 2) & 0xFFFF), "RFC 4588 OSN"
+    assert packet[14:] == payloads[2].prefix + bytes(payloads[2].body)
+    # 10,000 sequence numbers, none or few in the history: bounded work, bounded answer
+    started = time.perf_counter()
+    resent = stream.retransmit([(first + i) & 0xFFFF for i in range(10_000)])
+    assert len(resent) == 4 <= NACK_MAX
+    assert time.perf_counter() - started < 0.05
+    assert stream.retransmit([(first + 100) & 0xFFFF]) == [], "not in history: nothing"
+
+
+def test_sender_report_carries_counts_and_the_rtt_comes_from_the_receiver_report() -> None:
+    tx, rx = sessions()
+    stream = RtpStream(PARAMS, tx)
+    assert stream.sender_report() is None, "no SR before any packet"
+    stream.frame(frame(2), 90_000)
+    report = stream.sender_report()
+    assert report is not None
+    plain = rx.unprotect_rtcp(report)
+    version, kind, words, ssrc, ntp, _rtp_ts, packets, octets = struct.unpack(
+        "!BBHIQIII", plain[:28])
+    assert (version, kind, words, ssrc) == (0x80, 200, 6, PARAMS.ssrc)
+    assert (packets, octets) == (2, 1500)
+    assert plain[28 + 1] == 202 and b"agent-x" in plain[28:], "SDES CNAME follows"
+    assert abs((ntp >> 32) - 2_208_988_800 - time.time()) < 2
+    lsr = (ntp >> 16) & 0xFFFFFFFF
+    stream.report(fraction_lost=64, packets_lost=7, jitter=900, lsr=lsr, dlsr=0)
+    assert stream.stats.fraction_lost == 0.25 and stream.stats.packets_lost == 7
+    assert stream.stats.jitter_seconds == 0.01
+    assert stream.stats.rtt_seconds is not None and 0 <= stream.stats.rtt_seconds < 1
+    stream.report(fraction_lost=0, packets_lost=0, jitter=0, lsr=12345, dlsr=0)
+    assert stream.stats.rtt_seconds < 1, "a report about another SR leaves the RTT"
+
+
+def test_a_pli_flood_gets_one_keyframe_per_interval() -> None:
+    stream = RtpStream(PARAMS, sessions()[0])
+    now = 1000.0
+    granted = [stream.keyframe_wanted(now + i * 0.01) for i in range(500)]
+    assert sum(granted) == 5, "5 s of requests: one keyframe a second"  # at 0, 1, 2, 3, 4 s
+    assert stream.stats.keyframe_requests == 500
+
+
+def test_gso_runs_are_equal_sizes_with_a_shorter_last_and_respect_the_limits() -> None:
+    sizes = [1222] * 5 + [300] + [100, 1222, 1222] + [1222] * 130
+    runs = [[len(p) for p in run] for run in gso_batches([b"x" * n for n in sizes])]
+    assert runs[0] == [1222] * 5 + [300]
+    assert runs[1] == [100]
+    for run in runs[2:]:
+        assert len(run) <= GSO_MAX_SEGMENTS and sum(run) <= 65000
+        assert all(n == run[0] for n in run[:-1]) and run[-1] <= run[0]
+    assert sum(map(len, runs)) == len(sizes)
+
+
+class CountingSocket(socket.socket):
+    """A real UDP socket that counts its send calls."""
+
+    calls = 0
+
+    def sendto(self, *args: Any) -> int:
+        self.calls += 1
+        return super().sendto(*args)
+
+    def sendmsg(self, *args: Any) -> int:
+        self.calls += 1
+        return super().sendmsg(*args)
+
+
+def test_udp_gso_sends_a_frame_in_one_syscall_and_the_peer_gets_each_datagram() -> None:
+    receiver = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    receiver.bind(("127.0.0.1", 0))
+    receiver.settimeout(2)
+    sender = CountingSocket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.setblocking(False)
+    out = UdpOut(sender, receiver.getsockname())
+    packets = [bytes([i]) * 1222 for i in range(20)] + [b"z" * 400]
+    try:
+        assert out.send(packets)
+        assert sender.calls == 1 and out.gso
+        got = [receiver.recv(2000) for _ in packets]
+        assert got == packets
+    finally:
+        out.close()
+        receiver.close()
+
+
+def test_the_aiortc_internals_the_send_path_relies_on_are_there() -> None:
+    internals.check()
+
+
+def test_the_internals_check_names_what_an_upgrade_removed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiortc import RTCRtpSender
+
+    monkeypatch.delattr(RTCRtpSender, "_send_rtcp")
+    with pytest.raises(internals.InternalsChanged, match=r"RTCRtpSender\._send_rtcp is gone"):
+        internals.check()
