@@ -161,7 +161,8 @@ class Daemon:
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
               store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
-                 tls=lambda: self.certificate, held_moves=self._held_moves).routes(self.app)
+                 tls=lambda: self.certificate, held_moves=self._held_moves,
+                 rtsp_port=lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState,
                 reception=self.whep.reception).routes(self.app)
         self._runner: web.AppRunner | None = None

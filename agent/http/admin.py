@@ -81,10 +81,13 @@ class BadRequest(Exception):
 class AdminApi:
     def __init__(self, access: AccessService, store: TokenStore, cameras: Cameras,
                  started: float, tls: Callable[[], Certificate | None] = lambda: None,
-                 held_moves: Callable[[], Mapping[str, str]] = dict) -> None:
+                 held_moves: Callable[[], Mapping[str, str]] = dict,
+                 rtsp_port: Callable[[], int | None] = lambda: None) -> None:
         """``held_moves``: camera id → what discovery saw and did not follow (a move for
-        the installer to confirm, docs/discovery.md)."""
+        the installer to confirm, docs/discovery.md). ``rtsp_port``: where the RTSP server
+        listens, None when it is off (Studio shows ready RTSP URLs)."""
         self._tls = tls
+        self._rtsp_port = rtsp_port
         self._held_moves = held_moves
         self._access = access
         self._store = store
@@ -336,6 +339,7 @@ class AdminApi:
             "cameras": len(states), "cameras_online": states.count(CameraState.ONLINE),
             "sessions": len(self._access.sessions),
             "tls": _tls_view(self._tls()),
+            "rtsp_port": self._rtsp_port(),
         }]})
 
 

@@ -117,9 +117,12 @@ _CAMERA = _object(
                "that discovery did not follow, for the installer to confirm"},
 )
 _HOST = _object(
-    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions", "tls"],
+    ["id", "account_id", "version", "uptime_s", "cameras", "cameras_online", "sessions", "tls",
+     "rtsp_port"],
     id=_STR, account_id=_STR, version=_STR, uptime_s={"type": "number", "minimum": 0},
     cameras=_INT, cameras_online=_INT, sessions=_INT,
+    rtsp_port={"type": "integer", "nullable": True,
+               "description": "the RTSP server's port; null when RTSP is off"},
     tls={**_object(["fingerprint_sha256", "spki_sha256", "not_after", "self_signed", "names"],
                    fingerprint_sha256={"type": "string",
                                        "pattern": "^([0-9A-F]{2}:){31}[0-9A-F]{2}$"},

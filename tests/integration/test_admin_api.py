@@ -353,7 +353,8 @@ async def test_a_created_token_works_at_once(agent: AgentProcess,
     assert (await call(agent, "GET", f"{API}/hosts", host["token"])).error(
         403, "wrong_kind")
     new_admin = await create(agent, admin_token, kind="admin")
-    assert (await call(agent, "GET", f"{API}/hosts", new_admin["token"])).status == 200
+    hosts = await call(agent, "GET", f"{API}/hosts", new_admin["token"])
+    assert hosts.status == 200 and hosts.json["hosts"][0]["rtsp_port"] == agent.rtsp_port
     assert (await call(agent, "GET", "/api/v1/cameras", new_admin["token"])).error(
         403, "wrong_kind")
 

@@ -171,7 +171,8 @@ const createCameraToken = async (camera, label) => {
   await until("the new token", () => $("#secret-dialog").open
                                      && window.__studio.lastCreatedId !== before);
   return { token: $("#secret-token").value, link: $("#secret-link").value,
-           id: window.__studio.lastCreatedId, summary: text($("#secret-summary")),
+           rtsp: $("#secret-rtsp").value, id: window.__studio.lastCreatedId,
+           summary: text($("#secret-summary")),
            focused: document.activeElement.id };
 };
 """
@@ -264,6 +265,7 @@ def test_create_revoke_and_audit_a_camera_token(agent: StudioAgent) -> None:
     assert re.fullmatch(r"tra_[0-9A-Za-z]{12}_[0-9A-Za-z]{49}", token)
     assert token.startswith(f"tra_{token_id}_")
     assert shown["link"] == f"{agent.base}/#token={token}"
+    assert shown["rtsp"] == ""  # a webrtc-only token gets no RTSP URL
     assert shown["focused"] == "secret-token"
     assert "scope camera:lobby" in shown["summary"] and "protocols webrtc" in shown["summary"]
     details = json.loads(agent.cli("token", "show", token_id, "--json").stdout)
@@ -572,10 +574,12 @@ def test_rotate_with_a_grace_period(agent: StudioAgent) -> None:
       click("#rotate-confirm");
       await until("the new token", () => $("#secret-dialog").open);
       const out = {{ token: $("#secret-token").value, title: text($("#secret-title")),
-                    id: window.__studio.lastCreatedId, rotated: window.__studio.lastRotatedId }};
+                    id: window.__studio.lastCreatedId, rotated: window.__studio.lastRotatedId,
+                    rtsp: $("#secret-rtsp").value, rtspShown: !$("#secret-rtsp-field").hidden }};
       $("#secret-dialog").dispatchEvent(new Event("cancel"));  // as Escape does
       $("#secret-dialog").close();
-      out.wiped = $("#secret-token").value === "" && $("#secret-link").value === "";
+      out.wiped = $("#secret-token").value === "" && $("#secret-link").value === ""
+                  && $("#secret-rtsp").value === "";
       await until("the new row", () => row(out.id) && idle());
       out.oldRow = rowText(row(oldId));
       out.newRow = rowText(row(out.id));
@@ -583,6 +587,9 @@ def test_rotate_with_a_grace_period(agent: StudioAgent) -> None:
     new_token = result["token"]
     assert result["title"] == "Token rotated — the new token" and result["wiped"]
     assert result["rotated"] == old["id"] and new_token.startswith(f"tra_{result['id']}_")
+    # every protocol, so also a ready RTSP URL: the token as the Basic password
+    assert result["rtspShown"] and result["rtsp"] == (
+        f"rtsp://token:{new_token}@{agent.pair.agent_ip}:8554/yard")
     assert f"replaced by {result['id']}" in result["oldRow"] and "active" in result["oldRow"]
     assert f"replaces {old['id']}" in result["newRow"] and "yard monitor" in result["newRow"]
     for token in (old["token"], new_token):  # the old one keeps working for the grace hour

@@ -617,6 +617,7 @@ async function submitCreate(event) {
   event.preventDefault(); // keep the dialog open until the agent answered
   await inDialog("create", $("create-submit"), $("create-error"), async () => {
     const created = await api(`${API}/tokens`, { method: "POST", json: createRequest() });
+    await knowHosts();
     $("create-dialog").close();
     showSecret(created, "created");
     refreshAfterChange(); // not awaited: the new token is on screen first
@@ -631,6 +632,11 @@ async function submitCreate(event) {
  * content, so it is never part of the serialized DOM) until the dialog closes.
  */
 let secretFor = null; // the display form of the token the secret dialog shows (for the status)
+
+/** The host (its RTSP port) for the ready RTSP URL, if no view has loaded it yet. */
+async function knowHosts() {
+  if (!data.hosts.length) data.hosts = (await api(`${API}/hosts`)).hosts;
+}
 
 function showSecret(created, verb) {
   const token = created.token;
@@ -647,6 +653,15 @@ function showSecret(created, verb) {
   $("secret-link-field").hidden = !viewer;
   // The fragment (#token=) is never sent to the agent, nor in a Referer.
   $("secret-link").value = viewer ? `${location.origin}/#token=${token}` : "";
+  // RTSP clients take the token as the Basic password (docs/viewing.md, RTSP); a VMS
+  // keeps this URL in its settings, which is why the token stays out of the viewer link.
+  const port = data.hosts.length ? data.hosts[0].rtsp_port : null;
+  const protocols = created.protocols || [];
+  const rtsp = viewer && port && (!protocols.length || protocols.includes("rtsp"));
+  const camera = created.scope.startsWith("camera:") ? created.scope.slice(7) : "<camera-id>";
+  const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
+  $("secret-rtsp-field").hidden = !rtsp;
+  $("secret-rtsp").value = rtsp ? `rtsp://token:${token}@${host}:${port}/${camera}` : "";
   $("secret-copied").textContent = "";
   $("secret-dialog").showModal();
   $("secret-token").focus();
@@ -659,6 +674,7 @@ function wipeSecret() {
   secretFor = null;
   $("secret-token").value = "";
   $("secret-link").value = "";
+  $("secret-rtsp").value = "";
   $("secret-copied").textContent = "";
   const selection = window.getSelection();
   if (selection) selection.removeAllRanges();
@@ -729,6 +745,7 @@ async function confirmRotate(event) {
   await inDialog("rotate", $("rotate-confirm"), $("rotate-error"), async () => {
     const created = await api(`${API}/tokens/${encodeURIComponent(token.id)}/rotate`,
                               { method: "POST", json: grace ? { grace } : {} });
+    await knowHosts();
     $("rotate-dialog").close();
     studio.lastRotatedId = token.id;
     showSecret(created, "rotated");
@@ -1021,6 +1038,7 @@ function wire() {
 
   $("secret-copy").addEventListener("click", () => copyField($("secret-token"), "Token"));
   $("secret-link-copy").addEventListener("click", () => copyField($("secret-link"), "Viewer link"));
+  $("secret-rtsp-copy").addEventListener("click", () => copyField($("secret-rtsp"), "RTSP URL"));
   // Closing by any means wipes the secret, at once: the "close" event comes a task later,
   // so Done and Escape ("cancel") wipe before the dialog closes, and "close" once more.
   $("secret-done").addEventListener("click", () => { wipeSecret(); $("secret-dialog").close(); });
