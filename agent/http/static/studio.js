@@ -656,8 +656,8 @@ function showSecret(created, verb) {
   // RTSP clients take the token as the Basic password (docs/viewing.md, RTSP); a VMS
   // keeps this URL in its settings, which is why the token stays out of the viewer link.
   const port = data.hosts.length ? data.hosts[0].rtsp_port : null;
-  const protocols = created.protocols || [];
-  const rtsp = viewer && port && (!protocols.length || protocols.includes("rtsp"));
+  const protocols = created.protocols || [];  // ["all"] when not restricted
+  const rtsp = viewer && port && (protocols.includes("all") || protocols.includes("rtsp"));
   const camera = created.scope.startsWith("camera:") ? created.scope.slice(7) : "<camera-id>";
   const host = location.hostname.includes(":") ? `[${location.hostname}]` : location.hostname;
   $("secret-rtsp-field").hidden = !rtsp;
