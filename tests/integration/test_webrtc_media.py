@@ -156,8 +156,9 @@ async def test_receiver_reports_give_the_viewers_rtt_in_metrics(agent: AgentProc
 
 
 async def test_the_aiortc_send_path_is_still_selectable(tmp_path: Path) -> None:
-    process = asyncio.run(AgentProcess.start(tmp_path, [{"id": "cam", "source": LONG_GOP}],
-                           webrtc={"host_addresses": ["127.0.0.1"], "send_path": "aiortc"}))
+    process = await AgentProcess.start(tmp_path, [{"id": "cam", "source": LONG_GOP}],
+                                       webrtc={"host_addresses": ["127.0.0.1"],
+                                               "send_path": "aiortc"})
     try:
         _, token = await process.token("--camera", "cam")
         viewer = WhepViewer(process.base, "cam", token, audio=False)
