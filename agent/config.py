@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from agent.access.model import is_identifier
+from agent.access.sessions import SessionLimits
 from agent.access.tokens import FormatProblem, Kind, parse
 from agent.errors import ConfigError, SecretFileExposed
 
@@ -201,9 +202,9 @@ class AuditSection:
 class SessionsSection:
     #: Live viewer sessions at most (every protocol), from one address, and still connecting
     #: from one address; beyond, 503 or 429 with Retry-After.
-    max_total: int = 200
-    max_per_ip: int = 32
-    max_pending_per_ip: int = 8
+    max_total: int = SessionLimits.max_total
+    max_per_ip: int = SessionLimits.max_per_ip
+    max_pending_per_ip: int = SessionLimits.max_pending_per_ip
     #: Seconds a WebRTC session has to connect after its answer; then it is closed and
     #: audited as ice_timeout.
     handshake_timeout: float = 10.0
