@@ -193,6 +193,25 @@ class HlsServer:
 
     # -- the session's requests ----------------------------------------------------------------
 
+    def _session_muxer(self, session: _Session) -> HlsMuxer | None:
+        """The muxer serving ``session``'s camera; None (the session ended) if the camera is
+        gone or came back with a different stream (a new init segment: open index.m3u8
+        again)."""
+        camera = self._cameras.get(session.camera_id)
+        if camera is None:
+            return None
+        muxer = self._muxers.get(camera.id)
+        if muxer is not None and muxer.stream_changed:
+            self._stream_changed(camera.id)
+            return None
+        return self._muxer(camera)
+
+    def _stream_changed(self, camera_id: str) -> None:
+        for other in list(self._sessions.values()):
+            if other.camera_id == camera_id:
+                self._end(other, "stream_changed")
+        self._muxers.pop(camera_id, None)
+
     def _session(self, request: web.Request) -> _Session | None:
         session = self._sessions.get(request.match_info["sid"])
         if (session is None or session.ended or session.camera_id != request.match_info["camera"]
@@ -218,10 +237,9 @@ class HlsServer:
         for name, text in (("_HLS_msn", msn_text), ("_HLS_part", part_text)):
             if text is not None and not _NUMBER.fullmatch(text):
                 return error(400, "bad_request", f"{name} must be a whole number")
-        camera = self._cameras.get(session.camera_id)
-        if camera is None:
+        muxer = self._session_muxer(session)
+        if muxer is None:
             return _unknown_session()
-        muxer = self._muxer(camera)
         segmenter = muxer.segmenter
         timeout = 3 * max(self._section.segment_duration, segmenter.target_duration())
         if msn_text is None:
@@ -270,10 +288,9 @@ class HlsServer:
         session = self._session(request)
         if session is None:
             return _unknown_session()
-        camera = self._cameras.get(session.camera_id)
-        if camera is None:
+        muxer = self._session_muxer(session)
+        if muxer is None:
             return _unknown_session()
-        muxer = self._muxer(camera)
         waited = await self._blocking_wait(session, muxer, lambda: muxer.init is not None,
                                            self._timeout)
         if isinstance(waited, web.Response):
@@ -289,10 +306,9 @@ class HlsServer:
         session = self._session(request)
         if session is None:
             return _unknown_session()
-        camera = self._cameras.get(session.camera_id)
-        if camera is None:
+        muxer = self._session_muxer(session)
+        if muxer is None:
             return _unknown_session()
-        muxer = self._muxer(camera)
         segmenter = muxer.segmenter
         name = request.match_info["name"]
         if (match := _SEGMENT.fullmatch(name)) is not None:
@@ -342,7 +358,9 @@ class HlsServer:
                         self._section.session_timeout:
                     self._end(session, "idle_timeout")
             for camera_id, muxer in list(self._muxers.items()):
-                if not self.sessions(camera_id) and now - self._used.get(camera_id, 0) > \
+                if muxer.stream_changed:
+                    self._stream_changed(camera_id)
+                elif not self.sessions(camera_id) and now - self._used.get(camera_id, 0) > \
                         MUXER_RELEASE:
                     del self._muxers[camera_id]
                     await muxer.stop()

@@ -21,6 +21,7 @@ import pytest
 
 from tests.support.agent import AgentProcess, wait_until
 from tests.support.camera import RtspCamera, needs_rtsp_server
+from tests.support.netns import free_port
 
 pytestmark = needs_rtsp_server
 
@@ -361,3 +362,35 @@ async def test_a_disabled_hls_serves_nothing(tmp_path: Path) -> None:
         assert json.loads(body)["cameras"][0]["hls_url"] is None
     finally:
         assert await agent.stop() == 0
+
+
+async def test_a_camera_back_with_another_size_ends_its_sessions(tmp_path: Path) -> None:
+    """The init segment describes the camera's parameter sets: when the camera comes back
+    with others (here another size), its HLS sessions end (stream_changed) and a new
+    index.m3u8 serves the new stream."""
+    port = free_port()
+    camera = await asyncio.to_thread(RtspCamera.start, port, width=W, height=H, fps=15,
+                                     gop=15, bitrate=300)
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam", "source": camera.url}],
+                                     media={"camera_timeout": 2.0})
+    try:
+        token_id, secret = await agent.token("--camera", "cam")
+        base = await open_session(agent, "cam", secret)
+        assert (await get(base + "live.m3u8"))[0] == 200
+        await asyncio.to_thread(camera.stop)
+        camera = await asyncio.to_thread(RtspCamera.start, port, width=160, height=120,
+                                         fps=15, gop=15, bitrate=200)
+
+        async def ended() -> bool:
+            return (await get(base + "live.m3u8"))[0] == 401
+
+        await wait_until(ended, timeout=30, step=0.5)
+        (entry,) = await agent.audit("--token", token_id, "--event", "session.ended")
+        assert entry["reason"] == "stream_changed"
+        status, _, body = await get(index_url(agent, "cam"), secret)
+        assert status == 200 and b"RESOLUTION=160x120" in body
+        rc, out, err = await ffmpeg_frames(index_url(agent, "cam", secret), 10)
+        assert rc == 0 and len(out) == 10 * 160 * 120, err.decode()
+    finally:
+        assert await agent.stop() == 0
+        await asyncio.to_thread(camera.stop)

@@ -10,6 +10,7 @@ import struct
 import subprocess
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import pytest
@@ -23,7 +24,7 @@ W, H, FPS = 160, 96, 15
 def encode(codec: str, frames: int, gop: int, options: dict[str, str] | None = None,
            ) -> list[tuple[bytes, bool]]:
     """``frames`` Annex-B access units of a moving picture, a keyframe every ``gop``."""
-    ctx = av.CodecContext.create(codec, "w")
+    ctx: Any = av.CodecContext.create(codec, "w")
     ctx.width, ctx.height, ctx.pix_fmt = W, H, "yuv420p"
     ctx.time_base = Fraction(1, FPS)
     ctx.framerate = Fraction(FPS)
@@ -222,7 +223,7 @@ def test_ffmpeg_reads_and_decodes_init_and_fragments(
                            "-"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and not done.stderr, done.stderr
     with av.open(str(path)) as container:  # PyAV too: every frame decodes, in order
-        frames = [f.pts for f in container.decode(video=0)]
+        frames = [f.pts or 0 for f in container.decode(video=0)]
     assert frames == sorted(frames) and len(frames) == 45
 
 
