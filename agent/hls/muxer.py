@@ -52,8 +52,6 @@ class HlsMuxer:
         #: The camera came back with other parameter sets or size: this muxer has ended.
         self.stream_changed = False
         self._info: StreamInfo | None = None  # what the track was made from
-        #: For the latency benchmark: monotonic time each part was published, by (msn, i).
-        self.published_at: dict[tuple[int, int], float] = {}
 
     def start(self) -> None:
         self._consumer = self.hub.subscribe(video=True)
@@ -170,13 +168,4 @@ class HlsMuxer:
         return self.track
 
     def _published(self) -> None:
-        current = self.segmenter.current
-        if current is not None and current.parts:
-            self.published_at[(current.msn, len(current.parts) - 1)] = time.monotonic()
-        elif self.segmenter.complete:
-            last = self.segmenter.complete[-1]
-            self.published_at[(last.msn, len(last.parts) - 1)] = time.monotonic()
-        if len(self.published_at) > 64:
-            for key in sorted(self.published_at)[:-32]:
-                del self.published_at[key]
         self._notify()

@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ class HlsServer:
         self._sessions: dict[str, _Session] = {}
         self._muxers: dict[str, HlsMuxer] = {}
         self._used: dict[str, float] = {}  # camera id -> monotonic time of its last request
+        self._opening: Counter[str] = Counter()  # index.m3u8 requests waiting, per camera
         self._blocking = 0
         self._housekeeping: asyncio.Task[None] | None = None
 
@@ -114,6 +116,7 @@ class HlsServer:
         if isinstance(admission, Refusal):
             return error(admission.status, admission.code, admission.message,
                          **{"Retry-After": str(admission.retry_after)})
+        self._opening[camera.id] += 1  # the muxer stays while we wait for the camera
         try:
             muxer = await self._ready_muxer(camera)
             if isinstance(muxer, web.Response):
@@ -133,6 +136,8 @@ class HlsServer:
         except BaseException:
             admission.release()
             raise
+        finally:
+            self._opening[camera.id] -= 1
         self._sessions[session.sid] = session
         log.info("hls_session_started", camera=camera.id, session=access.id,
                  token_id=decision.token_id, peer_ip=ip)
@@ -360,8 +365,8 @@ class HlsServer:
             for camera_id, muxer in list(self._muxers.items()):
                 if muxer.stream_changed:
                     self._stream_changed(camera_id)
-                elif not self.sessions(camera_id) and now - self._used.get(camera_id, 0) > \
-                        MUXER_RELEASE:
+                elif not self.sessions(camera_id) and not self._opening[camera_id] and (
+                        now - self._used.get(camera_id, 0) > MUXER_RELEASE):
                     del self._muxers[camera_id]
                     await muxer.stop()
 
