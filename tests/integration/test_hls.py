@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.support.agent import AgentProcess, wait_until
 from tests.support.camera import RtspCamera, needs_rtsp_server
@@ -394,3 +396,28 @@ async def test_a_camera_back_with_another_size_ends_its_sessions(tmp_path: Path)
     finally:
         assert await agent.stop() == 0
         await asyncio.to_thread(camera.stop)
+
+
+async def test_removing_the_camera_ends_its_hls_sessions(tmp_path: Path) -> None:
+    agent = await AgentProcess.start(tmp_path, [
+        {"id": "keep", "source": "testsrc://?size=160x120&fps=10&gop=1"},
+        {"id": "gone", "source": "testsrc://?size=160x120&fps=10&gop=1"}])
+    try:
+        token_id, secret = await agent.token("--host")
+        kept = await open_session(agent, "keep", secret)
+        base = await open_session(agent, "gone", secret)
+        assert (await get(base + "live.m3u8"))[0] == 200
+        config = yaml.safe_load(agent.config_path.read_text())
+        config["cameras"] = [c for c in config["cameras"] if c["id"] != "gone"]
+        agent.config_path.write_text(yaml.safe_dump(config))
+        agent.proc.send_signal(signal.SIGHUP)
+
+        async def ended() -> bool:
+            return (await get(base + "live.m3u8"))[0] == 401
+
+        await wait_until(ended, timeout=10)
+        (entry,) = await agent.audit("--token", token_id, "--event", "session.ended")
+        assert entry["reason"] == "camera_removed" and entry["camera"] == "gone"
+        assert (await get(kept + "live.m3u8"))[0] == 200  # the other camera's viewer stays
+    finally:
+        assert await agent.stop() == 0
