@@ -39,7 +39,7 @@ class Part:
 class Segment:
     msn: int
     start: int  # 90 kHz
-    program_date: float  # epoch seconds of its first frame
+    program_date: float  # epoch seconds of its first frame (final once complete)
     parts: list[Part] = field(default_factory=list)
     duration: float = 0.0
     data: bytes | None = None  # set once complete
@@ -112,9 +112,20 @@ class Segmenter:
         done = self.current
         assert done is not None
         done.data = b"".join(p.data for p in done.parts)
+        # Its date (EXT-X-PROGRAM-DATE-TIME), fixed before any playlist lists it: when its
+        # first frame reached the agent, taken as now minus its duration (a first segment
+        # replayed fast from the GOP cache is dated back right), and continuous with the
+        # previous one (players such as GStreamer's check that), unless the camera's clock
+        # and ours parted by a second (a reconnect).
+        first_frame = now - done.duration
+        if self.complete:
+            previous = self.complete[-1]
+            follows = previous.program_date + previous.duration
+            done.program_date = follows if abs(follows - first_frame) < 1.0 else first_frame
+        else:
+            done.program_date = first_frame
         self.complete.append(done)
         self._bytes += done.size
-        # its date: when its keyframe reached the agent (EXT-X-PROGRAM-DATE-TIME)
         self.current = Segment(done.msn + 1, done.start + round(done.duration * TICKS), now)
         while len(self.complete) > self._max_segments or (
                 self._bytes > self._max_bytes and len(self.complete) > 1):
