@@ -100,9 +100,6 @@ class HlsServer:
     def sessions(self, camera_id: str) -> int:
         return sum(1 for s in self._sessions.values() if s.camera_id == camera_id)
 
-    def muxer(self, camera_id: str) -> HlsMuxer | None:
-        return self._muxers.get(camera_id)
-
     # -- the multivariant playlist: the token, once ------------------------------------------
 
     async def index(self, request: web.Request) -> web.StreamResponse:
