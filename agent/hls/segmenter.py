@@ -63,6 +63,7 @@ class Segmenter:
         self._part_ticks = 0
         self._last_duration = TICKS // 30
         self.longest_part = 0.0
+        self._rendered: bytes | None = None  # the playlist as of the last publication
 
     # -- feeding ------------------------------------------------------------------------------
 
@@ -91,6 +92,7 @@ class Segmenter:
                 published |= self._close_part()
         if self.current is None:
             self.current = Segment(0, dts, now)
+            self._rendered = None
         self._pending = (sample, dts, keyframe)
         return published
 
@@ -101,6 +103,7 @@ class Segmenter:
         data = fmp4.fragment(self._sequence, self._part_start, self._samples)
         duration = self._part_ticks / TICKS
         self.current.parts.append(Part(data, duration, self._samples[0].keyframe))
+        self._rendered = None
         self.current.duration += duration
         self.current.size += len(data)
         self.longest_part = max(self.longest_part, duration)
@@ -127,6 +130,7 @@ class Segmenter:
         self.complete.append(done)
         self._bytes += done.size
         self.current = Segment(done.msn + 1, done.start + round(done.duration * TICKS), now)
+        self._rendered = None
         while len(self.complete) > self._max_segments or (
                 self._bytes > self._max_bytes and len(self.complete) > 1):
             self._bytes -= self.complete.pop(0).size
@@ -196,6 +200,12 @@ class Segmenter:
 
     def advertised_part_target(self) -> float:
         return max(self.part_target, self.longest_part)
+
+    def playlist_bytes(self) -> bytes:
+        """``playlist()`` encoded, made once per publication for every viewer."""
+        if self._rendered is None:
+            self._rendered = self.playlist().encode()
+        return self._rendered
 
     def playlist(self) -> str:
         """The LL-HLS media playlist (RFC 8216bis) as it stands now."""

@@ -261,7 +261,7 @@ class HlsServer:
             return error(503, "not_available",
                          "the camera sent nothing new in time: it may be offline",
                          **{"Retry-After": "1"})
-        return self._serve(session, segmenter.playlist().encode(), PLAYLIST, "no-cache")
+        return self._serve(session, segmenter.playlist_bytes(), PLAYLIST, "no-cache")
 
     async def _blocking_wait(self, session: _Session, muxer: HlsMuxer,
                              predicate: Callable[[], bool], timeout: float,

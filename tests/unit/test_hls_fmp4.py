@@ -282,6 +282,11 @@ def test_playlist_text() -> None:
     assert "#EXTINF:2.00000," in lines and "seg1.m4s" in lines
     assert lines[-2] == '#EXT-X-PART:DURATION=0.46667,URI="part2.0.m4s",INDEPENDENT=YES'
     assert lines[-1] == '#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part2.1.m4s"'
+    assert s.playlist_bytes() is s.playlist_bytes()  # made once per publication
+    assert s.playlist_bytes().decode() == s.playlist()
+    for i in range(68, 76):  # 8 more frames: the next part is published
+        s.push(bytes(100), i * 6000, i % 15 == 0, 1_800_000_000.0 + i / FPS)
+    assert s.playlist_bytes().decode() == s.playlist() and "part2.1.m4s" in s.playlist()
 
 
 def test_blocking_reload_positions() -> None:
