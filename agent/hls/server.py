@@ -88,7 +88,8 @@ class HlsServer:
         self._housekeeping: asyncio.Task[None] | None = None
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_get("/hls/{camera}/index.m3u8", self.index)
+        # no HEAD: each answer opens a live session
+        app.router.add_get("/hls/{camera}/index.m3u8", self.index, allow_head=False)
         app.router.add_get("/hls/{camera}/s/{sid}/live.m3u8", self.media_playlist)
         app.router.add_get("/hls/{camera}/s/{sid}/init.mp4", self.init)
         app.router.add_get("/hls/{camera}/s/{sid}/{name}", self.media)

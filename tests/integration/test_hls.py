@@ -225,6 +225,27 @@ async def test_denials(agent: AgentProcess) -> None:
         assert status == expected, (camera, body)
 
 
+async def test_other_origins_may_play_it(agent: AgentProcess) -> None:
+    """A player on another origin (hls.js on some page): CORS on every HLS answer, and a
+    preflight for the Authorization header. HEAD on index.m3u8 opens no session: 405."""
+    _, secret = await agent.token("--camera", "cam")
+    async with aiohttp.ClientSession() as http:
+        async with http.options(index_url(agent, "cam"), headers={
+                "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization"}) as r:
+            assert r.status == 204
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        async with http.get(index_url(agent, "cam"), headers={
+                "Origin": "http://elsewhere.example", "Authorization": f"Bearer {secret}"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+            variant = (await r.text()).strip().splitlines()[-1]
+        async with http.get(f"{agent.base}/hls/cam/{variant}",
+                            headers={"Origin": "http://elsewhere.example"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+        async with http.head(index_url(agent, "cam", secret)) as r:
+            assert r.status == 405
+
+
 async def test_revocation_ends_the_session_within_a_second(agent: AgentProcess) -> None:
     token_id, secret = await agent.token("--camera", "cam")
     base = await open_session(agent, "cam", secret)
