@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 from aiohttp import web
+from aiortc import RTCRtpCodecParameters
 
 from agent.access.model import Protocol
 from agent.access.policy import Reason
@@ -22,7 +23,8 @@ from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.http.connections import read_body
 from agent.media.cameras import Cameras
-from agent.media.hub import CameraState
+from agent.media.hub import CameraHub, CameraState
+from agent.webrtc import h265
 from agent.webrtc.ice import rtc_configuration
 from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.session import OfferError, ViewerSession, check_offer
@@ -124,12 +126,20 @@ class WhepEndpoint:
                 return error(503, "camera_offline",
                              f"camera {camera_id!r} is offline: {hub.status.error or 'starting'}",
                              **{"Retry-After": RETRY_AFTER_OFFLINE})
-            if (refusal := hub.webrtc_refusal()) is not None:  # H.265: RTSP clients only
-                return error(501, "unsupported_codec", refusal)
+            try:
+                video = await self._video_codecs(camera_id, hub, offer)
+            except OfferError as exc:
+                admission.release()
+                return error(400, "bad_offer", str(exc))
+            if isinstance(video, str):
+                admission.release()
+                log.info("whep_codec_refused", camera=camera_id, codec=hub.status.codec,
+                         token_id=decision.token_id)
+                return error(501, "unsupported_codec", video)
             try:
                 viewer, answer = await ViewerSession.answer(
                     camera_id, hub, offer, self._rtc_configuration,
-                    direct=self._webrtc.send_path == "agent")
+                    direct=self._webrtc.send_path == "agent", video_codecs=video)
             except OfferError as exc:
                 admission.release()
                 return error(400, "bad_offer", str(exc))
@@ -161,6 +171,26 @@ class WhepEndpoint:
         for link in self.ice_links():
             response.headers.add("Link", link)
         return response
+
+    async def _video_codecs(self, camera_id: str, hub: CameraHub, offer: str
+                            ) -> list[RTCRtpCodecParameters] | str | None:
+        """The answer's video formats for an H.265 camera (None: H.264, aiortc negotiates
+        it), or the 501 message that says why this viewer cannot have the camera's video
+        and what it can do instead. H.264 cameras are answered in H.264 as before."""
+        if (refusal := hub.webrtc_refusal()) is not None:
+            return refusal
+        assert hub.info is not None
+        if hub.info.codec != "hevc":
+            return None
+        if self._webrtc.send_path != "agent":
+            return h265.refusal(camera_id, h265.AIORTC_PATH)
+        if not h265.offers_h265(offer):
+            return h265.refusal(camera_id, h265.NO_H265_OFFERED)
+        profile = await h265.camera_profile(hub, self._timeout)
+        chosen = h265.choose(h265.offered_formats(offer), profile)
+        if not chosen:
+            return h265.refusal(camera_id, h265.no_fit(profile))
+        return chosen
 
     def _watch_handshake(self, live: _Live) -> None:
         """Whatever the offer held (no candidates, no end-of-candidates), a session that is

@@ -233,7 +233,8 @@ class CameraHub:
         return packet._replace(rtp=packetizer.packetize(packet))
 
     def webrtc_refusal(self) -> str | None:
-        """Why WebRTC viewers (and WHIP) cannot take this camera's video, or None."""
+        """Why no WebRTC peer can take this camera's video, or None (H.264; H.265 for the
+        peers that offer it: agent/webrtc/h265.py decides)."""
         if self.info is None or self.info.codec in VIDEO_CODECS:
             return None
         return (f"the camera sends {self.info.codec.upper()} video, which WebRTC viewers "

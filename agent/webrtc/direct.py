@@ -208,11 +208,15 @@ class DirectTrack:
 
 
 def add_direct_tracks(pc: RTCPeerConnection, hub: CameraHub, audio: bool) -> list[DirectTrack]:
-    """Like tracks.add_camera_tracks, sent by the agent: H.264 video and, if ``audio`` and
-    the camera has sound, audio in the codec it arrives in."""
+    """Like tracks.add_camera_tracks, sent by the agent: the camera's video (H.264, or
+    H.265) and, if ``audio`` and the camera has sound, audio in the codec it arrives in."""
     assert hub.info is not None
     video = pc.addTransceiver("video", direction="sendonly")
-    video.setCodecPreferences(preferences("video", "H264"))
+    if hub.info.codec == "hevc":
+        internals.register_h265()
+        video.setCodecPreferences(preferences("video", "H265"))
+    else:
+        video.setCodecPreferences(preferences("video", "H264"))
     tracks = [DirectTrack(hub, video, video=True)]
     codec = webrtc_audio_codec(hub.info.audio.codec) if hub.info.audio else None
     if audio and codec:

@@ -1,8 +1,10 @@
 """A viewer's WebRTC session: answer a (non-trickle) offer with the camera's tracks.
 
 Codec preferences are forced before ``setRemoteDescription`` (otherwise aiortc negotiates VP8
-and sends H.264 bytes labelled VP8, see docs/field-notes.md): H.264 for video, and for audio
-exactly the codec the camera's audio arrives in (PCMU, PCMA, or Opus after transcoding).
+and sends H.264 bytes labelled VP8, see docs/field-notes.md): the camera's codec for video
+(H.264, or H.265 on the agent's send path with the format chosen in agent/webrtc/h265.py),
+and for audio exactly the codec the camera's audio arrives in (PCMU, PCMA, or Opus after
+transcoding).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from collections.abc import Callable
 from aiortc import (
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpCodecParameters,
     RTCSessionDescription,
 )
 
 from agent.media.hub import CameraHub
+from agent.webrtc import internals
 from agent.webrtc.direct import DirectTrack, add_direct_tracks
 from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
@@ -56,7 +60,7 @@ def check_offer(sdp: str) -> None:
 def _explain(exc: Exception) -> str:
     text = str(exc)
     if "video description send parameters" in text:
-        return "the offer does not accept H.264 video, the only video codec this agent sends"
+        return "the offer does not accept the camera's video codec (H.264, or H.265)"
     if "audio description send parameters" in text:
         return "the offer does not accept the camera's audio codec: offer PCMU, PCMA and Opus"
     return f"the SDP offer cannot be used: {text or type(exc).__name__}"
@@ -77,10 +81,11 @@ class ViewerSession:
     @classmethod
     async def answer(
         cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration,
-        direct: bool = False,
+        direct: bool = False, video_codecs: list[RTCRtpCodecParameters] | None = None,
     ) -> tuple[ViewerSession, str]:
         """Build the session and its SDP answer (ICE gathered: no trickle needed). ``direct``:
-        the agent sends the media itself (agent/webrtc/direct.py), else aiortc does."""
+        the agent sends the media itself (agent/webrtc/direct.py), else aiortc does.
+        ``video_codecs``: the answer's video formats, chosen by the caller (H.265)."""
         check_offer(offer)
         assert hub.info is not None
         pc = RTCPeerConnection(configuration)
@@ -93,6 +98,10 @@ class ViewerSession:
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             except Exception as exc:  # aiortc raises assorted errors on bad SDP
                 raise OfferError(_explain(exc)) from None
+            if video_codecs:  # only the agent's send path sends H.265
+                video = session.tracks[0]
+                assert isinstance(video, DirectTrack) and video.video
+                internals.set_codecs(video.transceiver, video_codecs)
             await pc.setLocalDescription(await pc.createAnswer())
             for track in session.tracks:
                 if isinstance(track, DirectTrack):
