@@ -3,8 +3,8 @@
 aiortc 1.x cannot receive H.265. ``enable_h265_receiving()`` adds H265/90000 to this test
 process's aiortc codec table (the agent's own registration, agent/webrtc/internals.py) and
 wraps aiortc's receiver-side ``depayload`` and ``get_decoder`` so that H265 payloads become
-Annex-B access units decoded by FFmpeg's hevc decoder. Test code only: the agent never
-receives video.
+Annex-B access units decoded by FFmpeg's hevc decoder, undone after the test (monkeypatch).
+Test code only: the agent never receives video.
 """
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ from collections.abc import Callable
 from fractions import Fraction
 from typing import Any
 
+import aiortc.codecs
 import aiortc.rtcrtpreceiver
 import av
+import pytest
 from aiortc.codecs.base import Decoder
 from aiortc.jitterbuffer import JitterFrame
 
@@ -69,15 +71,16 @@ class HevcDecoder(Decoder):
         return list(self.codec.decode(packet))
 
 
-_wrapped: set[str] = set()
+def isolate_codec_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the test registers in aiortc's video codec table (the agent's H265 entry)
+    is gone after it: later aiortc viewers in this process offer what aiortc alone does."""
+    monkeypatch.setitem(aiortc.codecs.CODECS, "video", list(aiortc.codecs.CODECS["video"]))
 
 
-def enable_h265_receiving() -> None:
-    """Let this process's aiortc peers offer and decode H265 (idempotent)."""
+def enable_h265_receiving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let this process's aiortc peers offer and decode H265, for the test's duration."""
+    isolate_codec_table(monkeypatch)
     internals.register_h265()
-    if _wrapped:
-        return
-    _wrapped.add("receiver")
     receiver: Any = aiortc.rtcrtpreceiver  # the names it imported from aiortc.codecs
     original_depayload = receiver.depayload
     original_decoder: Callable[[Any], Decoder] = receiver.get_decoder
@@ -92,5 +95,5 @@ def enable_h265_receiving() -> None:
             return HevcDecoder()
         return original_decoder(codec)
 
-    receiver.depayload = depayload_any
-    receiver.get_decoder = decoder_any
+    monkeypatch.setattr(receiver, "depayload", depayload_any)
+    monkeypatch.setattr(receiver, "get_decoder", decoder_any)

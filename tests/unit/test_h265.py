@@ -22,7 +22,7 @@ from agent.webrtc import h265, internals
 from agent.webrtc.direct import stream_params
 from agent.webrtc.rtpsend import RtpStream, StreamParams
 from agent.webrtc.tracks import preferences
-from tests.support.h265 import depacketize, depayload
+from tests.support.h265 import depacketize, depayload, isolate_codec_table
 from tests.unit.test_webrtc_send import sessions
 
 SC = b"\x00\x00\x00\x01"
@@ -291,6 +291,11 @@ def video_lines(sdp: str) -> list[str]:
     end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("m=")),
                len(lines))
     return lines[start:end]
+
+
+@pytest.fixture(autouse=True)
+def _codec_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    isolate_codec_table(monkeypatch)  # the H265 entry registered here stays in this test
 
 
 async def answer(offer: str, codec: str, camera: h265.ProfileTierLevel | None = MAIN) -> str:

@@ -1,0 +1,132 @@
+"""H.265 over WebRTC end to end, on loopback: a GStreamer x265 RTSP camera, the agent, and
+aiortc viewers — one that offers H265 (depacketizer + FFmpeg hevc decoder from
+tests/support/h265.py) gets decoded frames; one that does not gets a 501 naming HLS, RTSP
+and an H.264 substream. The agent's aiortc send path refuses H.265 the same way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.support.agent import AgentProcess, WhepViewer
+from tests.support.camera import RtspCamera, needs_rtsp_server
+from tests.support.h265 import enable_h265_receiving
+
+pytestmark = needs_rtsp_server
+
+W, H = 320, 240
+
+
+@pytest.fixture(scope="module")
+def cameras() -> Iterator[dict[str, RtspCamera]]:
+    cams = {"hevc": RtspCamera.start(width=W, height=H, fps=15, gop=15, bitrate=300,
+                                     codec="h265"),
+            "avc": RtspCamera.start(width=W, height=H, fps=15, gop=15, bitrate=300)}
+    try:
+        yield cams
+    finally:
+        for cam in cams.values():
+            cam.stop()
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory,
+          cameras: dict[str, RtspCamera]) -> Iterator[AgentProcess]:
+    process = asyncio.run(AgentProcess.start(tmp_path_factory.mktemp("h265"), [
+        {"id": "hevc", "source": cameras["hevc"].url},
+        {"id": "avc", "source": cameras["avc"].url},
+    ], media={"camera_timeout": 5.0, "idle_grace": 30.0}))
+    yield process
+    assert asyncio.run(process.stop()) == 0
+
+
+async def frames_for(viewer: WhepViewer, seconds: float) -> list[Any]:
+    track = viewer.tracks["video"]
+    got = []
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        try:
+            got.append(await asyncio.wait_for(track.recv(), left))
+        except TimeoutError:
+            break
+    return got
+
+
+def video_formats(answer: str) -> list[str]:
+    return [line for line in answer.splitlines()
+            if line.startswith(("a=rtpmap:", "a=fmtp:")) and "opus" not in line.lower()
+            and "PCM" not in line]
+
+
+async def test_a_viewer_offering_h265_gets_h265_frames_of_the_camera(
+        agent: AgentProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    enable_h265_receiving(monkeypatch)
+    _, token = await agent.token("--camera", "hevc")
+    viewer = WhepViewer(agent.base, "hevc", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    formats = video_formats(viewer.body)
+    assert any(line.endswith(" H265/90000") for line in formats), formats
+    fmtp = next(line for line in formats if "profile-id=" in line)
+    # x265 through GStreamer: Main profile, Main tier; the level is the camera's own
+    assert "profile-id=1;tier-flag=0;level-id=" in fmtp, fmtp
+    assert not any("H264" in line for line in formats)
+    first = await viewer.frame(timeout=10.0)
+    assert (first.width, first.height) == (W, H)
+    frames = await frames_for(viewer, 3.0)
+    assert len(frames) >= 3.0 * 15 * 0.7, len(frames)  # the camera's 15 fps, decoded
+    assert all((f.width, f.height) == (W, H) for f in frames)
+    stamps = [f.pts for f in frames]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    await viewer.close()
+
+
+async def test_an_h264_camera_stays_h264_for_a_viewer_that_offers_h265(
+        agent: AgentProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    enable_h265_receiving(monkeypatch)
+    _, token = await agent.token("--camera", "avc")
+    viewer = WhepViewer(agent.base, "avc", token, audio=False)
+    assert await viewer.connect() == 201, viewer.body
+    formats = video_formats(viewer.body)
+    assert any(" H264/90000" in line for line in formats)
+    assert not any("H265" in line for line in formats)
+    first = await viewer.frame(timeout=10.0)
+    assert (first.width, first.height) == (W, H)
+    await viewer.close()
+
+
+async def test_a_viewer_without_h265_gets_a_501_naming_the_fallbacks_every_time(
+        agent: AgentProcess) -> None:
+    """More refusals than the per-address cap of connecting sessions (8): each 501 gives
+    its admission back (they were kept before, and the 9th offer got a 429)."""
+    _, token = await agent.token("--camera", "hevc")
+    for _ in range(10):
+        viewer = WhepViewer(agent.base, "hevc", token, audio=False)
+        assert await viewer.connect() == 501, viewer.body
+        await viewer.close()
+    assert "unsupported_codec" in viewer.body
+    assert "/hls/hevc/index.m3u8" in viewer.body and "H.264" in viewer.body
+    assert "RTSP" in viewer.body and "offer has no H265" in viewer.body
+    log = agent.log_path.read_text()
+    assert "Traceback" not in log and token not in log
+
+
+async def test_the_aiortc_send_path_refuses_h265_and_says_what_to_set(
+        tmp_path_factory: pytest.TempPathFactory, cameras: dict[str, RtspCamera],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    enable_h265_receiving(monkeypatch)
+    process = await AgentProcess.start(tmp_path_factory.mktemp("h265aiortc"), [
+        {"id": "hevc", "source": cameras["hevc"].url}],
+        media={"camera_timeout": 5.0},
+        webrtc={"host_addresses": ["127.0.0.1"], "send_path": "aiortc"})
+    try:
+        _, token = await process.token("--camera", "hevc")
+        viewer = WhepViewer(process.base, "hevc", token, audio=False)
+        assert await viewer.connect() == 501, viewer.body
+        await viewer.close()
+        assert "send_path" in viewer.body and "/hls/hevc/index.m3u8" in viewer.body
+    finally:
+        assert await process.stop() == 0
