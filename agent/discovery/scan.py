@@ -8,8 +8,10 @@ credentials is still listed, with the reason.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import structlog
 
@@ -48,6 +50,24 @@ def profile_url(device: onvif.OnvifDevice, xaddr: str, want: str) -> str:
                                       f"{profile.token!r}: choose another with --profile")
     host = host_of(xaddr)
     return onvif.with_host(profile.stream_uri, host) if host else profile.stream_uri
+
+
+def adopt_choice(sighting_profiles: list[dict[str, Any]], want: str = "main"
+                 ) -> tuple[str, str | None] | None:
+    """(token, note) of the profile ``cameras adopt`` would take from a listed camera, or
+    None if none fits (the adopt command then says why)."""
+    fields = {f.name for f in dataclasses.fields(onvif.OnvifProfile)}
+    try:
+        values: list[dict[str, Any]] = [{k: p.get(k) for k in fields} for p in sighting_profiles]
+        profiles = tuple(onvif.OnvifProfile(**v) for v in values)
+    except TypeError:  # a cached sighting from an older version
+        return None
+    device = onvif.OnvifDevice("", None, None, None, None, None, profiles, 0.0)
+    try:
+        chosen = onvif.choose_profile(device, want)
+    except onvif.OnvifProfileError:
+        return None
+    return chosen.token, onvif.choice_note(device, want, chosen)
 
 
 async def ask_onvif(sighting: Sighting, username: str | None, password: str | None,
