@@ -1,7 +1,8 @@
 """H.265 over WebRTC end to end, on loopback: a GStreamer x265 RTSP camera, the agent, and
 aiortc viewers — one that offers H265 (depacketizer + FFmpeg hevc decoder from
 tests/support/h265.py) gets decoded frames; one that does not gets a 501 naming HLS, RTSP
-and an H.264 substream. The agent's aiortc send path refuses H.265 the same way."""
+and an H.264 substream. The agent's aiortc send path refuses H.265 the same way, and an
+H.265 camera is not published to the relay (WHIP)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiortc import RTCConfiguration
 
+from agent.config import CameraConfig
+from agent.media.hub import CameraHub
+from agent.media.sources import make_source
+from agent.webrtc.whip import WhipError, WhipPublisher
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.camera import RtspCamera, needs_rtsp_server
 from tests.support.h265 import enable_h265_receiving
+from tests.support.media import write_clip
 
 pytestmark = needs_rtsp_server
 
@@ -130,3 +137,24 @@ async def test_the_aiortc_send_path_refuses_h265_and_says_what_to_set(
         assert "send_path" in viewer.body and "/hls/hevc/index.m3u8" in viewer.body
     finally:
         assert await process.stop() == 0
+
+
+async def test_an_h265_camera_is_not_published_to_the_relay(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """WHIP: refused before anything is offered or sent (the URL is never contacted)."""
+    clip = write_clip(tmp_path_factory.mktemp("whip") / "hevc.mp4", "libx265", 160, 120,
+                      fps=10, frames=10, options={"x265-params": "log-level=error"})
+    config = CameraConfig(id="gate", source=f"file://{clip}")
+    hub = CameraHub("gate", lambda: make_source(config, 2.0), idle_grace=0.3,
+                    always_on=False, gop_cache=True, queue_packets=100, reconnect_max=1.0)
+    publisher = WhipPublisher(hub, "http://127.0.0.1:9/whip", "unused",
+                              RTCConfiguration(iceServers=[]))
+    try:
+        with pytest.raises(WhipError) as caught:
+            await publisher.start(timeout=5.0)
+        assert caught.value.code == "unsupported_codec"
+        assert "H.265" in str(caught.value) and "substream to H.264" in str(caught.value)
+        assert publisher.pc is None  # nothing was negotiated
+    finally:
+        await publisher.stop()
+        await hub.close()
