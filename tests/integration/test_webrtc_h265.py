@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiortc import RTCConfiguration
 
@@ -158,3 +160,46 @@ async def test_an_h265_camera_is_not_published_to_the_relay(
     finally:
         await publisher.stop()
         await hub.close()
+
+
+CHROMIUM = Path(__file__).resolve().parents[1] / "data" / "sdp" / "chromium156-offer.sdp"
+
+
+def offer_with(lines: list[str], formats: str) -> str:
+    """The real Chromium 156 offer (tests/data/sdp) with H265 lines put in its video section."""
+    sdp = CHROMIUM.read_bytes().decode().split("\r\n")
+    video = next(i for i, line in enumerate(sdp) if line.startswith("m=video"))
+    sdp[video] += f" {formats}"
+    at = next(i for i, line in enumerate(sdp) if line.startswith("a=rtpmap:118 red"))
+    return "\r\n".join(sdp[:at] + lines + sdp[at:])
+
+
+@pytest.mark.parametrize(("lines", "formats", "status", "says"), [
+    (["a=rtpmap:51 H265/90000", "a=fmtp:51 profile-id=99999999999999999999;tier-flag=0"],
+     "51", 501, "none of the H265 formats"),
+    (["a=rtpmap:51 H265/90000", "a=fmtp:51 level-id=;profile-id=;tier-flag=x"],
+     "51", 501, "none of the H265 formats"),
+    (["a=rtpmap:51 H265/90000", "a=fmtp:77 profile-id=1"], "51", 400, "offer"),
+    (["a=rtpmap:51 H265/90000", "a=fmtp:51 profile-id=1;tier-flag=1;level-id=186"],
+     "51", 201, "a=fmtp:51 profile-id=1;tier-flag=1;level-id="),  # High tier takes Main
+    (["a=rtpmap:51 H265/90000"], "51", 201, "a=fmtp:51 profile-id=1;tier-flag=0;level-id="),
+    ([f"a=rtpmap:{pt} H265/90000" for pt in range(50, 64)]
+     + [f"a=fmtp:{pt} profile-id=7" for pt in range(50, 64)],
+     " ".join(str(pt) for pt in range(50, 64)), 501, "none of the H265 formats"),
+])
+async def test_odd_h265_offers_get_a_clear_answer_never_a_500(
+        agent: AgentProcess, lines: list[str], formats: str, status: int, says: str) -> None:
+    _, token = await agent.token("--camera", "hevc")
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{agent.base}/whep/hevc", data=offer_with(lines, formats),
+            headers={"Authorization": f"Bearer {token}",
+                     "Content-Type": "application/sdp"}) as response:
+        body = await response.text()
+        location = response.headers.get("Location")
+    assert response.status == status, body
+    assert says in body
+    if location:  # the session was answered (no ICE will follow): end it
+        async with aiohttp.ClientSession() as http, http.delete(
+                agent.base + location, headers={"Authorization": f"Bearer {token}"}) as done:
+            assert done.status == 200
+    assert "Traceback" not in agent.log_path.read_text()
