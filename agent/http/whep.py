@@ -187,7 +187,7 @@ class WhepEndpoint:
         if not h265.offers_h265(offer):
             return h265.refusal(camera_id, h265.NO_H265_OFFERED)
         profile = await h265.camera_profile(hub, self._timeout)
-        chosen = h265.choose(h265.offered_formats(offer), profile)
+        chosen = h265.choose(h265.offered_formats(offer), profile, camera_id)
         if not chosen:
             return h265.refusal(camera_id, h265.no_fit(profile))
         return chosen

@@ -158,8 +158,8 @@ def _answer_parameters(parameters: dict[str, Any], camera: ProfileTierLevel | No
     return answer
 
 
-def choose(offered: list[RTCRtpCodecParameters], camera: ProfileTierLevel | None
-           ) -> list[RTCRtpCodecParameters]:
+def choose(offered: list[RTCRtpCodecParameters], camera: ProfileTierLevel | None,
+           camera_id: str = "") -> list[RTCRtpCodecParameters]:
     """The answer's video codecs: the first offered H265 format the camera fits (its own
     profile before a compatible one), with the answer's fmtp, then its RTX format if one was
     offered. Empty if none fits."""
@@ -171,7 +171,7 @@ def choose(offered: list[RTCRtpCodecParameters], camera: ProfileTierLevel | None
                 continue
             if camera is not None and camera.level_id > (
                     _int(codec.parameters, "level-id", DEFAULT_LEVEL) or 0):
-                log.info("h265_level_above_offer", camera_level=camera.level_id,
+                log.info("h265_level_above_offer", camera=camera_id, camera_level=camera.level_id,
                          offered_level=codec.parameters.get("level-id", DEFAULT_LEVEL))
             chosen = [RTCRtpCodecParameters(
                 mimeType=MIME, clockRate=CLOCK, payloadType=codec.payloadType,
