@@ -169,10 +169,10 @@ def choose(offered: list[RTCRtpCodecParameters], camera: ProfileTierLevel | None
             answer = _answer_parameters(codec.parameters, camera, exact)
             if answer is None or codec.payloadType is None:
                 continue
-            if camera is not None and camera.level_id > (
-                    _int(codec.parameters, "level-id", DEFAULT_LEVEL) or 0):
+            offered_level = _int(codec.parameters, "level-id", DEFAULT_LEVEL) or 0
+            if camera is not None and camera.level_id > offered_level:
                 log.info("h265_level_above_offer", camera=camera_id, camera_level=camera.level_id,
-                         offered_level=codec.parameters.get("level-id", DEFAULT_LEVEL))
+                         offered_level=offered_level)
             chosen = [RTCRtpCodecParameters(
                 mimeType=MIME, clockRate=CLOCK, payloadType=codec.payloadType,
                 rtcpFeedback=[RTCRtcpFeedback(type=f.type, parameter=f.parameter)

@@ -346,3 +346,14 @@ def test_a_broken_offer_is_an_offer_error_not_an_exception(junk: str) -> None:
     from agent.webrtc.session import OfferError
     with contextlib.suppress(OfferError):  # a clear 400, or nothing offered: no traceback
         assert isinstance(h265.offered_formats(junk), list)
+
+
+def test_a_camera_above_the_offered_level_is_answered_with_its_own_level_and_logged() -> None:
+    from structlog.testing import capture_logs
+
+    big = h265.ProfileTierLevel(0, 0, 1, frozenset({1, 2}), 186)
+    with capture_logs() as logs:
+        got = chosen(chromium_offer(CHROME_H265), big)
+    assert got[0][2]["level-id"] == 186  # what is sent, not the offer's 180
+    assert [e["event"] for e in logs] == ["h265_level_above_offer"]
+    assert logs[0]["camera_level"] == 186 and logs[0]["offered_level"] == 180
