@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -23,9 +24,13 @@ from agent.http.auth import camera_access, denial, error, peer_ip, presented_tok
 from agent.http.connections import read_body
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
-from agent.webrtc.ice import rtc_configuration
-from agent.webrtc.rtpsend import ReceptionStats
-from agent.webrtc.session import OfferError, ViewerSession, check_offer
+from agent.webrtc import stack
+from agent.webrtc.ice import ice_servers, to_rtc
+from agent.webrtc.offer import OfferError, check_offer
+
+if TYPE_CHECKING:  # the WebRTC stack loads with the first offer (agent/webrtc/stack.py)
+    from agent.webrtc.rtpsend import ReceptionStats
+    from agent.webrtc.session import ViewerSession
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +72,7 @@ class WhepEndpoint:
         self._access = access
         self._cameras = cameras
         self._webrtc = webrtc
-        self._rtc_configuration = rtc_configuration(webrtc)  # reads TURN secrets: at start
+        self._ice_servers = ice_servers(webrtc)  # reads TURN secrets: at start
         self._timeout = camera_timeout + 1.0
         self._handshake = handshake_timeout
         self._live: dict[str, _Live] = {}
@@ -126,9 +131,12 @@ class WhepEndpoint:
                              **{"Retry-After": RETRY_AFTER_OFFLINE})
             if (refusal := hub.webrtc_refusal()) is not None:  # H.265: RTSP clients only
                 return error(501, "unsupported_codec", refusal)
+            await stack.load()  # once per process: a few tenths of a second, in a thread
+            from agent.webrtc.session import ViewerSession  # noqa: PLC0415 (loaded just now)
+
             try:
                 viewer, answer = await ViewerSession.answer(
-                    camera_id, hub, offer, self._rtc_configuration,
+                    camera_id, hub, offer, to_rtc(self._ice_servers),
                     direct=self._webrtc.send_path == "agent")
             except OfferError as exc:
                 admission.release()
