@@ -4,7 +4,8 @@ aiortc brings aioice, PyAV, pylibsrtp, cryptography and pyOpenSSL: about 40 MB o
 process's memory, more than the rest of an idle agent together (docs/field-notes.md, "What
 the idle agent's memory is made of"). An agent whose cameras nobody watches over WebRTC, and
 that publishes nothing to the relay, never loads it. The first WHEP offer or relay publish
-loads it in a thread (a few tenths of a second, once per process), then installs the
+loads it in a thread (0.3-0.8 s here, once per process; a request for the viewer page starts
+it early, so a browser's first offer rarely waits for it), then installs the
 agent's process-wide changes to it: the ICE host addresses (agent/webrtc/ice.py) and the
 per-packet speedups (agent/webrtc/speedups.py).
 """
@@ -24,6 +25,7 @@ MODULES = ("agent.webrtc.session", "agent.webrtc.whip")
 
 _host_addresses: list[str] | None = None
 _installed = False
+_preloading: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
 
 
 def configure(host_addresses: list[str] | None) -> None:
@@ -42,6 +44,11 @@ async def load() -> None:
     global _installed  # noqa: PLW0603
     if _installed:
         return
+    if (_preloading is not None and not _preloading.done()
+            and _preloading.get_loop() is asyncio.get_running_loop()
+            and _preloading is not asyncio.current_task()):
+        await asyncio.shield(_preloading)  # the viewer page started it: wait for that one
+        return
     started = asyncio.get_running_loop().time()
     if not all(name in sys.modules for name in MODULES):
         await asyncio.to_thread(_import)
@@ -49,6 +56,16 @@ async def load() -> None:
     _installed = True
     log.info("webrtc_stack_loaded",
              seconds=round(asyncio.get_running_loop().time() - started, 3))
+
+
+def preload() -> None:
+    """Start loading now, in the background: a browser that fetched the viewer page sends
+    its offer a moment later, and finds the stack (mostly) loaded."""
+    global _preloading  # noqa: PLW0603
+    if _installed or (_preloading is not None and not _preloading.done()
+                      and _preloading.get_loop() is asyncio.get_running_loop()):
+        return
+    _preloading = asyncio.get_running_loop().create_task(load(), name="webrtc-stack")
 
 
 def _import() -> None:
