@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -24,10 +25,15 @@ from agent.http.auth import camera_access, denial, error, peer_ip, presented_tok
 from agent.http.connections import read_body
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraHub, CameraState
-from agent.webrtc import h265
-from agent.webrtc.ice import rtc_configuration
-from agent.webrtc.rtpsend import ReceptionStats
-from agent.webrtc.session import OfferError, ViewerSession, check_offer
+from agent.webrtc import stack
+from agent.webrtc.ice import ice_servers, to_rtc
+from agent.webrtc.offer import OfferError, check_offer
+
+if TYPE_CHECKING:  # the WebRTC stack loads with the first offer (agent/webrtc/stack.py)
+    from aiortc import RTCRtpCodecParameters
+
+    from agent.webrtc.rtpsend import ReceptionStats
+    from agent.webrtc.session import ViewerSession
 
 log = structlog.get_logger(__name__)
 
@@ -69,7 +75,7 @@ class WhepEndpoint:
         self._access = access
         self._cameras = cameras
         self._webrtc = webrtc
-        self._rtc_configuration = rtc_configuration(webrtc)  # reads TURN secrets: at start
+        self._ice_servers = ice_servers(webrtc)  # reads TURN secrets: at start
         self._timeout = camera_timeout + 1.0
         self._handshake = handshake_timeout
         self._live: dict[str, _Live] = {}
@@ -126,6 +132,9 @@ class WhepEndpoint:
                 return error(503, "camera_offline",
                              f"camera {camera_id!r} is offline: {hub.status.error or 'starting'}",
                              **{"Retry-After": RETRY_AFTER_OFFLINE})
+            await stack.load()  # once per process: a few tenths of a second, in a thread
+            from agent.webrtc.session import ViewerSession  # noqa: PLC0415 (loaded just now)
+
             try:
                 video = await self._video_codecs(camera_id, hub, offer)
             except OfferError as exc:
@@ -138,7 +147,7 @@ class WhepEndpoint:
                 return error(501, "unsupported_codec", video)
             try:
                 viewer, answer = await ViewerSession.answer(
-                    camera_id, hub, offer, self._rtc_configuration,
+                    camera_id, hub, offer, to_rtc(self._ice_servers),
                     direct=self._webrtc.send_path == "agent", video_codecs=video)
             except OfferError as exc:
                 admission.release()
@@ -177,6 +186,8 @@ class WhepEndpoint:
         """The answer's video formats for an H.265 camera (None: H.264, aiortc negotiates
         it), or the 501 message that says why this viewer cannot have the camera's video
         and what it can do instead. H.264 cameras are answered in H.264 as before."""
+        from agent.webrtc import h265  # noqa: PLC0415 (imports aiortc: loaded by now)
+
         if (refusal := hub.webrtc_refusal()) is not None:
             return refusal
         assert hub.info is not None

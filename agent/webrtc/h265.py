@@ -23,7 +23,7 @@ from aiortc.sdp import SessionDescription
 
 from agent.media.hub import CameraHub
 from agent.media.rtp import H265_SPS, split_annexb
-from agent.webrtc.session import OfferError
+from agent.webrtc.offer import OfferError
 
 log = structlog.get_logger(__name__)
 

@@ -343,7 +343,7 @@ def test_refusals_name_the_fallbacks() -> None:
 
 @pytest.mark.parametrize("junk", ["v=0\r\nm=video 9 X 96\r\na=rtpmap:96\r\n", "v=0\r\nm=\r\n"])
 def test_a_broken_offer_is_an_offer_error_not_an_exception(junk: str) -> None:
-    from agent.webrtc.session import OfferError
+    from agent.webrtc.offer import OfferError
     with contextlib.suppress(OfferError):  # a clear 400, or nothing offered: no traceback
         assert isinstance(h265.offered_formats(junk), list)
 
