@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
-from aiortc import RTCRtpCodecParameters
 
 from agent.access.model import Protocol
 from agent.access.policy import Reason
