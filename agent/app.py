@@ -156,7 +156,8 @@ class Daemon:
               store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
                  tls=lambda: self.certificate, held_moves=self._held_moves,
-                 rtsp_port=lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
+                 rtsp_port=lambda: self.rtsp.port if self.rtsp else None,
+                 reception=self.whep.reception_of).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState,
                 reception=self.whep.reception).routes(self.app)
         self._runner: web.AppRunner | None = None

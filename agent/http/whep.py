@@ -85,6 +85,12 @@ class WhepEndpoint:
         return [(live.viewer.camera_id, stats) for live in self._live.values()
                 if (stats := live.viewer.reception) is not None]
 
+    def reception_of(self, session_id: str) -> ReceptionStats | None:
+        """A live viewer's latest receiver-report figures (None: not one of ours, the aiortc
+        send path, or no report yet)."""
+        live = self._live.get(session_id)
+        return live.viewer.reception if live is not None else None
+
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/whep/{camera}", self.post)
         app.router.add_delete("/whep/{camera}/sessions/{session}", self.delete)
