@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import signal
 import ssl
@@ -26,6 +27,7 @@ from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.config import Config, check_secret_files, load, publisher_token
 from agent.discovery.adopted import AdoptedCamera, held_move_text
+from agent.discovery.keyframes import CameraKeyframes
 from agent.errors import AgentError
 from agent.http import server, tls
 from agent.http.admin import AdminApi
@@ -116,6 +118,7 @@ class Daemon:
         self.cameras = cameras
         self.adopted = state.adopted
         self._adopted: list[AdoptedCamera] = []
+        self.keyframes = CameraKeyframes(self.adopted)
         self._adopted_signature: tuple[object, ...] | None = None
         self._camera_lock = asyncio.Lock()  # reload and adoption apply one at a time
         self._adopted_watch: asyncio.Task[None] | None = None
@@ -285,6 +288,11 @@ class Daemon:
                     self.rtsp.close_camera(camera_id, why)
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
+            self.keyframes.set_cameras(a for a in self._adopted if a.id not in configured)
+            for camera in self.cameras:  # a viewer's PLI also asks an ONVIF camera for an IDR
+                camera.hub.keyframe_source = (
+                    functools.partial(self.keyframes.request, camera.id)
+                    if self.keyframes.asks(camera.id) else None)
             if self.notifier is not None and (added or removed):
                 self.notifier.notify(f"STATUS=serving {len(self.cameras.ids)} camera(s) on "
                                      f"{self.config.http.listen}")
@@ -354,6 +362,7 @@ class Daemon:
     async def _stop_discovery(self) -> None:
         """Withdraw the announcement (goodbye packets) and stop listening."""
         await cancel_and_wait(self._adopted_watch, self._db_watch, self._discovery)
+        await self.keyframes.close()
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.follower is not None:

@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -42,6 +42,7 @@ from onvif.exceptions import ONVIFError  # type: ignore[import-untyped]
 from agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DEVICE_PATH = "/onvif/device_service"
 NS_MEDIA = "http://www.onvif.org/ver10/media/wsdl"
@@ -120,6 +121,37 @@ async def query_device(
     The whole exchange, connection included, is bounded by ``timeout`` seconds. Every session
     and connection it opened is closed on return, on error and on cancellation.
     """
+    return await _exchange(xaddr, username, password, timeout, _query)
+
+
+async def set_synchronization_point(
+    xaddr: str, username: str | None, password: str | None, want: str, *,
+    timeout: float = 10.0,
+) -> str:
+    """Ask the camera for a keyframe now (ONVIF Media ``SetSynchronizationPoint``) on the
+    profile ``want`` names (as :func:`choose_profile` reads it); returns that profile's token.
+    Bounded and cleaned up like :func:`query_device`."""
+
+    async def work(camera: _Camera, _url: str, where: str) -> str:
+        await camera.update_xaddrs()
+        if NS_MEDIA not in camera.xaddrs:
+            raise NotOnvifError(f"the ONVIF device at {where} offers no media service")
+        media = await camera.create_media_service()
+        profiles = tuple(_profile(raw, None, None) for raw in await media.GetProfiles() or [])
+        device = OnvifDevice(where, None, None, None, None, None, profiles, 0.0)
+        token = choose_profile(device, want).token
+        await media.SetSynchronizationPoint({"ProfileToken": token})
+        return token
+
+    return await _exchange(xaddr, username, password, timeout, work)
+
+
+async def _exchange(
+    xaddr: str, username: str | None, password: str | None, timeout: float,
+    work: Callable[[_Camera, str, str], Awaitable[T]],
+) -> T:
+    """Run ``work(camera, url, where)`` against the device service at ``xaddr``: bounded by
+    ``timeout`` (connection included), errors translated, sessions closed on every exit."""
     url = _device_url(xaddr)
     parts = urlsplit(url)
     where = _display(url)
@@ -132,7 +164,7 @@ async def query_device(
     camera = _Camera(url, host, port, username, password)
     try:
         async with asyncio.timeout_at(deadline):
-            return await _query(camera, url, where)
+            return await work(camera, url, where)
     except TimeoutError:
         raise OnvifTimeoutError(
             f"the ONVIF device at {where} accepted the connection but did not answer within "

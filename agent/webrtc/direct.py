@@ -202,7 +202,7 @@ class DirectTrack:
             elif (isinstance(packet, RtcpPsfbPacket) and self.video
                   and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)
                   and stream.keyframe_wanted(time.monotonic())):
-                self._hub.replay(self._consumer)
+                self._hub.keyframe_wanted(self._consumer)
         except Exception:  # never an exception on the loop from what a peer sends
             log.warning("webrtc_rtcp_failed", camera=self._hub.camera_id, exc_info=True)
 
