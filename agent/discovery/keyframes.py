@@ -41,11 +41,17 @@ class CameraKeyframes:
         self._last: dict[str, float] = {}
         self._busy: dict[str, asyncio.Task[None]] = {}
         self._failures: dict[str, FailureLog] = {}
+        self._tokens: dict[str, str] = {}  # camera id → the ONVIF profile token it streams
         self.sent = 0  # requests the cameras accepted (tests and /metrics-style reading)
 
     def set_cameras(self, cameras: Iterable[AdoptedCamera]) -> None:
-        """The adopted cameras that can be asked: those adopted over ONVIF."""
+        """The adopted cameras that can be asked: those adopted over ONVIF. A camera whose
+        record changed (moved, another profile) has its profile token asked again."""
+        old = self._cameras
         self._cameras = {c.id: c for c in cameras if c.method == "onvif" and c.xaddr}
+        for camera_id in list(self._tokens):
+            if self._cameras.get(camera_id) != old.get(camera_id):
+                del self._tokens[camera_id]
 
     def asks(self, camera_id: str) -> bool:
         return camera_id in self._cameras
@@ -78,9 +84,14 @@ class CameraKeyframes:
             from agent.discovery import onvif  # noqa: PLC0415 (loaded just now)
 
             assert camera.xaddr is not None  # set_cameras keeps only those with one
-            token = await onvif.set_synchronization_point(
-                camera.xaddr, camera.username, password, camera.profile,
-                timeout=self._timeout)
+            token = self._tokens.get(camera.id)
+            if token is None:  # the profile adoption chose, asked once (GetProfiles…)
+                device = await onvif.query_device(camera.xaddr, camera.username, password,
+                                                  timeout=self._timeout)
+                token = self._tokens[camera.id] = onvif.choose_profile(
+                    device, camera.profile).token
+            await onvif.set_synchronization_point(
+                camera.xaddr, camera.username, password, token, timeout=self._timeout)
         except AgentError as exc:  # refused, unreachable, not supported: said once
             failures.failed(str(exc))
             return

@@ -125,25 +125,20 @@ async def query_device(
 
 
 async def set_synchronization_point(
-    xaddr: str, username: str | None, password: str | None, want: str, *,
+    xaddr: str, username: str | None, password: str | None, profile_token: str, *,
     timeout: float = 10.0,
-) -> str:
+) -> None:
     """Ask the camera for a keyframe now (ONVIF Media ``SetSynchronizationPoint``) on the
-    profile ``want`` names (as :func:`choose_profile` reads it); returns that profile's token.
-    Bounded and cleaned up like :func:`query_device`."""
+    profile ``profile_token``. Bounded and cleaned up like :func:`query_device`."""
 
-    async def work(camera: _Camera, _url: str, where: str) -> str:
+    async def work(camera: _Camera, _url: str, where: str) -> None:
         await camera.update_xaddrs()
         if NS_MEDIA not in camera.xaddrs:
             raise NotOnvifError(f"the ONVIF device at {where} offers no media service")
         media = await camera.create_media_service()
-        profiles = tuple(_profile(raw, None, None) for raw in await media.GetProfiles() or [])
-        device = OnvifDevice(where, None, None, None, None, None, profiles, 0.0)
-        token = choose_profile(device, want).token
-        await media.SetSynchronizationPoint({"ProfileToken": token})
-        return token
+        await media.SetSynchronizationPoint({"ProfileToken": profile_token})
 
-    return await _exchange(xaddr, username, password, timeout, work)
+    await _exchange(xaddr, username, password, timeout, work)
 
 
 async def _exchange(
