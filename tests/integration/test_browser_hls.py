@@ -99,7 +99,8 @@ def _check_plays(report: BrowserReport, path: str) -> dict[str, Any]:
     frames = after["frames"] - before["frames"]
     print(json.dumps({"path": path, "played_s": round(played, 2), "wall_s": round(wall, 2),
                       "frames": frames, "behind_buffer_end_s": result["behind"],
-                      "hls": result["viewer"]["hls"]["cam"]}))
+                      "hls": result["viewer"]["hls"]["cam"],
+                      "failures": result["viewer"]["hlsFailures"]}))
     hls = result["viewer"]["hls"]["cam"]
     assert result["viewer"]["transport"]["cam"] == "hls"
     assert hls["path"] == path and hls["playing"] == path, hls

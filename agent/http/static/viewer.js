@@ -6,7 +6,8 @@
 
 const state = { token: null, sessions: new Map(), protocols: ["all"], hlsMode: null };
 // read by the browser tests
-window.__viewer = { cameras: {}, frames: {}, sessions: {}, pcs: {}, transport: {}, hls: {} };
+window.__viewer = { cameras: {}, frames: {}, sessions: {}, pcs: {}, transport: {}, hls: {},
+                   hlsFailures: {} };
 
 const TITLES = {
   missing: "No access token",
@@ -442,9 +443,10 @@ async function runHls(view) {
     if (path === "mse") await playMse(run, variant);
     else if (path === "native") await playNative(run, variant);
     else {
-      setState(view, "This browser cannot play the camera's video over HLS " +
-               `(${variant.codecs || "unknown codec"}): watch it over RTSP, or set the ` +
-               "camera to H.264.", true);
+      const hevc = /^(hvc1|hev1)/.test(variant.codecs);
+      setState(view, `This browser cannot play the camera's ${hevc ? "H.265 " : ""}video ` +
+               `(${variant.codecs || "codec unknown"}): watch it over RTSP, or set the camera ` +
+               "(or its substream) to H.264.", true);
     }
   } catch (error) {
     if (view.hls !== run) return; // replaced by a newer attempt
@@ -458,9 +460,12 @@ function mseType(codecs) {
 }
 
 /** "mse", "native" or null. MSE first (see docs/viewing.md): our player keeps close to live
- *  and sees the agent's answers (a revoked token); native where MSE cannot take the codecs. */
+ *  and sees the agent's answers (a revoked token); native where MSE cannot take the codecs
+ *  (an iPhone has no MediaSource) and the browser says it can decode them at all. */
 function hlsRoute(codecs) {
-  const native = document.createElement("video").canPlayType("application/vnd.apple.mpegurl");
+  const probe = document.createElement("video");
+  const native = probe.canPlayType("application/vnd.apple.mpegurl") !== "" &&
+    (!codecs || probe.canPlayType(mseType(codecs)) !== "");
   const mse = "MediaSource" in window && (!codecs || MediaSource.isTypeSupported(mseType(codecs)));
   if (state.hlsMode === "native" && native) return "native";
   if (mse) return "mse";
@@ -472,6 +477,9 @@ function hlsRoute(codecs) {
  *  came after the multivariant playlist was granted. */
 async function hlsFailed(view, error, inSession) {
   view.hlsFailures += 1;
+  const failures = window.__viewer.hlsFailures;
+  (failures[view.camera.id] = failures[view.camera.id] || []).push(
+    error instanceof HttpError ? `HTTP ${error.status}` : String(error.message || error));
   const backoff = Math.min(1000 * 2 ** (view.hlsFailures - 1), 10000);
   const again = (text, ms) => {
     setState(view, text, true);
@@ -634,18 +642,31 @@ async function playMse(run, variant) {
  *  variant playlist itself every CHECK_MS (the agent answers 401 once the session or token
  *  ended) and treats a stall of STALL_MS as a failure. */
 const STALL_MS = 6000;
+const NATIVE_MIN_SEGMENTS = 3;
 const CHECK_MS = 2000;
 
-function playNative(run, variant) {
+async function playNative(run, variant) {
   const view = run.view; const video = view.video; const signal = run.abort.signal;
+  // A camera just started has few complete segments; Chromium's native player fails on a
+  // live playlist of one ("DEMUXER_ERROR_COULD_NOT_PARSE", docs/field-notes.md), so the page
+  // waits for NATIVE_MIN_SEGMENTS with blocking reloads (one segment each) first.
+  let list = await mediaPlaylist(run, variant.url, null);
+  for (;;) {
+    const complete = list.segments.filter((seg) => seg.complete);
+    if (complete.length >= NATIVE_MIN_SEGMENTS) break;
+    const next = complete.length ? complete[complete.length - 1].msn + 1 : list.first;
+    list = await mediaPlaylist(run, variant.url, { msn: next, part: -1 });
+  }
   return new Promise((resolve, reject) => {
     signal.addEventListener("abort", () => {
       video.removeAttribute("src"); video.load(); reject(signal.reason);
     }, { once: true });
     video.addEventListener("error", () => {
       const code = video.error ? video.error.code : 0;
+      const message = video.error && video.error.message ? `: ${video.error.message}` : "";
       reject(code === MediaError.MEDIA_ERR_SRC_NOT_SUPPORTED || code === MediaError.MEDIA_ERR_DECODE
-        ? new Error("the browser could not decode the video") : new TypeError("network error"));
+        ? new Error(`the browser could not decode the video${message}`)
+        : new TypeError("network error"));
     }, { signal });
     let last = -1; let since = Date.now();
     const stalls = setInterval(() => {
