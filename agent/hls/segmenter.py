@@ -4,10 +4,10 @@ own, no event loop; the muxer feeds it access units and the wall-clock time).
 Segments start at keyframes, once the running segment reached ``segment_target`` seconds (a
 camera whose GOP is longer gets segments of its GOP). Parts (RFC 8216bis 4.4.4.9) are closed
 as soon as one more frame would make them longer than ``part_target``, and at the end of a
-segment; a part that starts with a keyframe is INDEPENDENT. A frame's duration is known when the next
-one arrives, so a part is published one frame after its last frame arrived. A segment's bytes
-are its parts' fragments, joined once; parts are kept only for the segments the playlist lists
-with parts. Every byte string served is built once and shared by every viewer.
+segment; a part that starts with a keyframe is INDEPENDENT. A frame's duration is known when
+the next one arrives, so a part is published one frame after its last frame arrived. A
+segment's bytes are its parts' fragments, joined once; parts are kept only for the segments
+the playlist lists with parts. Every byte string served is built once and shared by every viewer.
 """
 
 from __future__ import annotations
