@@ -29,6 +29,7 @@ from tests.support.browser import (
     chromium_available,
     run_in_browser,
 )
+from tests.support.camera import RtspCamera, needs_rtsp_server
 from tests.support.netns import NetnsPair, netns_pair
 
 __all__ = ["netns_pair"]
@@ -191,3 +192,56 @@ def test_a_token_without_webrtc_plays_hls_at_once_and_revocation_ends_it(
     ended = [e for e in _audit(agent, "--camera", "cam", "--event", "session.ended")
              if e["protocol"] == "hls"]
     assert [e["reason"] for e in ended] == ["revoked"], ended
+
+
+# What this browser can do with H.265 in HLS (MSE or native), and what the tile says.
+HEVC_STATE = """() => {
+  const codecs = window.__viewer.hls.cam.codecs;
+  const probe = document.createElement("video");
+  return { viewer: window.__viewer, codecs,
+           mse: MediaSource.isTypeSupported(`video/mp4; codecs="${codecs}"`),
+           native: probe.canPlayType(`video/mp4; codecs="${codecs}"`),
+           time: document.querySelector("video").currentTime };
+}"""
+
+
+@needs_rtsp_server
+def test_an_h265_camera_goes_to_hls_and_says_when_the_browser_cannot_decode_it(
+        netns_pair: NetnsPair, tmp_path: Path) -> None:
+    """WHEP refuses an H.265 camera (501 unsupported_codec); the page then tries HLS, whose
+    variant says hvc1. A browser that decodes H.265 (MSE or native) plays it; one that does
+    not (Debian's headless Chromium here: no HEVC decoder) says so, naming the ways out."""
+    camera = RtspCamera.start(10554, netns=netns_pair.agent_ns, address="127.0.0.1",
+                              codec="h265", width=320, height=240, fps=15, gop=15,
+                              bitrate=300)
+    process = NamespacedAgent(netns_pair, tmp_path, [
+        {"id": "cam", "name": "Cam", "source": camera.url},
+    ], media={"idle_grace": 60.0})
+    try:
+        token = json.loads(process.cli("token", "create", "--camera", "cam", "--json").stdout)[
+            "token"]
+        shot = artifact_path("browser", "viewer-hls-h265.png")
+        report = run_in_browser(
+            netns_pair, f"{process.base}/#token={token}", result=HEVC_STATE,
+            wait_for="(window.__viewer.hls.cam || {}).path !== undefined && "
+                     "((window.__viewer.cameras.cam || {}).error || "
+                     " (window.__viewer.hls.cam || {}).playing)",
+            screenshot=shot, timeout=40)
+    finally:
+        process.stop()
+        camera.stop()
+    result = report.result
+    viewer = result["viewer"]
+    print(json.dumps({"codecs": result["codecs"], "mse": result["mse"],
+                      "native": result["native"], "state": viewer["cameras"]["cam"]}))
+    assert result["codecs"].startswith(("hvc1.", "hev1.")), result["codecs"]
+    assert viewer["sessions"] == {}  # WHEP answered 501: no session was opened
+    assert viewer["transport"]["cam"] == "hls"
+    if result["mse"] or result["native"]:
+        assert viewer["hls"]["cam"]["playing"], viewer
+    else:
+        assert viewer["hls"]["cam"]["path"] is None
+        assert viewer["cameras"]["cam"] == {"error": True, "text": (
+            f"This browser cannot play the camera's H.265 video ({result['codecs']}): watch "
+            "it over RTSP, or set the camera (or its substream) to H.264.")}
+    assert not report.page_errors, report.page_errors
