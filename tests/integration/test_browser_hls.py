@@ -9,7 +9,8 @@ while HLS plays must end the stream with the page saying why.
 
 Chromium 156 has both MSE and a native HLS player (``canPlayType`` says "maybe"): the page
 uses its own MSE player by default, and Chromium's native one with ``#…&hls=native``, so
-both paths run here. Screenshots go to test-artifacts/browser/.
+both paths run here, with the page's Content-Security-Policy enforced (the browser tests
+usually bypass it). Screenshots go to test-artifacts/browser/.
 """
 
 from __future__ import annotations
@@ -61,6 +62,12 @@ PLAYS = """async () => {
 
 def _playing(text: str) -> str:
     return f"(window.__viewer.cameras.cam || {{}}).text === {json.dumps(text)}"
+
+
+def _fn(expression: str) -> str:
+    """As a function: Playwright evaluates a bare expression with eval, which the page's
+    CSP forbids when it is enforced (``keep_csp``)."""
+    return f"() => {expression}"
 
 
 @pytest.fixture
@@ -124,9 +131,13 @@ def test_udp_blocked_viewer_falls_back_to_hls_and_plays(agent: NamespacedAgent,
         "token"]
     mode = "&hls=native" if path == "native" else ""
     shot = artifact_path("browser", f"viewer-hls-{path}.png")
+    # the page's own CSP enforced: MSE (blob: media) and native (same-origin media) within it
     report = run_in_browser(pair, f"{agent.base}/#token={secret}{mode}", result=PLAYS,
-                            wait_for=_playing(FELL_BACK), screenshot=shot, timeout=40)
+                            wait_for=_fn(_playing(FELL_BACK)), screenshot=shot, timeout=40,
+                            keep_csp=True)
     result = _check_plays(report, path)
+    assert not [line for line in report.console if "Content Security Policy" in line], \
+        report.console
     assert result["viewer"]["cameras"]["cam"] == {"text": FELL_BACK, "error": False}
     assert result["viewer"]["sessions"]["cam"] == 1  # one WHEP try, then HLS for good
     assert shot.stat().st_size > 10_000
