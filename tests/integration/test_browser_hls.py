@@ -107,6 +107,9 @@ def _check_plays(report: BrowserReport, path: str) -> dict[str, Any]:
     frames = after["frames"] - before["frames"]
     print(json.dumps({"path": path, "played_s": round(played, 2), "wall_s": round(wall, 2),
                       "frames": frames, "behind_buffer_end_s": result["behind"],
+                      # agent received -> shown (MSE; same clock: one machine); no bound here,
+                      # timing goals live in tests/bench
+                      "latency_s": result["viewer"]["hls"]["cam"].get("latency"),
                       "hls": result["viewer"]["hls"]["cam"],
                       "failures": result["viewer"]["hlsFailures"]}))
     hls = result["viewer"]["hls"]["cam"]

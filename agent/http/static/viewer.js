@@ -311,10 +311,17 @@ function parseMultivariant(text, base) {
 function parseMedia(text, base) {
   const list = { first: 0, target: 2, partTarget: 0, holdBack: 0, partHoldBack: 0,
                  canBlock: false, map: null, segments: [], ended: false };
-  let msn = 0; let duration = 0; let parts = [];
+  let msn = 0; let duration = 0; let parts = []; let date = null;
+  // the wall-clock time a segment starts (EXT-X-PROGRAM-DATE-TIME, or the one before + its
+  // duration), for the latency figure the tests read; null without dates
+  const dated = () => {
+    const last = list.segments[list.segments.length - 1];
+    return date !== null ? date : last && last.date !== null ? last.date + last.duration * 1000 : null;
+  };
   for (const line of hlsLines(text)) {
     const value = line.slice(line.indexOf(":") + 1);
     if (line.startsWith("#EXT-X-MEDIA-SEQUENCE:")) { msn = Number(value); list.first = msn; }
+    else if (line.startsWith("#EXT-X-PROGRAM-DATE-TIME:")) date = Date.parse(value) || null;
     else if (line.startsWith("#EXT-X-TARGETDURATION:")) list.target = Number(value);
     else if (line.startsWith("#EXT-X-PART-INF:")) {
       list.partTarget = Number(hlsAttributes(value)["PART-TARGET"]) || 0;
@@ -332,12 +339,13 @@ function parseMedia(text, base) {
     } else if (line.startsWith("#EXTINF:")) duration = parseFloat(value) || 0;
     else if (line === "#EXT-X-ENDLIST") list.ended = true;
     else if (!line.startsWith("#")) {
-      list.segments.push({ msn, url: new URL(line, base).href, duration, parts, complete: true });
-      msn += 1; duration = 0; parts = [];
+      list.segments.push({ msn, url: new URL(line, base).href, duration, parts, complete: true,
+                           date: dated() });
+      msn += 1; duration = 0; parts = []; date = null;
     }
   }
   if (parts.length) {
-    list.segments.push({ msn, url: null, parts, complete: false,
+    list.segments.push({ msn, url: null, parts, complete: false, date: dated(),
                          duration: parts.reduce((sum, part) => sum + part.duration, 0) });
   }
   return list;
@@ -371,15 +379,20 @@ function hlsLocate(list, at) {
     const seg = list.segments.find((s) => s.msn === at.msn);
     if (!seg) return at.msn < list.first ? { behind: true } : { wait: at };
     if (at.part < 0) {
-      return seg.complete ? { load: seg.url, next: { msn: at.msn + 1, part: -1 } } : { wait: at };
+      return seg.complete ? { load: seg.url, next: { msn: at.msn + 1, part: -1 },
+                              ends: seg.date !== null ? seg.date + seg.duration * 1000 : null }
+        : { wait: at };
     }
     if (at.part < seg.parts.length) {
-      return { load: seg.parts[at.part].url, next: { msn: at.msn, part: at.part + 1 } };
+      const upTo = seg.parts.slice(0, at.part + 1).reduce((sum, part) => sum + part.duration, 0);
+      return { load: seg.parts[at.part].url, next: { msn: at.msn, part: at.part + 1 },
+               ends: seg.date !== null ? seg.date + upTo * 1000 : null };
     }
     if (!seg.complete) return { wait: at };
     if (!seg.parts.length) {
       // an older segment, listed without its parts: whole, if we are at its start
-      return at.part === 0 ? { load: seg.url, next: { msn: at.msn + 1, part: 0 } } : { behind: true };
+      return at.part === 0 ? { load: seg.url, next: { msn: at.msn + 1, part: 0 }, ends: null }
+        : { behind: true };
     }
     at = { msn: at.msn + 1, part: 0 }; // every part of this segment was loaded
   }
@@ -575,6 +588,12 @@ function followLive(run) {
     window.__viewer.hls[run.view.camera.id].jumps += 1;
   }
   if (video.paused && !run.userPaused) video.play().catch(() => {});
+  // how far behind the camera (as the agent received it) the picture is, in seconds; only
+  // meaningful when this device's clock agrees with the agent's (the tests: one machine)
+  if (run.clock) {
+    const shown = run.clock.wall - (run.clock.media - video.currentTime) * 1000;
+    window.__viewer.hls[run.view.camera.id].latency = (Date.now() - shown) / 1000;
+  }
 }
 
 async function playMse(run, variant) {
@@ -629,6 +648,9 @@ async function playMse(run, variant) {
     }
     info.parts += 1;
     at = found.next;
+    if (found.ends !== null && video.buffered.length) { // media time -> wall clock
+      run.clock = { media: video.buffered.end(video.buffered.length - 1), wall: found.ends };
+    }
     followLive(run);
     const ranges = video.buffered;
     if (ranges.length && video.currentTime - ranges.start(0) > 2 * KEEP_S) {
