@@ -523,10 +523,29 @@ async function hlsFailed(view, error, inSession) {
   view.retry = setTimeout(() => runHls(view), backoff);
 }
 
+// A request of the session that has no answer this long is given up (a Wi-Fi that dropped
+// without a reset would otherwise hold it for ever). The agent answers a blocking reload
+// within 3 target durations (6 s by default).
+const REQUEST_MS = 15000;
+
 async function hlsGet(run, url, kind) {
-  const response = await fetch(url, { cache: "no-store", signal: run.abort.signal });
-  if (!response.ok) throw new HttpError(response);
-  return kind === "text" ? response.text() : response.arrayBuffer();
+  const request = new AbortController();
+  const abort = () => request.abort();
+  run.abort.signal.addEventListener("abort", abort, { once: true });
+  const timer = setTimeout(abort, REQUEST_MS);
+  try {
+    const response = await fetch(url, { cache: "no-store", signal: request.signal });
+    if (!response.ok) throw new HttpError(response);
+    return await (kind === "text" ? response.text() : response.arrayBuffer());
+  } catch (error) {
+    if (request.signal.aborted && !run.abort.signal.aborted) {
+      throw new TypeError("the agent did not answer in time");
+    }
+    throw error;
+  } finally {
+    clearTimeout(timer);
+    run.abort.signal.removeEventListener("abort", abort);
+  }
 }
 
 async function mediaPlaylist(run, url, at) {
