@@ -139,6 +139,10 @@ def test_udp_blocked_viewer_falls_back_to_hls_and_plays(agent: NamespacedAgent,
                             wait_for=_fn(_playing(FELL_BACK)), screenshot=shot, timeout=40,
                             keep_csp=True)
     result = _check_plays(report, path)
+    # page loaded -> "Playing over HLS": the WebRTC try (ICE gathering up to 2 s, the WHEP
+    # answer, 4 s without a picture), then the HLS start
+    print(json.dumps({"path": path, "load_to_hls_playing_s": round(
+        report.timings["condition"] - report.timings["loaded"], 2)}))
     assert not [line for line in report.console if "Content Security Policy" in line], \
         report.console
     assert result["viewer"]["cameras"]["cam"] == {"text": FELL_BACK, "error": False}
