@@ -11,6 +11,8 @@ bench:
 	.venv/bin/python -m tests.bench.bench_media first-frame
 	.venv/bin/python -m tests.bench.bench_media cpu --window 20
 	.venv/bin/python -m tests.bench.bench_media relay --window 20
+	.venv/bin/python -m tests.bench.bench_hls cpu --window 20
+	.venv/bin/python -m tests.bench.bench_hls mux
 	.venv/bin/python -m tests.bench.bench_stop
 	.venv/bin/python -m tests.bench.bench_discovery
 	.venv/bin/python -m tests.bench.bench_relay_sync

@@ -29,6 +29,7 @@ from agent.config import Config, check_secret_files, load, publisher_token
 from agent.discovery.adopted import AdoptedCamera, held_move_text
 from agent.discovery.keyframes import CameraKeyframes
 from agent.errors import AgentError
+from agent.hls.server import HlsServer
 from agent.http import server, tls
 from agent.http.admin import AdminApi
 from agent.http.connections import ConnectionLimits, quiet_accept_errors, raise_open_files
@@ -134,6 +135,8 @@ class Daemon:
                                  config.sessions.handshake_timeout)
         self.rtsp = (RtspServer(self.access, self.cameras, config.rtsp,
                                 config.media.camera_timeout) if config.rtsp.enabled else None)
+        self.hls = (HlsServer(self.access, self.cameras, config.hls,
+                              config.media.camera_timeout) if config.hls.enabled else None)
         self.lag = LoopLag()
         self.link: RelayLink | None = None
         self.always: AlwaysPublisher | None = None
@@ -154,9 +157,12 @@ class Daemon:
                 direct=config.webrtc.send_path == "agent")
         self.app = server.make_app(self.health)
         self.whep.routes(self.app)
+        if self.hls is not None:
+            self.hls.routes(self.app)
         Views(self.access, self.cameras,
               Snapshotter(config.snapshot.cache_seconds, config.media.camera_timeout + 5),
-              store.site, lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
+              store.site, lambda: self.rtsp.port if self.rtsp else None,
+              hls=self.hls is not None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
                  tls=lambda: self.certificate, held_moves=self._held_moves,
                  rtsp_port=lambda: self.rtsp.port if self.rtsp else None,
@@ -209,6 +215,8 @@ class Daemon:
                 "may use the port: change http.listen."
             ) from None
         await self._start_rtsp()
+        if self.hls is not None:
+            self.hls.start()
         await self._sync_adopted()
         self.cameras.start()
         self.lag.start()
@@ -286,6 +294,8 @@ class Daemon:
                 await self.whep.close_camera(camera_id, why)
                 if self.rtsp is not None:
                     self.rtsp.close_camera(camera_id, why)
+                if self.hls is not None:
+                    await self.hls.close_camera(camera_id, why)
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
             self.keyframes.set_cameras(a for a in self._adopted if a.id not in configured)
@@ -385,7 +395,8 @@ class Daemon:
             *publishing, self._drain_requests(min(REQUEST_GRACE, budget.remaining / 2))))
         if self.rtsp is not None:
             await budget.run("stop_rtsp", self.rtsp.stop())
-        await budget.run("end_sessions", self.whep.close())
+        await budget.run("end_sessions", asyncio.gather(
+            self.whep.close(), *([self.hls.close()] if self.hls is not None else [])))
         if runner is not None:
             await budget.run("close_http", runner.cleanup())
         # A healthy pull thread ends within a frame; one stuck in a camera's network timeout

@@ -112,6 +112,26 @@ class RtspSection:
 
 
 @dataclass(frozen=True)
+class HlsSection:
+    #: Serve cameras over LL-HLS (fMP4) at /hls/<camera>/index.m3u8, for viewers WebRTC cannot
+    #: reach and for H.265 cameras in browsers that play H.265 only in HLS.
+    enabled: bool = True
+    #: Seconds of video per part (LL-HLS partial segment): latency is about 2-3 parts.
+    part_duration: float = 0.5
+    #: Seconds per segment; segments start at keyframes, so a longer camera GOP wins.
+    segment_duration: float = 2.0
+    #: Complete segments kept in memory per camera (and listed in the playlist).
+    segments: int = 6
+    #: Bytes of segments kept per camera at most, in MB (the oldest go first).
+    max_memory_mb: int = 64
+    #: Seconds an HLS session may go without a request before it ends.
+    session_timeout: float = 30.0
+    #: Playlist and part requests waiting (blocking reload) at once, for the whole agent;
+    #: beyond, 429. Each HLS session may hold 4 of them.
+    max_blocking: int = 512
+
+
+@dataclass(frozen=True)
 class CameraConfig:
     id: str
     source: str
@@ -279,6 +299,7 @@ class Config:
     log: LogSection = field(default_factory=LogSection)
     relay: RelaySection = field(default_factory=RelaySection)
     rtsp: RtspSection = field(default_factory=RtspSection)
+    hls: HlsSection = field(default_factory=HlsSection)
     discovery: DiscoverySection = field(default_factory=DiscoverySection)
     #: Where this config came from (a path, or "embedded defaults"); not a YAML key.
     origin: str = field(default="embedded defaults", compare=False)
@@ -543,6 +564,7 @@ def validate(config: Config) -> None:
     need(0 < config.audit.flush_interval <= 60,
          "audit.flush_interval: must be between 0 and 60 seconds")
     _validate_limits(config, need)
+    _validate_hls(config.hls, need)
     need(config.log.level.lower() in LOG_LEVELS,
          f"log.level: {config.log.level!r} must be one of {', '.join(LOG_LEVELS)}")
     r = config.relay
@@ -581,6 +603,17 @@ def _validate_limits(config: Config, need: Callable[[bool, str], None]) -> None:
          "sessions.max_pending_per_ip: must be 1 to sessions.max_per_ip")
     need(1 <= v.handshake_timeout <= 120,
          "sessions.handshake_timeout: must be 1 to 120 seconds")
+
+
+def _validate_hls(h: HlsSection, need: Callable[[bool, str], None]) -> None:
+    need(0.1 <= h.part_duration <= 5, "hls.part_duration: must be 0.1 to 5 seconds")
+    need(1 <= h.segment_duration <= 20, "hls.segment_duration: must be 1 to 20 seconds")
+    need(h.segment_duration >= 2 * h.part_duration,
+         "hls.segment_duration: must be at least twice hls.part_duration")
+    need(2 <= h.segments <= 60, "hls.segments: must be 2 to 60")
+    need(4 <= h.max_memory_mb <= 4096, "hls.max_memory_mb: must be 4 to 4096")
+    need(5 <= h.session_timeout <= 3600, "hls.session_timeout: must be 5 to 3600 seconds")
+    need(1 <= h.max_blocking <= 100_000, "hls.max_blocking: must be 1 to 100000")
 
 
 def _discovery_problems(d: DiscoverySection) -> list[str]:

@@ -20,10 +20,10 @@ class Protocol(StrEnum):
     SNAPSHOT = "snapshot"
 
 
-#: The protocols this agent serves today. The HLS server adds its own here when it comes;
-#: what reports per protocol (/metrics) reads this, so nothing shows a protocol that no
-#: server answers. (Tokens may already be restricted to any Protocol.)
-SERVED_PROTOCOLS: tuple[Protocol, ...] = (Protocol.WEBRTC, Protocol.RTSP, Protocol.SNAPSHOT)
+#: The protocols this agent serves; what reports per protocol (/metrics) reads this, so
+#: nothing shows a protocol that no server answers. (Tokens may be restricted to any Protocol.)
+SERVED_PROTOCOLS: tuple[Protocol, ...] = (Protocol.WEBRTC, Protocol.RTSP, Protocol.HLS,
+                                          Protocol.SNAPSHOT)
 #: Served protocols whose viewers hold a live session (a snapshot is one request); they
 #: count against a token's ``max_sessions``.
 SESSION_PROTOCOLS: tuple[Protocol, ...] = tuple(

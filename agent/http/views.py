@@ -21,12 +21,14 @@ from agent.webrtc import stack
 
 class Views:
     def __init__(self, access: AccessService, cameras: Cameras, snapshots: Snapshotter,
-                 site: Site, rtsp_port: Callable[[], int | None] = lambda: None) -> None:
+                 site: Site, rtsp_port: Callable[[], int | None] = lambda: None,
+                 hls: bool = False) -> None:
         self._access = access
         self._cameras = cameras
         self._snapshots = snapshots
         self._site = site
         self._rtsp_port = rtsp_port  # None while RTSP is not served
+        self._hls = hls  # HLS is served (hls.enabled)
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/snapshot/{camera}.jpg", self.snapshot)
@@ -80,6 +82,7 @@ class Views:
                       "expires_at": record.expires_at},
             "cameras": [{"id": c.id, "name": c.name, "viewers": c.hub.viewers,
                          "rtsp_url": f"{rtsp_base}{c.id}" if rtsp_base else None,
+                         "hls_url": f"/hls/{c.id}/index.m3u8" if self._hls else None,
                          **c.hub.status.as_dict()} for c in visible],
         })
 

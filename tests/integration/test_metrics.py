@@ -74,7 +74,7 @@ async def test_metrics_are_in_base_units_for_served_protocols_only(tmp_path: Pat
     assert all(types[n] == "gauge" for n in types if not n.endswith("_total"))
     # Per-protocol series for the protocols with live sessions, and nothing else.
     protocols = {s.split('protocol="')[1].split('"')[0] for s in samples if "protocol=" in s}
-    assert protocols == {p.value for p in SESSION_PROTOCOLS} == {"webrtc", "rtsp"}
+    assert protocols == {p.value for p in SESSION_PROTOCOLS} == {"webrtc", "rtsp", "hls"}
     assert samples['therelay_viewers{camera="cam1",protocol="webrtc"}'] == 1
     assert samples['therelay_viewers{camera="cam2",protocol="webrtc"}'] == 0
     # Every camera state has its series: one camera online, the other idle.

@@ -1,0 +1,1 @@
+"""HLS for viewers WebRTC cannot reach: LL-HLS with fMP4, muxed once per camera."""
