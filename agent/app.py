@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
+import functools
 import importlib
 import signal
 import ssl
@@ -27,6 +27,7 @@ from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
 from agent.config import Config, check_secret_files, load, publisher_token
 from agent.discovery.adopted import AdoptedCamera, held_move_text
+from agent.discovery.keyframes import CameraKeyframes
 from agent.errors import AgentError
 from agent.hls.server import HlsServer
 from agent.http import server, tls
@@ -45,13 +46,8 @@ from agent.state.db import db_path, file_identity, file_problem
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
 from agent.stores import State, open_state
 from agent.systemd import Notifier
-from agent.webrtc import speedups
-from agent.webrtc.ice import (
-    host_addresses,
-    install_host_addresses,
-    rtc_configuration,
-    with_relay_servers,
-)
+from agent.webrtc import stack
+from agent.webrtc.ice import host_addresses, ice_servers, to_rtc, with_relay_servers
 
 if TYPE_CHECKING:  # zeroconf and zeep load slowly: imported when discovery starts
     from zeroconf.asyncio import AsyncZeroconf
@@ -123,6 +119,7 @@ class Daemon:
         self.cameras = cameras
         self.adopted = state.adopted
         self._adopted: list[AdoptedCamera] = []
+        self.keyframes = CameraKeyframes(self.adopted)
         self._adopted_signature: tuple[object, ...] | None = None
         self._camera_lock = asyncio.Lock()  # reload and adoption apply one at a time
         self._adopted_watch: asyncio.Task[None] | None = None
@@ -143,13 +140,13 @@ class Daemon:
         self.lag = LoopLag()
         self.link: RelayLink | None = None
         self.always: AlwaysPublisher | None = None
-        base = rtc_configuration(config.webrtc)
+        base = ice_servers(config.webrtc)  # TURN credential files are read now
         if config.relay.publish == "always" and relay_token is not None:
             assert config.relay.whip_url_template is not None  # validated
             chosen = config.relay.always_cameras or config.camera_ids
             self.always = AlwaysPublisher(
                 [c for c in self.cameras if c.id in chosen], config.relay.whip_url_template,
-                config.agent.id, relay_token, lambda: base,
+                config.agent.id, relay_token, lambda: to_rtc(base),
                 direct=config.webrtc.send_path == "agent")
         if config.relay.url is not None and relay_token is not None:
             self.link = RelayLink(
@@ -168,7 +165,8 @@ class Daemon:
               hls=self.hls is not None).routes(self.app)
         AdminApi(self.access, store, self.cameras, self.started,
                  tls=lambda: self.certificate, held_moves=self._held_moves,
-                 rtsp_port=lambda: self.rtsp.port if self.rtsp else None).routes(self.app)
+                 rtsp_port=lambda: self.rtsp.port if self.rtsp else None,
+                 reception=self.whep.reception_of).routes(self.app)
         Metrics(self.access, self.cameras, self.lag, self.link, LinkState,
                 reception=self.whep.reception).routes(self.app)
         self._runner: web.AppRunner | None = None
@@ -300,6 +298,11 @@ class Daemon:
                     await self.hls.close_camera(camera_id, why)
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
+            self.keyframes.set_cameras(a for a in self._adopted if a.id not in configured)
+            for camera in self.cameras:  # a viewer's PLI also asks an ONVIF camera for an IDR
+                camera.hub.keyframe_source = (
+                    functools.partial(self.keyframes.request, camera.id)
+                    if self.keyframes.asks(camera.id) else None)
             if self.notifier is not None and (added or removed):
                 self.notifier.notify(f"STATUS=serving {len(self.cameras.ids)} camera(s) on "
                                      f"{self.config.http.listen}")
@@ -338,7 +341,7 @@ class Daemon:
         d = self.config.discovery
         if not (d.advertise or d.enabled):
             return
-        # zeroconf, zeep and onvif take ~0.2 s to import: in a thread, not on the loop
+        # zeroconf takes ~0.1 s to import: in a thread, not on the loop
         await asyncio.to_thread(importlib.import_module, "agent.discovery.follow")
         from agent.discovery import mdns  # noqa: PLC0415 (imported above)
         from agent.discovery.follow import CameraFollower  # noqa: PLC0415
@@ -361,14 +364,7 @@ class Daemon:
             except (AgentError, OSError) as exc:
                 log.warning("mdns_announce_failed", error=str(exc))
                 self.advertiser = None
-        if d.enabled:
-            if d.onvif:
-                from agent.discovery import onvif  # noqa: PLC0415
-
-                await onvif.warm_up()  # zeep parses its WSDLs once, in a thread
-                # The parsed WSDL graph is large and lives for good: keeping it out of the
-                # collector spares 50-100 ms full collections on the loop (measured).
-                gc.freeze()
+        if d.enabled:  # the ONVIF client loads when a camera must prove a move
             self.follower = CameraFollower(d, self.adopted, self._zc)
             self.follower.set_adopted(self._adopted)
             await self.follower.start()
@@ -376,6 +372,7 @@ class Daemon:
     async def _stop_discovery(self) -> None:
         """Withdraw the announcement (goodbye packets) and stop listening."""
         await cancel_and_wait(self._adopted_watch, self._db_watch, self._discovery)
+        await self.keyframes.close()
         if self.advertiser is not None:
             await self.advertiser.stop()
         if self.follower is not None:
@@ -435,8 +432,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
     relay_token = publisher_token(config)  # fails early on a bad token file
     open_files = raise_open_files()
     quiet_accept_errors(asyncio.get_running_loop())
-    install_host_addresses(host_addresses(config.webrtc))
-    speedups.install()
+    stack.configure(host_addresses(config.webrtc))  # installed when WebRTC is first used
     certificate = await asyncio.to_thread(tls.certificate, config, certificate_names(config))
     if certificate is not None:
         log.info("tls_ready", **certificate.log_fields())

@@ -148,6 +148,8 @@ def _with_user(url: str | None, user: str | None) -> str | None:
 
 
 def _streams(s: Sighting, user: str | None) -> list[str]:
+    from agent.discovery.scan import adopt_choice  # noqa: PLC0415 (zeep loads slowly)
+
     out = []
     for p in s.profiles:
         size = f"{p['width']}x{p['height']}" if p.get("width") else "?"
@@ -155,6 +157,10 @@ def _streams(s: Sighting, user: str | None) -> list[str]:
         url = _with_user(p.get("stream_uri"), user) or "(no RTSP stream)"
         out.append(f"profile {p['token']} ({p.get('name') or '-'}): {p.get('encoding') or '?'} "
                    f"{size}{fps}  {logs.redact_text(url)}")
+    choice = adopt_choice(s.profiles) if s.profiles else None
+    if choice is not None:
+        token, note = choice
+        out.append(f"adopt takes profile {token}" + (f": {note}" if note else ""))
     out += [f"mDNS: {logs.redact_text(url)}" for url in s.rtsp_urls]
     if s.onvif_error:
         out.append(f"ONVIF: {s.onvif_error}")
@@ -165,6 +171,10 @@ def _public(s: Sighting, user: str | None) -> dict[str, Any]:
     data = s.to_dict()
     data["profiles"] = [{**p, "stream_uri": _with_user(p.get("stream_uri"), user)}
                         for p in s.profiles]
+    from agent.discovery.scan import adopt_choice  # noqa: PLC0415 (zeep loads slowly)
+
+    choice = adopt_choice(s.profiles) if s.profiles else None
+    data["adopt_profile"], data["adopt_note"] = choice if choice is not None else (None, None)
     return data
 
 
@@ -212,7 +222,7 @@ def adopt_camera(args: argparse.Namespace, config: Config, state: State) -> int:
     if sighting is None:
         raise UsageError(f"no discovered camera {args.camera!r}: run `therelay-agent discover` "
                          "and use its ID column")
-    source, xaddr, method, identity = asyncio.run(_stream_of(sighting, args, password))
+    source, xaddr, method, identity, note = asyncio.run(_stream_of(sighting, args, password))
     taken = [*config.camera_ids, *(c.id for c in adopted.all())]
     camera = AdoptedCamera(
         id=args.camera_id or camera_id_for(sighting, taken), identity=sighting.identity,
@@ -226,10 +236,11 @@ def adopt_camera(args: argparse.Namespace, config: Config, state: State) -> int:
     camera = adopted.add(camera, password, taken=config.camera_ids, actor="cli",
                          now=time.time())
     if args.json:
-        emit_json({"adopted": {**_adopted_view(camera)}})
+        emit_json({"adopted": {**_adopted_view(camera), "profile_note": note}})
         return 0
     print(f"adopted {sighting.name or sighting.short_id!s} as camera {camera.id!r}\n"
           f"  stream: {logs.redact_text(camera.source)}\n"
+          + (f"  {note}\n" if note else "") +
           "A running agent serves it within a second. Give someone access with:\n"
           f"  therelay-agent token create --camera {camera.id} --ttl 7d")
     return 0
@@ -247,9 +258,9 @@ def _rtsp_scheme(source: str, timeout: float) -> str | None:
 
 
 async def _stream_of(sighting: Sighting, args: argparse.Namespace,
-                     password: str | None) -> tuple[str, str | None, str, Identity]:
-    """(stream URL, ONVIF device URL, method, serial and hardware id) for the camera, asking
-    it over ONVIF if it can."""
+                     password: str | None) -> tuple[str, str | None, str, Identity, str | None]:
+    """(stream URL, ONVIF device URL, method, serial and hardware id, what to know about the
+    chosen profile's codec) for the camera, asking it over ONVIF if it can."""
     from agent.discovery import onvif  # noqa: PLC0415
     from agent.discovery.scan import profile_url  # noqa: PLC0415
 
@@ -261,13 +272,14 @@ async def _stream_of(sighting: Sighting, args: argparse.Namespace,
         except onvif.OnvifAuthError as exc:
             hint = "" if args.user else " (give --user and --password-file)"
             raise AgentError(f"{exc}{hint}") from None
-        return uri, xaddr, "onvif", Identity(device.serial, device.hardware_id)
+        note = onvif.choice_note(device, args.profile, onvif.choose_profile(device, args.profile))
+        return uri, xaddr, "onvif", Identity(device.serial, device.hardware_id), note
     if args.profile != "main":
         raise UsageError("--profile applies to ONVIF cameras; this one was found over mDNS")
     if not sighting.rtsp_urls:
         raise AgentError("this camera announced no RTSP stream over mDNS: add it in the config "
                          "file with its RTSP URL instead")
-    return sighting.rtsp_urls[0], None, "mdns", Identity(None, None)
+    return sighting.rtsp_urls[0], None, "mdns", Identity(None, None), None
 
 
 def _adopted_view(camera: AdoptedCamera) -> dict[str, Any]:

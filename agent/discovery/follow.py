@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import structlog
 from zeroconf.asyncio import AsyncZeroconf
 
 from agent import logs
 from agent.config import DiscoverySection, read_secret
-from agent.discovery import mdns, onvif, trust, wsd
+from agent.discovery import mdns, trust, wsd
 from agent.discovery.adopted import AdoptedCamera, AdoptedCameras
 from agent.discovery.catalog import Sighting, host_of
-from agent.discovery.scan import profile_url, scan
+from agent.discovery.scan import load_onvif, profile_url, scan
 from agent.errors import AgentError
 from agent.stopping import cancel_and_wait
+
+if TYPE_CHECKING:  # the ONVIF client loads when a camera must prove a move (load_onvif)
+    from agent.discovery import onvif
 
 log = structlog.get_logger(__name__)
 
@@ -50,6 +55,7 @@ class CameraFollower:
         self._browser: mdns.MdnsBrowser | None = None
         self._periodic: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        self._onvif_ready = False
 
     def set_adopted(self, cameras: Sequence[AdoptedCamera]) -> None:
         self._known = {c.identity: c for c in cameras}
@@ -192,8 +198,25 @@ class CameraFollower:
         password = await asyncio.to_thread(
             read_secret, f"camera-{camera.id}", self._adopted.password_file(camera.id)
             if camera.username else None)
+        await self._load_onvif()
+        from agent.discovery import onvif  # noqa: PLC0415 (loaded just now)
+
         return await onvif.query_device(xaddr, camera.username, password,
                                         timeout=self._section.probe_timeout + 5)
+
+    async def _load_onvif(self) -> None:
+        """The ONVIF client and its parsed WSDLs, the first time a camera is asked (not at
+        start: most agents never need them). The parsed WSDLs are a large object graph that
+        lives for good; a full garbage collection walking it took 45-99 ms here, so it is
+        moved out of the collector's way (``gc.freeze``), as the daemon once did at start."""
+        if self._onvif_ready:
+            return
+        await load_onvif()
+        from agent.discovery import onvif  # noqa: PLC0415 (loaded just now)
+
+        await onvif.warm_up()
+        gc.freeze()
+        self._onvif_ready = True
 
     async def _record_identity(self, camera: AdoptedCamera) -> trust.Identity:
         """A camera adopted before identities were kept: ask it where it was adopted (an

@@ -26,9 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -42,6 +42,7 @@ from onvif.exceptions import ONVIFError  # type: ignore[import-untyped]
 from agent.errors import AgentError
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 DEVICE_PATH = "/onvif/device_service"
 NS_MEDIA = "http://www.onvif.org/ver10/media/wsdl"
@@ -120,6 +121,32 @@ async def query_device(
     The whole exchange, connection included, is bounded by ``timeout`` seconds. Every session
     and connection it opened is closed on return, on error and on cancellation.
     """
+    return await _exchange(xaddr, username, password, timeout, _query)
+
+
+async def set_synchronization_point(
+    xaddr: str, username: str | None, password: str | None, profile_token: str, *,
+    timeout: float = 10.0,
+) -> None:
+    """Ask the camera for a keyframe now (ONVIF Media ``SetSynchronizationPoint``) on the
+    profile ``profile_token``. Bounded and cleaned up like :func:`query_device`."""
+
+    async def work(camera: _Camera, _url: str, where: str) -> None:
+        await camera.update_xaddrs()
+        if NS_MEDIA not in camera.xaddrs:
+            raise NotOnvifError(f"the ONVIF device at {where} offers no media service")
+        media = await camera.create_media_service()
+        await media.SetSynchronizationPoint({"ProfileToken": profile_token})
+
+    await _exchange(xaddr, username, password, timeout, work)
+
+
+async def _exchange(
+    xaddr: str, username: str | None, password: str | None, timeout: float,
+    work: Callable[[_Camera, str, str], Awaitable[T]],
+) -> T:
+    """Run ``work(camera, url, where)`` against the device service at ``xaddr``: bounded by
+    ``timeout`` (connection included), errors translated, sessions closed on every exit."""
     url = _device_url(xaddr)
     parts = urlsplit(url)
     where = _display(url)
@@ -132,7 +159,7 @@ async def query_device(
     camera = _Camera(url, host, port, username, password)
     try:
         async with asyncio.timeout_at(deadline):
-            return await _query(camera, url, where)
+            return await work(camera, url, where)
     except TimeoutError:
         raise OnvifTimeoutError(
             f"the ONVIF device at {where} accepted the connection but did not answer within "
@@ -147,17 +174,21 @@ async def query_device(
 
 
 def choose_profile(device: OnvifDevice, want: str) -> OnvifProfile:
-    """``"main"`` (highest-resolution H.264), ``"sub"`` (lowest), or a profile token."""
+    """``"main"`` (highest resolution), ``"sub"`` (lowest), or a profile token (taken as is,
+    whatever its codec: the installer's choice wins). Main and sub are H.264 profiles when
+    the camera has one, even if an H.265 profile is larger or listed first: every browser
+    plays H.264 over WebRTC. A camera with no H.264 stream gets its H.265 one
+    (:func:`choice_note` says what that means for viewers)."""
     if want in ("main", "sub"):
-        h264 = [p for p in device.profiles if p.encoding == "H264" and p.stream_uri]
-        if not h264:
-            found = ", ".join(_describe(p) for p in device.profiles) or "none"
-            raise OnvifProfileError(
-                f"the camera offers no H.264 stream (its profiles: {found}); set its main "
-                "stream or substream to H.264 in the camera's own settings"
-            )
-        h264.sort(key=lambda p: ((p.width or 0) * (p.height or 0), p.fps or 0, p.bitrate_kbps or 0))
-        return h264[-1] if want == "main" else h264[0]
+        for encoding in ("H264", "H265"):
+            found = _by_size(device, encoding)
+            if found:
+                return found[-1] if want == "main" else found[0]
+        listed = ", ".join(_describe(p) for p in device.profiles) or "none"
+        raise OnvifProfileError(
+            f"the camera offers no H.264 or H.265 stream (its profiles: {listed}); set its "
+            "main stream or substream to H.264 in the camera's own settings"
+        )
     for profile in device.profiles:
         if profile.token == want:
             return profile
@@ -166,6 +197,34 @@ def choose_profile(device: OnvifDevice, want: str) -> OnvifProfile:
         f"the camera has no profile {want!r} (its profiles: {tokens}); use main, sub or one of "
         "these tokens"
     )
+
+
+def choice_note(device: OnvifDevice, want: str, chosen: OnvifProfile) -> str | None:
+    """What the installer should know about the codec of the profile ``main``/``sub`` chose:
+    an H.264 profile taken over an H.265 one, or an H.265 one for want of H.264. None for a
+    token given explicitly, or when there was nothing to choose between."""
+    if want not in ("main", "sub"):
+        return None
+    if chosen.encoding == "H265":
+        return (f"profile {chosen.token!r} is H.265 (the camera has no H.264 stream): RTSP "
+                "clients (VLC, ffmpeg, a VMS) and HLS play it, WebRTC only in browsers that "
+                "offer H.265 (Chrome 136+, Safari); set its substream to H.264 in the "
+                "camera's settings for every browser")
+    hevc = _by_size(device, "H265")
+    if chosen.encoding != "H264" or not hevc:
+        return None
+    other = hevc[-1] if want == "main" else hevc[0]
+    return (f"profile {chosen.token!r} (H.264) chosen over {other.token!r} (H.265): browsers "
+            "play H.264 over WebRTC; --profile "
+            f"{other.token} takes the H.265 stream instead (RTSP, HLS, and WebRTC in "
+            "Chrome 136+/Safari)")
+
+
+def _by_size(device: OnvifDevice, encoding: str) -> list[OnvifProfile]:
+    """The profiles of ``encoding`` that have a stream, smallest first."""
+    found = [p for p in device.profiles if p.encoding == encoding and p.stream_uri]
+    found.sort(key=lambda p: ((p.width or 0) * (p.height or 0), p.fps or 0, p.bitrate_kbps or 0))
+    return found
 
 
 def with_host(uri: str, host: str) -> str:
@@ -438,5 +497,5 @@ def _float(value: Any) -> float | None:
 __all__ = [
     "NotOnvifError", "OnvifAuthError", "OnvifDevice", "OnvifError", "OnvifProfile",
     "OnvifProfileError", "OnvifProtocolError", "OnvifTimeoutError", "OnvifUnreachableError",
-    "choose_profile", "query_device", "warm_up", "with_host",
+    "choice_note", "choose_profile", "query_device", "warm_up", "with_host",
 ]  # fmt: skip

@@ -23,7 +23,6 @@ from agent.doctor.model import Result, Status, result
 from agent.errors import ConfigError, SecretFileExposed, SourceError
 from agent.logs import redact_text
 from agent.media import rtsp
-from agent.media.stream import VIDEO_CODECS
 
 ONVIF_PATH = "/onvif/device_service"  # the device service's usual address (ONVIF Core)
 # ONVIF Core lets GetSystemDateAndTime be called without authentication: clients need the
@@ -35,8 +34,19 @@ ONVIF_BODY = (
     "<tds:GetSystemDateAndTime/></s:Body></s:Envelope>"
 )
 
-H265_FIX = ("set the camera's stream (usually the substream) to H.264 in its web interface and "
-            "point source at that stream; the agent does not transcode")
+H265_FIX = ("WebRTC in every browser needs H.264: set the camera's substream to H.264 in its "
+            "web interface and point source at it (the agent does not transcode); keep "
+            "webrtc.send_path: agent (the default) for browsers that offer H.265")
+OTHER_FIX = ("set the camera's stream (usually the substream) to H.264 in its web interface and "
+             "point source at that stream; the agent does not transcode")
+#: Who plays each codec the agent serves (docs/viewing.md, "H.265 cameras").
+VIEWERS = {
+    "h264": "H.264 video: every viewer plays it — WebRTC (all browsers), HLS, RTSP",
+    "hevc": ("H.265 (HEVC) video: RTSP clients (VLC, ffmpeg, a VMS) and HLS (Safari; Chrome "
+             "and Edge with hardware HEVC decoding) play it; WebRTC only in browsers that offer "
+             "H.265 (Chrome 136+, Safari where the device decodes it), others get 501 "
+             "unsupported_codec"),
+}
 
 
 def group(camera: CameraConfig) -> str:
@@ -57,15 +67,12 @@ def judge_codec(g: str, codec: str | None, where: str) -> Result:
     if codec is None:
         return result(g, "codec", Status.FAIL, f"{where} has no video",
                       "point source at a stream with video (the camera's main or substream)")
-    if codec in VIDEO_CODECS:
-        return result(g, "codec", Status.OK, f"{codec.upper()} video: viewers can play it")
+    if codec == "h264":
+        return result(g, "codec", Status.OK, VIEWERS[codec])
     if codec == "hevc":
-        return result(g, "codec", Status.WARN,
-                      "H.265 (HEVC) video: served over RTSP, but WebRTC viewers cannot play "
-                      "it (501 unsupported_codec)", H265_FIX)
+        return result(g, "codec", Status.WARN, VIEWERS[codec], H265_FIX)
     return result(g, "codec", Status.FAIL,
-                  f"{codec.upper()} video: the agent serves only H.264 (and H.265 over RTSP)",
-                  H265_FIX)
+                  f"{codec.upper()} video: the agent serves H.264 and H.265 only", OTHER_FIX)
 
 
 async def check_rtsp_camera(camera: CameraConfig, timeout: float) -> list[Result]:

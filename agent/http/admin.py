@@ -15,7 +15,7 @@ import json
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -31,6 +31,7 @@ from agent.access.model import (
     ScopeLevel,
     Status,
     check_max_sessions,
+    format_time,
     parse_duration,
     parse_protocols,
     parse_time,
@@ -38,6 +39,7 @@ from agent.access.model import (
 )
 from agent.access.policy import Decision
 from agent.access.service import AccessService
+from agent.access.sessions import Session
 from agent.access.store import KEEP, NewToken, TokenChange, TokenStore
 from agent.access.tokens import Kind, is_public_id
 from agent.errors import (
@@ -53,6 +55,9 @@ from agent.http.tls import Certificate
 from agent.logs import redact_text
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
+
+if TYPE_CHECKING:
+    from agent.webrtc.rtpsend import ReceptionStats
 
 log = structlog.get_logger(__name__)
 
@@ -82,10 +87,13 @@ class AdminApi:
     def __init__(self, access: AccessService, store: TokenStore, cameras: Cameras,
                  started: float, tls: Callable[[], Certificate | None] = lambda: None,
                  held_moves: Callable[[], Mapping[str, str]] = dict,
-                 rtsp_port: Callable[[], int | None] = lambda: None) -> None:
+                 rtsp_port: Callable[[], int | None] = lambda: None,
+                 reception: Callable[[str], ReceptionStats | None] = lambda _id: None) -> None:
         """``held_moves``: camera id → what discovery saw and did not follow (a move for
         the installer to confirm, docs/discovery.md). ``rtsp_port``: where the RTSP server
-        listens, None when it is off (Studio shows ready RTSP URLs)."""
+        listens, None when it is off (Studio shows ready RTSP URLs). ``reception``: a live
+        WebRTC session's latest receiver-report figures, by session id."""
+        self._reception = reception
         self._tls = tls
         self._rtsp_port = rtsp_port
         self._held_moves = held_moves
@@ -107,6 +115,7 @@ class AdminApi:
         add("GET", f"{PREFIX}/audit", self._guard(self.audit))
         add("GET", f"{PREFIX}/cameras", self._guard(self.cameras))
         add("GET", f"{PREFIX}/hosts", self._guard(self.hosts))
+        add("GET", f"{PREFIX}/sessions", self._guard(self.sessions))
 
     def _guard(self, handler: Handler) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def guarded(request: web.Request) -> web.StreamResponse:
@@ -329,6 +338,38 @@ class AdminApi:
             "viewers": {p.value: self._access.sessions.count(c.id, p.value) for p in Protocol},
             "held_move": held.get(c.id),
         } for c in self._cameras]})
+
+    async def sessions(self, request: web.Request, _d: Decision) -> web.StreamResponse:
+        """Live sessions (who watches what, from where, how well): docs/admin.md."""
+        camera = request.query.get("camera")
+        token_id = request.query.get("token_id")
+        protocol = _choice(request.query.get("protocol"), [p.value for p in Protocol],
+                           "protocol")
+        now = time.time()
+        return web.json_response({"sessions": [
+            self._session_view(s, now) for s in self._access.sessions
+            if (camera is None or s.camera == camera)
+            and (token_id is None or s.token_id == token_id)
+            and (protocol is None or s.protocol == protocol)]})
+
+    def _session_view(self, session: Session, now: float) -> dict[str, Any]:
+        stats = self._reception(session.id)
+        return {
+            "id": session.id, "token_id": session.token_id, "camera": session.camera,
+            "protocol": session.protocol, "peer_ip": session.peer_ip,
+            "started_at": format_time(session.started_at),
+            "duration_s": round(max(0.0, now - session.started_at), 1),
+            "bytes_sent": session.bytes_sent(), "connecting": session.pending,
+            "reception": None if stats is None else {
+                "loss_fraction": round(stats.fraction_lost, 4),
+                "packets_lost": stats.packets_lost,
+                "jitter_ms": round(stats.jitter_seconds * 1000, 2),
+                "rtt_ms": (None if stats.rtt_seconds is None
+                           else round(stats.rtt_seconds * 1000, 2)),
+                "retransmitted": stats.retransmitted,
+                "keyframe_requests": stats.keyframe_requests,
+            },
+        }
 
     async def hosts(self, _request: web.Request, _d: Decision) -> web.StreamResponse:
         site = self._store.site

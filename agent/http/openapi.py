@@ -52,6 +52,28 @@ _TOKEN = {
                          "nullable": True, "description": "live sessions at once; null: no cap"},
     },
 }
+_RECEPTION = {
+    "type": "object", "nullable": True,
+    "description": "the viewer's latest RTCP receiver report (WebRTC on the agent's send "
+                   "path; null for other protocols, or before the first report)",
+    "required": ["loss_fraction", "packets_lost", "jitter_ms", "rtt_ms", "retransmitted",
+                 "keyframe_requests"],
+    "properties": {
+        "loss_fraction": {"type": "number", "minimum": 0, "maximum": 1},
+        "packets_lost": {"type": "integer"},
+        "jitter_ms": {"type": "number"}, "rtt_ms": _NULLABLE_NUMBER,
+        "retransmitted": {"type": "integer", "description": "packets resent after NACKs"},
+        "keyframe_requests": {"type": "integer", "description": "PLI/FIR answered"},
+    },
+}
+_SESSION = _object(
+    ["id", "token_id", "camera", "protocol", "peer_ip", "started_at", "duration_s",
+     "bytes_sent", "connecting", "reception"],
+    id={"type": "string"}, token_id={"type": "string"}, camera=_NULLABLE_STR,
+    protocol={"type": "string", "enum": _PROTOCOLS}, peer_ip=_NULLABLE_STR,
+    started_at=_TIME, duration_s={"type": "number"}, bytes_sent={"type": "integer"},
+    connecting={"type": "boolean", "description": "WebRTC handshake still in progress"},
+    reception=_RECEPTION)
 _MAX_SESSIONS = {"type": "integer", "minimum": 1, "maximum": MAX_SESSIONS_CAP, "nullable": True,
                  "description": "live sessions at once over every protocol; null: no cap"}
 _PATCH_TOKEN = {
@@ -296,6 +318,17 @@ def document() -> dict[str, Any]:
                 "responses": {"200": _json(_object(["cameras"], cameras={
                     "type": "array", "items": {"$ref": "#/components/schemas/Camera"}})),
                               **_errors(*_AUTH)}}},
+            "/api/v1/admin/sessions": {"get": {
+                "summary": "Live viewer sessions, with receiver-report figures for WebRTC",
+                "parameters": [
+                    _query("camera", {"type": "string", "maxLength": 200}, "only this camera"),
+                    _query("token_id", {"type": "string", "maxLength": 200},
+                           "only sessions under this token"),
+                    _query("protocol", {"type": "string", "enum": _PROTOCOLS},
+                           "only this protocol"),
+                ],
+                "responses": {"200": _json(_object(["sessions"], sessions={
+                    "type": "array", "items": _SESSION})), **_errors(400, *_AUTH)}}},
             "/api/v1/admin/hosts": {"get": {
                 "summary": "This agent",
                 "responses": {"200": _json(_object(["hosts"], hosts={

@@ -23,14 +23,13 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from typing import TYPE_CHECKING
 
 from agent.config import Config, check_private
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:  # cryptography is imported where a certificate is read or made (TLS on)
+    from cryptography import x509
 
 TLS_DIR = "tls"
 CERT_NAME = "agent.crt"
@@ -74,6 +73,9 @@ def self_signed_paths(state_dir: Path) -> tuple[Path, Path]:
 def describe(cert_file: Path, key_file: Path, self_signed: bool = False) -> Certificate:
     """Read a PEM certificate and say what it is; ConfigError naming the file if it is not
     one."""
+    from cryptography import x509  # noqa: PLC0415 (only with TLS on)
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+
     try:
         cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
     except OSError as exc:
@@ -94,6 +96,8 @@ def describe(cert_file: Path, key_file: Path, self_signed: bool = False) -> Cert
 
 
 def _names(cert: x509.Certificate) -> tuple[str, ...]:
+    from cryptography import x509  # noqa: PLC0415 (only with TLS on)
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -114,6 +118,11 @@ def ensure_self_signed(state_dir: Path, agent_id: str, addresses: list[str],
     """The self-signed certificate in ``state_dir``, made on first start (ECDSA P-256; SANs:
     the host names and ``addresses``; key mode 0600), kept afterwards, renewed near its end.
     Blocking: call in a thread."""
+    from cryptography import x509  # noqa: PLC0415 (only with TLS on)
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID  # noqa: PLC0415
+
     now = now or datetime.datetime.now(datetime.UTC)
     cert_file, key_file = self_signed_paths(state_dir)
     if cert_file.exists() and key_file.exists():

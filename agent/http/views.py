@@ -16,6 +16,7 @@ from agent.http.auth import camera_access, denial, error, peer_ip, presented_tok
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
 from agent.media.snapshot import Snapshotter
+from agent.webrtc import stack
 
 
 class Views:
@@ -104,6 +105,7 @@ class Views:
         return web.Response(status=204)
 
     async def script(self, _request: web.Request) -> web.StreamResponse:
+        stack.preload()  # a browser about to send a WHEP offer: load WebRTC meanwhile
         return web.Response(text=_asset("viewer.js"), content_type="application/javascript",
                             headers={"Cache-Control": "no-cache"})
 

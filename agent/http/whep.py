@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from aiohttp import web
@@ -22,10 +23,16 @@ from agent.config import WebrtcSection
 from agent.http.auth import camera_access, denial, error, peer_ip, presented_token
 from agent.http.connections import read_body
 from agent.media.cameras import Cameras
-from agent.media.hub import CameraState
-from agent.webrtc.ice import rtc_configuration
-from agent.webrtc.rtpsend import ReceptionStats
-from agent.webrtc.session import OfferError, ViewerSession, check_offer
+from agent.media.hub import CameraHub, CameraState
+from agent.webrtc import stack
+from agent.webrtc.ice import ice_servers, to_rtc
+from agent.webrtc.offer import OfferError, check_offer
+
+if TYPE_CHECKING:  # the WebRTC stack loads with the first offer (agent/webrtc/stack.py)
+    from aiortc import RTCRtpCodecParameters
+
+    from agent.webrtc.rtpsend import ReceptionStats
+    from agent.webrtc.session import ViewerSession
 
 log = structlog.get_logger(__name__)
 
@@ -67,7 +74,7 @@ class WhepEndpoint:
         self._access = access
         self._cameras = cameras
         self._webrtc = webrtc
-        self._rtc_configuration = rtc_configuration(webrtc)  # reads TURN secrets: at start
+        self._ice_servers = ice_servers(webrtc)  # reads TURN secrets: at start
         self._timeout = camera_timeout + 1.0
         self._handshake = handshake_timeout
         self._live: dict[str, _Live] = {}
@@ -77,6 +84,12 @@ class WhepEndpoint:
         """(camera id, receiver-report figures) of each live viewer on the agent's send path."""
         return [(live.viewer.camera_id, stats) for live in self._live.values()
                 if (stats := live.viewer.reception) is not None]
+
+    def reception_of(self, session_id: str) -> ReceptionStats | None:
+        """A live viewer's latest receiver-report figures (None: not one of ours, the aiortc
+        send path, or no report yet)."""
+        live = self._live.get(session_id)
+        return live.viewer.reception if live is not None else None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/whep/{camera}", self.post)
@@ -124,12 +137,23 @@ class WhepEndpoint:
                 return error(503, "camera_offline",
                              f"camera {camera_id!r} is offline: {hub.status.error or 'starting'}",
                              **{"Retry-After": RETRY_AFTER_OFFLINE})
-            if (refusal := hub.webrtc_refusal()) is not None:  # H.265: RTSP clients only
-                return error(501, "unsupported_codec", refusal)
+            await stack.load()  # once per process: a few tenths of a second, in a thread
+            from agent.webrtc.session import ViewerSession  # noqa: PLC0415 (loaded just now)
+
+            try:
+                video = await self._video_codecs(camera_id, hub, offer)
+            except OfferError as exc:
+                admission.release()
+                return error(400, "bad_offer", str(exc))
+            if isinstance(video, str):
+                admission.release()
+                log.info("whep_codec_refused", camera=camera_id, codec=hub.status.codec,
+                         token_id=decision.token_id)
+                return error(501, "unsupported_codec", video)
             try:
                 viewer, answer = await ViewerSession.answer(
-                    camera_id, hub, offer, self._rtc_configuration,
-                    direct=self._webrtc.send_path == "agent")
+                    camera_id, hub, offer, to_rtc(self._ice_servers),
+                    direct=self._webrtc.send_path == "agent", video_codecs=video)
             except OfferError as exc:
                 admission.release()
                 return error(400, "bad_offer", str(exc))
@@ -161,6 +185,28 @@ class WhepEndpoint:
         for link in self.ice_links():
             response.headers.add("Link", link)
         return response
+
+    async def _video_codecs(self, camera_id: str, hub: CameraHub, offer: str
+                            ) -> list[RTCRtpCodecParameters] | str | None:
+        """The answer's video formats for an H.265 camera (None: H.264, aiortc negotiates
+        it), or the 501 message that says why this viewer cannot have the camera's video
+        and what it can do instead. H.264 cameras are answered in H.264 as before."""
+        from agent.webrtc import h265  # noqa: PLC0415 (imports aiortc: loaded by now)
+
+        if (refusal := hub.webrtc_refusal()) is not None:
+            return refusal
+        assert hub.info is not None
+        if hub.info.codec != "hevc":
+            return None
+        if self._webrtc.send_path != "agent":
+            return h265.refusal(camera_id, h265.AIORTC_PATH)
+        if not h265.offers_h265(offer):
+            return h265.refusal(camera_id, h265.NO_H265_OFFERED)
+        profile = await h265.camera_profile(hub, self._timeout)
+        chosen = h265.choose(h265.offered_formats(offer), profile, camera_id)
+        if not chosen:
+            return h265.refusal(camera_id, h265.no_fit(profile))
+        return chosen
 
     def _watch_handshake(self, live: _Live) -> None:
         """Whatever the offer held (no candidates, no end-of-candidates), a session that is

@@ -2,14 +2,14 @@
 
 G.711 (PCMU/PCMA) and Opus go through untouched. AAC, which WebRTC cannot carry, is
 decoded and encoded to Opus here, in the camera's pull thread — once for every viewer.
+PyAV is imported there too, not when the hub imports this module (an idle agent never
+loads it: docs/field-notes.md, "What the idle agent's memory is made of").
 """
 
 from __future__ import annotations
 
 from fractions import Fraction
 from typing import Any
-
-import av
 
 from agent.media.stream import PASSTHROUGH_AUDIO, MediaPacket
 
@@ -34,6 +34,8 @@ class AudioPath:
         if name in PASSTHROUGH_AUDIO:
             return cls(transcode=False)
         if name == "aac" and mode == "auto":
+            import av  # noqa: PLC0415 (the pull thread has imported it already)
+
             path = cls(transcode=True)
             path._decoder = av.CodecContext.create("aac", "r")
             if stream.codec_context.extradata:
@@ -55,6 +57,8 @@ class AudioPath:
         if not self._transcode:
             return [MediaPacket(False, bytes(packet), int(packet.pts), Fraction(packet.time_base),
                                 False)]
+        import av  # noqa: PLC0415 (a sys.modules lookup: loaded by for_stream)
+
         out = []
         try:
             frames = self._decoder.decode(packet)

@@ -110,6 +110,8 @@ class CameraHub:
         self._inbox: list[tuple[int, MediaPacket]] = []
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
+        #: Asks the camera itself for a keyframe (an adopted ONVIF camera), or None.
+        self.keyframe_source: Callable[[], object] | None = None
 
     # -- consumers (event loop) ---------------------------------------------------------
 
@@ -152,6 +154,13 @@ class CameraHub:
         """Restart ``consumer`` from the cached GOP's keyframe (or the next keyframe)."""
         if self._gop and self._gop_cache_on:
             consumer.replay(list(self._gop))
+
+    def keyframe_wanted(self, consumer: Consumer) -> None:
+        """A viewer lost the picture (PLI/FIR): it restarts from the cached GOP now, and the
+        camera, when it can be asked, sends a keyframe soon (rate-limited by the asker)."""
+        self.replay(consumer)
+        if self.keyframe_source is not None:
+            self.keyframe_source()
 
     def unsubscribe(self, consumer: Consumer) -> None:
         consumer.close()
@@ -233,7 +242,8 @@ class CameraHub:
         return packet._replace(rtp=packetizer.packetize(packet))
 
     def webrtc_refusal(self) -> str | None:
-        """Why WebRTC viewers (and WHIP) cannot take this camera's video, or None."""
+        """Why no WebRTC peer can take this camera's video, or None (H.264; H.265 for the
+        peers that offer it: agent/webrtc/h265.py decides)."""
         if self.info is None or self.info.codec in VIDEO_CODECS:
             return None
         return (f"the camera sends {self.info.codec.upper()} video, which WebRTC viewers "

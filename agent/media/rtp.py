@@ -77,6 +77,7 @@ class _NalPacketizer:
     """What H.264 and H.265 share: single NAL, aggregation of parameter sets, fragmentation."""
 
     header_size = 1  # bytes of NAL unit header
+    min_aggregated = 1  # fewer parameter sets than this go as single NAL unit packets
     parameter_types: tuple[int, ...] = ()
     dropped_types: tuple[int, ...] = ()
 
@@ -109,10 +110,10 @@ class _NalPacketizer:
         if packet.keyframe:
             params = self.parameter_sets(nals)
             nals = [n for n in nals if self.nal_type(n) not in self.parameter_types]
-            if sum(len(p) + 2 for p in params) + self.header_size <= self.size:
-                if params:
-                    out.append((self.aggregate(params), b""))
-            else:  # too big to aggregate: sent ahead as ordinary units
+            if (len(params) >= self.min_aggregated
+                    and sum(len(p) + 2 for p in params) + self.header_size <= self.size):
+                out.append((self.aggregate(params), b""))
+            else:  # too big (or too few) to aggregate: sent ahead as ordinary units
                 nals = [memoryview(p) for p in params] + nals
         for nal in nals:
             if len(nal) <= self.size:
@@ -155,6 +156,7 @@ class H265Packetizer(_NalPacketizer):
     (sprop-max-don-diff is 0: units are sent in decoding order)."""
 
     header_size = 2
+    min_aggregated = 2  # §4.4.2: an AP carries two or more aggregation units
     parameter_types = (H265_VPS, H265_SPS, H265_PPS)
     dropped_types = (H265_AUD,)
 

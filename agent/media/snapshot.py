@@ -11,8 +11,6 @@ import time
 from fractions import Fraction
 from typing import Any
 
-import av
-
 from agent.errors import SourceError
 from agent.media.hub import CameraHub
 from agent.media.stream import MediaPacket
@@ -21,6 +19,8 @@ from agent.media.stream import MediaPacket
 def encode_jpeg(packet: MediaPacket, codec: str = "h264", quality: int = 5) -> bytes:
     """Decode one keyframe (H.264 or H.265) and encode it as JPEG. Blocking: in a thread.
     A keyframe FFmpeg cannot decode (a camera streaming junk) is a ``SourceError``."""
+    import av  # noqa: PLC0415 (PyAV loads with the first pull, not at start)
+
     decoder: Any = av.CodecContext.create(codec, "r")  # a video context: codec is h264/hevc
     try:
         frames = list(decoder.decode(av.Packet(packet.data)))

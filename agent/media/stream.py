@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 START_CODE = b"\x00\x00\x00\x01"
 NAL_SPS = 7
 
-#: WebRTC in this agent carries these; anything else is refused with a clear error.
-VIDEO_CODECS = ("h264",)
-#: The hub pulls these: RTSP clients take both; WebRTC viewers only VIDEO_CODECS.
+#: WebRTC in this agent carries these: H.264 to every viewer, H.265 to viewers whose offer has
+#: H265 (agent/webrtc/h265.py); anything else is refused with a clear error.
+VIDEO_CODECS = ("h264", "hevc")
+#: The hub pulls these: RTSP clients take both.
 PULLED_CODECS = ("h264", "hevc")
 PASSTHROUGH_AUDIO = {"pcm_mulaw": "PCMU", "pcm_alaw": "PCMA", "opus": "opus"}
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import structlog
-from aiortc import RTCConfiguration
 
 from agent.media.cameras import Camera
 from agent.retry import FailureLog, backoff
 from agent.stopping import cancel_and_wait
-from agent.webrtc.whip import WhipPublisher
+from agent.webrtc import stack
+
+if TYPE_CHECKING:  # the WebRTC stack loads when publishing starts (agent/webrtc/stack.py)
+    from aiortc import RTCConfiguration
+
+    from agent.webrtc.whip import WhipPublisher
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +60,9 @@ class AlwaysPublisher:
         url = self.url(camera.id)
         failures = FailureLog(log, "whip_always_unavailable", camera=camera.id)
         delays = backoff(1.0, 60.0)
+        await stack.load()
+        from agent.webrtc.whip import WhipPublisher  # noqa: PLC0415 (loaded just now)
+
         while True:
             publisher = WhipPublisher(camera.hub, url, self._bearer, self._configuration(),
                                       direct=self._direct)

@@ -15,10 +15,9 @@ import contextlib
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiortc import RTCConfiguration
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.protocol import State
@@ -51,7 +50,12 @@ from agent.relay.protocol import (
     refusal_reason,
 )
 from agent.state.outbox import RelayOutbox
-from agent.webrtc.whip import WhipError, WhipPublisher
+from agent.webrtc import stack
+
+if TYPE_CHECKING:  # the WebRTC stack loads with the first publish (agent/webrtc/stack.py)
+    from aiortc import RTCConfiguration
+
+    from agent.webrtc.whip import WhipPublisher
 
 __all__ = ["ADVICE", "CLOCK_SKEW_WARN", "LinkState", "Rejected", "RelayLink",
            "camera_inventory", "rejection_of"]
@@ -278,11 +282,8 @@ class RelayLink:
             self._spawn(self._report(ws, event.session_id, "failed", (
                 "unknown_camera", f"no camera {event.camera_id!r} on this agent")))
             return
-        publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
-                                  self._ice(welcome.ice_servers), direct=self._direct)
-        self.publishers[event.session_id] = publisher
         sid = event.session_id
-        task = self._spawn(self._run_publisher(ws, sid, publisher))
+        task = self._spawn(self._run_publisher(ws, sid, hub, event, welcome.ice_servers))
         self._sessions[sid] = task
 
         def forget(done: asyncio.Task[None]) -> None:
@@ -301,9 +302,15 @@ class RelayLink:
         with contextlib.suppress(ConnectionClosed):
             await self._perform(ws, self.protocol.publish_state(session_id, state, error))
 
-    async def _run_publisher(self, ws: ClientConnection, session_id: str,
-                             publisher: WhipPublisher) -> None:
+    async def _run_publisher(self, ws: ClientConnection, session_id: str, hub: CameraHub,
+                             event: Publish, ice_servers: list[dict[str, Any]]) -> None:
         await self._report(ws, session_id, "starting")
+        await stack.load()  # the first publish of this process: a few tenths of a second
+        from agent.webrtc.whip import WhipError, WhipPublisher  # noqa: PLC0415 (loaded now)
+
+        publisher = WhipPublisher(hub, event.whip_url, event.bearer or self._token,
+                                  self._ice(ice_servers), direct=self._direct)
+        self.publishers[session_id] = publisher
         try:
             await publisher.start(timeout=15)
             await asyncio.wait_for(publisher.connected.wait(), 15)

@@ -202,17 +202,21 @@ class DirectTrack:
             elif (isinstance(packet, RtcpPsfbPacket) and self.video
                   and packet.fmt in (RTCP_PSFB_PLI, RTCP_PSFB_FIR)
                   and stream.keyframe_wanted(time.monotonic())):
-                self._hub.replay(self._consumer)
+                self._hub.keyframe_wanted(self._consumer)
         except Exception:  # never an exception on the loop from what a peer sends
             log.warning("webrtc_rtcp_failed", camera=self._hub.camera_id, exc_info=True)
 
 
 def add_direct_tracks(pc: RTCPeerConnection, hub: CameraHub, audio: bool) -> list[DirectTrack]:
-    """Like tracks.add_camera_tracks, sent by the agent: H.264 video and, if ``audio`` and
-    the camera has sound, audio in the codec it arrives in."""
+    """Like tracks.add_camera_tracks, sent by the agent: the camera's video (H.264, or
+    H.265) and, if ``audio`` and the camera has sound, audio in the codec it arrives in."""
     assert hub.info is not None
     video = pc.addTransceiver("video", direction="sendonly")
-    video.setCodecPreferences(preferences("video", "H264"))
+    if hub.info.codec == "hevc":
+        internals.register_h265()
+        video.setCodecPreferences(preferences("video", "H265"))
+    else:
+        video.setCodecPreferences(preferences("video", "H264"))
     tracks = [DirectTrack(hub, video, video=True)]
     codec = webrtc_audio_codec(hub.info.audio.codec) if hub.info.audio else None
     if audio and codec:

@@ -4,22 +4,38 @@ aioice offers no choice of interfaces (docs/field-notes.md): it takes every addr
 and ::1. Multi-homed NVRs, Docker bridges and VPNs need a choice, so the agent replaces
 aioice's address lookup, process-wide, with one that honours ``webrtc.host_addresses`` /
 ``webrtc.interfaces``. With neither set, aioice's own behaviour is kept.
+
+Reading the configuration (interfaces, TURN credential files) needs neither aiortc nor
+aioice: the agent does it at start, and imports the WebRTC stack only when a session needs
+it (agent/webrtc/stack.py). The functions that build aiortc objects import it themselves.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
-import aioice.ice
 import ifaddr
-from aiortc import RTCConfiguration, RTCIceServer
 
 from agent.config import WebrtcSection, read_secret
 from agent.errors import ConfigError
 
-_original_lookup: Callable[[bool, bool], list[str]] = aioice.ice.get_host_addresses
+if TYPE_CHECKING:
+    from aiortc import RTCConfiguration
+
+#: aioice's own address lookup, kept when the agent first replaces it.
+_original_lookup: Callable[[bool, bool], list[str]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IceServer:
+    """A STUN/TURN server with its credential read (from the config or the relay)."""
+
+    urls: tuple[str, ...]
+    username: str | None = None
+    credential: str | None = None
 
 
 def interface_addresses(names: list[str]) -> list[str]:
@@ -50,6 +66,11 @@ def host_addresses(section: WebrtcSection) -> list[str] | None:
 
 def install_host_addresses(addresses: list[str] | None) -> None:
     """Make aioice offer exactly ``addresses`` (loopback allowed), or restore its default."""
+    global _original_lookup  # noqa: PLW0603 (aioice's function, saved once per process)
+    import aioice.ice  # noqa: PLC0415 (the WebRTC stack loads on demand)
+
+    if _original_lookup is None:
+        _original_lookup = aioice.ice.get_host_addresses
     if addresses is None:
         aioice.ice.get_host_addresses = _original_lookup  # type: ignore[assignment]
         return
@@ -63,19 +84,34 @@ def install_host_addresses(addresses: list[str] | None) -> None:
     aioice.ice.get_host_addresses = lookup
 
 
-def rtc_configuration(section: WebrtcSection) -> RTCConfiguration:
-    """Always an explicit server list: aiortc falls back to a public STUN server otherwise."""
+def ice_servers(section: WebrtcSection) -> list[IceServer]:
+    """The configured servers, TURN credentials read from their files (ConfigError if one
+    cannot be): done at start, so a bad file is found then, not at the first viewer."""
     servers = []
     for i, server in enumerate(section.ice_servers):
         credential = None
         if server.credential_file is not None:
             credential = read_secret(f"turn-{i}", server.credential_file)
-        servers.append(RTCIceServer(urls=list(server.urls), username=server.username,
-                                    credential=credential))
-    return RTCConfiguration(iceServers=servers)
+        servers.append(IceServer(tuple(server.urls), server.username, credential))
+    return servers
 
 
-def with_relay_servers(base: RTCConfiguration, servers: list[dict[str, Any]]) -> RTCConfiguration:
+def to_rtc(servers: list[IceServer]) -> RTCConfiguration:
+    """aiortc's configuration: always an explicit server list (aiortc falls back to a public
+    STUN server otherwise)."""
+    from aiortc import RTCConfiguration, RTCIceServer  # noqa: PLC0415 (loaded on demand)
+
+    return RTCConfiguration(iceServers=[
+        RTCIceServer(urls=list(s.urls), username=s.username, credential=s.credential)
+        for s in servers])
+
+
+def rtc_configuration(section: WebrtcSection) -> RTCConfiguration:
+    """aiortc's configuration for the configured servers."""
+    return to_rtc(ice_servers(section))
+
+
+def with_relay_servers(base: list[IceServer], servers: list[dict[str, Any]]) -> RTCConfiguration:
     """The configured servers plus those the relay's welcome named (well-formed ones only)."""
     extra = []
     for server in servers:
@@ -83,6 +119,8 @@ def with_relay_servers(base: RTCConfiguration, servers: list[dict[str, Any]]) ->
         if isinstance(urls, str):
             urls = [urls]
         if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
-            extra.append(RTCIceServer(urls=urls, username=server.get("username"),
-                                      credential=server.get("credential")))
-    return RTCConfiguration(iceServers=[*(base.iceServers or []), *extra])
+            username, credential = server.get("username"), server.get("credential")
+            extra.append(IceServer(
+                tuple(urls), username if isinstance(username, str) else None,
+                credential if isinstance(credential, str) else None))
+    return to_rtc([*base, *extra])

@@ -10,7 +10,12 @@ internals are used, each through one function here:
   ``protocol.transport`` is the UDP socket ICE chose and ``remote_addr`` the peer;
 - ``RTCRtpSender._handle_rtcp_packet`` and ``RTCRtpSender._send_rtcp``: replaced on the one
   sender instance so that RTCP for the media (reports, NACK, PLI) comes to the agent and
-  aiortc's own sender reports (whose counters would be zero) are not sent.
+  aiortc's own sender reports (whose counters would be zero) are not sent;
+- ``aiortc.codecs.CODECS`` and ``RTCRtpTransceiver._codecs``: aiortc 1.x knows no H.265, so
+  an ``H265/90000`` entry is added to its codec table (so that an offer's H265 formats are
+  kept and can be preferred) and the video transceiver's negotiated codecs are set to the
+  H265 format chosen for the camera (agent/webrtc/h265.py) before the answer is made; the
+  agent, not aiortc, sends the media.
 
 ``check()`` verifies they are all there; tests/unit/test_webrtc_internals.py runs it, so an
 aiortc or aioice upgrade that removes one fails with the attribute's name. The tested
@@ -28,7 +33,14 @@ from typing import Any
 import aioice
 import aioice.ice
 import aiortc
-from aiortc import RTCDtlsTransport, RTCRtpSender
+import aiortc.codecs
+from aiortc import (
+    RTCDtlsTransport,
+    RTCRtpCodecParameters,
+    RTCRtpSender,
+    RTCRtpTransceiver,
+)
+from aiortc.rtcrtpparameters import RTCRtcpFeedback
 
 
 class InternalsChanged(RuntimeError):
@@ -90,6 +102,38 @@ def take_over_rtcp(sender: RTCRtpSender,
     sender._send_rtcp = silent  # type: ignore[method-assign]
 
 
+H265_MIME = "video/H265"
+
+
+def register_h265() -> None:
+    """Add H265/90000 (and its RTX) to aiortc's video codec table, once. Transceivers that
+    prefer H.264 (every one the agent makes for an H.264 camera) never pick it."""
+    if not hasattr(aiortc.codecs, "CODECS") or "video" not in aiortc.codecs.CODECS:
+        raise _missing("aiortc.codecs", "CODECS")
+    video = aiortc.codecs.CODECS["video"]
+    if any(c.mimeType.lower() == H265_MIME.lower() for c in video):
+        return
+    used = {c.payloadType for kind in aiortc.codecs.CODECS.values() for c in kind}
+    free = [pt for pt in range(96, 128) if pt not in used and pt + 1 not in used]
+    pt = free[0]
+    video += [
+        RTCRtpCodecParameters(mimeType=H265_MIME, clockRate=90_000, payloadType=pt,
+                              rtcpFeedback=[RTCRtcpFeedback(type="nack"),
+                                            RTCRtcpFeedback(type="nack", parameter="pli"),
+                                            RTCRtcpFeedback(type="goog-remb")]),
+        RTCRtpCodecParameters(mimeType="video/rtx", clockRate=90_000, payloadType=pt + 1,
+                              parameters={"apt": pt}),
+    ]
+
+
+def set_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParameters]) -> None:
+    """The codecs (and so the answer's formats) of a transceiver after
+    ``setRemoteDescription`` and before ``createAnswer``."""
+    if not hasattr(transceiver, "_codecs"):
+        raise _missing("RTCRtpTransceiver", "_codecs")
+    transceiver._codecs = codecs
+
+
 def check() -> None:
     """Raise InternalsChanged naming the first internal that is missing."""
     init = inspect.getsource(RTCDtlsTransport.__init__)
@@ -106,3 +150,10 @@ def check() -> None:
     for name in ("_handle_rtcp_packet", "_send_rtcp"):
         if not callable(getattr(RTCRtpSender, name, None)):
             raise _missing("RTCRtpSender", name)
+    if not isinstance(getattr(aiortc.codecs, "CODECS", None), dict):
+        raise _missing("aiortc.codecs", "CODECS")
+    if "self._codecs" not in inspect.getsource(RTCRtpTransceiver.__init__):
+        raise _missing("RTCRtpTransceiver", "_codecs")
+    peer = inspect.getsource(aiortc.RTCPeerConnection)
+    if "transceiver._codecs" not in peer or "CODECS[media.kind]" not in peer:
+        raise _missing("RTCPeerConnection", "transceiver._codecs (answer codecs)")

@@ -1,8 +1,10 @@
 """A viewer's WebRTC session: answer a (non-trickle) offer with the camera's tracks.
 
 Codec preferences are forced before ``setRemoteDescription`` (otherwise aiortc negotiates VP8
-and sends H.264 bytes labelled VP8, see docs/field-notes.md): H.264 for video, and for audio
-exactly the codec the camera's audio arrives in (PCMU, PCMA, or Opus after transcoding).
+and sends H.264 bytes labelled VP8, see docs/field-notes.md): the camera's codec for video
+(H.264, or H.265 on the agent's send path with the format chosen in agent/webrtc/h265.py),
+and for audio exactly the codec the camera's audio arrives in (PCMU, PCMA, or Opus after
+transcoding).
 """
 
 from __future__ import annotations
@@ -15,48 +17,22 @@ from collections.abc import Callable
 from aiortc import (
     RTCConfiguration,
     RTCPeerConnection,
+    RTCRtpCodecParameters,
     RTCSessionDescription,
 )
 
 from agent.media.hub import CameraHub
+from agent.webrtc import internals
 from agent.webrtc.direct import DirectTrack, add_direct_tracks
+from agent.webrtc.offer import OfferError, check_offer
 from agent.webrtc.rtpsend import ReceptionStats
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
-
-
-class OfferError(ValueError):
-    """The client's SDP offer cannot be answered; the message says why."""
-
-
-#: An offer for one camera has a video and an audio section (a browser may add a data
-#: channel); each media section costs aiortc a transceiver and a few ms to parse, 700 of them
-#: held the loop for 0.57 s. Candidates: each remote one costs ICE check pairs.
-MAX_MEDIA_SECTIONS = 8
-MAX_CANDIDATES = 64
-
-
-def check_offer(sdp: str) -> None:
-    """Cheap checks before aiortc parses anything: the shape and the caps above."""
-    if not sdp.lstrip().startswith("v=0"):
-        raise OfferError("the body is not an SDP offer (it must start with v=0)")
-    text = sdp.replace("\r\n", "\n")
-    if "\nm=video " not in text:
-        raise OfferError("the offer has no video section (m=video): add a recvonly video "
-                         "transceiver")
-    media = text.count("\nm=")
-    if media > MAX_MEDIA_SECTIONS:
-        raise OfferError(f"the offer has {media} media sections; at most "
-                         f"{MAX_MEDIA_SECTIONS} are accepted")
-    candidates = text.count("\na=candidate:")
-    if candidates > MAX_CANDIDATES:
-        raise OfferError(f"the offer has {candidates} ICE candidates; at most "
-                         f"{MAX_CANDIDATES} are accepted")
 
 
 def _explain(exc: Exception) -> str:
     text = str(exc)
     if "video description send parameters" in text:
-        return "the offer does not accept H.264 video, the only video codec this agent sends"
+        return "the offer does not accept the camera's video codec (H.264, or H.265)"
     if "audio description send parameters" in text:
         return "the offer does not accept the camera's audio codec: offer PCMU, PCMA and Opus"
     return f"the SDP offer cannot be used: {text or type(exc).__name__}"
@@ -77,10 +53,11 @@ class ViewerSession:
     @classmethod
     async def answer(
         cls, camera_id: str, hub: CameraHub, offer: str, configuration: RTCConfiguration,
-        direct: bool = False,
+        direct: bool = False, video_codecs: list[RTCRtpCodecParameters] | None = None,
     ) -> tuple[ViewerSession, str]:
         """Build the session and its SDP answer (ICE gathered: no trickle needed). ``direct``:
-        the agent sends the media itself (agent/webrtc/direct.py), else aiortc does."""
+        the agent sends the media itself (agent/webrtc/direct.py), else aiortc does.
+        ``video_codecs``: the answer's video formats, chosen by the caller (H.265)."""
         check_offer(offer)
         assert hub.info is not None
         pc = RTCPeerConnection(configuration)
@@ -93,6 +70,10 @@ class ViewerSession:
                 await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
             except Exception as exc:  # aiortc raises assorted errors on bad SDP
                 raise OfferError(_explain(exc)) from None
+            if video_codecs:  # only the agent's send path sends H.265
+                video = session.tracks[0]
+                assert isinstance(video, DirectTrack) and video.video
+                internals.set_codecs(video.transceiver, video_codecs)
             await pc.setLocalDescription(await pc.createAnswer())
             for track in session.tracks:
                 if isinstance(track, DirectTrack):

@@ -43,6 +43,14 @@ _LINK = re.compile(r'<([^>]+)>\s*;([^,]*rel="?ice-server"?[^,]*)')
 _PARAM = re.compile(r'(\w[\w-]*)="([^"]*)"')
 
 
+#: Relay viewers are browsers anywhere; many cannot decode H.265, and the relay protocol
+#: (docs/relay-protocol.md) carries H.264: an H.265 camera is not published.
+WHIP_H265 = ("the camera sends H.265 (HEVC) video, which is not published to the relay "
+             "(relay viewers need H.264): set the camera's substream to H.264 and use it for "
+             "this camera; LAN viewers can watch H.265 over RTSP, HLS, or WebRTC where the "
+             "browser offers H.265")
+
+
 class WhipError(Exception):
     """The WHIP server refused or failed the session; ``code`` goes to publish.status."""
 
@@ -87,6 +95,10 @@ class WhipPublisher:
                 raise WhipError("camera_offline", self._hub.status.error or "camera not ready")
             if (refusal := self._hub.webrtc_refusal()) is not None:
                 raise WhipError("unsupported_codec", refusal)
+            if self._hub.status.codec == "hevc":
+                log.warning("whip_h265_not_published", camera=self._hub.camera_id,
+                            fix="set the camera's substream to H.264 for the relay")
+                raise WhipError("unsupported_codec", WHIP_H265)
         finally:
             self._hub.unsubscribe(holder)  # the tracks below keep it running
         assert self._hub.info is not None

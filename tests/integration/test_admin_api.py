@@ -947,7 +947,7 @@ async def test_openapi_document_describes_every_admin_route(agent: AgentProcess)
     assert doc["info"]["version"] == __version__
     documented = {(method.upper(), path) for path, ops in doc["paths"].items() for method in ops}
     assert documented == _admin_routes()
-    assert len(documented) == 11
+    assert len(documented) == 12
     schemas = doc["components"]["schemas"]
 
     def refs(node: Any) -> list[str]:
@@ -1192,3 +1192,57 @@ async def test_cross_origin_pages_cannot_use_the_admin_api(
     (await call(agent, "GET", "/metrics", params={"token": admin_token})).error(401, "missing")
     answer = await call(agent, "OPTIONS", "/whep/cam1", headers=preflight)
     assert answer.status == 204 and answer.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_the_session_view_lists_who_watches_with_their_reception(
+        agent: AgentProcess, admin: tuple[str, str]) -> None:
+    """GET /sessions: each live session with its token, camera, address, bytes, and for a
+    WebRTC viewer on the agent's send path its receiver-report figures (issue: media plane)."""
+    _, admin_token = admin
+    token_id, token = await agent.token("--camera", "cam2", "--label", "session view")
+    before = time.time()
+    viewer = WhepViewer(agent.base, "cam2", token)
+    assert await viewer.connect() == 201, viewer.body
+    try:
+        for _ in range(15):  # a second of pictures: the viewer's receiver reports follow
+            await viewer.frame()
+        ours: dict[str, Any] = {}
+
+        async def reported() -> bool:
+            answer = await call(agent, "GET", f"{API}/sessions", admin_token,
+                                params={"token_id": token_id})
+            assert answer.status == 200, answer.text
+            ours.clear()
+            ours.update(answer.json["sessions"][0])
+            return ours["reception"] is not None
+
+        from tests.support.agent import wait_until
+        await wait_until(reported, timeout=10, step=0.5)
+        assert viewer.location and ours["id"] == viewer.location.rsplit("/", 1)[1]
+        assert (ours["token_id"], ours["camera"], ours["protocol"]) == (token_id, "cam2",
+                                                                        "webrtc")
+        assert ours["peer_ip"] == "127.0.0.1" and ours["connecting"] is False
+        assert before - 1 <= parse_time(ours["started_at"]) <= time.time()
+        assert ours["duration_s"] > 0 and ours["bytes_sent"] > 1_000
+        reception = ours["reception"]
+        assert reception["loss_fraction"] == 0 and reception["packets_lost"] == 0  # loopback
+        assert reception["jitter_ms"] >= 0 and reception["retransmitted"] == 0
+        assert reception["rtt_ms"] is None or 0 <= reception["rtt_ms"] < 1000
+        # the filters: another camera, another protocol
+        for params in ({"camera": "cam1"}, {"protocol": "rtsp"}):
+            answer = await call(agent, "GET", f"{API}/sessions", admin_token, params=params)
+            assert token_id not in {s["token_id"] for s in answer.json["sessions"]}
+        everyone = await call(agent, "GET", f"{API}/sessions", admin_token)
+        assert ours["id"] in {s["id"] for s in everyone.json["sessions"]}
+    finally:
+        await viewer.close()
+    await wait_until(lambda: _gone(agent, admin_token, token_id), timeout=5)
+    bad = await call(agent, "GET", f"{API}/sessions", admin_token, params={"protocol": "x"})
+    assert "protocol" in bad.error(400, "invalid_request")
+    assert (await call(agent, "GET", f"{API}/sessions", token)).status == 403
+
+
+async def _gone(agent: AgentProcess, admin_token: str, token_id: str) -> bool:
+    answer = await call(agent, "GET", f"{API}/sessions", admin_token,
+                        params={"token_id": token_id})
+    return not answer.json["sessions"]

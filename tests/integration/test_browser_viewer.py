@@ -148,8 +148,10 @@ def test_a_viewer_that_cannot_connect_deletes_its_sessions(
     closed. Now it gives up after 10 s and DELETEs the session, and deletes the one it holds
     when the page goes away (pagehide): every session it opened is ended, none by timeout."""
     agent = ice_blocked_agent
-    token = json.loads(agent.cli("token", "create", "--camera", "lobby", "--json").stdout)[
-        "token"]
+    # webrtc only: a token that allows hls would make the page fall back to HLS instead of
+    # trying WebRTC again (test_browser_hls.py)
+    token = json.loads(agent.cli("token", "create", "--camera", "lobby", "--protocol",
+                                 "webrtc", "--json").stdout)["token"]
     # Once the second session is open (the first given up after 10 s and deleted), the page
     # goes away: its pagehide handler runs (dispatched here: the driver closes the browser
     # right after, before a real navigation could send anything) and DELETEs that one.

@@ -89,7 +89,8 @@ async def test_cameras_with_right_wrong_and_missing_credentials(
     assert got[("camera good", "rtsp")][:2] == (
         Status.OK, "DESCRIBE answered 200; credentials accepted (Basic)")
     assert got[("camera good", "codec")][0] is Status.OK
-    assert "H264" in got[("camera good", "codec")][1]
+    codec = got[("camera good", "codec")][1]
+    assert "H.264" in codec and "WebRTC (all browsers)" in codec
     status, finding, fix = got[("camera bad", "rtsp")]
     assert status is Status.FAIL and "refused the credentials (401)" in finding
     assert fix is not None and "password_file" in fix

@@ -114,6 +114,29 @@ async def test_credentials_from_a_file_and_a_clear_error_when_wrong(
         assert await agent.stop() == 0
 
 
+async def test_an_open_camera_given_credentials_plays(
+        tmp_path: Path, rtsp_camera_factory: Factory) -> None:
+    """Credentials configured (an ONVIF adoption always has them) for a camera whose RTSP
+    asks none: the agent's own DESCRIBE without credentials makes the camera prepare its
+    stream, and GStreamer's server answered FFmpeg's DESCRIBE right after with 503 while it
+    tore that down (every try, for good). The open is tried again once, a moment later."""
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
+    secret = tmp_path / "camera.secret"
+    write_secret(secret, "s3cret-pass\n")
+    agent = await AgentProcess.start(tmp_path, [
+        {"id": f"door{i}", "source": camera.url, "username": "admin",
+         "password_file": str(secret)} for i in range(3)])
+    try:
+        _, token = await agent.token("--host")
+        for i in range(3):
+            viewer = WhepViewer(agent.base, f"door{i}", token)
+            assert await viewer.connect() == 201, viewer.body
+            await viewer.frame()
+            await viewer.close()
+    finally:
+        assert await agent.stop() == 0
+
+
 @pytest.mark.parametrize(("audio", "codec"), [("pcmu", "PCMU"), ("aac", "opus")])
 async def test_audio_reaches_the_viewer(tmp_path: Path, rtsp_camera_factory: Factory,
                                         audio: str, codec: str) -> None:

@@ -59,6 +59,7 @@ def run_in_browser(
     expose_host_ips: bool = False,
     chromium_args: Sequence[str] = (),
     viewport: tuple[int, int] | None = None,
+    keep_csp: bool = False,
 ) -> BrowserReport:
     """Open ``url`` in Chromium in the viewer namespace and return the JSON value of ``result``.
 
@@ -66,7 +67,9 @@ def run_in_browser(
     undefined``) is truthy, at most ``timeout`` seconds after the page loaded. Chromium names
     its WebRTC host candidates ``<uuid>.local`` (mDNS) like a real browser does, unless
     ``expose_host_ips`` grants the page camera/microphone permission. ``viewport`` is the
-    page size in CSS pixels (Playwright's default is 1280x720).
+    page size in CSS pixels (Playwright's default is 1280x720). ``keep_csp`` enforces the
+    page's Content-Security-Policy (by default Playwright bypasses it for the probes);
+    violations then appear in ``console``.
     """
     argv = [sys.executable, "-m", "tests.support.browser_driver", url,
             "--result", result, "--timeout", str(timeout)]
@@ -78,6 +81,8 @@ def run_in_browser(
         argv.append("--expose-host-ips")
     if viewport is not None:
         argv += ["--viewport", f"{viewport[0]}x{viewport[1]}"]
+    if keep_csp:
+        argv.append("--keep-csp")
     for arg in chromium_args:
         argv.append(f"--chromium-arg={arg}")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONASYNCIODEBUG"}

@@ -4,7 +4,7 @@ Run inside a network namespace (see ``tests.support.browser.run_in_browser``)::
 
     python -m tests.support.browser_driver URL [--wait-for E] [--result R]
         [--timeout SECONDS] [--screenshot PATH] [--expose-host-ips]
-        [--chromium-arg ARG ...] [--allow-host HOST ...] [--viewport WxH]
+        [--chromium-arg ARG ...] [--allow-host HOST ...] [--viewport WxH] [--keep-csp]
 
 opens URL, waits until the JavaScript expression E is truthy (default: ``R !== undefined``),
 evaluates R (default ``window.__result``), saves a screenshot to PATH and prints one JSON
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="grant camera+microphone so WebRTC host candidates carry real IPs")
     parser.add_argument("--viewport", default=None, metavar="WxH",
                         help="page size in CSS pixels, e.g. 390x844 for a phone")
+    parser.add_argument("--keep-csp", action="store_true",
+                        help="enforce the page's Content-Security-Policy (its violations are "
+                             "logged to the console)")
     parser.add_argument("--executable", default=CHROMIUM)
     args = parser.parse_args(argv)
     url_host = urlsplit(args.url).hostname
@@ -101,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         mark("launched")
         try:
-            # The agent's pages forbid eval (strict CSP); the test's own probes need it.
-            options: dict[str, Any] = {"bypass_csp": True}
+            # The agent's pages forbid eval (strict CSP); the test's own probes need it,
+            # unless they are plain expressions (--keep-csp).
+            options: dict[str, Any] = {"bypass_csp": not args.keep_csp}
             if args.viewport:
                 width, _, height = args.viewport.partition("x")
                 options["viewport"] = {"width": int(width), "height": int(height)}

@@ -84,6 +84,7 @@ class SeenRequest:
     username: str | None
     authorized: bool
     reason: str  # "ok", "pre-auth", "no token", "wrong digest", "stale created", "replayed nonce"
+    profile_token: str | None = None  # the request's ProfileToken, if it names one
 
 
 class OnvifDevice:
@@ -177,10 +178,11 @@ class OnvifDevice:
             return self._fault("ActionNotSupported", self._meta["action_fault_status"], request)
         operation = etree.QName(soap_body[0]).localname
         username, authorized, reason = self._check_security(envelope, operation)
-        self.requests.append(SeenRequest(request.path, operation, username, authorized, reason))
+        token = soap_body[0].findtext("{*}ProfileToken")
+        self.requests.append(SeenRequest(request.path, operation, username, authorized, reason,
+                                         token))
         if not authorized:
             return self._fault("NotAuthorized", self._meta["auth_fault_status"], request)
-        token = soap_body[0].findtext("{*}ProfileToken")
         name = f"{operation}@{token}" if f"{operation}@{token}" in self._files else operation
         template = self._files.get(name)
         if template is None:

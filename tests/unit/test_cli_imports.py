@@ -72,7 +72,15 @@ def test_token_commands_load_no_daemon_module(tmp_path: Path, config: str) -> No
 
 
 def test_the_probe_sees_a_daemon_import(tmp_path: Path) -> None:
-    """The check above can fail: importing the composition root is seen as loading aiohttp,
-    aiortc and PyAV."""
+    """The checks here can fail: importing the composition root is seen as loading aiohttp,
+    and importing a WebRTC session as loading aiortc, aioice and PyAV."""
+    assert "aiohttp" in loaded_after([], tmp_path, first="import agent.app\n")
+    loaded = loaded_after([], tmp_path, first="import agent.webrtc.session\n")
+    assert {"aiortc", "aioice", "av"} <= set(loaded)
+
+
+def test_the_daemon_loads_webrtc_pyav_and_onvif_on_demand(tmp_path: Path) -> None:
+    """The daemon's modules leave the WebRTC stack, PyAV and the ONVIF client to the first
+    viewer, pull or camera query (agent/webrtc/stack.py): an idle agent does without them."""
     loaded = loaded_after([], tmp_path, first="import agent.app\n")
-    assert {"aiohttp", "aiortc", "av"} <= set(loaded)
+    assert not {"aiortc", "aioice", "av", "zeep"} & set(loaded), loaded

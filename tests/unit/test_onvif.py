@@ -9,6 +9,7 @@ from agent.discovery.onvif import (
     OnvifError,
     OnvifProfile,
     OnvifProfileError,
+    choice_note,
     choose_profile,
     with_host,
 )
@@ -31,6 +32,8 @@ HIK = device(profile("Profile_1", "H264", 1920, 1080), profile("Profile_2", "H26
 DAHUA = device(profile("Profile000", "H265", 2560, 1440), profile("Profile001", "H264", 704, 576))
 SAME_SIZE = device(profile("a", "H264", 1280, 720, fps=15), profile("b", "H264", 1280, 720, fps=30))
 NO_URI = device(profile("big", "H264", 3840, 2160, uri=None), profile("small", "H264", 640, 480))
+ONLY_H265 = device(profile("big", "H265", 2560, 1440), profile("small", "H265", 640, 360),
+                   profile("jpeg", "JPEG", 3840, 2160))
 UNKNOWN_SIZE = device(profile("x", "H264", None, None), profile("y", "H264", 320, 240))
 
 
@@ -47,6 +50,9 @@ UNKNOWN_SIZE = device(profile("x", "H264", None, None), profile("y", "H264", 320
         (NO_URI, "main", "small"),  # a profile without a stream URI cannot be pulled
         (UNKNOWN_SIZE, "main", "y"),
         (UNKNOWN_SIZE, "sub", "x"),
+        (ONLY_H265, "main", "big"),  # no H.264 at all: the H.265 streams, main and sub
+        (ONLY_H265, "sub", "small"),
+        (DAHUA, "Profile000", "Profile000"),  # the installer's choice wins
     ],
 )
 def test_choose_profile(dev: OnvifDevice, want: str, token: str) -> None:
@@ -56,8 +62,8 @@ def test_choose_profile(dev: OnvifDevice, want: str, token: str) -> None:
 @pytest.mark.parametrize(
     ("dev", "want", "says"),
     [
-        (device(profile("p", "H265", 1920, 1080)), "main",
-         "no H.264 stream (its profiles: p H265 1920x1080)"),
+        (device(profile("p", "JPEG", 1920, 1080)), "main",
+         "no H.264 or H.265 stream (its profiles: p JPEG 1920x1080)"),
         (device(), "sub", "its profiles: none"),
         (HIK, "Profile_9",
          "no profile 'Profile_9' (its profiles: Profile_1, Profile_2, Profile_3)"),
@@ -92,3 +98,23 @@ def test_with_host(uri: str, host: str, expected: str) -> None:
 def test_with_host_needs_an_absolute_uri() -> None:
     with pytest.raises(ValueError, match="not an absolute URI"):
         with_host("/Streaming/Channels/101", "10.0.0.7")
+
+
+@pytest.mark.parametrize(
+    ("dev", "want", "says"),
+    [
+        (DAHUA, "main", "profile 'Profile001' (H.264) chosen over 'Profile000' (H.265): "
+                        "browsers play H.264 over WebRTC; --profile Profile000 takes"),
+        (DAHUA, "sub", "chosen over 'Profile000' (H.265)"),
+        (ONLY_H265, "main", "profile 'big' is H.265 (the camera has no H.264 stream)"),
+        (DAHUA, "Profile000", None),  # chosen by the installer: nothing to explain
+        (HIK, "main", None),  # nothing H.265 to choose against
+    ],
+)
+def test_choice_note_says_why_a_codec_was_taken(dev: OnvifDevice, want: str,
+                                                says: str | None) -> None:
+    note = choice_note(dev, want, choose_profile(dev, want))
+    if says is None:
+        assert note is None
+    else:
+        assert note is not None and says in note

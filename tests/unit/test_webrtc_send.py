@@ -173,3 +173,23 @@ def test_the_internals_check_names_what_an_upgrade_removed(
     monkeypatch.delattr(RTCRtpSender, "_send_rtcp")
     with pytest.raises(internals.InternalsChanged, match=r"RTCRtpSender\._send_rtcp is gone"):
         internals.check()
+
+
+def test_the_internals_check_names_the_codec_table_and_transceiver_codecs(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """H.265 relies on aiortc's codec table and a transceiver's negotiated codecs: an
+    upgrade that renames either fails here with its name."""
+    import aiortc.codecs
+
+    monkeypatch.delattr(aiortc.codecs, "CODECS")
+    with pytest.raises(internals.InternalsChanged, match=r"aiortc\.codecs\.CODECS is gone"):
+        internals.check()
+    with pytest.raises(internals.InternalsChanged, match=r"aiortc\.codecs\.CODECS is gone"):
+        internals.register_h265()
+    monkeypatch.undo()
+
+    class Renamed:  # a transceiver of a release that calls its codecs something else
+        pass
+
+    with pytest.raises(internals.InternalsChanged, match=r"RTCRtpTransceiver\._codecs"):
+        internals.set_codecs(Renamed(), [])  # type: ignore[arg-type]

@@ -2,6 +2,9 @@
 
 ``open()`` connects and describes the streams; ``read()`` returns the next packet (pacing
 itself in real time where the source is not live); ``close()`` releases everything.
+
+The sources import PyAV (~19 MB of memory), so they are imported by ``make_source``, which
+the hub calls in its pull thread: an agent whose cameras nobody watches never loads it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ class Source(Protocol):
 
 def make_source(camera: CameraConfig, timeout: float) -> Source:
     """The source for ``cameras[].source``; credentials from the URL, a file or a credential."""
+    from agent.media.sources.pyav import file_source, rtsp_source  # noqa: PLC0415 (PyAV)
+    from agent.media.sources.testsrc import TestPatternSource  # noqa: PLC0415 (PyAV)
+
     scheme = camera.source.partition("://")[0].lower()
     if scheme == "testsrc":
         return TestPatternSource(camera.source)
@@ -39,8 +45,3 @@ def make_source(camera: CameraConfig, timeout: float) -> Source:
     return rtsp_source(camera.source, transport=camera.transport, timeout=timeout,
                        username=camera.username, password=password, audio_mode=camera.audio,
                        camera_id=camera.id, rule=camera.rtsp_auth)
-
-
-# At the end: these modules import Source's neighbours, not this package's names.
-from agent.media.sources.pyav import file_source, rtsp_source  # noqa: E402
-from agent.media.sources.testsrc import TestPatternSource  # noqa: E402

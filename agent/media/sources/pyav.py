@@ -47,6 +47,11 @@ def with_credentials(url: str, username: str | None, password: str | None) -> st
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: Seconds an RTSP server gets to tear down what the login's DESCRIBE prepared, after it
+#: answered FFmpeg's DESCRIBE with a 5xx (GStreamer here: 0.05 s was enough, at once was not).
+SETTLE_AFTER_LOGIN = 0.3
+
+
 def describe_error(exc: BaseException) -> str:
     """A camera failure in words an installer can act on (no credentials)."""
     if isinstance(exc, av.error.HTTPUnauthorizedError):
@@ -110,7 +115,7 @@ class PyAVSource:
         deadline = time.monotonic() + self._open_deadline if self._open_deadline else None
         url = self._url if self._login is None else self._login(self._open_deadline or 60.0)
         try:
-            container = self._open_container(url, {**self._options, **FAST_OPEN}, deadline)
+            container = self._first_open(url, deadline)
             video = container.streams.video[0] if container.streams.video else None
             if video is not None and not video.codec_context.width:
                 container.close()
@@ -155,6 +160,18 @@ class PyAVSource:
         self._packets = container.demux(streams)
         fps = float(video.average_rate) if video.average_rate else None
         return StreamInfo(codec, ctx.width, ctx.height, fps, self._parameter_sets, audio_info)
+
+    def _first_open(self, url: str, deadline: float | None) -> Any:
+        try:
+            return self._open_container(url, {**self._options, **FAST_OPEN}, deadline)
+        except av.error.HTTPServerError:
+            if self._login is None:
+                raise
+            # The login's DESCRIBE (no credentials) made an open camera prepare its stream
+            # and then saw the connection close; GStreamer-based servers answer the next
+            # DESCRIBE 503 while they tear that down (docs/field-notes.md).
+            time.sleep(SETTLE_AFTER_LOGIN)
+            return self._open_container(url, {**self._options, **FAST_OPEN}, deadline)
 
     def _open_container(self, url: str, options: dict[str, str], deadline: float | None) -> Any:
         """``av.open`` bounded by what is left of ``deadline``.
