@@ -165,6 +165,25 @@ def test_the_out_of_band_parameter_sets_serve_when_the_keyframe_lacks_them(
         fmp4.video_track("mjpeg", W, H, bare)
 
 
+def test_every_pps_id_is_kept_and_in_band_sets_win(h264: list[tuple[bytes, bool]]) -> None:
+    keyframe = h264[0][0]
+    nals = fmp4.split_nals(keyframe)
+    sps = next(n for n in nals if n[0] & 0x1F == 7)
+    pps = next(n for n in nals if n[0] & 0x1F == 8)
+    other_id = b"\x68\x50\x80"  # pic_parameter_set_id ue(v) '010' = 1
+    same_id = b"\x68\xff\x00"  # id '1' = 0, other bytes: loses to the in-band PPS 0
+    sdp = b"".join(b"\x00\x00\x00\x01" + n for n in (sps, same_id, other_id))
+    box = fmp4.video_track("h264", W, H, keyframe, sdp).config_box
+    pos = 14  # after the header, version, profile, compat, level, lengthSize, SPS count
+    assert box[13] & 0x1F == 1
+    pos += 2 + struct.unpack_from(">H", box, pos)[0]
+    assert box[pos] == 2  # two PPS
+    first = struct.unpack_from(">H", box, pos + 1)[0]
+    assert box[pos + 3:pos + 3 + first] == pps
+    second_at = pos + 3 + first
+    assert box[second_at + 2:second_at + 2 + len(other_id)] == other_id
+
+
 # -- boxes -----------------------------------------------------------------------------------
 
 
