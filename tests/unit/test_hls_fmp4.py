@@ -272,6 +272,47 @@ def test_parts_and_segments() -> None:
     assert s.complete[1].program_date == pytest.approx(s.complete[0].program_date + 2.0)
 
 
+def test_a_part_is_published_when_its_last_frame_arrives() -> None:
+    s = Segmenter(part_target=0.5, segment_target=2.0, max_segments=3, max_bytes=10**9)
+    published = [s.push(bytes(10), i * 6000, i % 15 == 0, 0.0) for i in range(40)]
+    # 7 frames of 1/15 s fit in 0.5 s: parts end with frames 6, 13, 20 and 27 as they
+    # arrive; frames 28-29 end the segment, which only the keyframe at 30 can tell; 36.
+    assert [i for i, p in enumerate(published) if p] == [6, 13, 20, 27, 30, 36]
+
+
+def test_decode_times_follow_the_camera_despite_jitter() -> None:
+    """Frames arrive with uneven timestamps: the parts' tfdt and durations stay continuous
+    and end where the camera's timestamps say, whatever the early estimates were."""
+    import random
+
+    rng = random.Random(3)
+    s = Segmenter(part_target=0.5, segment_target=2.0, max_segments=10, max_bytes=10**9)
+    dts, stamps = 0, []
+    for i in range(15 * 9 + 1):
+        stamps.append(dts)
+        s.push(bytes(10), dts, i % 15 == 0, 0.0)
+        dts += 6000 + rng.randint(-1500, 1500)
+    expected = stamps[0]
+    for segment in s.complete:
+        assert segment.data is not None
+        for kind, start, end in boxes(segment.data):
+            if kind != b"moof":
+                continue
+            traf = tree(segment.data, start, end)[b"traf"]
+            assert isinstance(traf, dict)
+            (base,) = struct.unpack_from(">Q", traf[b"tfdt"], 4)
+            assert base == expected  # continuous
+            trun = traf[b"trun"]
+            (count,) = struct.unpack_from(">I", trun, 4)
+            durations = struct.unpack_from(f">{3 * count}I", trun, 12)[::3]
+            assert all(d > 0 for d in durations)
+            expected += sum(durations)
+    # the last complete segment ends at the keyframe that began the next one, give or take
+    # the frame whose estimate the next frame corrects
+    last_key = stamps[15 * 8]
+    assert abs(expected - last_key) <= 1500
+
+
 def test_a_long_gop_makes_long_segments_and_the_target_duration_follows() -> None:
     s = Segmenter(part_target=0.5, segment_target=2.0, max_segments=5, max_bytes=10**9)
     feed(s, 15 * 8 + 1, gop=60)  # keyframes every 4 s
