@@ -96,8 +96,9 @@ class Segmenter:
             current = self.current
             if keyframe and current is not None and (
                     current.duration + self._part_ticks / TICKS >= 0.9 * self.segment_target):
-                published |= self._close_part()
+                self._close_part()
                 self._close_segment(now)
+                published = True  # a complete segment, even if its last part went out before
             elif self._part_ticks + real > target:
                 published |= self._close_part()
         if self.current is None:

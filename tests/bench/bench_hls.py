@@ -59,7 +59,8 @@ def parse(playlist: str) -> tuple[dict[int, float], list[tuple[int, int, float, 
     """Segment dates by msn, and the parts listed: (msn, index, start offset, duration)."""
     dates: dict[int, float] = {}
     parts: list[tuple[int, int, float, float]] = []
-    date: float | None = None
+    date: float | None = None  # of the segment whose lines come next
+    extinf = 0.0
     offsets: dict[int, float] = {}
     for line in playlist.splitlines():
         if (m := _DATE.match(line)) is not None:
@@ -70,8 +71,10 @@ def parse(playlist: str) -> tuple[dict[int, float], list[tuple[int, int, float, 
                 dates[msn] = date
             parts.append((msn, index, offsets.get(msn, 0.0), duration))
             offsets[msn] = offsets.get(msn, 0.0) + duration
-        elif line.startswith("seg"):
-            date = None
+        elif line.startswith("#EXTINF:"):
+            extinf = float(line[8:].rstrip(","))
+        elif line.startswith("seg"):  # the next segment follows it (continuous dates)
+            date = date + extinf if date is not None else None
     return dates, parts
 
 
