@@ -280,6 +280,15 @@ def test_a_part_is_published_when_its_last_frame_arrives() -> None:
     assert [i for i, p in enumerate(published) if p] == [6, 13, 20, 27, 30, 36]
 
 
+def test_a_segment_ending_after_its_last_part_still_counts_as_published() -> None:
+    """30 fps, 0.5 s parts, keyframes every 2 s: the segment's last part goes out with frame
+    59; the keyframe at 60 completes the segment, which waiters (_HLS_msn) must hear of."""
+    s = Segmenter(part_target=0.5, segment_target=2.0, max_segments=3, max_bytes=10**9)
+    published = [s.push(bytes(10), i * 3000, i % 60 == 0, 0.0) for i in range(75)]
+    assert [i for i, p in enumerate(published) if p] == [14, 29, 44, 59, 60, 74]
+    assert s.has(0, None) and len(s.complete[0].parts) == 4
+
+
 def test_decode_times_follow_the_camera_despite_jitter() -> None:
     """Frames arrive with uneven timestamps: the parts' tfdt and durations stay continuous
     and end where the camera's timestamps say, whatever the early estimates were."""
