@@ -210,7 +210,11 @@ class RelayLink:
                 await ws.close(action.code, action.reason)
                 return False
             elif isinstance(action, ApplySync):
-                await self._apply_sync(ws, action)
+                try:
+                    await self._apply_sync(ws, action)
+                finally:  # a big sync's records are freed a chunk at a time
+                    while action.event.tokens.discard(messages.CHUNK * 8):
+                        await asyncio.sleep(0)
             elif isinstance(action, ApplyRevoke):
                 event = action.event
                 known = await asyncio.to_thread(self._store.revoke_relay, event.token_id,
