@@ -14,13 +14,18 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import structlog
 from aiortc import RTCConfiguration
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidStatus,
+)
 from websockets.protocol import State
 
 from agent import __version__
@@ -176,7 +181,7 @@ class RelayLink:
                    loop.create_task(self._report_usage(ws)),
                    loop.create_task(self._heartbeat(ws))]
         try:
-            async for text in ws:
+            async for text in _messages(ws):
                 if self._stopping or not await self._receive(ws, text):
                     break
         finally:
@@ -397,6 +402,25 @@ class RelayLink:
             while True:
                 await asyncio.sleep(INVENTORY_EVERY)
                 await self._perform(ws, self.protocol.inventory(self._inventory()))
+
+
+async def _messages(ws: ClientConnection) -> AsyncIterator[str | bytes]:
+    """The relay's messages until it closes normally, as ``async for message in ws`` gives
+    them, except that a message sent in fragments (a big tokens.sync, 1 MiB each) is
+    decoded one fragment per event-loop step and joined once: websockets decoding 25 MiB
+    at once was one step of 30-50 ms (docs/field-notes.md)."""
+    while True:
+        parts: list[str | bytes] = []
+        try:
+            async for fragment in ws.recv_streaming():
+                parts.append(fragment)
+                await asyncio.sleep(0)
+        except ConnectionClosedOK:
+            return
+        if isinstance(parts[0], str):
+            yield "".join(p for p in parts if isinstance(p, str))
+        else:  # binary: refused by the protocol (4009), whatever it holds
+            yield b"".join(p for p in parts if isinstance(p, bytes))
 
 
 async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:
