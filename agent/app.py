@@ -7,6 +7,7 @@ import gc
 import importlib
 import signal
 import ssl
+import sys
 import time
 from collections import Counter
 from dataclasses import fields, replace
@@ -93,17 +94,31 @@ def build_access(config: Config, store: TokenStore) -> AccessService:
     )
 
 
-def settle_heap() -> None:
-    """Collect the start-up garbage, then move every object alive now (the imported modules
-    of aiortc, PyAV, aiohttp…, the config) into the collector's permanent generation.
+#: How long a thread holding the GIL runs before it must hand it to a waiting thread
+#: (CPython's default is 5 ms). See tune_interpreter().
+SWITCH_INTERVAL = 0.001
 
-    They live as long as the process, yet each full (generation 2) collection walked all of
-    them again: 80,000 objects, 55-130 ms with the event loop stopped (docs/field-notes.md).
-    Frozen objects are still freed when their last reference goes; only a reference cycle
-    among them would stay, and the collect() first leaves none from start-up. Call once,
-    before serving (it blocks for one full collection)."""
+
+def tune_interpreter() -> None:
+    """Process-wide interpreter settings for a responsive event loop (docs/field-notes.md,
+    "CPython and a big tokens.sync"). Call once, before serving: it blocks for one full
+    garbage collection.
+
+    - The garbage collector: collect the start-up garbage, then move every object alive now
+      (the imported modules of aiortc, PyAV, aiohttp…, the config) to the collector's
+      permanent generation. They live as long as the process, yet each full collection
+      walked them all again: ~80,000 objects, 55-130 ms with the event loop stopped.
+      Frozen objects are still freed when their last reference goes; only a reference
+      cycle among them would stay, and the collect() first leaves none.
+    - The GIL: while a worker thread runs Python (the store applying a 100,000-token relay
+      sync for seconds), the event loop waits up to the switch interval each time it wants
+      the GIL back, several times per loop iteration. 1 ms instead of 5 ms took the loop's
+      worst lag during such a sync from 55-105 ms to 21-35 ms, the sync as fast; the cost
+      is more thread switches while several threads are busy.
+    """
     gc.collect()
     gc.freeze()
+    sys.setswitchinterval(SWITCH_INTERVAL)
 
 
 def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken:
@@ -211,7 +226,7 @@ class Daemon:
             self.db_problem = problem
 
     async def start(self) -> None:
-        settle_heap()
+        tune_interpreter()
         await self.access.start()
         host, port = self.config.http.host_port
         try:

@@ -8,7 +8,7 @@ to trigger it, which holds the GIL) stopped. The index therefore keeps each toke
 CPython stops tracking such a tuple at its first collection, and a dict holding only
 untracked values at the next full one, so 100,000 tokens cost the collector nothing
 (``gc.is_tracked`` says so; tests/unit/test_token_index.py checks it). A record is built
-from its row when asked for (about 3 µs) and the last few hundred are kept built.
+from its row when asked for (about 1.5 µs) and the last few hundred are kept built.
 
 Rows come from :mod:`agent.access.store` (``COLUMNS`` is the order of their values).
 """

@@ -417,10 +417,13 @@ async def _messages(ws: ClientConnection) -> AsyncIterator[str | bytes]:
                 await asyncio.sleep(0)
         except ConnectionClosedOK:
             return
+        message: str | bytes
         if isinstance(parts[0], str):
-            yield "".join(p for p in parts if isinstance(p, str))
+            message = "".join(p for p in parts if isinstance(p, str))
         else:  # binary: refused by the protocol (4009), whatever it holds
-            yield b"".join(p for p in parts if isinstance(p, bytes))
+            message = b"".join(p for p in parts if isinstance(p, bytes))
+        del parts  # not held (another 25 MiB) while the message is handled
+        yield message
 
 
 async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Benchmark: a tokens.sync of 100,000 tokens through the real relay link, and the event loop.
 
 The agent side is the real RelayLink, TokenStore and AccessService in this process, set up
-as the daemon sets them up (``app.settle_heap()`` before they start); the relay is the fake
+as the daemon sets them up (``app.tune_interpreter()`` before they start); the relay is the fake
 (tests/support/fake_relay.py) on 127.0.0.1 in **another process** (this file run with
 ``--relay``), so its own work (serialising 25 MB) is not counted as the agent's. A probe
 asks to run every 5 ms and records how late it ran: first idle for a few seconds (the
@@ -187,7 +187,7 @@ async def measure(count: int, state_dir: Path) -> dict[str, float]:
     state = stores.open_state(config)
     store = state.tokens
     access = app.build_access(config, store)
-    app.settle_heap()  # as the daemon does before it starts serving
+    app.tune_interpreter()  # as the daemon does before it starts serving
     await access.start()
     try:
         relay = await _line(child.stdout)
