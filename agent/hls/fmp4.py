@@ -138,39 +138,60 @@ class VideoTrack:
 
 def video_track(codec: str, width: int, height: int, *annexb: bytes) -> VideoTrack:
     """The track for a stream whose parameter sets are in ``annexb`` (the keyframe first,
-    then the stream's out-of-band parameter sets: the first of each kind wins)."""
+    then the stream's out-of-band parameter sets). Every parameter set id is kept (a camera
+    may use several PPS); for an id given twice, the first wins (in-band over the SDP's)."""
     if codec not in _DROPPED:
         raise Fmp4Error(f"{codec!r} video cannot be carried in HLS here (H.264 or H.265 only)")
     wanted = (H264_SPS, H264_PPS) if codec == "h264" else (HEVC_VPS, HEVC_SPS, HEVC_PPS)
-    found: dict[int, bytes] = {}
+    found: dict[int, dict[int, bytes]] = {k: {} for k in wanted}
     for data in annexb:
         for nal in split_nals(data):
             kind = nal_type(codec, nal) if nal else -1
-            if kind in wanted and kind not in found:
-                found[kind] = nal
-    missing = [k for k in wanted if k not in found]
+            if kind in found:
+                found[kind].setdefault(_set_id(codec, kind, nal), nal)
+    missing = [k for k in wanted if not found[k]]
     if missing:
         names = {H264_SPS: "SPS", H264_PPS: "PPS", HEVC_VPS: "VPS", HEVC_SPS: "SPS",
                  HEVC_PPS: "PPS"}
         raise Fmp4Error("the camera sent no " + "/".join(names[k] for k in missing)
                         + " parameter set (neither in its SDP nor before a keyframe)")
-    sets = b"".join(b"\x00\x00\x00\x01" + found[k] for k in wanted)
+    lists = [list(found[k].values())[:31 if k == H264_SPS else 255] for k in wanted]
+    sets = b"".join(b"\x00\x00\x00\x01" + nal for nals in lists for nal in nals)
     if codec == "h264":
-        box, string = _avcc(found[H264_SPS], found[H264_PPS])
+        box, string = _avcc(*lists)
     else:
-        box, string = _hvcc(found[HEVC_VPS], found[HEVC_SPS], found[HEVC_PPS])
+        box, string = _hvcc(*lists)
     return VideoTrack(codec, width, height, string, box, sets)
+
+
+def _set_id(codec: str, kind: int, nal: bytes) -> int:
+    """The id of a parameter set (-1 if it cannot be read: kept apart from the others)."""
+    try:
+        if codec == "h264":
+            bits = _Bits(_rbsp(nal[1:]))
+            if kind == H264_SPS:
+                bits.u(24)  # profile, constraint flags, level
+            return bits.ue()
+        if kind == HEVC_VPS:
+            return nal[2] >> 4
+        if kind == HEVC_SPS:
+            return parse_hevc_sps(nal).sps_id
+        return _Bits(_rbsp(nal[2:])).ue()
+    except (Fmp4Error, IndexError):
+        return -1
 
 
 _HIGH_PROFILES = frozenset({100, 110, 122, 144, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
 
 
-def _avcc(sps: bytes, pps: bytes) -> tuple[bytes, str]:
+def _avcc(sps_list: list[bytes], pps_list: list[bytes]) -> tuple[bytes, str]:
+    sps = sps_list[0]
     if len(sps) < 4:
         raise Fmp4Error("the H.264 SPS is too short")
     profile, compat, level = sps[1], sps[2], sps[3]
-    body = bytes([1, profile, compat, level, 0xFF, 0xE1]) + struct.pack(">H", len(sps)) + sps
-    body += bytes([1]) + struct.pack(">H", len(pps)) + pps
+    body = bytes([1, profile, compat, level, 0xFF, 0xE0 | len(sps_list)])
+    body += b"".join(struct.pack(">H", len(n)) + n for n in sps_list)
+    body += bytes([len(pps_list)]) + b"".join(struct.pack(">H", len(n)) + n for n in pps_list)
     if profile in _HIGH_PROFILES:  # ISO/IEC 14496-15 5.3.3.1.2: chroma and bit depths
         bits = _Bits(_rbsp(sps[1:]))
         bits.u(24)
@@ -197,6 +218,7 @@ class HevcSps:
     level_idc: int
     max_sub_layers: int
     temporal_id_nesting: int
+    sps_id: int
     chroma_format_idc: int
     width: int
     height: int
@@ -222,7 +244,7 @@ def parse_hevc_sps(nal: bytes) -> HevcSps:
             bits.u(88)
         if level_present:
             bits.u(8)
-    bits.ue()  # sps_seq_parameter_set_id
+    sps_id = bits.ue()
     chroma = bits.ue()
     if chroma == 3:
         bits.u(1)  # separate_colour_plane_flag
@@ -237,7 +259,7 @@ def parse_hevc_sps(nal: bytes) -> HevcSps:
     if chroma > 3 or luma > 8 or chroma_depth > 8:
         raise Fmp4Error("the H.265 SPS holds out-of-range values")
     return HevcSps(space, tier, profile, compat, constraints, level, sub_layers_minus1 + 1,
-                   nesting, chroma, width, height, luma, chroma_depth)
+                   nesting, sps_id, chroma, width, height, luma, chroma_depth)
 
 
 def hevc_codec_string(sps: HevcSps) -> str:
@@ -249,15 +271,16 @@ def hevc_codec_string(sps: HevcSps) -> str:
     return text + "".join(f".{b:X}" for b in constraints)
 
 
-def _hvcc(vps: bytes, sps_nal: bytes, pps: bytes) -> tuple[bytes, str]:
-    sps = parse_hevc_sps(sps_nal)
+def _hvcc(vps: list[bytes], sps_nals: list[bytes], pps: list[bytes]) -> tuple[bytes, str]:
+    sps = parse_hevc_sps(sps_nals[0])
     body = bytes([1, (sps.profile_space << 6) | (sps.tier << 5) | sps.profile_idc])
     body += _U32.pack(sps.compatibility) + sps.constraints + bytes([sps.level_idc])
     body += struct.pack(">HBBBBH", 0xF000, 0xFC, 0xFC | sps.chroma_format_idc,
                         0xF8 | sps.bit_depth_luma_minus8, 0xF8 | sps.bit_depth_chroma_minus8, 0)
     body += bytes([(min(sps.max_sub_layers, 7) << 3) | (sps.temporal_id_nesting << 2) | 3, 3])
-    for kind, nal in ((HEVC_VPS, vps), (HEVC_SPS, sps_nal), (HEVC_PPS, pps)):
-        body += bytes([0x80 | kind]) + struct.pack(">HH", 1, len(nal)) + nal
+    for kind, nals in ((HEVC_VPS, vps), (HEVC_SPS, sps_nals), (HEVC_PPS, pps)):
+        body += bytes([0x80 | kind]) + struct.pack(">H", len(nals))
+        body += b"".join(struct.pack(">H", len(n)) + n for n in nals)
     return box(b"hvcC", body), hevc_codec_string(sps)
 
 

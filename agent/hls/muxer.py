@@ -24,6 +24,7 @@ from agent.hls import fmp4
 from agent.hls.segmenter import TICKS, Segmenter
 from agent.media.consumer import Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
+from agent.media.stream import StreamInfo
 
 log = structlog.get_logger(__name__)
 
@@ -48,8 +49,9 @@ class HlsMuxer:
         self._dts = 0
         self._delta = TICKS // 30
         self.stopped = False
-        #: For the latency benchmark: monotonic time each part was published, by (msn, i).
-        self.published_at: dict[tuple[int, int], float] = {}
+        #: The camera came back with other parameter sets or size: this muxer has ended.
+        self.stream_changed = False
+        self._info: StreamInfo | None = None  # what the track was made from
 
     def start(self) -> None:
         self._consumer = self.hub.subscribe(video=True)
@@ -99,6 +101,9 @@ class HlsMuxer:
                 if track is None and (not packet.keyframe or (
                         track := self._start_track(packet.data)) is None):
                     continue
+                if packet.keyframe and self.hub.info is not self._info and self._stream_differs(
+                        track, packet.data):
+                    return
                 sample = fmp4.length_prefixed(track.codec, packet.data)
                 if self.segmenter.push(sample, self._dts, packet.keyframe, time.time()):
                     self._published()
@@ -106,6 +111,9 @@ class HlsMuxer:
             return
         finally:
             self.stopped = True
+            if self._consumer is not None:  # ended on its own (stream changed): let go
+                self.hub.unsubscribe(self._consumer)
+                self._consumer = None
             self._notify()
 
     def _advance(self, src: int) -> None:
@@ -119,8 +127,29 @@ class HlsMuxer:
             self._delta = delta
         self._dts += self._delta
 
+    def _stream_differs(self, track: fmp4.VideoTrack, keyframe: bytes) -> bool:
+        """The camera came back (a new StreamInfo): is its video still what the init segment
+        describes? If not, the muxer ends (its sessions with it: players open index.m3u8
+        again and get the new init segment)."""
+        info = self._info = self.hub.info
+        if info is None:
+            return False
+        try:
+            now = fmp4.video_track(info.codec, info.width, info.height, keyframe,
+                                   info.parameter_sets)
+        except fmp4.Fmp4Error:
+            now = None
+        if now is not None and now.parameter_sets == track.parameter_sets and (
+                now.width, now.height) == (track.width, track.height):
+            return False
+        log.info("hls_stream_changed", camera=self.camera_id, was=track.codec_string,
+                 now=now.codec_string if now else None,
+                 size=f"{info.width}x{info.height}")
+        self.stream_changed = True
+        return True
+
     def _start_track(self, keyframe: bytes) -> fmp4.VideoTrack | None:
-        info = self.hub.info
+        info = self._info = self.hub.info
         if info is None:
             return None
         try:
@@ -139,13 +168,4 @@ class HlsMuxer:
         return self.track
 
     def _published(self) -> None:
-        current = self.segmenter.current
-        if current is not None and current.parts:
-            self.published_at[(current.msn, len(current.parts) - 1)] = time.monotonic()
-        elif self.segmenter.complete:
-            last = self.segmenter.complete[-1]
-            self.published_at[(last.msn, len(last.parts) - 1)] = time.monotonic()
-        if len(self.published_at) > 64:
-            for key in sorted(self.published_at)[:-32]:
-                del self.published_at[key]
         self._notify()

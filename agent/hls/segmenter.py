@@ -5,9 +5,11 @@ Segments start at keyframes, once the running segment reached ``segment_target``
 camera whose GOP is longer gets segments of its GOP). Parts (RFC 8216bis 4.4.4.9) are closed
 as soon as one more frame would make them longer than ``part_target``, and at the end of a
 segment; a part that starts with a keyframe is INDEPENDENT. A frame's duration is known when
-the next one arrives, so a part is published one frame after its last frame arrived. A
-segment's bytes are its parts' fragments, joined once; parts are kept only for the segments
-the playlist lists with parts. Every byte string served is built once and shared by every viewer.
+the next one arrives; the last frame of a part goes out when it arrives, with the usual frame
+duration, and the next frame's duration makes up any difference, so parts are published
+without waiting a frame and decode times follow the camera's. A segment's bytes are its
+parts' fragments, joined once; parts are kept only for the segments the playlist lists with
+parts. Every byte string served is built once and shared by every viewer.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class Part:
 class Segment:
     msn: int
     start: int  # 90 kHz
-    program_date: float  # epoch seconds of its first frame
+    program_date: float  # epoch seconds of its first frame (final once complete)
     parts: list[Part] = field(default_factory=list)
     duration: float = 0.0
     data: bytes | None = None  # set once complete
@@ -57,12 +59,17 @@ class Segmenter:
         self.current: Segment | None = None
         self._bytes = 0
         self._sequence = 0  # moof sequence numbers
-        self._pending: tuple[bytes, int, bool] | None = None  # sample data, dts, keyframe
+        #: The frame waiting for its duration: data, dts, keyframe, and the duration it went
+        #: out with if it is already in a part (the last frame of a part goes out at once).
+        self._pending: tuple[bytes, int, bool, int | None] | None = None
+        self._out = 0  # the output clock: decode time of the next frame appended (90 kHz)
+        self._debt = 0  # ticks the output clock owes the camera's (estimates made early)
         self._samples: list[fmp4.Sample] = []
         self._part_start = 0
         self._part_ticks = 0
         self._last_duration = TICKS // 30
         self.longest_part = 0.0
+        self._rendered: bytes | None = None  # the playlist as of the last publication
 
     # -- feeding ------------------------------------------------------------------------------
 
@@ -71,28 +78,55 @@ class Segmenter:
         whether it is a keyframe. The first call must bring a keyframe. True when a part
         (and perhaps a segment) was published."""
         published = False
+        target = self.part_target * TICKS
         pending = self._pending
-        if pending is not None:
-            data, start, key = pending
-            duration = dts - start if dts > start else self._last_duration
-            self._last_duration = duration
-            if self._samples and self._part_ticks + duration > self.part_target * TICKS:
-                published |= self._close_part()
-            if not self._samples:
-                self._part_start = start
-            self._samples.append(fmp4.Sample(data, duration, key))
-            self._part_ticks += duration
+        if pending is None:
+            self._out = dts
+        else:
+            data, start, key, early = pending
+            real = dts - start if dts > start else self._last_duration
+            self._last_duration = real
+            if early is not None:  # it went out with the usual duration: settle the difference
+                self._debt += real - early
+            else:
+                duration = self._settle(real)
+                if self._samples and self._part_ticks + duration > target:
+                    published |= self._close_part()
+                self._append(data, duration, key)
             current = self.current
             if keyframe and current is not None and (
                     current.duration + self._part_ticks / TICKS >= 0.9 * self.segment_target):
                 published |= self._close_part()
                 self._close_segment(now)
-            elif self._part_ticks + duration > self.part_target * TICKS:
+            elif self._part_ticks + real > target:
                 published |= self._close_part()
         if self.current is None:
             self.current = Segment(0, dts, now)
-        self._pending = (sample, dts, keyframe)
+            self._rendered = None
+        # The last frame that fits in the part goes out now, with the usual frame duration
+        # (corrected on the next frame), rather than one frame later.
+        usual = self._last_duration
+        early_duration: int | None = None
+        if (not self._samples or self._part_ticks + usual <= target) and (
+                self._part_ticks + 2 * usual > target):
+            self._append(sample, self._settle(usual), keyframe)
+            early_duration = usual
+            published |= self._close_part()
+        self._pending = (sample, dts, keyframe, early_duration)
         return published
+
+    def _settle(self, real: int) -> int:
+        """A frame's duration on the output clock: its own, plus what earlier estimates owe."""
+        duration = max(1, real + self._debt)
+        self._debt += real - duration
+        return duration
+
+    def _append(self, data: bytes, duration: int, keyframe: bool) -> None:
+        if not self._samples:
+            self._part_start = self._out
+        self._samples.append(fmp4.Sample(data, duration, keyframe))
+        self._part_ticks += duration
+        self._out += duration
 
     def _close_part(self) -> bool:
         if not self._samples or self.current is None:
@@ -101,6 +135,7 @@ class Segmenter:
         data = fmp4.fragment(self._sequence, self._part_start, self._samples)
         duration = self._part_ticks / TICKS
         self.current.parts.append(Part(data, duration, self._samples[0].keyframe))
+        self._rendered = None
         self.current.duration += duration
         self.current.size += len(data)
         self.longest_part = max(self.longest_part, duration)
@@ -112,10 +147,22 @@ class Segmenter:
         done = self.current
         assert done is not None
         done.data = b"".join(p.data for p in done.parts)
+        # Its date (EXT-X-PROGRAM-DATE-TIME), fixed before any playlist lists it: when its
+        # first frame reached the agent, taken as now minus its duration (a first segment
+        # replayed fast from the GOP cache is dated back right), and continuous with the
+        # previous one (players such as GStreamer's check that), unless the camera's clock
+        # and ours parted by a second (a reconnect).
+        first_frame = now - done.duration
+        if self.complete:
+            previous = self.complete[-1]
+            follows = previous.program_date + previous.duration
+            done.program_date = follows if abs(follows - first_frame) < 1.0 else first_frame
+        else:
+            done.program_date = first_frame
         self.complete.append(done)
         self._bytes += done.size
-        # its date: when its keyframe reached the agent (EXT-X-PROGRAM-DATE-TIME)
         self.current = Segment(done.msn + 1, done.start + round(done.duration * TICKS), now)
+        self._rendered = None
         while len(self.complete) > self._max_segments or (
                 self._bytes > self._max_bytes and len(self.complete) > 1):
             self._bytes -= self.complete.pop(0).size
@@ -185,6 +232,12 @@ class Segmenter:
 
     def advertised_part_target(self) -> float:
         return max(self.part_target, self.longest_part)
+
+    def playlist_bytes(self) -> bytes:
+        """``playlist()`` encoded, made once per publication for every viewer."""
+        if self._rendered is None:
+            self._rendered = self.playlist().encode()
+        return self._rendered
 
     def playlist(self) -> str:
         """The LL-HLS media playlist (RFC 8216bis) as it stands now."""

@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,11 +83,13 @@ class HlsServer:
         self._sessions: dict[str, _Session] = {}
         self._muxers: dict[str, HlsMuxer] = {}
         self._used: dict[str, float] = {}  # camera id -> monotonic time of its last request
+        self._opening: Counter[str] = Counter()  # index.m3u8 requests waiting, per camera
         self._blocking = 0
         self._housekeeping: asyncio.Task[None] | None = None
 
     def routes(self, app: web.Application) -> None:
-        app.router.add_get("/hls/{camera}/index.m3u8", self.index)
+        # no HEAD: each answer opens a live session
+        app.router.add_get("/hls/{camera}/index.m3u8", self.index, allow_head=False)
         app.router.add_get("/hls/{camera}/s/{sid}/live.m3u8", self.media_playlist)
         app.router.add_get("/hls/{camera}/s/{sid}/init.mp4", self.init)
         app.router.add_get("/hls/{camera}/s/{sid}/{name}", self.media)
@@ -97,9 +100,6 @@ class HlsServer:
 
     def sessions(self, camera_id: str) -> int:
         return sum(1 for s in self._sessions.values() if s.camera_id == camera_id)
-
-    def muxer(self, camera_id: str) -> HlsMuxer | None:
-        return self._muxers.get(camera_id)
 
     # -- the multivariant playlist: the token, once ------------------------------------------
 
@@ -114,6 +114,7 @@ class HlsServer:
         if isinstance(admission, Refusal):
             return error(admission.status, admission.code, admission.message,
                          **{"Retry-After": str(admission.retry_after)})
+        self._opening[camera.id] += 1  # the muxer stays while we wait for the camera
         try:
             muxer = await self._ready_muxer(camera)
             if isinstance(muxer, web.Response):
@@ -133,6 +134,8 @@ class HlsServer:
         except BaseException:
             admission.release()
             raise
+        finally:
+            self._opening[camera.id] -= 1
         self._sessions[session.sid] = session
         log.info("hls_session_started", camera=camera.id, session=access.id,
                  token_id=decision.token_id, peer_ip=ip)
@@ -193,6 +196,25 @@ class HlsServer:
 
     # -- the session's requests ----------------------------------------------------------------
 
+    def _session_muxer(self, session: _Session) -> HlsMuxer | None:
+        """The muxer serving ``session``'s camera; None (the session ended) if the camera is
+        gone or came back with a different stream (a new init segment: open index.m3u8
+        again)."""
+        camera = self._cameras.get(session.camera_id)
+        if camera is None:
+            return None
+        muxer = self._muxers.get(camera.id)
+        if muxer is not None and muxer.stream_changed:
+            self._stream_changed(camera.id)
+            return None
+        return self._muxer(camera)
+
+    def _stream_changed(self, camera_id: str) -> None:
+        for other in list(self._sessions.values()):
+            if other.camera_id == camera_id:
+                self._end(other, "stream_changed")
+        self._muxers.pop(camera_id, None)
+
     def _session(self, request: web.Request) -> _Session | None:
         session = self._sessions.get(request.match_info["sid"])
         if (session is None or session.ended or session.camera_id != request.match_info["camera"]
@@ -218,10 +240,9 @@ class HlsServer:
         for name, text in (("_HLS_msn", msn_text), ("_HLS_part", part_text)):
             if text is not None and not _NUMBER.fullmatch(text):
                 return error(400, "bad_request", f"{name} must be a whole number")
-        camera = self._cameras.get(session.camera_id)
-        if camera is None:
+        muxer = self._session_muxer(session)
+        if muxer is None:
             return _unknown_session()
-        muxer = self._muxer(camera)
         segmenter = muxer.segmenter
         timeout = 3 * max(self._section.segment_duration, segmenter.target_duration())
         if msn_text is None:
@@ -241,7 +262,7 @@ class HlsServer:
             return error(503, "not_available",
                          "the camera sent nothing new in time: it may be offline",
                          **{"Retry-After": "1"})
-        return self._serve(session, segmenter.playlist().encode(), PLAYLIST, "no-cache")
+        return self._serve(session, segmenter.playlist_bytes(), PLAYLIST, "no-cache")
 
     async def _blocking_wait(self, session: _Session, muxer: HlsMuxer,
                              predicate: Callable[[], bool], timeout: float,
@@ -270,10 +291,9 @@ class HlsServer:
         session = self._session(request)
         if session is None:
             return _unknown_session()
-        camera = self._cameras.get(session.camera_id)
-        if camera is None:
+        muxer = self._session_muxer(session)
+        if muxer is None:
             return _unknown_session()
-        muxer = self._muxer(camera)
         waited = await self._blocking_wait(session, muxer, lambda: muxer.init is not None,
                                            self._timeout)
         if isinstance(waited, web.Response):
@@ -289,10 +309,9 @@ class HlsServer:
         session = self._session(request)
         if session is None:
             return _unknown_session()
-        camera = self._cameras.get(session.camera_id)
-        if camera is None:
+        muxer = self._session_muxer(session)
+        if muxer is None:
             return _unknown_session()
-        muxer = self._muxer(camera)
         segmenter = muxer.segmenter
         name = request.match_info["name"]
         if (match := _SEGMENT.fullmatch(name)) is not None:
@@ -342,8 +361,10 @@ class HlsServer:
                         self._section.session_timeout:
                     self._end(session, "idle_timeout")
             for camera_id, muxer in list(self._muxers.items()):
-                if not self.sessions(camera_id) and now - self._used.get(camera_id, 0) > \
-                        MUXER_RELEASE:
+                if muxer.stream_changed:
+                    self._stream_changed(camera_id)
+                elif not self.sessions(camera_id) and not self._opening[camera_id] and (
+                        now - self._used.get(camera_id, 0) > MUXER_RELEASE):
                     del self._muxers[camera_id]
                     await muxer.stop()
 

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -18,9 +19,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.support.agent import AgentProcess, wait_until
 from tests.support.camera import RtspCamera, needs_rtsp_server
+from tests.support.netns import free_port
 
 pytestmark = needs_rtsp_server
 
@@ -137,6 +140,28 @@ async def test_ffmpeg_plays_with_the_token_in_a_header_or_in_the_index_url_only(
     assert secret not in agent.log_path.read_text()
 
 
+async def test_gstreamer_plays_it(agent: AgentProcess, tmp_path: Path) -> None:
+    """GStreamer 1.22's hlsdemux2 (through playbin3), the token in the index URL only. It
+    cannot follow a live playlist whose first answer lists a single segment (its playlist
+    sync skips the first entry: docs/field-notes.md), which is what a muxer that has just
+    started answers; so another viewer has the muxer running for two segments first."""
+    _, secret = await agent.token("--camera", "cam", "--protocol", "hls")
+    base = await open_session(agent, "cam", secret)
+
+    async def two_segments() -> bool:
+        return len(re.findall(r"^seg\d+\.m4s$", (await get(base + "live.m3u8"))[2].decode(),
+                              re.M)) >= 2
+
+    await wait_until(two_segments, timeout=15, step=0.5)
+    out = tmp_path / "frames.raw"
+    rc, _, err = await run(
+        "gst-launch-1.0", "-q", "playbin3", "flags=0x1", f"uri={index_url(agent, 'cam', secret)}",
+        f"video-sink=videoconvert ! video/x-raw,format=GRAY8 ! identity eos-after=31 ! "
+        f"filesink location={out}")
+    assert rc == 0, err.decode()[-2000:]
+    assert out.stat().st_size == 30 * W * H  # identity passes N-1 buffers, then EOS
+
+
 async def test_the_token_is_in_no_later_url(agent: AgentProcess) -> None:
     _, secret = await agent.token("--camera", "cam")
     status, _, body = await get(index_url(agent, "cam", secret))
@@ -198,6 +223,27 @@ async def test_denials(agent: AgentProcess) -> None:
     for camera, token, expected in cases:
         status, _, body = await get(index_url(agent, camera), token)
         assert status == expected, (camera, body)
+
+
+async def test_other_origins_may_play_it(agent: AgentProcess) -> None:
+    """A player on another origin (hls.js on some page): CORS on every HLS answer, and a
+    preflight for the Authorization header. HEAD on index.m3u8 opens no session: 405."""
+    _, secret = await agent.token("--camera", "cam")
+    async with aiohttp.ClientSession() as http:
+        async with http.options(index_url(agent, "cam"), headers={
+                "Origin": "http://elsewhere.example", "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Headers": "authorization"}) as r:
+            assert r.status == 204
+            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+        async with http.get(index_url(agent, "cam"), headers={
+                "Origin": "http://elsewhere.example", "Authorization": f"Bearer {secret}"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+            variant = (await r.text()).strip().splitlines()[-1]
+        async with http.get(f"{agent.base}/hls/cam/{variant}",
+                            headers={"Origin": "http://elsewhere.example"}) as r:
+            assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "*"
+        async with http.head(index_url(agent, "cam", secret)) as r:
+            assert r.status == 405
 
 
 async def test_revocation_ends_the_session_within_a_second(agent: AgentProcess) -> None:
@@ -295,8 +341,8 @@ async def test_bad_blocking_reload_parameters_get_400(agent: AgentProcess) -> No
     _, secret = await agent.token("--camera", "cam")
     base = await open_session(agent, "cam", secret)
     _, _, playlist = await get(base + "live.m3u8")
-    msn, part = _next_part(playlist.decode())
-    for query in (f"_HLS_msn={msn + 5}", f"_HLS_msn={msn}&_HLS_part={part + 10}",
+    msn, _ = _next_part(playlist.decode())  # the running segment: it may end meanwhile
+    for query in (f"_HLS_msn={msn + 5}", f"_HLS_msn={msn + 1}&_HLS_part=10",
                   "_HLS_msn=99999999999999999999", "_HLS_msn=" + "9" * 5000,
                   "_HLS_part=1", "_HLS_msn=-1", "_HLS_msn=abc", "_HLS_msn=1&_HLS_part=x",
                   f"_HLS_msn={msn}&_HLS_part=1000000"):
@@ -359,5 +405,62 @@ async def test_a_disabled_hls_serves_nothing(tmp_path: Path) -> None:
         assert (await get(index_url(agent, "cam"), secret))[0] == 404
         _, _, body = await get(f"{agent.base}/api/v1/cameras", secret)
         assert json.loads(body)["cameras"][0]["hls_url"] is None
+    finally:
+        assert await agent.stop() == 0
+
+
+async def test_a_camera_back_with_another_size_ends_its_sessions(tmp_path: Path) -> None:
+    """The init segment describes the camera's parameter sets: when the camera comes back
+    with others (here another size), its HLS sessions end (stream_changed) and a new
+    index.m3u8 serves the new stream."""
+    port = free_port()
+    camera = await asyncio.to_thread(RtspCamera.start, port, width=W, height=H, fps=15,
+                                     gop=15, bitrate=300)
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam", "source": camera.url}],
+                                     media={"camera_timeout": 2.0})
+    try:
+        token_id, secret = await agent.token("--camera", "cam")
+        base = await open_session(agent, "cam", secret)
+        assert (await get(base + "live.m3u8"))[0] == 200
+        await asyncio.to_thread(camera.stop)
+        camera = await asyncio.to_thread(RtspCamera.start, port, width=160, height=120,
+                                         fps=15, gop=15, bitrate=200)
+
+        async def ended() -> bool:
+            return (await get(base + "live.m3u8"))[0] == 401
+
+        await wait_until(ended, timeout=30, step=0.5)
+        (entry,) = await agent.audit("--token", token_id, "--event", "session.ended")
+        assert entry["reason"] == "stream_changed"
+        status, _, body = await get(index_url(agent, "cam"), secret)
+        assert status == 200 and b"RESOLUTION=160x120" in body
+        rc, out, err = await ffmpeg_frames(index_url(agent, "cam", secret), 10)
+        assert rc == 0 and len(out) == 10 * 160 * 120, err.decode()
+    finally:
+        assert await agent.stop() == 0
+        await asyncio.to_thread(camera.stop)
+
+
+async def test_removing_the_camera_ends_its_hls_sessions(tmp_path: Path) -> None:
+    agent = await AgentProcess.start(tmp_path, [
+        {"id": "keep", "source": "testsrc://?size=160x120&fps=10&gop=1"},
+        {"id": "gone", "source": "testsrc://?size=160x120&fps=10&gop=1"}])
+    try:
+        token_id, secret = await agent.token("--host")
+        kept = await open_session(agent, "keep", secret)
+        base = await open_session(agent, "gone", secret)
+        assert (await get(base + "live.m3u8"))[0] == 200
+        config = yaml.safe_load(agent.config_path.read_text())
+        config["cameras"] = [c for c in config["cameras"] if c["id"] != "gone"]
+        agent.config_path.write_text(yaml.safe_dump(config))
+        agent.proc.send_signal(signal.SIGHUP)
+
+        async def ended() -> bool:
+            return (await get(base + "live.m3u8"))[0] == 401
+
+        await wait_until(ended, timeout=10)
+        (entry,) = await agent.audit("--token", token_id, "--event", "session.ended")
+        assert entry["reason"] == "camera_removed" and entry["camera"] == "gone"
+        assert (await get(kept + "live.m3u8"))[0] == 200  # the other camera's viewer stays
     finally:
         assert await agent.stop() == 0

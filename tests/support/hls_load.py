@@ -20,6 +20,10 @@ import aiohttp
 
 
 async def main(base: str, camera: str, token: str, sessions: int, requests: int) -> None:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    # every connection first, then every request in one go: they arrive together
+    streams = await asyncio.gather(*(asyncio.open_connection(host, int(port))
+                                     for _ in range(requests)))
     async with aiohttp.ClientSession() as http:
         paths = []
         for _ in range(sessions):
@@ -28,12 +32,15 @@ async def main(base: str, camera: str, token: str, sessions: int, requests: int)
                 assert r.status == 200, await r.text()
                 variant = (await r.text()).strip().splitlines()[-1]
                 paths.append(f"/hls/{camera}/{variant}")
-        host, port = base.removeprefix("http://").rsplit(":", 1)
-        # every connection first, then every request in one go: they arrive together
-        streams = [await asyncio.open_connection(host, int(port)) for _ in range(requests)]
-        async with http.get(base + paths[0]) as r:
-            hint = re.search(r'PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.', await r.text())
-        assert hint is not None
+        while True:  # wait for a segment to begin: the one after it is then ~2 GOPs away
+            async with http.get(base + paths[0]) as r:
+                assert r.status == 200, await r.text()
+                hint = re.search(r'PRELOAD-HINT:TYPE=PART,URI="part(\d+)\.(\d+)\.m4s"',
+                                 await r.text())
+            assert hint is not None
+            if int(hint.group(2)) <= 1:
+                break
+            await asyncio.sleep(0.05)
         msn = int(hint.group(1)) + 1  # the segment after the running one: seconds away
         started = time.monotonic()
         for i, (_, writer) in enumerate(streams):

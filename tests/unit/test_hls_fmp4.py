@@ -10,6 +10,7 @@ import struct
 import subprocess
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import pytest
@@ -23,7 +24,7 @@ W, H, FPS = 160, 96, 15
 def encode(codec: str, frames: int, gop: int, options: dict[str, str] | None = None,
            ) -> list[tuple[bytes, bool]]:
     """``frames`` Annex-B access units of a moving picture, a keyframe every ``gop``."""
-    ctx = av.CodecContext.create(codec, "w")
+    ctx: Any = av.CodecContext.create(codec, "w")
     ctx.width, ctx.height, ctx.pix_fmt = W, H, "yuv420p"
     ctx.time_base = Fraction(1, FPS)
     ctx.framerate = Fraction(FPS)
@@ -164,6 +165,25 @@ def test_the_out_of_band_parameter_sets_serve_when_the_keyframe_lacks_them(
         fmp4.video_track("mjpeg", W, H, bare)
 
 
+def test_every_pps_id_is_kept_and_in_band_sets_win(h264: list[tuple[bytes, bool]]) -> None:
+    keyframe = h264[0][0]
+    nals = fmp4.split_nals(keyframe)
+    sps = next(n for n in nals if n[0] & 0x1F == 7)
+    pps = next(n for n in nals if n[0] & 0x1F == 8)
+    other_id = b"\x68\x50\x80"  # pic_parameter_set_id ue(v) '010' = 1
+    same_id = b"\x68\xff\x00"  # id '1' = 0, other bytes: loses to the in-band PPS 0
+    sdp = b"".join(b"\x00\x00\x00\x01" + n for n in (sps, same_id, other_id))
+    box = fmp4.video_track("h264", W, H, keyframe, sdp).config_box
+    pos = 14  # after the header, version, profile, compat, level, lengthSize, SPS count
+    assert box[13] & 0x1F == 1
+    pos += 2 + struct.unpack_from(">H", box, pos)[0]
+    assert box[pos] == 2  # two PPS
+    first = struct.unpack_from(">H", box, pos + 1)[0]
+    assert box[pos + 3:pos + 3 + first] == pps
+    second_at = pos + 3 + first
+    assert box[second_at + 2:second_at + 2 + len(other_id)] == other_id
+
+
 # -- boxes -----------------------------------------------------------------------------------
 
 
@@ -222,7 +242,7 @@ def test_ffmpeg_reads_and_decodes_init_and_fragments(
                            "-"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0 and not done.stderr, done.stderr
     with av.open(str(path)) as container:  # PyAV too: every frame decodes, in order
-        frames = [f.pts for f in container.decode(video=0)]
+        frames = [f.pts or 0 for f in container.decode(video=0)]
     assert frames == sorted(frames) and len(frames) == 45
 
 
@@ -250,6 +270,47 @@ def test_parts_and_segments() -> None:
     assert s.complete[0].parts[0].data == b""  # bytes of unlisted parts dropped
     assert s.complete[-1].parts[0].data != b""
     assert s.complete[1].program_date == pytest.approx(s.complete[0].program_date + 2.0)
+
+
+def test_a_part_is_published_when_its_last_frame_arrives() -> None:
+    s = Segmenter(part_target=0.5, segment_target=2.0, max_segments=3, max_bytes=10**9)
+    published = [s.push(bytes(10), i * 6000, i % 15 == 0, 0.0) for i in range(40)]
+    # 7 frames of 1/15 s fit in 0.5 s: parts end with frames 6, 13, 20 and 27 as they
+    # arrive; frames 28-29 end the segment, which only the keyframe at 30 can tell; 36.
+    assert [i for i, p in enumerate(published) if p] == [6, 13, 20, 27, 30, 36]
+
+
+def test_decode_times_follow_the_camera_despite_jitter() -> None:
+    """Frames arrive with uneven timestamps: the parts' tfdt and durations stay continuous
+    and end where the camera's timestamps say, whatever the early estimates were."""
+    import random
+
+    rng = random.Random(3)
+    s = Segmenter(part_target=0.5, segment_target=2.0, max_segments=10, max_bytes=10**9)
+    dts, stamps = 0, []
+    for i in range(15 * 9 + 1):
+        stamps.append(dts)
+        s.push(bytes(10), dts, i % 15 == 0, 0.0)
+        dts += 6000 + rng.randint(-1500, 1500)
+    expected = stamps[0]
+    for segment in s.complete:
+        assert segment.data is not None
+        for kind, start, end in boxes(segment.data):
+            if kind != b"moof":
+                continue
+            traf = tree(segment.data, start, end)[b"traf"]
+            assert isinstance(traf, dict)
+            (base,) = struct.unpack_from(">Q", traf[b"tfdt"], 4)
+            assert base == expected  # continuous
+            trun = traf[b"trun"]
+            (count,) = struct.unpack_from(">I", trun, 4)
+            durations = struct.unpack_from(f">{3 * count}I", trun, 12)[::3]
+            assert all(d > 0 for d in durations)
+            expected += sum(durations)
+    # the last complete segment ends at the keyframe that began the next one, give or take
+    # the frame whose estimate the next frame corrects
+    last_key = stamps[15 * 8]
+    assert abs(expected - last_key) <= 1500
 
 
 def test_a_long_gop_makes_long_segments_and_the_target_duration_follows() -> None:
@@ -281,6 +342,11 @@ def test_playlist_text() -> None:
     assert "#EXTINF:2.00000," in lines and "seg1.m4s" in lines
     assert lines[-2] == '#EXT-X-PART:DURATION=0.46667,URI="part2.0.m4s",INDEPENDENT=YES'
     assert lines[-1] == '#EXT-X-PRELOAD-HINT:TYPE=PART,URI="part2.1.m4s"'
+    assert s.playlist_bytes() is s.playlist_bytes()  # made once per publication
+    assert s.playlist_bytes().decode() == s.playlist()
+    for i in range(68, 76):  # 8 more frames: the next part is published
+        s.push(bytes(100), i * 6000, i % 15 == 0, 1_800_000_000.0 + i / FPS)
+    assert s.playlist_bytes().decode() == s.playlist() and "part2.1.m4s" in s.playlist()
 
 
 def test_blocking_reload_positions() -> None:
