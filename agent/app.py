@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import importlib
 import signal
 import ssl
@@ -88,6 +89,27 @@ def build_access(config: Config, store: TokenStore) -> AccessService:
         session_limits=SessionLimits(s.max_total, s.max_per_ip, s.max_pending_per_ip,
                                      retry_after_ip=max(1, round(s.handshake_timeout))),
     )
+
+
+
+def tune_interpreter() -> None:
+    """Process-wide interpreter settings for a responsive event loop (docs/field-notes.md,
+    "CPython and a big tokens.sync"). Call once, before serving: it blocks for one full
+    garbage collection.
+
+    - The garbage collector: collect the start-up garbage, then move every object alive now
+      (the imported modules of aiortc, PyAV, aiohttp…, the config) to the collector's
+      permanent generation. They live as long as the process, yet each full collection
+      walked them all again: ~80,000 objects, 55-130 ms with the event loop stopped.
+      Frozen objects are still freed when their last reference goes; only a reference
+      cycle among them would stay, and the collect() first leaves none.
+
+    The WebRTC stack and PyAV load later, on demand; agent/webrtc/stack.py freezes what
+    they add the same way. (The GIL's switch interval is shortened only while a big relay
+    sync is applied: agent/relay/link.py.)
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def quick_start_token(config: Config, store: TokenStore, now: float) -> NewToken:
@@ -202,6 +224,7 @@ class Daemon:
             self.db_problem = problem
 
     async def start(self) -> None:
+        tune_interpreter()
         await self.access.start()
         host, port = self.config.http.host_port
         try:

@@ -20,13 +20,13 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import replace
 
 import structlog
 
 from agent.access import audit, usage
 from agent.access.audit import AuditEntry
 from agent.access.denials import stored_camera
+from agent.access.index import Row, TokenIndex
 from agent.access.model import Action, Protocol, TokenRecord
 from agent.access.policy import (
     AccessRequest,
@@ -87,7 +87,7 @@ class AccessService:
         self._retention = retention_days * 86400.0
         self._poll = poll_interval
         self._clock = clock
-        self._tokens: dict[str, TokenRecord] = {}
+        self._tokens = TokenIndex()
         self._rev = 0
         self.sessions = SessionRegistry(session_limits)
         self._refreshing: asyncio.Future[None] | None = None
@@ -105,12 +105,16 @@ class AccessService:
         self._published: dict[str, int] = {}
 
     async def start(self) -> None:
-        self._tokens, self._rev = await asyncio.to_thread(self._store.load_all)
+        self._tokens, self._rev = await asyncio.to_thread(self._load)
         # Counts a previous run left (killed) are stale: none of its sessions lives on.
         await asyncio.to_thread(self._store.publish_live_sessions, {}, self._clock())
         self._recorder.start()
         self._task = asyncio.create_task(self._watch(), name="token-watch")
         log.info("access_ready", tokens=len(self._tokens))
+
+    def _load(self) -> tuple[TokenIndex, int]:
+        rows, rev = self._store.load_rows()
+        return TokenIndex(rows), rev
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -309,15 +313,11 @@ class AccessService:
         """The record as the service currently enforces it."""
         return self._tokens.get(token_id)
 
-    def apply_changes(self, records: list[TokenRecord]) -> None:
-        for changed in records:
-            record, known = changed, self._tokens.get(changed.id)
-            if known is not None and known.revoked_at is not None and (
-                    record.revoked_at is None or record.revoked_at > known.revoked_at):
-                # The store refuses this already; enforcement never relies on one guard.
-                log.error("token_unrevoke_ignored", token_id=record.id)
-                record = replace(record, revoked_at=known.revoked_at)
-            self._tokens[record.id] = record
+    def apply_changes(self, rows: list[Row]) -> None:
+        """Take the store's changed rows (compact, agent.access.index) into the index."""
+        for token_id in self._tokens.apply(rows):
+            # The store refuses this already; enforcement never relies on one guard.
+            log.error("token_unrevoke_ignored", token_id=token_id)
 
     def _store_signature(self) -> tuple[int, ...]:
         """Sizes and times of the database files: any commit, by any process, changes them.

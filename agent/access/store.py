@@ -14,9 +14,9 @@ from enum import Enum
 from typing import Any, TypeVar
 
 from agent.access import audit
+from agent.access.index import COLUMNS, Row, compact, record
 from agent.access.model import (
     Origin,
-    Permission,
     Protocol,
     Scope,
     ScopeLevel,
@@ -31,29 +31,12 @@ from agent.errors import NotFoundError, TokenError, TokenLimitError, TokenReadOn
 from agent.state.database import StateDB
 from agent.state.db import next_rev, transaction
 
-_COLUMNS = (
-    "id", "kind", "scope", "secret_hash", "last4", "protocols", "permission", "created_at",
-    "expires_at", "ttl", "label", "created_by", "origin", "revoked_at", "replaced_by",
-    "replaces", "last_used_at", "max_sessions", "rev",
-)
 T = TypeVar("T")
-_SELECT = f"SELECT {', '.join(_COLUMNS)} FROM tokens"
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM tokens"
+#: A relay sync writes its audit entries this many at a time: 100,000 entries held until
+#: the end were as many tracked objects, and full garbage collections (agent.access.index).
+AUDIT_BATCH = 500
 _ACTIVE = "revoked_at IS NULL AND (expires_at IS NULL OR expires_at > ?)"
-
-
-def _record(row: tuple[Any, ...]) -> TokenRecord:
-    (tid, kind, scope, secret_hash, last4, protocols, permission, created_at, expires_at,
-     ttl, label, created_by, origin, revoked_at, replaced_by, replaces, last_used_at,
-     max_sessions, rev) = row
-    return TokenRecord(
-        id=tid, kind=Kind(kind), scope=Scope.parse(scope), secret_hash=bytes(secret_hash),
-        last4=last4, created_at=created_at,
-        protocols=frozenset(Protocol(p) for p in protocols.split(",") if p),
-        permission=Permission(permission) if permission else None, expires_at=expires_at,
-        ttl=ttl, label=label, created_by=created_by, origin=Origin(origin), revoked_at=revoked_at,
-        replaced_by=replaced_by, replaces=replaces, last_used_at=last_used_at,
-        max_sessions=max_sessions, rev=rev,
-    )
 
 
 class _Keep(Enum):
@@ -130,32 +113,38 @@ class TokenStore:
             raise NotFoundError(
                 f"no token with id {token_id!r} (see 'therelay-agent token list')"
             )
-        return _record(row)
+        return record(row)
 
     def list_tokens(
         self, now: float, kind: Kind | None = None, status: Status | None = None
     ) -> list[TokenRecord]:
         with self._lock:
             rows = self._conn.execute(f"{_SELECT} ORDER BY created_at, id").fetchall()
-        records = [_record(r) for r in rows]
+        records = [record(r) for r in rows]
         return [
             r for r in records
             if (kind is None or r.kind is kind) and (status is None or r.status(now) is status)
         ]
 
     def load_all(self) -> tuple[dict[str, TokenRecord], int]:
-        """Every record and the change counter they reflect (for the in-memory index)."""
+        """Every record and the change counter they reflect."""
+        rows, rev = self.load_rows()
+        return {r[0]: record(r) for r in rows}, rev
+
+    def load_rows(self) -> tuple[list[Row], int]:
+        """Every token as a compact row (agent.access.index) and the change counter they
+        reflect: what the access service's index is built from."""
         with self._lock, transaction(self._conn):
             rev = int(self._conn.execute("SELECT value FROM meta WHERE key='rev'").fetchone()[0])
             rows = self._conn.execute(_SELECT).fetchall()
-        return {r[0]: _record(r) for r in rows}, rev
+        return [compact(r) for r in rows], rev
 
-    def changes_since(self, rev: int) -> tuple[list[TokenRecord], int]:
-        """Records changed after ``rev``, and the newest rev."""
+    def changes_since(self, rev: int) -> tuple[list[Row], int]:
+        """Compact rows (agent.access.index) of the tokens changed after ``rev``, and the
+        newest rev."""
         with self._lock:
             rows = self._conn.execute(f"{_SELECT} WHERE rev > ? ORDER BY rev", (rev,)).fetchall()
-        records = [_record(r) for r in rows]
-        return records, max([rev, *(r.rev for r in records)])
+        return [compact(r) for r in rows], max([rev, *(r[-1] for r in rows)])
 
     def _count_active(self, now: float, excluding: str | None = None) -> int:
         row = self._conn.execute(
@@ -399,6 +388,9 @@ class TokenStore:
                              else audit.UPDATED)
                 entries.append(audit.AuditEntry(now, event, token_id=t.id, actor="relay",
                                                 detail={"origin": "relay", "scope": t.scope}))
+                if len(entries) >= AUDIT_BATCH:
+                    audit.append(self._conn, entries)
+                    entries.clear()
             if full:
                 stale = [r[0] for r in self._conn.execute(
                     "SELECT id FROM tokens WHERE origin = 'relay' AND revoked_at IS NULL")
@@ -436,7 +428,7 @@ class TokenStore:
         row = self._conn.execute(f"{_SELECT} WHERE id = ?", (token_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no token with id {token_id!r} (see 'therelay-agent token list')")
-        return _record(row)
+        return record(row)
 
     def _check_new(
         self,
@@ -495,8 +487,8 @@ class TokenStore:
         assert is_public_id(parsed.public_id)
         rev = next_rev(self._conn)
         self._conn.execute(
-            f"INSERT INTO tokens ({', '.join(_COLUMNS)}) VALUES "
-            f"({', '.join('?' * len(_COLUMNS))})",
+            f"INSERT INTO tokens ({', '.join(COLUMNS)}) VALUES "
+            f"({', '.join('?' * len(COLUMNS))})",
             (parsed.public_id, kind.value, str(scope), token_hash(parsed.text),
              parsed.text[-4:], ",".join(sorted(protocols)), None, now, expires_at, ttl, label,
              created_by, Origin.LOCAL.value, None, None, replaces, None, max_sessions, rev),

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from agent.media.stream import rbsp
+
 VIDEO_TIMESCALE = 90_000
 TRACK_ID = 1
 
@@ -75,21 +77,6 @@ def length_prefixed(codec: str, annexb: bytes) -> bytes:
             parts.append(_U32.pack(len(nal)))
             parts.append(nal)
     return b"".join(parts)
-
-
-def _rbsp(nal: bytes) -> bytes:
-    """Emulation prevention bytes (00 00 03) removed (H.264/H.265 7.4.1)."""
-    if b"\x00\x00\x03" not in nal:
-        return nal
-    out = bytearray()
-    zeros = 0
-    for byte in nal:
-        if zeros >= 2 and byte == 3:
-            zeros = 0
-            continue
-        out.append(byte)
-        zeros = zeros + 1 if byte == 0 else 0
-    return bytes(out)
 
 
 class _Bits:
@@ -168,7 +155,7 @@ def _set_id(codec: str, kind: int, nal: bytes) -> int:
     """The id of a parameter set (-1 if it cannot be read: kept apart from the others)."""
     try:
         if codec == "h264":
-            bits = _Bits(_rbsp(nal[1:]))
+            bits = _Bits(rbsp(nal[1:]))
             if kind == H264_SPS:
                 bits.u(24)  # profile, constraint flags, level
             return bits.ue()
@@ -176,7 +163,7 @@ def _set_id(codec: str, kind: int, nal: bytes) -> int:
             return nal[2] >> 4
         if kind == HEVC_SPS:
             return parse_hevc_sps(nal).sps_id
-        return _Bits(_rbsp(nal[2:])).ue()
+        return _Bits(rbsp(nal[2:])).ue()
     except (Fmp4Error, IndexError):
         return -1
 
@@ -193,7 +180,7 @@ def _avcc(sps_list: list[bytes], pps_list: list[bytes]) -> tuple[bytes, str]:
     body += b"".join(struct.pack(">H", len(n)) + n for n in sps_list)
     body += bytes([len(pps_list)]) + b"".join(struct.pack(">H", len(n)) + n for n in pps_list)
     if profile in _HIGH_PROFILES:  # ISO/IEC 14496-15 5.3.3.1.2: chroma and bit depths
-        bits = _Bits(_rbsp(sps[1:]))
+        bits = _Bits(rbsp(sps[1:]))
         bits.u(24)
         bits.ue()  # seq_parameter_set_id
         chroma = bits.ue()
@@ -227,7 +214,7 @@ class HevcSps:
 
 
 def parse_hevc_sps(nal: bytes) -> HevcSps:
-    bits = _Bits(_rbsp(nal[2:]))  # after the 2-byte NAL unit header
+    bits = _Bits(rbsp(nal[2:]))  # after the 2-byte NAL unit header
     bits.u(4)  # sps_video_parameter_set_id
     sub_layers_minus1 = bits.u(3)
     nesting = bits.u(1)

@@ -215,6 +215,14 @@ class HlsServer:
                 self._end(other, "stream_changed")
         self._muxers.pop(camera_id, None)
 
+    def _live(self, request: web.Request) -> tuple[_Session, HlsMuxer] | web.Response:
+        """The request's live session and its camera's muxer, or the 401 that ends it."""
+        session = self._session(request)
+        muxer = self._session_muxer(session) if session is not None else None
+        if session is None or muxer is None:
+            return _unknown_session()
+        return session, muxer
+
     def _session(self, request: web.Request) -> _Session | None:
         session = self._sessions.get(request.match_info["sid"])
         if (session is None or session.ended or session.camera_id != request.match_info["camera"]
@@ -230,9 +238,10 @@ class HlsServer:
                             headers={"Cache-Control": cache})
 
     async def media_playlist(self, request: web.Request) -> web.StreamResponse:
-        session = self._session(request)
-        if session is None:
-            return _unknown_session()
+        found = self._live(request)
+        if isinstance(found, web.Response):
+            return found
+        session, muxer = found
         query = request.query
         msn_text, part_text = query.get("_HLS_msn"), query.get("_HLS_part")
         if part_text is not None and msn_text is None:
@@ -240,9 +249,6 @@ class HlsServer:
         for name, text in (("_HLS_msn", msn_text), ("_HLS_part", part_text)):
             if text is not None and not _NUMBER.fullmatch(text):
                 return error(400, "bad_request", f"{name} must be a whole number")
-        muxer = self._session_muxer(session)
-        if muxer is None:
-            return _unknown_session()
         segmenter = muxer.segmenter
         timeout = 3 * max(self._section.segment_duration, segmenter.target_duration())
         if msn_text is None:
@@ -288,12 +294,10 @@ class HlsServer:
         return bool(ok)
 
     async def init(self, request: web.Request) -> web.StreamResponse:
-        session = self._session(request)
-        if session is None:
-            return _unknown_session()
-        muxer = self._session_muxer(session)
-        if muxer is None:
-            return _unknown_session()
+        found = self._live(request)
+        if isinstance(found, web.Response):
+            return found
+        session, muxer = found
         waited = await self._blocking_wait(session, muxer, lambda: muxer.init is not None,
                                            self._timeout)
         if isinstance(waited, web.Response):
@@ -306,12 +310,10 @@ class HlsServer:
     async def media(self, request: web.Request) -> web.StreamResponse:
         """``seg<msn>.m4s`` and ``part<msn>.<i>.m4s``; the next part (a preload hint) is
         waited for, like a blocking playlist reload."""
-        session = self._session(request)
-        if session is None:
-            return _unknown_session()
-        muxer = self._session_muxer(session)
-        if muxer is None:
-            return _unknown_session()
+        found = self._live(request)
+        if isinstance(found, web.Response):
+            return found
+        session, muxer = found
         segmenter = muxer.segmenter
         name = request.match_info["name"]
         if (match := _SEGMENT.fullmatch(name)) is not None:

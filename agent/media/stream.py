@@ -91,3 +91,19 @@ def with_parameter_sets(data: bytes, parameter_sets: bytes) -> bytes:
     if not parameter_sets or NAL_SPS in nal_types(data):
         return data
     return parameter_sets + data
+
+
+def rbsp(nal: bytes) -> bytes:
+    """A NAL unit's bytes with the emulation prevention bytes (00 00 03) removed (H.264 and
+    H.265 §7.4.1/7.4.2): what an SPS parser reads."""
+    if b"\x00\x00\x03" not in nal:
+        return nal
+    out = bytearray()
+    zeros = 0
+    for byte in nal:
+        if zeros >= 2 and byte == 3:
+            zeros = 0
+            continue
+        out.append(byte)
+        zeros = zeros + 1 if byte == 0 else 0
+    return bytes(out)

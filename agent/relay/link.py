@@ -13,13 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import (
+    ConnectionClosed,
+    ConnectionClosedOK,
+    InvalidHandshake,
+    InvalidStatus,
+)
 from websockets.protocol import State
 
 from agent import __version__
@@ -67,6 +73,26 @@ CLOCK_SKEW_WARN = 30.0
 USAGE_EVERY = 5.0  # at most this long between an access and its report (section 1.5)
 USAGE_ACK_TIMEOUT = 30.0
 SHUTDOWN_REPORT = 2.0  # at most this long to say "stopped" for live sessions at shutdown
+
+
+#: The GIL's switch interval while the store applies a relay sync in a worker thread
+#: (CPython's default: 5 ms). See _responsive_gil().
+SYNC_SWITCH_INTERVAL = 0.001
+
+
+@contextlib.contextmanager
+def _responsive_gil() -> Iterator[None]:
+    """While a worker thread runs Python for seconds (the store applying a 100,000-token
+    sync), the event loop waits up to the switch interval each time it wants the GIL back,
+    several times per loop iteration: 1 ms instead of 5 ms took the loop's worst lag during
+    such a sync from 55-105 ms to 21-35 ms, the sync as fast. Only for that time: more
+    thread switches cost the media threads CPU (docs/field-notes.md)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, SYNC_SWITCH_INTERVAL))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 class RelayLink:
@@ -180,7 +206,7 @@ class RelayLink:
                    loop.create_task(self._report_usage(ws)),
                    loop.create_task(self._heartbeat(ws))]
         try:
-            async for text in ws:
+            async for text in _messages(ws):
                 if self._stopping or not await self._receive(ws, text):
                     break
         finally:
@@ -214,7 +240,11 @@ class RelayLink:
                 await ws.close(action.code, action.reason)
                 return False
             elif isinstance(action, ApplySync):
-                await self._apply_sync(ws, action)
+                try:
+                    await self._apply_sync(ws, action)
+                finally:  # a big sync's records are freed a chunk at a time
+                    while action.event.tokens.discard(messages.CHUNK * 8):
+                        await asyncio.sleep(0)
             elif isinstance(action, ApplyRevoke):
                 event = action.event
                 known = await asyncio.to_thread(self._store.revoke_relay, event.token_id,
@@ -242,9 +272,10 @@ class RelayLink:
     async def _apply_sync(self, ws: ClientConnection, action: ApplySync) -> None:
         event = action.event
         try:
-            result = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
-                                              full=event.full, cursor=event.cursor,
-                                              now=time.time())
+            with _responsive_gil():
+                result = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
+                                                  full=event.full, cursor=event.cursor,
+                                                  now=time.time())
         except Exception as exc:  # a busy or broken database: say so, the relay resends
             log.warning("relay_tokens_sync_failed", error=str(exc))
             await self._perform(ws, self.protocol.sync_failed(event, "the agent could not "
@@ -400,6 +431,28 @@ class RelayLink:
             while True:
                 await asyncio.sleep(INVENTORY_EVERY)
                 await self._perform(ws, self.protocol.inventory(self._inventory()))
+
+
+async def _messages(ws: ClientConnection) -> AsyncIterator[str | bytes]:
+    """The relay's messages until it closes normally, as ``async for message in ws`` gives
+    them, except that a message sent in fragments (a big tokens.sync, 1 MiB each) is
+    decoded one fragment per event-loop step and joined once: websockets decoding 25 MiB
+    at once was one step of 30-50 ms (docs/field-notes.md)."""
+    while True:
+        parts: list[str | bytes] = []
+        try:
+            async for fragment in ws.recv_streaming():
+                parts.append(fragment)
+                await asyncio.sleep(0)
+        except ConnectionClosedOK:
+            return
+        message: str | bytes
+        if isinstance(parts[0], str):
+            message = "".join(p for p in parts if isinstance(p, str))
+        else:  # binary: refused by the protocol (4009), whatever it holds
+            message = b"".join(p for p in parts if isinstance(p, bytes))
+        del parts  # not held (another 25 MiB) while the message is handled
+        yield message
 
 
 async def _send(ws: ClientConnection, message: dict[str, Any]) -> None:

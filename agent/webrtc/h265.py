@@ -23,6 +23,7 @@ from aiortc.sdp import SessionDescription
 
 from agent.media.hub import CameraHub
 from agent.media.rtp import H265_SPS, split_annexb
+from agent.media.stream import rbsp
 from agent.webrtc.offer import OfferError
 
 log = structlog.get_logger(__name__)
@@ -47,32 +48,19 @@ class ProfileTierLevel:
     level_id: int
 
 
-def _rbsp(nal: bytes) -> bytes:
-    """The NAL unit's payload with emulation prevention bytes (00 00 03) removed."""
-    out = bytearray()
-    zeros = 0
-    for byte in nal:
-        if zeros >= 2 and byte == 3:
-            zeros = 0
-            continue
-        out.append(byte)
-        zeros = zeros + 1 if byte == 0 else 0
-    return bytes(out)
-
-
 def sps_profile(sps: bytes) -> ProfileTierLevel | None:
     """From an SPS NAL unit (no start code); None if it is not one or too short."""
     if len(sps) < 3 or (sps[0] >> 1) & 0x3F != H265_SPS:
         return None
-    rbsp = _rbsp(sps[2:2 + 40])  # 2-byte NAL header; the general PTL ends 13 bytes in
-    if len(rbsp) < 13:
+    payload = rbsp(sps[2:2 + 40])  # 2-byte NAL header; the general PTL ends 13 bytes in
+    if len(payload) < 13:
         return None
-    first = rbsp[1]  # after sps_video_parameter_set_id(4) max_sub_layers(3) nesting(1)
-    flags = int.from_bytes(rbsp[2:6], "big")
+    first = payload[1]  # after sps_video_parameter_set_id(4) max_sub_layers(3) nesting(1)
+    flags = int.from_bytes(payload[2:6], "big")
     return ProfileTierLevel(
         profile_space=first >> 6, tier=(first >> 5) & 1, profile_id=first & 0x1F,
         compatible=frozenset(j for j in range(32) if flags & (1 << (31 - j))),
-        level_id=rbsp[12])
+        level_id=payload[12])
 
 
 def find_profile(annexb: bytes) -> ProfileTierLevel | None:

@@ -13,6 +13,7 @@ per-packet speedups (agent/webrtc/speedups.py).
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import sys
 
@@ -54,6 +55,10 @@ async def load() -> None:
         await asyncio.to_thread(_import)
     _install()
     _installed = True
+    # What the import added (tens of thousands of long-lived objects) leaves the collector's
+    # generations, as the daemon's start-up heap did (app.tune_interpreter): full collections
+    # would otherwise walk it again each time, with the loop stopped.
+    gc.freeze()
     log.info("webrtc_stack_loaded",
              seconds=round(asyncio.get_running_loop().time() - started, 3))
 

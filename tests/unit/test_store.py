@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.access import audit
+from agent.access.index import record
 from agent.access.model import Protocol, Scope, Status
 from agent.access.policy import Site
 from agent.access.store import TokenStore
@@ -203,12 +204,13 @@ def test_changes_since_follows_every_change(store: TokenStore) -> None:
     _, rev0 = store.load_all()
     a = store.create(Kind.ACCESS, CAM, NOW)
     changed, rev1 = store.changes_since(rev0)
-    assert [r.id for r in changed] == [a.record.id] and rev1 > rev0
+    assert [record(r) for r in changed] == [a.record] and rev1 > rev0
     other = make_store(Path(store.path).parent)  # a second process would look like this
     other.revoke(a.record.id, NOW, "t")
     other.close()
     changed, rev2 = store.changes_since(rev1)
-    assert [(r.id, r.revoked_at) for r in changed] == [(a.record.id, NOW)] and rev2 > rev1
+    assert [(record(r).id, record(r).revoked_at) for r in changed] == [(a.record.id, NOW)]
+    assert rev2 > rev1
     assert store.changes_since(rev2) == ([], rev2)
 
 
