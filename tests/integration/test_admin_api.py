@@ -984,10 +984,10 @@ async def test_metrics_need_an_admin_token(agent: AgentProcess, admin: tuple[str
     assert "# TYPE therelay_authorizations_total counter" in lines
     assert "# TYPE therelay_viewers gauge" in lines
     samples = dict(line.rsplit(" ", 1) for line in lines if not line.startswith("#"))
-    for camera in ("cam1", "cam2"):  # webrtc and rtsp hold sessions among served protocols
-        for protocol in ("webrtc", "rtsp"):
+    for camera in ("cam1", "cam2"):  # the served protocols that hold sessions
+        for protocol in ("webrtc", "rtsp", "hls"):
             assert samples[f'therelay_viewers{{camera="{camera}",protocol="{protocol}"}}'] == "0.0"
-    assert not [s for s in samples if 'protocol="hls"' in s]  # not served
+    assert not [s for s in samples if 'protocol="snapshot"' in s]  # a request, no session
     granted = float(samples['therelay_authorizations_total{reason="granted"}'])
     assert float(samples['therelay_authorizations_total{reason="wrong_kind"}']) >= 1
     assert float(samples['therelay_authorizations_total{reason="missing"}']) >= 1
