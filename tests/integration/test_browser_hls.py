@@ -207,10 +207,15 @@ def test_a_token_without_webrtc_plays_hls_at_once_and_revocation_ends_it(
     seconds = result["ended"] - revoked_at
     print(json.dumps({"revocation_to_message_s": round(seconds, 3)}))
     assert 0 < seconds < 3, seconds
-    # this token's sessions only: the module's earlier tests left HLS sessions on "cam" that
-    # end by themselves (idle) at a time of their own
-    ended = [e for e in _audit(agent, "--token", token_id, "--event", "session.ended")
-             if e["protocol"] == "hls"]
+    # This token's sessions only (the module's earlier HLS sessions on "cam" end by idle
+    # timeout at a time of their own). The daemon writes its audit entries in batches every
+    # audit.flush_interval (1 s by default, as here): the entry is looked for that long.
+    ended: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 3
+    while not ended and time.monotonic() < deadline:
+        ended = [e for e in _audit(agent, "--token", token_id, "--event", "session.ended")
+                 if e["protocol"] == "hls"]
+        time.sleep(0.2)
     assert [e["reason"] for e in ended] == ["revoked"], ended
 
 
