@@ -82,11 +82,12 @@ SYNC_SWITCH_INTERVAL = 0.001
 
 @contextlib.contextmanager
 def _responsive_gil() -> Iterator[None]:
-    """While a worker thread runs Python for seconds (the store applying a 100,000-token
-    sync), the event loop waits up to the switch interval each time it wants the GIL back,
-    several times per loop iteration: 1 ms instead of 5 ms took the loop's worst lag during
-    such a sync from 55-105 ms to 21-35 ms, the sync as fast. Only for that time: more
-    thread switches cost the media threads CPU (docs/field-notes.md)."""
+    """While worker threads run Python for seconds (the store applying a 100,000-token
+    sync, then the access index reading it back), the event loop waits up to the switch
+    interval each time it wants the GIL back, several times per loop iteration. 1 ms instead
+    of 5 ms took the loop's worst lag during such a sync from 34-53 ms (only the apply
+    covered) or 55-105 ms (nothing covered) to 19-25 ms, the sync as fast. Only for that
+    time: more thread switches cost the media threads CPU (docs/field-notes.md)."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(min(previous, SYNC_SWITCH_INTERVAL))
     try:
@@ -271,17 +272,17 @@ class RelayLink:
 
     async def _apply_sync(self, ws: ClientConnection, action: ApplySync) -> None:
         event = action.event
-        try:
-            with _responsive_gil():
+        with _responsive_gil():  # the store's thread applies, then the index reloads
+            try:
                 result = await asyncio.to_thread(self._store.apply_relay_sync, event.tokens,
                                                   full=event.full, cursor=event.cursor,
                                                   now=time.time())
-        except Exception as exc:  # a busy or broken database: say so, the relay resends
-            log.warning("relay_tokens_sync_failed", error=str(exc))
-            await self._perform(ws, self.protocol.sync_failed(event, "the agent could not "
-                                                                     "store the tokens"))
-            return
-        await self._applied()
+            except Exception as exc:  # a busy or broken database: say so, the relay resends
+                log.warning("relay_tokens_sync_failed", error=str(exc))
+                await self._perform(ws, self.protocol.sync_failed(event, "the agent could not "
+                                                                         "store the tokens"))
+                return
+            await self._applied()
         for refusal in result.refused:
             if refusal.new:  # audited at the same time; a repeat is only in the ack
                 log.warning("relay_sync_refused", token_id=refusal.token_id,
