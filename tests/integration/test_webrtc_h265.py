@@ -7,10 +7,8 @@ H.265 camera is not published to the relay (WHIP)."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -20,6 +18,7 @@ from agent.config import CameraConfig
 from agent.media.hub import CameraHub
 from agent.media.sources import make_source
 from agent.webrtc.whip import WhipError, WhipPublisher
+from tests.integration.test_webrtc_media import frames_for
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.camera import RtspCamera, needs_rtsp_server
 from tests.support.h265 import enable_h265_receiving
@@ -51,18 +50,6 @@ def agent(tmp_path_factory: pytest.TempPathFactory,
     ], media={"camera_timeout": 5.0, "idle_grace": 30.0}))
     yield process
     assert asyncio.run(process.stop()) == 0
-
-
-async def frames_for(viewer: WhepViewer, seconds: float) -> list[Any]:
-    track = viewer.tracks["video"]
-    got = []
-    end = time.monotonic() + seconds
-    while (left := end - time.monotonic()) > 0:
-        try:
-            got.append(await asyncio.wait_for(track.recv(), left))
-        except TimeoutError:
-            break
-    return got
 
 
 def video_formats(answer: str) -> list[str]:
