@@ -4,6 +4,7 @@ aiortc still negotiates (SDP), connects (ICE), secures (DTLS) and keys SRTP; onc
 up, each track's packets come from the camera's shared packetizer through a hub consumer
 and go straight to the socket ICE selected (agent/webrtc/rtpsend.py). aiortc's sender is
 kept for its SSRC and RTCP routing but given a track that never yields, so it sends nothing.
+The peer may nominate another candidate pair at any time; the send path follows it.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class DirectTrack:
         self._consumer: Consumer = hub.subscribe(video=video, rtp=True)
         self.stream: RtpStream | None = None
         self._out: UdpOut | None = None
+        self._pair: internals.SelectedPair | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._skip_to_keyframe = False
         transceiver.sender.replaceTrack(SilentTrack("video" if video else "audio"))
@@ -110,6 +112,7 @@ class DirectTrack:
         for task in self._tasks:
             task.cancel()
         self._tasks.clear()
+        self._pair = None
         if self._out is not None:
             self._out.close()
             self._out = None
@@ -134,9 +137,9 @@ class DirectTrack:
         if not await self._connected(dtls):
             return
         stream = self.stream = RtpStream(params, internals.srtp_session(dtls))
-        selected = internals.selected_udp(dtls)
-        if selected is not None:
-            self._out = UdpOut(*selected)
+        self._pair = pair = internals.SelectedPair(dtls)
+        pair.moved()
+        self._switch(pair, announce=False)
         send = internals.ice_send(dtls)
         self._tasks.append(asyncio.get_running_loop().create_task(self._reports(dtls)))
         consumer = self._consumer
@@ -150,8 +153,8 @@ class DirectTrack:
                 if not packet.rtp:
                     continue
                 datagrams = stream.frame(packet.rtp, ticks)
-                if self._out is not None:
-                    if not self._out.send(datagrams) and self.video:
+                if (out := self._path()) is not None:
+                    if not out.send(datagrams) and self.video:
                         self._behind("socket_buffer_full")
                 else:  # a TURN relay or TCP pair: aioice's own path
                     for datagram in datagrams:
@@ -161,6 +164,30 @@ class DirectTrack:
         except ConnectionError:  # the ICE connection closed under us
             return
 
+    def _path(self) -> UdpOut | None:
+        """The socket of ICE's selected pair, or None for aioice's own path (not plain UDP, or
+        no pair). Looked at for each frame: the peer may nominate another pair at any time,
+        and aioice then moves its own traffic there (docs/field-notes.md)."""
+        pair = self._pair
+        if pair is not None and pair.moved():
+            self._switch(pair)
+        return self._out
+
+    def _switch(self, pair: internals.SelectedPair, announce: bool = True) -> None:
+        """Send to the pair ``pair`` saw last: its socket, or aioice's path (TURN, none)."""
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+        selected = pair.udp()
+        if selected is not None:
+            self._out = UdpOut(*selected)
+        if announce and pair.pair is not None:  # None: the ICE connection closed
+            local, remote = pair.kinds()
+            log.info("webrtc_pair_switched", camera=self._hub.camera_id,
+                     kind="video" if self.video else "audio",
+                     path="udp" if self._out is not None else "ice",
+                     local=local, remote=remote)
+
     def _behind(self, reason: str) -> None:
         """Send nothing more until the next keyframe: the viewer cannot take what we send."""
         if not self._skip_to_keyframe:
@@ -169,8 +196,8 @@ class DirectTrack:
                      action="skipping to the next keyframe")
 
     def _write(self, datagrams: list[bytes]) -> None:
-        if self._out is not None and datagrams:
-            self._out.send(datagrams)
+        if datagrams and (out := self._path()) is not None:
+            out.send(datagrams)
 
     async def _reports(self, dtls: RTCDtlsTransport) -> None:
         while True:
@@ -179,7 +206,7 @@ class DirectTrack:
                 continue
             report = self.stream.sender_report()
             if report is not None:
-                if self._out is not None:
+                if self._path() is not None:
                     self._write([report])
                 else:
                     with contextlib.suppress(ConnectionError):

@@ -7,7 +7,9 @@ internals are used, each through one function here:
 - ``RTCDtlsTransport._tx_srtp``: the outgoing ``pylibsrtp.Session`` keyed by the DTLS
   handshake (RFC 5764 §4.2);
 - ``RTCIceTransport._connection._nominated[1]``: aioice's selected candidate pair, whose
-  ``protocol.transport`` is the UDP socket ICE chose and ``remote_addr`` the peer;
+  ``protocol.transport`` is the UDP socket ICE chose and ``remote_addr`` the peer; aioice
+  replaces it when the peer nominates another pair, so the send path looks at it once per
+  frame (``SelectedPair``);
 - ``RTCRtpSender._handle_rtcp_packet`` and ``RTCRtpSender._send_rtcp``: replaced on the one
   sender instance so that RTCP for the media (reports, NACK, PLI) comes to the agent and
   aiortc's own sender reports (whose counters would be zero) are not sent;
@@ -61,25 +63,55 @@ def srtp_session(dtls: RTCDtlsTransport) -> Any:
     return dtls._tx_srtp
 
 
-def selected_udp(dtls: RTCDtlsTransport) -> tuple[socket.socket, tuple[str, int]] | None:
-    """A duplicate of the UDP socket of ICE's selected pair and the peer's address; None if
-    no pair is selected yet or it is not plain UDP (a TURN relay: use ``ice_send``)."""
+def _ice_connection(dtls: RTCDtlsTransport) -> Any:
     connection = getattr(dtls.transport, "_connection", None)
     if connection is None:
         raise _missing("RTCIceTransport", "_connection")
     if not hasattr(connection, "_nominated"):
         raise _missing("aioice.Connection", "_nominated")
-    pair = connection._nominated.get(1)
-    if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
-        return None
-    transport = getattr(pair.protocol, "transport", None)
-    sock = transport.get_extra_info("socket") if transport is not None else None
-    if sock is None or sock.type != socket.SOCK_DGRAM:
-        return None
-    # A duplicate descriptor of the same socket (non-blocking, shared with aioice): a plain
-    # socket object, so sendmsg with UDP_SEGMENT works; closed by its owner.
-    dup = socket.socket(sock.family, socket.SOCK_DGRAM, fileno=os.dup(sock.fileno()))
-    return dup, pair.remote_addr
+    return connection
+
+
+class SelectedPair:
+    """ICE's selected pair (component 1) of one peer connection, followed. aioice replaces it
+    whenever a later nominated pair succeeds (a controlling peer may nominate another one at
+    any time, after a network change say), and sends its own traffic there from then on."""
+
+    __slots__ = ("_connection", "pair")
+
+    def __init__(self, dtls: RTCDtlsTransport) -> None:
+        self._connection = _ice_connection(dtls)
+        self.pair: Any = None  # the pair last seen by ``moved``
+
+    def moved(self) -> bool:
+        """True when the selected pair is not the one last seen (and it is seen now): on the
+        first call if a pair is selected, then after each change. One dict lookup."""
+        pair = self._connection._nominated.get(1)
+        if pair is self.pair:
+            return False
+        self.pair = pair
+        return True
+
+    def udp(self) -> tuple[socket.socket, tuple[str, int]] | None:
+        """A duplicate of the UDP socket of the pair last seen and the peer's address; None
+        if no pair is selected or it is not plain UDP (a TURN relay: use ``ice_send``)."""
+        pair = self.pair
+        if pair is None or type(pair.protocol) is not aioice.ice.StunProtocol:
+            return None
+        transport = getattr(pair.protocol, "transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.type != socket.SOCK_DGRAM or sock.fileno() < 0:
+            return None
+        # A duplicate descriptor of the same socket (non-blocking, shared with aioice): a
+        # plain socket object, so sendmsg with UDP_SEGMENT works; closed by its owner.
+        dup = socket.socket(sock.family, socket.SOCK_DGRAM, fileno=os.dup(sock.fileno()))
+        return dup, pair.remote_addr
+
+    def kinds(self) -> tuple[str, str]:
+        """The candidate types (host, srflx, prflx, relay) of the pair last seen, for logs."""
+        pair = self.pair
+        return ((pair.local_candidate.type, pair.remote_candidate.type) if pair is not None
+                else ("", ""))
 
 
 def ice_send(dtls: RTCDtlsTransport) -> Callable[[bytes], Awaitable[None]]:
@@ -143,8 +175,14 @@ def check() -> None:
         raise _missing("RTCIceTransport", "_connection")
     if "self._nominated" not in inspect.getsource(aioice.ice.Connection.__init__):
         raise _missing("aioice.Connection", "_nominated")
-    if not hasattr(aioice.ice.CandidatePair, "remote_addr"):
-        raise _missing("aioice.CandidatePair", "remote_addr")
+    for name in ("remote_addr", "local_candidate", "remote_candidate"):
+        if not hasattr(aioice.ice.CandidatePair, name) \
+                and f"self.{name}" not in inspect.getsource(aioice.ice.CandidatePair):
+            raise _missing("aioice.CandidatePair", name)
+    # a later nominated pair replaces the selected one (what SelectedPair follows)
+    if "self._nominated[pair.component] = pair" not in inspect.getsource(
+            aioice.ice.Connection.check_complete):
+        raise _missing("aioice.Connection", "check_complete replacing _nominated[component]")
     if "self.transport" not in inspect.getsource(aioice.ice.StunProtocol):
         raise _missing("aioice.StunProtocol", "transport")
     for name in ("_handle_rtcp_packet", "_send_rtcp"):

@@ -19,7 +19,7 @@ from aiortc.rtp import (
     RtcpRtpfbPacket,
 )
 
-from tests.support.agent import AgentProcess, WhepViewer
+from tests.support.agent import AgentProcess, WhepViewer, nominate_another_pair
 
 # A 10 s GOP: a keyframe within a second of a PLI can only be the answer to it.
 LONG_GOP = "testsrc://?size=320x240&fps=30&gop=10"
@@ -153,6 +153,27 @@ async def test_receiver_reports_give_the_viewers_rtt_in_metrics(agent: AgentProc
             break
     await viewer.close()
     assert 0 < rtt < 0.5, "the RTT from SR/RR over loopback"
+
+
+async def test_frames_follow_the_pair_the_viewer_nominates_later(agent: AgentProcess) -> None:
+    """A controlling peer may nominate another pair mid-session (a network change): the
+    agent's send path moves with ICE's selection. The viewer has two host candidates,
+    127.0.0.1 and 127.0.0.2; once frames come on the pair ICE chose, the viewer nominates
+    the pair from its other address and closes its old socket: frames must keep coming at
+    the camera's rate (without following, none come: the agent sends to the closed port)."""
+    _, token = await agent.token("--camera", "cam")
+    viewer = WhepViewer(agent.base, "cam", token, audio=False,
+                        host_addresses=["127.0.0.1", "127.0.0.2"])
+    assert await viewer.connect() == 201, viewer.body
+    await viewer.frame()
+    assert len(await frames_for(viewer, 1.0)) >= 20
+    await nominate_another_pair(viewer.pc.getTransceivers()[0].receiver.transport.transport)
+    frames = await frames_for(viewer, 3.0)
+    assert len(frames) >= 3.0 * 30 * 0.9, f"{len(frames)} frames in 3 s on the new pair"
+    events = [e for e in agent.log_events() if e.get("event") == "webrtc_pair_switched"]
+    assert events and events[-1]["camera"] == "cam" and events[-1]["kind"] == "video", events
+    assert events[-1]["path"] == "udp", "a host pair: still the agent's own send"
+    await viewer.close()
 
 
 async def test_the_aiortc_send_path_is_still_selectable(tmp_path: Path) -> None:

@@ -25,7 +25,13 @@ from typing import Any
 
 import aiohttp
 import yaml
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aioice.ice import CandidatePair
+from aiortc import (
+    RTCConfiguration,
+    RTCIceTransport,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
 from aiortc.mediastreams import MediaStreamTrack
 
 from agent.webrtc.ice import install_host_addresses
@@ -199,14 +205,36 @@ async def wait_until(predicate: Any, timeout: float = 10.0, step: float = 0.05) 
     raise AssertionError("condition not met in time")
 
 
+async def nominate_another_pair(ice: RTCIceTransport) -> tuple[CandidatePair, CandidatePair]:
+    """The controlling peer of ``ice`` moves to a pair from another of its local addresses,
+    as after a network change, and closes its old socket. aiortc and aioice have no public
+    way to do this, so this (test side only) drives the peer's aioice connection as aioice
+    itself does: a check of the new pair, which carries USE-CANDIDATE (aioice nominates
+    aggressively when controlling) and on success makes it the selected pair. Returns the
+    old and the new pair."""
+    connection = ice._connection
+    assert connection.ice_controlling, "only the controlling peer nominates"
+    old = connection._nominated[1]
+    other = next(p for p in connection._protocols
+                 if p.local_candidate.host != old.local_addr[0])
+    new = CandidatePair(other, old.remote_candidate)
+    await connection.check_start(new)
+    assert connection._nominated[1] is new, "the peer's ICE did not select the new pair"
+    await old.protocol.close()
+    return old, new
+
+
 class WhepViewer:
     """An aiortc WHEP client: offer, answer, decoded frames."""
 
     def __init__(self, base: str, camera: str, token: str | None, *, audio: bool = True,
                  via_query: bool = False, host_address: str = "127.0.0.1",
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None,
+                 host_addresses: list[str] | None = None) -> None:
+        """``host_addresses``: the viewer's ICE host candidates (default: ``host_address``
+        alone), taken when ``connect`` gathers."""
         self.tls: ssl.SSLContext | bool = tls if tls is not None else True
-        install_host_addresses([host_address])
+        install_host_addresses(host_addresses or [host_address])
         self.url = f"{base}/whep/{camera}"
         self.base = base
         self.token = token

@@ -6,13 +6,17 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import aioice.ice
 import pylibsrtp
 import pytest
+from aiortc import RTCConfiguration, RTCPeerConnection
 
 from agent.media.rtp import Payload
 from agent.webrtc import internals
+from agent.webrtc.ice import install_host_addresses
 from agent.webrtc.rtpsend import (
     GSO_MAX_SEGMENTS,
     NACK_MAX,
@@ -21,6 +25,7 @@ from agent.webrtc.rtpsend import (
     UdpOut,
     gso_batches,
 )
+from tests.support.agent import nominate_another_pair, wait_until
 
 KEY = bytes(range(30))  # 16-byte key + 14-byte salt (RFC 3711 AES_CM_128_HMAC_SHA1_80)
 
@@ -162,6 +167,54 @@ def test_udp_gso_sends_a_frame_in_one_syscall_and_the_peer_gets_each_datagram() 
         receiver.close()
 
 
+@pytest.fixture
+def restored_lookup() -> Iterator[None]:
+    saved = aioice.ice.get_host_addresses
+    yield
+    aioice.ice.get_host_addresses = saved
+
+
+async def test_the_selected_pair_is_followed_when_the_controlling_peer_nominates_another(
+        restored_lookup: None) -> None:
+    """Two aiortc peers on loopback: the offerer (controlling) has host candidates on
+    127.0.0.1 and 127.0.0.2, the answerer (the agent's side) on 127.0.0.1. When the offerer
+    nominates the pair from its other address, aioice on the answerer selects it and
+    SelectedPair sees it once; when the connection closes, no pair is left."""
+    install_host_addresses(["127.0.0.1", "127.0.0.2"])
+    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    viewer.createDataChannel("x")  # a DTLS transport, no media needed
+    await viewer.setLocalDescription(await viewer.createOffer())
+    install_host_addresses(["127.0.0.1"])
+    agent = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    try:
+        await agent.setRemoteDescription(viewer.localDescription)
+        await agent.setLocalDescription(await agent.createAnswer())
+        await viewer.setRemoteDescription(agent.localDescription)
+        await wait_until(lambda: agent.connectionState == viewer.connectionState == "connected")
+        assert agent.sctp is not None and viewer.sctp is not None
+        selected = internals.SelectedPair(agent.sctp.transport)
+        assert selected.moved() and not selected.moved(), "seen once, then unchanged"
+        first = selected.udp()
+        assert first is not None
+        sock, address = first
+        agent_addr = sock.getsockname()
+        sock.close()  # the duplicate only: aioice's socket stays open
+        old, new = await nominate_another_pair(viewer.sctp.transport.transport)
+        assert address == old.local_addr != new.local_addr
+        await wait_until(selected.moved, timeout=5)
+        assert selected.kinds() == ("host", "host")
+        second = selected.udp()
+        assert second is not None
+        sock, address = second
+        assert address == new.local_addr and sock.getsockname() == agent_addr
+        sock.close()
+        assert not selected.moved()
+    finally:
+        await agent.close()
+        await viewer.close()
+    assert selected.moved() and selected.pair is None and selected.udp() is None
+
+
 def test_the_aiortc_internals_the_send_path_relies_on_are_there() -> None:
     internals.check()
 
@@ -193,3 +246,15 @@ def test_the_internals_check_names_the_codec_table_and_transceiver_codecs(
 
     with pytest.raises(internals.InternalsChanged, match=r"RTCRtpTransceiver\._codecs"):
         internals.set_codecs(Renamed(), [])  # type: ignore[arg-type]
+
+
+def test_the_internals_check_names_the_replacement_of_the_selected_pair(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The send path follows aioice's selected pair because a later nominated pair replaces
+    it (Connection.check_complete): a release that stops doing so fails here."""
+    def check_complete(self: Any, pair: Any) -> None:  # keeps the first pair forever
+        self._nominated.setdefault(pair.component, pair)
+
+    monkeypatch.setattr(aioice.ice.Connection, "check_complete", check_complete)
+    with pytest.raises(internals.InternalsChanged, match=r"check_complete"):
+        internals.check()
