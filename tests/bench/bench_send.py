@@ -5,7 +5,9 @@
 A 4 Mbit/s 30 fps frame is ~16.7 kB: 14 RTP packets of the shared packetizer's payloads.
 Per viewer the agent adds the RTP header, SRTP (pylibsrtp, AES-CM-128 + HMAC-SHA1-80) and the
 send. Printed: µs per frame and syscalls per frame for one ``sendto`` per packet (what
-aiortc/aioice do, minus their Python layers) and for UDP GSO runs (one ``sendmsg``).
+aiortc/aioice do, minus their Python layers) and for UDP GSO runs (one ``sendmsg``), and what
+looking at ICE's selected pair once a frame adds (``SelectedPair.moved``, on a real aioice
+connection through aiortc's transports).
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import socket
 import time
 
 import pylibsrtp
+from aiortc import RTCCertificate, RTCDtlsTransport, RTCIceGatherer, RTCIceTransport
 
 from agent.media.rtp import Payload
+from agent.webrtc.internals import SelectedPair
 from agent.webrtc.rtpsend import RtpStream, StreamParams, UdpOut
 from tests.unit.test_webrtc_send import CountingSocket
 
@@ -41,6 +45,7 @@ def main() -> None:
         stream.frame(payloads, n * 3000)
     protect = (time.perf_counter() - start) / args.frames * 1e6
     print(f"RTP headers + SRTP           : {protect:6.1f} µs a frame")
+    gso_total = 0.0
     for gso in (False, True):
         out = UdpOut(sock, sink.getsockname())
         out.gso = gso
@@ -51,6 +56,18 @@ def main() -> None:
         total = (time.perf_counter() - start) / args.frames * 1e6
         print(f"+ send, {'UDP GSO sendmsg ' if gso else 'sendto per packet'}: {total:6.1f} µs a "
               f"frame ({sock.calls / args.frames:.1f} syscalls)")
+        gso_total = total
+    dtls = RTCDtlsTransport(RTCIceTransport(RTCIceGatherer(iceServers=[])),
+                            [RTCCertificate.generateCertificate()])
+    pair = SelectedPair(dtls)
+    pair.moved()
+    rounds = 1_000_000
+    start = time.perf_counter()
+    for _ in range(rounds):
+        pair.moved()
+    check = (time.perf_counter() - start) / rounds * 1e9
+    print(f"follow ICE's pair (moved())  : {check:6.0f} ns a frame "
+          f"({check / 1e3 / gso_total * 100:.2f} % of the GSO send)")
 
 
 if __name__ == "__main__":
