@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from agent.media.stream import rbsp
+from agent.media.stream import H264_HIGH_PROFILES, BitReader, BitstreamError, rbsp
 
 VIDEO_TIMESCALE = 90_000
 TRACK_ID = 1
@@ -79,32 +79,6 @@ def length_prefixed(codec: str, annexb: bytes) -> bytes:
     return b"".join(parts)
 
 
-class _Bits:
-    """An MSB-first bit reader with Exp-Golomb codes; running past the end raises Fmp4Error."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-        self._pos = 0
-
-    def u(self, n: int) -> int:
-        value = 0
-        for _ in range(n):
-            byte = self._pos >> 3
-            if byte >= len(self._data):
-                raise Fmp4Error("the SPS ends early")
-            value = (value << 1) | ((self._data[byte] >> (7 - (self._pos & 7))) & 1)
-            self._pos += 1
-        return value
-
-    def ue(self) -> int:
-        zeros = 0
-        while self.u(1) == 0:
-            zeros += 1
-            if zeros > 31:
-                raise Fmp4Error("the SPS holds an invalid Exp-Golomb code")
-        return (1 << zeros) - 1 + self.u(zeros)
-
-
 # -- codec configuration ---------------------------------------------------------------------
 
 
@@ -144,10 +118,10 @@ def video_track(codec: str, width: int, height: int, *annexb: bytes) -> VideoTra
                         + " parameter set (neither in its SDP nor before a keyframe)")
     lists = [list(found[k].values())[:31 if k == H264_SPS else 255] for k in wanted]
     sets = b"".join(b"\x00\x00\x00\x01" + nal for nals in lists for nal in nals)
-    if codec == "h264":
-        box, string = _avcc(*lists)
-    else:
-        box, string = _hvcc(*lists)
+    try:
+        box, string = _avcc(*lists) if codec == "h264" else _hvcc(*lists)
+    except BitstreamError as exc:
+        raise Fmp4Error(str(exc)) from exc
     return VideoTrack(codec, width, height, string, box, sets)
 
 
@@ -155,7 +129,7 @@ def _set_id(codec: str, kind: int, nal: bytes) -> int:
     """The id of a parameter set (-1 if it cannot be read: kept apart from the others)."""
     try:
         if codec == "h264":
-            bits = _Bits(rbsp(nal[1:]))
+            bits = BitReader(rbsp(nal[1:]))
             if kind == H264_SPS:
                 bits.u(24)  # profile, constraint flags, level
             return bits.ue()
@@ -163,12 +137,9 @@ def _set_id(codec: str, kind: int, nal: bytes) -> int:
             return nal[2] >> 4
         if kind == HEVC_SPS:
             return parse_hevc_sps(nal).sps_id
-        return _Bits(rbsp(nal[2:])).ue()
-    except (Fmp4Error, IndexError):
+        return BitReader(rbsp(nal[2:])).ue()
+    except (BitstreamError, IndexError):
         return -1
-
-
-_HIGH_PROFILES = frozenset({100, 110, 122, 144, 244, 44, 83, 86, 118, 128, 138, 139, 134, 135})
 
 
 def _avcc(sps_list: list[bytes], pps_list: list[bytes]) -> tuple[bytes, str]:
@@ -179,8 +150,8 @@ def _avcc(sps_list: list[bytes], pps_list: list[bytes]) -> tuple[bytes, str]:
     body = bytes([1, profile, compat, level, 0xFF, 0xE0 | len(sps_list)])
     body += b"".join(struct.pack(">H", len(n)) + n for n in sps_list)
     body += bytes([len(pps_list)]) + b"".join(struct.pack(">H", len(n)) + n for n in pps_list)
-    if profile in _HIGH_PROFILES:  # ISO/IEC 14496-15 5.3.3.1.2: chroma and bit depths
-        bits = _Bits(rbsp(sps[1:]))
+    if profile in H264_HIGH_PROFILES:  # ISO/IEC 14496-15 5.3.3.1.2: chroma and bit depths
+        bits = BitReader(rbsp(sps[1:]))
         bits.u(24)
         bits.ue()  # seq_parameter_set_id
         chroma = bits.ue()
@@ -188,7 +159,7 @@ def _avcc(sps_list: list[bytes], pps_list: list[bytes]) -> tuple[bytes, str]:
             bits.u(1)
         luma_depth, chroma_depth = bits.ue(), bits.ue()
         if chroma > 3 or luma_depth > 6 or chroma_depth > 6:
-            raise Fmp4Error("the H.264 SPS holds out-of-range values")
+            raise BitstreamError("the H.264 SPS holds out-of-range values")
         body += bytes([0xFC | chroma, 0xF8 | luma_depth, 0xF8 | chroma_depth, 0])
     return box(b"avcC", body), f"avc1.{profile:02x}{compat:02x}{level:02x}"
 
@@ -214,7 +185,7 @@ class HevcSps:
 
 
 def parse_hevc_sps(nal: bytes) -> HevcSps:
-    bits = _Bits(rbsp(nal[2:]))  # after the 2-byte NAL unit header
+    bits = BitReader(rbsp(nal[2:]))  # after the 2-byte NAL unit header
     bits.u(4)  # sps_video_parameter_set_id
     sub_layers_minus1 = bits.u(3)
     nesting = bits.u(1)
@@ -244,7 +215,7 @@ def parse_hevc_sps(nal: bytes) -> HevcSps:
         height -= sub_h * (top + bottom)
     luma, chroma_depth = bits.ue(), bits.ue()
     if chroma > 3 or luma > 8 or chroma_depth > 8:
-        raise Fmp4Error("the H.265 SPS holds out-of-range values")
+        raise BitstreamError("the H.265 SPS holds out-of-range values")
     return HevcSps(space, tier, profile, compat, constraints, level, sub_layers_minus1 + 1,
                    nesting, sps_id, chroma, width, height, luma, chroma_depth)
 

@@ -1,4 +1,5 @@
-"""What flows through the hub: stream descriptions and packets, plus H.264 byte helpers."""
+"""What flows through the hub: stream descriptions and packets, plus H.264/H.265 byte helpers
+(parameter sets, emulation prevention, an Exp-Golomb bit reader)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,10 @@ if TYPE_CHECKING:
 
 START_CODE = b"\x00\x00\x00\x01"
 NAL_SPS = 7
+#: H.264 profile_idc values whose SPS carries chroma_format_idc, bit depths and scaling lists
+#: (H.264 7.3.2.1.1).
+H264_HIGH_PROFILES = frozenset({100, 110, 122, 144, 244, 44, 83, 86, 118, 128, 138, 139, 134,
+                                135})
 
 #: WebRTC in this agent carries these: H.264 to every viewer, H.265 to viewers whose offer has
 #: H265 (agent/webrtc/h265.py); anything else is refused with a clear error.
@@ -107,3 +112,38 @@ def rbsp(nal: bytes) -> bytes:
         out.append(byte)
         zeros = zeros + 1 if byte == 0 else 0
     return bytes(out)
+
+
+class BitstreamError(ValueError):
+    """A parameter set that ends early or holds an invalid or out-of-range value."""
+
+
+class BitReader:
+    """An MSB-first bit reader with Exp-Golomb codes (H.264/H.265 §9.1) over RBSP bytes;
+    running past the end raises :class:`BitstreamError`."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.position = 0  # bits read
+
+    def u(self, n: int) -> int:
+        value = 0
+        for _ in range(n):
+            byte = self.position >> 3
+            if byte >= len(self._data):
+                raise BitstreamError("the parameter set ends early")
+            value = (value << 1) | ((self._data[byte] >> (7 - (self.position & 7))) & 1)
+            self.position += 1
+        return value
+
+    def ue(self) -> int:
+        zeros = 0
+        while self.u(1) == 0:
+            zeros += 1
+            if zeros > 31:
+                raise BitstreamError("the parameter set holds an invalid Exp-Golomb code")
+        return (1 << zeros) - 1 + self.u(zeros)
+
+    def se(self) -> int:
+        code = self.ue()
+        return (code + 1) >> 1 if code & 1 else -(code >> 1)
