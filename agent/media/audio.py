@@ -29,17 +29,21 @@ class AudioPath:
 
     @classmethod
     def for_stream(cls, stream: Any, mode: str) -> AudioPath | None:
-        """The path for this stream's codec under ``mode``, or None to drop its audio."""
-        name = stream.codec_context.name
+        """The path for this PyAV stream's codec under ``mode``, or None to drop its audio."""
+        return cls.for_codec(stream.codec_context.name, mode, stream.codec_context.extradata)
+
+    @classmethod
+    def for_codec(cls, name: str, mode: str, extradata: bytes | None) -> AudioPath | None:
+        """The path for codec ``name`` (FFmpeg's name; AAC with its AudioSpecificConfig)."""
         if name in PASSTHROUGH_AUDIO:
             return cls(transcode=False)
         if name == "aac" and mode == "auto":
-            import av  # noqa: PLC0415 (the pull thread has imported it already)
+            import av  # noqa: PLC0415 (in the pull thread: an idle agent never loads it)
 
             path = cls(transcode=True)
             path._decoder = av.CodecContext.create("aac", "r")
-            if stream.codec_context.extradata:
-                path._decoder.extradata = stream.codec_context.extradata
+            if extradata:
+                path._decoder.extradata = extradata
             path._resampler = av.AudioResampler(format="s16", layout="stereo", rate=OPUS_RATE,
                                                 frame_size=OPUS_FRAME)
             enc = av.CodecContext.create("libopus", "w")
@@ -54,10 +58,24 @@ class AudioPath:
         return None
 
     def convert(self, packet: Any) -> list[MediaPacket]:
+        """A PyAV packet of the camera's audio."""
         if not self._transcode:
             return [MediaPacket(False, bytes(packet), int(packet.pts), Fraction(packet.time_base),
                                 False)]
-        import av  # noqa: PLC0415 (a sys.modules lookup: loaded by for_stream)
+        return self._transcoded(packet)
+
+    def convert_bytes(self, data: bytes, pts: int, time_base: Fraction) -> list[MediaPacket]:
+        """One audio frame as the camera's RTP carried it (the agent's own RTSP client)."""
+        if not self._transcode:
+            return [MediaPacket(False, data, pts, time_base, False)]
+        import av  # noqa: PLC0415 (a sys.modules lookup: loaded by for_codec)
+
+        packet = av.Packet(data)
+        packet.pts, packet.time_base = pts, time_base
+        return self._transcoded(packet)
+
+    def _transcoded(self, packet: Any) -> list[MediaPacket]:
+        import av  # noqa: PLC0415 (a sys.modules lookup: loaded by for_codec)
 
         out = []
         try:

@@ -86,10 +86,10 @@ class Response:
         return [v for k, v in self.headers if k.lower() == name.lower()]
 
 
-def request(method: str, url: str, cseq: int, headers: dict[str, str] | None = None) -> bytes:
+def request(method: str, url: str, cseq: int, headers: dict[str, str] | None = None, *,
+            agent: str = "therelay-agent-doctor") -> bytes:
     """One RTSP/1.0 request without a body (RFC 2326 §6)."""
-    lines = [f"{method} {url} RTSP/1.0", f"CSeq: {cseq}",
-             f"User-Agent: therelay-agent-doctor/{__version__}"]
+    lines = [f"{method} {url} RTSP/1.0", f"CSeq: {cseq}", f"User-Agent: {agent}/{__version__}"]
     lines += [f"{k}: {v}" for k, v in (headers or {}).items()]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 

@@ -137,6 +137,47 @@ async def test_an_open_camera_given_credentials_plays(
         assert await agent.stop() == 0
 
 
+async def test_the_session_is_kept_alive_past_the_cameras_timeout(
+        tmp_path: Path, rtsp_camera_factory: Factory) -> None:
+    """A camera ends a session nobody keeps alive (here after 3 s): the agent's client
+    sends keepalives within half of the timeout the camera announced, so one connection
+    plays on, frame after frame."""
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA, session_timeout=3)
+    agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}])
+    try:
+        _, token = await agent.token("--camera", "door")
+        viewer = WhepViewer(agent.base, "door", token)
+        assert await viewer.connect() == 201, viewer.body
+        await viewer.frame()
+        started = time.monotonic()
+        frames = 0
+        while time.monotonic() - started < 9:  # three session timeouts
+            await viewer.frame(timeout=2)
+            frames += 1
+        assert frames >= 9 * CAMERA["fps"] * 0.8
+        assert camera.total_connections == 1
+        await viewer.close()
+    finally:
+        assert await agent.stop() == 0
+
+
+async def test_a_camera_pulled_over_udp_plays(tmp_path: Path,
+                                              rtsp_camera_factory: Factory) -> None:
+    """transport: udp stays with FFmpeg's RTSP client (the agent's own speaks TCP)."""
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
+    agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url,
+                                                 "transport": "udp"}])
+    try:
+        _, token = await agent.token("--camera", "door")
+        viewer = WhepViewer(agent.base, "door", token)
+        assert await viewer.connect() == 201, viewer.body
+        frame = await viewer.frame()
+        assert (frame.width, frame.height) == (320, 240)
+        await viewer.close()
+    finally:
+        assert await agent.stop() == 0
+
+
 @pytest.mark.parametrize(("audio", "codec"), [("pcmu", "PCMU"), ("aac", "opus")])
 async def test_audio_reaches_the_viewer(tmp_path: Path, rtsp_camera_factory: Factory,
                                         audio: str, codec: str) -> None:

@@ -63,6 +63,7 @@ _OPTION_FLAGS = {
     "audio": "--audio",
     "pattern": "--pattern",
     "codec": "--codec",
+    "session_timeout": "--session-timeout",
 }
 _EVENT = re.compile(r"^(READY|CLIENT_CONNECTED|CLIENT_CLOSED|STOPPED)\s+(\S+)")
 

@@ -71,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--password-file", default=None, help="file holding the password")
     p.add_argument("--audio", choices=("none", "pcmu", "aac"), default="none")
     p.add_argument("--codec", choices=("h264", "h265"), default="h264")
+    p.add_argument("--session-timeout", type=int, default=None,
+                   help="seconds a session lives without a keepalive (default: the server's 60)")
     p.add_argument(
         "--pattern",
         choices=("smpte", "ball"),
@@ -230,6 +232,16 @@ def main(argv: list[str] | None = None) -> int:
 
     counter = ClientCounter()
     server.connect("client-connected", counter.on_client_connected)
+    if args.session_timeout is not None:
+        # As a camera does: a session nobody keeps alive expires (the pool is swept each
+        # second; gst-rtsp-server leaves the sweeping to the application).
+        def short_sessions(_server, client) -> None:
+            client.connect("new-session",
+                           lambda _client, session: session.set_timeout(args.session_timeout))
+
+        server.connect("client-connected", short_sessions)
+        pool = server.get_session_pool()
+        GLib.timeout_add_seconds(1, lambda: pool.cleanup() >= 0)
 
     loop = GLib.MainLoop()
 

@@ -3,8 +3,10 @@
 ``open()`` connects and describes the streams; ``read()`` returns the next packet (pacing
 itself in real time where the source is not live); ``close()`` releases everything.
 
-The sources import PyAV (~19 MB of memory), so they are imported by ``make_source``, which
-the hub calls in its pull thread: an agent whose cameras nobody watches never loads it.
+``rtsp://`` cameras over TCP are read by the agent's own RTSP client (:mod:`.native`,
+PyAV only to transcode AAC); files, the test pattern, UDP transport and ``rtsps://`` by
+PyAV (~19 MB of memory). Sources are imported by ``make_source``, which the hub calls in
+its pull thread: an agent whose cameras nobody watches loads neither.
 """
 
 from __future__ import annotations
@@ -14,6 +16,17 @@ from typing import Protocol
 from agent.config import CameraConfig, read_secret
 from agent.errors import SourceError
 from agent.media.stream import MediaPacket, StreamInfo
+
+#: An open (the camera's challenge, the RTSP handshake and the first parameter sets) must
+#: finish within this many socket timeouts (media.camera_timeout), whatever the camera sends.
+OPEN_DEADLINE = 3
+
+
+def undelivered(deadline: float) -> str:
+    """A camera that answered, but gave no stream the agent can use within ``deadline`` s."""
+    return (f"the camera did not deliver a stream within {deadline:g} s of connecting (it "
+            "answers, but not with RTSP/H.264 the agent can use): check the URL path and the "
+            "camera's stream settings")
 
 
 class Source(Protocol):
@@ -42,6 +55,12 @@ def make_source(camera: CameraConfig, timeout: float) -> Source:
         if password is None:
             raise SourceError(f"camera {camera.id!r} has a username but no password: set "
                               f"password_file, or load the systemd credential camera-{camera.id}")
+    if scheme == "rtsp" and camera.transport == "tcp":
+        from agent.media.sources.native import native_source  # noqa: PLC0415
+
+        return native_source(camera.source, timeout=timeout, username=camera.username,
+                             password=password, audio_mode=camera.audio, camera_id=camera.id,
+                             rule=camera.rtsp_auth)
     return rtsp_source(camera.source, transport=camera.transport, timeout=timeout,
                        username=camera.username, password=password, audio_mode=camera.audio,
                        camera_id=camera.id, rule=camera.rtsp_auth)

@@ -15,7 +15,7 @@ import av.error
 from agent.errors import SourceError
 from agent.media import rtsp
 from agent.media.audio import AudioPath
-from agent.media.sources import rtsp_login
+from agent.media.sources import OPEN_DEADLINE, rtsp_login, undelivered
 from agent.media.stream import (
     AudioInfo,
     MediaPacket,
@@ -28,9 +28,6 @@ from agent.media.stream import (
 # SPS/PPS; without them the fast open sees no size, and we open again with normal probing
 # (docs/field-notes.md, PyAV).
 FAST_OPEN = {"probesize": "32", "analyzeduration": "0"}
-#: An open (the camera's challenge, FFmpeg's RTSP handshake and stream probe) must finish
-#: within this many socket timeouts (media.camera_timeout), whatever the camera sends.
-OPEN_DEADLINE = 3
 
 
 def with_credentials(url: str, username: str | None, password: str | None) -> str:
@@ -192,10 +189,7 @@ class PyAVSource:
             # FFmpeg's RTSP code reports the interrupt as whatever it was reading (often
             # InvalidDataError): past the budget, the deadline is the reason.
             if time.monotonic() - started >= budget * 0.95:
-                raise SourceError(
-                    f"the camera did not deliver a stream within {self._open_deadline:g} s of "
-                    "connecting (it answers, but not with RTSP/H.264 the agent can use): check "
-                    "the URL path and the camera's stream settings") from None
+                raise SourceError(undelivered(self._open_deadline or 0)) from None
             raise
 
     def read(self) -> MediaPacket:
