@@ -39,9 +39,9 @@ log = structlog.get_logger(__name__)
 
 REPORT_INTERVAL = 1.0  # seconds between sender reports (RFC 3550 §6.2, at our low rates)
 CONNECT_TIMEOUT = 30.0
-#: A receiver report's fraction lost (RFC 3550 §6.4.1, in 1/256) at which the viewer is
-#: treated as unable to keep up: half of what we send is lost on its way.
-HUGE_LOSS = 128
+#: The share of our packets a viewer lost over a second or more (RtpStream.loss) at which
+#: it is treated as unable to keep up: half of what we send is lost on its way.
+HUGE_LOSS = 0.5
 
 
 class SilentTrack(MediaStreamTrack):
@@ -222,7 +222,10 @@ class DirectTrack:
                 for r in packet.reports[:4]:
                     if r.ssrc == stream.params.ssrc:
                         stream.report(r.fraction_lost, r.packets_lost, r.jitter, r.lsr, r.dlsr)
-                        if self.video and r.fraction_lost >= HUGE_LOSS:
+                        if not self.video:
+                            continue
+                        lost = stream.loss(r.highest_sequence, r.packets_lost, time.monotonic())
+                        if lost is not None and lost >= HUGE_LOSS:
                             self._behind("loss")
             elif isinstance(packet, RtcpRtpfbPacket) and packet.fmt == RTCP_RTPFB_NACK:
                 self._write(stream.retransmit(packet.lost))

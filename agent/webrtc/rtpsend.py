@@ -8,11 +8,12 @@ allows: equal-size datagrams in one call with UDP GSO (``UDP_SEGMENT``); the SRT
 fixed size, so the equal-size FU-A payloads stay equal once protected.
 
 RTCP for the media: sender reports every second (RFC 3550 §6.4.1; browsers use them for
-A/V sync); receiver reports give loss, jitter and round-trip time; NACK (RFC 4585 §6.2.1) is
-answered from the viewer's history of the last ~1 s of frames (references to the shared
-payloads, re-protected when resent, as RTX per RFC 4588 when negotiated); PLI/FIR (RFC 4585
-§6.3.1, RFC 5104 §4.3.1) replays the camera's cached GOP from its keyframe. Work per RTCP
-packet is bounded whatever the peer sends.
+A/V sync); receiver reports give loss (judged over a second or more, from their cumulative
+counters), jitter and round-trip time; NACK (RFC 4585 §6.2.1) is answered from the viewer's
+history of the last ~1 s of frames (references to the shared payloads, re-protected when
+resent, as RTX per RFC 4588 when negotiated); PLI/FIR (RFC 4585 §6.3.1, RFC 5104 §4.3.1)
+replays the camera's cached GOP from its keyframe. Work per RTCP packet is bounded whatever
+the peer sends.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit
 HISTORY_FRAMES = 96  # ~1 s of video at 30 fps plus audio frames riding along
 NACK_MAX = 64  # sequence numbers looked at per NACK packet: bounded work per viewer
 KEYFRAME_INTERVAL = 1.0  # at most one GOP replay per second per viewer (PLI floods)
+LOSS_WINDOW = 1.0  # a viewer's loss is judged over at least this many seconds...
+LOSS_WINDOW_PACKETS = 20  # ...and at least this many of our packets
+LOSS_WINDOW_MAX = 10.0  # reports that stop longer than this start a new window, unjudged
 RTCP_SR = 200
 
 
@@ -84,6 +88,8 @@ class RtpStream:
         self._last_sr = 0  # middle 32 bits of the last SR's NTP timestamp
         self.stats = ReceptionStats()
         self._last_keyframe_request = 0.0
+        # (time, highest sequence number (16 bits), cumulative lost) where the window began
+        self._loss_start: tuple[float, int, int] | None = None
 
     def frame(self, payloads: tuple[Payload, ...], ticks: int) -> list[bytes]:
         """One frame's packets, protected and in order."""
@@ -169,6 +175,23 @@ class RtpStream:
             rtt = ((arrival - lsr - dlsr) & 0xFFFFFFFF) / 65536
             if rtt < 60:
                 s.rtt_seconds = rtt
+
+    def loss(self, highest_sequence: int, packets_lost: int, now: float) -> float | None:
+        """The share of our packets lost since the last judgement, from a report's cumulative
+        counters (RFC 3550 §6.4.1, A.3), once LOSS_WINDOW seconds and LOSS_WINDOW_PACKETS
+        packets have passed; None until then. Not a report's own fraction lost: libwebrtc
+        sends a report with every NACK, whose fraction then covers two or three packets."""
+        high = highest_sequence & 0xFFFF  # aiortc reports the 16-bit number, not extended
+        start = self._loss_start
+        if start is not None and now - start[0] <= LOSS_WINDOW_MAX:
+            began, first, lost_before = start
+            expected = (high - first) & 0xFFFF
+            if expected >= 0x8000 or now - began < LOSS_WINDOW or expected < LOSS_WINDOW_PACKETS:
+                return None  # an older report (reordered), or the window is not full yet
+            self._loss_start = (now, high, packets_lost)
+            return min(1.0, max(0, packets_lost - lost_before) / expected)
+        self._loss_start = (now, high, packets_lost)
+        return None
 
 
 def gso_batches(packets: list[bytes]) -> Iterator[list[bytes]]:
