@@ -37,7 +37,7 @@ class Cameras:
             lambda c=config: make_source(c, media.camera_timeout),  # type: ignore[misc]
             idle_grace=media.idle_grace, always_on=config.always_on,
             gop_cache=media.gop_cache, queue_packets=media.queue_packets,
-            reconnect_max=media.reconnect_max,
+            reconnect_max=media.reconnect_max, camera_timeout=media.camera_timeout,
         )
         return Camera(config, hub)
 

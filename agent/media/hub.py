@@ -20,11 +20,11 @@ from typing import Any
 
 import structlog
 
-from agent.errors import AgentError
+from agent.errors import AgentError, SourceError
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import VIDEO_CLOCK, Consumer
 from agent.media.rtp import Packetizer, audio_packetizer, video_packetizer
-from agent.media.sources import Source
+from agent.media.sources import LoopSource, Source, rtsp_login
 from agent.media.stream import PULLED_CODECS, VIDEO_CODECS, MediaPacket, StreamInfo
 from agent.retry import FailureLog, backoff
 
@@ -74,6 +74,7 @@ class CameraHub:
         gop_cache: bool,
         queue_packets: int,
         reconnect_max: float,
+        camera_timeout: float = 5.0,
     ) -> None:
         self.camera_id = camera_id
         self._open_source = open_source
@@ -110,6 +111,10 @@ class CameraHub:
         self._inbox: list[tuple[int, MediaPacket]] = []
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
+        #: Ends the stream read on the loop (see _watch), while one is.
+        self._end_stream: Callable[[], None] | None = None
+        #: A camera silent this long is offline (media.camera_timeout).
+        self._camera_timeout = camera_timeout
         #: Asks the camera itself for a keyframe (an adopted ONVIF camera), or None.
         self.keyframe_source: Callable[[], object] | None = None
 
@@ -212,6 +217,8 @@ class CameraHub:
             return  # someone subscribed again during the grace period
         self._stop.set()
         self._stops += 1  # a pull taken back by start() reconnects (fresh status and epoch)
+        if self._end_stream is not None:  # streaming on the loop: it ends now
+            self._end_stream()
         self._gop.clear()
         self._gop_bytes = 0
         if self.status.state is not CameraState.UNSUPPORTED:
@@ -356,8 +363,11 @@ class CameraHub:
                 loop.call_soon_threadsafe(self._online, epoch, info)
                 failures.recovered("camera_recovered")
                 delays = backoff(1.0, self._reconnect_max)
-                while not stop.is_set() and self._stops == stops:
-                    self._post(loop, epoch, source.read())
+                if isinstance(source, LoopSource) and source.loop_ready:
+                    self._stream_on_loop(loop, source, epoch, stop)
+                else:
+                    while not stop.is_set() and self._stops == stops:
+                        self._post(loop, epoch, source.read())
             except AgentError as exc:  # SourceError, or a camera secret that cannot be read
                 failures.failed(str(exc))
                 loop.call_soon_threadsafe(self._set_status_if_running, stop, str(exc))
@@ -367,6 +377,62 @@ class CameraHub:
             finally:
                 if source is not None:
                     source.close()
+
+    def _stream_on_loop(self, loop: asyncio.AbstractEventLoop, source: LoopSource, epoch: int,
+                        stop: threading.Event) -> None:
+        """Hand the open stream to the event loop and wait until it ends there (a failure,
+        a silent camera, or stop()); the thread then closes the source and goes on as after
+        any read: reconnect, or return when stopped."""
+        ended = threading.Event()
+        failure: list[str] = []
+        loop.call_soon_threadsafe(self._watch, source, epoch, stop, ended, failure)
+        ended.wait()
+        if failure:
+            raise SourceError(failure[0])
+
+    def _watch(self, source: LoopSource, epoch: int, stop: threading.Event,
+               ended: threading.Event, failure: list[str]) -> None:
+        """On the loop: read the camera whenever its socket is readable (one wake-up per
+        burst of packets, no thread in between), and check once a second that it still
+        sends."""
+        assert self._loop is not None
+        loop = self._loop
+        fd = source.fileno()
+        timer: asyncio.TimerHandle | None = None
+
+        def finish(reason: str | None = None) -> None:
+            loop.remove_reader(fd)
+            if timer is not None:
+                timer.cancel()
+            if self._end_stream is finish:
+                self._end_stream = None
+            if reason is not None:
+                failure.append(reason)
+            ended.set()
+
+        def readable() -> None:
+            try:
+                packets = source.read_available()
+            except AgentError as exc:
+                finish(str(exc))
+                return
+            for packet in packets:
+                self._deliver(epoch, packet)
+
+        def check() -> None:
+            nonlocal timer
+            if source.silent_for() > self._camera_timeout:
+                finish(rtsp_login.TIMEOUT)
+            else:
+                timer = loop.call_later(1.0, check)
+
+        if stop.is_set():
+            ended.set()
+            return
+        self._end_stream = finish
+        loop.add_reader(fd, readable)
+        timer = loop.call_later(1.0, check)
+        readable()  # what the open read ahead
 
     def _post(self, loop: asyncio.AbstractEventLoop, epoch: int, packet: MediaPacket) -> None:
         """Hand a packet to the loop: one wake-up per batch, not per packet (waking the loop

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -156,6 +158,43 @@ async def test_the_session_is_kept_alive_past_the_cameras_timeout(
             frames += 1
         assert frames >= 9 * CAMERA["fps"] * 0.8
         assert camera.total_connections == 1
+        await viewer.close()
+    finally:
+        assert await agent.stop() == 0
+
+
+async def test_a_camera_that_freezes_mid_stream_is_offline_within_its_timeout(
+        tmp_path: Path, rtsp_camera_factory: Factory) -> None:
+    """The stream is read on the event loop: a camera that stops sending (frozen, its TCP
+    connection still open) must be noticed by the once-a-second check, not by a read that
+    never returns; it plays again when it comes back."""
+    camera = await asyncio.to_thread(rtsp_camera_factory, **CAMERA)
+    agent = await AgentProcess.start(tmp_path, [{"id": "door", "source": camera.url}],
+                                     media={"camera_timeout": 2.0, "reconnect_max": 1.0})
+    try:
+        _, token = await agent.token("--camera", "door")
+        viewer = WhepViewer(agent.base, "door", token)
+        assert await viewer.connect() == 201, viewer.body
+        await viewer.frame()
+        assert camera.pid is not None
+        os.kill(camera.pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        try:
+            async def offline() -> bool:
+                return bool((await status(agent, token, "door"))["state"] == "offline")
+
+            await wait_until(offline, timeout=10)
+            took = time.monotonic() - frozen
+            info = await status(agent, token, "door")
+            assert "timeout" in info["error"], info
+            assert 2.0 <= took < 2.0 + 1.0 + 1.5, took  # the timeout, the check's second
+        finally:
+            os.kill(camera.pid, signal.SIGCONT)
+        async def online() -> bool:
+            return bool((await status(agent, token, "door"))["state"] == "online")
+
+        await wait_until(online, timeout=20)  # reconnected
+        await viewer.frame(timeout=10)
         await viewer.close()
     finally:
         assert await agent.stop() == 0

@@ -11,7 +11,7 @@ its pull thread: an agent whose cameras nobody watches loads neither.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from agent.config import CameraConfig, read_secret
 from agent.errors import SourceError
@@ -37,6 +37,21 @@ class Source(Protocol):
     def read(self) -> MediaPacket: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class LoopSource(Source, Protocol):
+    """A source whose open stream the hub can read on the event loop, without a thread in
+    between (the agent's own RTSP client). ``open`` still runs in the pull thread."""
+
+    @property
+    def loop_ready(self) -> bool: ...
+
+    def fileno(self) -> int: ...
+
+    def read_available(self) -> list[MediaPacket]: ...
+
+    def silent_for(self) -> float: ...
 
 
 def make_source(camera: CameraConfig, timeout: float) -> Source:

@@ -21,6 +21,7 @@ import secrets
 import socket
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -160,6 +161,7 @@ class _Session:
         self.nc = 0
         self.public = ""
         self.answered = 0  # RTSP responses read: is it an RTSP server at all?
+        self.last_read = time.monotonic()
         self.streaming = False  # PLAY sent: interleaved data is expected from now on
         self.open_deadline = deadline - time.monotonic()
 
@@ -283,9 +285,25 @@ class _Session:
             raise SourceError(rtsp_login.TIMEOUT) from None
         if not chunk:
             raise ConnectionResetError("the camera closed the connection")
+        self._append(chunk)
+
+    def fill_nowait(self) -> bool:
+        """Take what a non-blocking socket holds; False if nothing was there."""
+        assert self.sock is not None
+        try:
+            chunk = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            raise ConnectionResetError("the camera closed the connection")
+        self._append(chunk)
+        return True
+
+    def _append(self, chunk: bytes) -> None:
         self.buf = self.buf[self.pos:] + chunk if self.pos < len(self.buf) else chunk
         self.view = memoryview(self.buf)
         self.pos = 0
+        self.last_read = time.monotonic()
 
     def next_item(self, wait: bool = True) -> object:
         """One message from the buffer, reading more as needed (or :data:`MORE` if not
@@ -434,7 +452,7 @@ class NativeRtspSource:
             if len(self._pending) > OPEN_BACKLOG:
                 raise SourceError("the camera sent no H.264/H.265 parameter sets: its stream "
                                   "cannot be played")
-            self._pending.extend(self._next_packets())
+            self._pending.extend(self._next_packets(wait=True))
             size = self._size()
         width, height = size
         s.deadline = 0.0  # streaming: each read gets the socket timeout
@@ -503,22 +521,42 @@ class NativeRtspSource:
 
     def read(self) -> MediaPacket:
         while not self._pending:
-            try:
-                self._pending = self._next_packets()
-            except rtsp.RtspProtocolError:
-                raise SourceError(_NOT_STREAM) from None
-            except ConnectionError:
-                raise SourceError("the camera closed the stream") from None
-            except OSError as exc:
-                raise SourceError(exc.strerror or "the connection to the camera failed") \
-                    from None
+            with _stream_errors():
+                self._pending = self._next_packets(wait=True)
         return self._pending.pop(0)
 
-    def _next_packets(self) -> list[MediaPacket]:
+    # -- streaming on the event loop (see CameraHub: one wake-up per burst, no thread) -----
+
+    @property
+    def loop_ready(self) -> bool:
+        """Whether the stream can be read on the event loop: every packet is cheap to
+        handle there (no AAC to transcode, which stays in the pull thread)."""
+        return not (self._audio_path is not None and self._audio_depay is not None)
+
+    def fileno(self) -> int:
+        """The camera's socket, made non-blocking: the loop reads it when it is readable."""
+        assert self._s is not None and self._s.sock is not None
+        self._s.sock.setblocking(False)
+        return self._s.sock.fileno()
+
+    def read_available(self) -> list[MediaPacket]:
+        """What the camera sent since the last call (and what the open buffered), without
+        waiting; raises SourceError when the stream has ended or broken."""
+        out, self._pending = self._pending, []
+        with _stream_errors():
+            if self._s is not None and self._s.fill_nowait():
+                out += self._next_packets(wait=False)
+        return out
+
+    def silent_for(self) -> float:
+        """Seconds since the camera last sent anything."""
+        return time.monotonic() - self._s.last_read if self._s is not None else 0.0
+
+    def _next_packets(self, wait: bool) -> list[MediaPacket]:
         s = self._s
         assert s is not None
         out: list[MediaPacket] = []
-        item = s.next_item()
+        item = s.next_item(wait)
         while item is not MORE:
             if type(item) is tuple:
                 channel, view = item
@@ -580,7 +618,7 @@ class NativeRtspSource:
             self._send_report(s, now)
         if now >= self._keepalive_at:
             self._keepalive_at = now + self._session_timeout / 2
-            s.send(self._keepalive_method, self._control)
+            s.send(self._keepalive_method, self._control)  # a few hundred bytes: never blocks
 
     def _send_report(self, s: _Session, now: float) -> None:
         """An RTCP receiver report over the video's RTCP channel (RFC 3550 §6.4.2)."""
@@ -603,6 +641,19 @@ class NativeRtspSource:
             except OSError:
                 pass  # gone already: nothing to tear down
         s.close()
+
+
+@contextlib.contextmanager
+def _stream_errors() -> Iterator[None]:
+    """What breaks a running stream, in the installer's words."""
+    try:
+        yield
+    except rtsp.RtspProtocolError:
+        raise SourceError(_NOT_STREAM) from None
+    except ConnectionError:
+        raise SourceError("the camera closed the stream") from None
+    except OSError as exc:
+        raise SourceError(exc.strerror or "the connection to the camera failed") from None
 
 
 def native_source(url: str, *, timeout: float, username: str | None, password: str | None,
