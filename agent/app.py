@@ -311,14 +311,7 @@ class Daemon:
             configured = set(self.config.camera_ids)
             wanted = [*self.config.cameras,
                       *(self.adopted.config(a) for a in self._adopted if a.id not in configured)]
-            added, removed, changed = await self.cameras.apply(wanted)
-            for camera_id in removed + changed:
-                why = "camera_removed" if camera_id in removed else "camera_changed"
-                await self.whep.close_camera(camera_id, why)
-                if self.rtsp is not None:
-                    self.rtsp.close_camera(camera_id, why)
-                if self.hls is not None:
-                    await self.hls.close_camera(camera_id, why)
+            added, removed, changed = await self.cameras.apply(wanted, self._end_sessions)
             if self.follower is not None:
                 self.follower.set_adopted(self._adopted)
             self.keyframes.set_cameras(a for a in self._adopted if a.id not in configured)
@@ -330,6 +323,14 @@ class Daemon:
                 self.notifier.notify(f"STATUS=serving {len(self.cameras.ids)} camera(s) on "
                                      f"{self.config.http.listen}")
             return added, removed, changed
+
+    async def _end_sessions(self, camera_id: str, why: str) -> None:
+        """Every protocol's sessions of a camera that is removed or changed."""
+        await self.whep.close_camera(camera_id, why)
+        if self.rtsp is not None:
+            self.rtsp.close_camera(camera_id, why)
+        if self.hls is not None:
+            await self.hls.close_camera(camera_id, why)
 
     def _held_moves(self) -> dict[str, str]:
         return {a.id: held_move_text(a.id, a.pending) for a in self._adopted if a.pending}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from agent.config import CameraConfig, MediaSection
@@ -41,15 +41,22 @@ class Cameras:
         )
         return Camera(config, hub)
 
-    async def apply(self, configs: list[CameraConfig]) -> tuple[list[str], list[str], list[str]]:
+    async def apply(self, configs: list[CameraConfig],
+                    ending: Callable[[str, str], Awaitable[None]] | None = None,
+                    ) -> tuple[list[str], list[str], list[str]]:
         """Make the camera set match ``configs``: cameras whose entry is unchanged keep their
-        hub, pull and viewers. Returns (added, removed, changed) ids."""
+        hub, pull and viewers. ``ending(camera_id, why)`` ends a removed or changed camera's
+        sessions before the camera goes (their ends are recorded before any client can see
+        the camera gone). Returns (added, removed, changed) ids."""
         wanted = {c.id: c for c in configs}
         removed = [i for i in self._cameras if i not in wanted]
         changed = [i for i, c in wanted.items() if i in self._cameras
                    and self._cameras[i].config != c]
         added = [i for i in wanted if i not in self._cameras]
         for camera_id in removed + changed:
+            if ending is not None:
+                await ending(camera_id,
+                             "camera_removed" if camera_id in removed else "camera_changed")
             await self._cameras.pop(camera_id).hub.close()
         for camera_id in changed + added:
             self._cameras[camera_id] = self._build(wanted[camera_id])
