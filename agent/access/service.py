@@ -1,8 +1,10 @@
 """The access service the daemon's protocols call: authorize, hold sessions, end them.
 
 It keeps the token index in memory (so ``authorize`` never touches the disk), follows the
-store for changes made anywhere (CLI, admin API, relay sync) every ``poll_interval``, and
-ends live sessions whose token was revoked or expired within that interval.
+store for changes made anywhere (CLI, admin API, relay sync) as they are written (inotify,
+``agent.state.changes``; where that is unavailable, a look every ``poll_interval``), and
+ends live sessions whose token was revoked or expired at once. Nothing wakes it while the
+store is not written and no live session's token has a deadline (an idle agent's CPU).
 
 Durability promise: ``authorize`` returns a grant only once its ``access.granted`` entry (and
 usage count) is committed, so a response sent under a grant is in the audit log even if the
@@ -45,6 +47,7 @@ from agent.access.sessions import (
     SessionRegistry,
 )
 from agent.access.store import TokenStore
+from agent.state.changes import StoreChanges
 from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,9 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+#: While sessions are live, the watcher sweeps at least this often even with no deadline
+#: due (a wall-clock step moves expiries against the event loop's clock).
+SWEEP_EVERY = 1.0
 #: The longest a failed well-formed token waits for the watcher's next look at the store.
 LOOK_WAIT = 2.0
 #: Outcomes that a store change made elsewhere (CLI, relay sync) may turn into a grant.
@@ -103,12 +109,18 @@ class AccessService:
         self._passes_started = 0
         self._passes_done = 0
         self._published: dict[str, int] = {}
+        self._changes: StoreChanges | None = None
+        self._written = False  # the store's files were written since the last pass looked
+        #: Set after each watcher pass that read the store (for the daemon's other readers
+        #: of the database, such as the adopted cameras).
+        self.store_read = asyncio.Event()
 
     async def start(self) -> None:
         self._tokens, self._rev = await asyncio.to_thread(self._load)
         # Counts a previous run left (killed) are stale: none of its sessions lives on.
         await asyncio.to_thread(self._store.publish_live_sessions, {}, self._clock())
         self._recorder.start()
+        self._changes = StoreChanges.open(self._store.path, self._store_written)
         self._task = asyncio.create_task(self._watch(), name="token-watch")
         log.info("access_ready", tokens=len(self._tokens))
 
@@ -119,6 +131,9 @@ class AccessService:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None
         for session in self.sessions:
             self.end_session(session.id, "shutdown")
             self._close_quietly(session, "shutdown")
@@ -273,6 +288,7 @@ class AccessService:
                 None, camera, Action.VIEW, Protocol(protocol), peer_ip, self._clock()), denied)
             self.decisions[denied.reason.value] += 1
             raise
+        self._wake.set()  # a pass: publish the count, and wake at its token's deadline
         return session
 
     def end_session(self, session_id: str, why: str) -> None:
@@ -332,19 +348,45 @@ class AccessService:
                 out += [st.st_mtime_ns, st.st_size]
         return tuple(out)
 
+    def _store_written(self) -> None:
+        """inotify: a process wrote the database."""
+        self._written = True
+        self._wake.set()
+
+    def _next_look(self, failing: bool) -> float:
+        """Seconds the watcher may wait for a wake-up before it must look again: at once at
+        the next deadline of a live session's token, else at the next full poll. Without
+        inotify (or while the store fails), every ``poll_interval``."""
+        if self._changes is None or not self._changes.alive or failing:
+            return self._poll
+        wait = FULL_POLL
+        if len(self.sessions):
+            now = self._clock()
+            wait = SWEEP_EVERY
+            for session in self.sessions:
+                record = self._tokens.get(session.token_id)
+                for deadline in (record.expires_at, record.revoked_at) if record else ():
+                    if deadline is not None and deadline > now:
+                        wait = min(wait, deadline - now)
+        return wait
+
     async def _watch(self) -> None:
         last_prune = 0.0
         failing = False
         seen: tuple[int, ...] = ()
         last_query = 0.0
+        loop = asyncio.get_running_loop()
         while True:
             self._passes_started += 1
+            started = loop.time()
             try:
                 signature = self._store_signature()
+                written, self._written = self._written, False
                 now = time.monotonic()
-                if signature != seen or now - last_query > FULL_POLL or failing:
+                if written or signature != seen or now - last_query > FULL_POLL or failing:
                     seen, last_query = signature, now
                     await self.refresh(force=True)  # one store reader at a time
+                    self.store_read.set()
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)
@@ -360,9 +402,13 @@ class AccessService:
             done.set()
             self.sweep()
             await self._publish_live(self.sessions.per_token())
-            await asyncio.sleep(REFRESH_GAP)  # woken passes come at most this often
+            # One timer per pass: an idle agent wakes only for writes and the full poll.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, self._poll - REFRESH_GAP))
+                async with asyncio.timeout(max(REFRESH_GAP, self._next_look(failing))):
+                    await self._wake.wait()
+                # woken passes come at most every REFRESH_GAP
+                if (gap := started + REFRESH_GAP - loop.time()) > 0:
+                    await asyncio.sleep(gap)
             self._wake.clear()
 
     async def _publish_live(self, counts: dict[str, int]) -> None:
