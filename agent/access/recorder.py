@@ -87,6 +87,7 @@ class AccessRecorder:
         self.reserve_path = path.parent / RESERVE_NAME if reserve else None
         self._reserve_tried = 0.0
         self._wake = threading.Event()
+        self._dozing = False  # the writer sleeps until an event is recorded (``_doze``)
         self._done = threading.Condition(self._lock)
         self._written_batches = 0
         self._requested_batches = 0
@@ -116,7 +117,10 @@ class AccessRecorder:
                     self._pending.append((None, event, 0))
             else:
                 self._pending.append((kept, event, 1))
-            return self._recorded
+            ticket, wake, self._dozing = self._recorded, self._dozing, False
+        if wake:
+            self._wake.set()
+        return ticket
 
     def durable(self, ticket: int) -> Future[None]:
         """Done once the event with ``ticket`` is committed; the writer is woken at once.
@@ -200,8 +204,27 @@ class AccessRecorder:
                     return
                 if self.reserve_path is not None and not self.failing:
                     self._keep_reserve()
+                self._doze()
         finally:
             conn.close()
+
+    def _doze(self) -> None:
+        """With nothing to write and no folded denials to close, sleep until an event is
+        recorded (it then waits the interval like any batch) instead of waking every
+        interval for nothing (docs/field-notes.md, idle CPU); the reserve is still looked
+        after every RESERVE_RETRY. ``durable``, ``flush`` and ``close`` wake it at once."""
+        with self._lock:
+            if (self._pending or self._overflowed or self._folded or self._folder.folded
+                    or self.failing or self._waiters or self._stopping
+                    or self._requested_batches > self._written_batches):
+                return
+            self._dozing = True
+        self._wake.wait(RESERVE_RETRY)
+        with self._lock:  # (under the lock: a durable() or flush() now keeps its wake-up)
+            self._dozing = False
+            if not (self._waiters or self._stopping
+                    or self._requested_batches > self._written_batches):
+                self._wake.clear()
 
     def _write_pending(self, conn: sqlite3.Connection | None = None, drain: bool = False) -> None:
         with self._lock:
