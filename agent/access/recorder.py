@@ -190,12 +190,12 @@ class AccessRecorder:
         self._keep_reserve()
         try:
             while True:
-                self._wake.wait(self._interval)
+                woken = self._wake.wait(self._interval)
                 self._wake.clear()
                 with self._lock:
                     target = self._requested_batches
                     drain, self._drain_folds = self._drain_folds, False
-                self._write_pending(conn, drain=drain)
+                wrote = self._write_pending(conn, drain=drain)
                 with self._lock:
                     self._written_batches = max(self._written_batches, target)
                     self._done.notify_all()
@@ -204,15 +204,18 @@ class AccessRecorder:
                     return
                 if self.reserve_path is not None and not self.failing:
                     self._keep_reserve()
-                self._doze()
+                if not woken and not wrote:  # a whole interval without an event
+                    self._doze()
         finally:
             conn.close()
 
     def _doze(self) -> None:
-        """With nothing to write and no folded denials to close, sleep until an event is
-        recorded (it then waits the interval like any batch) instead of waking every
-        interval for nothing (docs/field-notes.md, idle CPU); the reserve is still looked
-        after every RESERVE_RETRY. ``durable``, ``flush`` and ``close`` wake it at once."""
+        """After an interval without events, with nothing to write and no folded denials to
+        close, sleep until an event is recorded (it then waits the interval like any batch)
+        instead of waking every interval for nothing (docs/field-notes.md, idle CPU); the
+        reserve is still looked after every RESERVE_RETRY. ``durable``, ``flush`` and
+        ``close`` wake it at once. (Dozing after every write cost a grant storm a thread
+        wake-up per grant: record() woke the writer, then durable() again.)"""
         with self._lock:
             if (self._pending or self._overflowed or self._folded or self._folder.folded
                     or self.failing or self._waiters or self._stopping
@@ -226,7 +229,8 @@ class AccessRecorder:
                     or self._requested_batches > self._written_batches):
                 self._wake.clear()
 
-    def _write_pending(self, conn: sqlite3.Connection | None = None, drain: bool = False) -> None:
+    def _write_pending(self, conn: sqlite3.Connection | None = None, drain: bool = False) -> bool:
+        """Commit what is pending; False if there was nothing to write."""
         with self._lock:
             batch, self._pending = self._pending, []
             batch += [(row, None, 0) for row in self._folder.due(time.monotonic(), drain)]
@@ -235,7 +239,7 @@ class AccessRecorder:
         if not batch and not overflowed:
             if folded:
                 self._committed_more(folded)
-            return
+            return False
         entries = self._rows(batch, overflowed)
         db = conn if conn is not None else connect(self._path)
         try:
@@ -256,6 +260,7 @@ class AccessRecorder:
             if conn is None:
                 db.close()
         self._check_quota()
+        return True
 
     def _rows(self, batch: list[_Item], overflowed: int) -> list[AuditEntry]:
         """The entries to write; past the quota, denials become one count per window."""

@@ -55,6 +55,9 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+#: A run of passes for writes alone (no request waiting) comes at most this often: under
+#: load the agent's own audit commits write the store thousands of times a second.
+WRITE_GAP = 0.2
 #: While sessions are live, the watcher sweeps at least this often even with no deadline
 #: due (a wall-clock step moves expiries against the event loop's clock).
 SWEEP_EVERY = 1.0
@@ -111,6 +114,7 @@ class AccessService:
         self._published: dict[str, int] = {}
         self._changes: StoreChanges | None = None
         self._written = False  # the store's files were written since the last pass looked
+        self._asked = False  # a request (or a new session) waits for the next pass
         #: Set after each watcher pass that read the store (for the daemon's other readers
         #: of the database, such as the adopted cameras).
         self.store_read = asyncio.Event()
@@ -178,7 +182,7 @@ class AccessService:
             await self.refresh(force=True)
             return
         target = self._passes_started + 1
-        self._wake.set()
+        self._ask()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOOK_WAIT
         while self._passes_done < target:
@@ -288,7 +292,7 @@ class AccessService:
                 None, camera, Action.VIEW, Protocol(protocol), peer_ip, self._clock()), denied)
             self.decisions[denied.reason.value] += 1
             raise
-        self._wake.set()  # a pass: publish the count, and wake at its token's deadline
+        self._ask()  # a pass: publish the count, and wake at its token's deadline
         return session
 
     def end_session(self, session_id: str, why: str) -> None:
@@ -353,6 +357,20 @@ class AccessService:
         self._written = True
         self._wake.set()
 
+    def _ask(self) -> None:
+        self._asked = True
+        self._wake.set()
+
+    async def _space(self, after_writes: float, after_ask: float) -> None:
+        """Wait (loop time) until the next pass may start: ``after_ask`` once a request
+        waits for it, else ``after_writes``."""
+        loop = asyncio.get_running_loop()
+        while (left := (after_ask if self._asked else after_writes) - loop.time()) > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+
     def _next_look(self, failing: bool) -> float:
         """Seconds the watcher may wait for a wake-up before it must look again: at once at
         the next deadline of a live session's token, else at the next full poll. Without
@@ -375,13 +393,18 @@ class AccessService:
         failing = False
         seen: tuple[int, ...] = ()
         last_query = 0.0
+        streak = 0  # passes in a row for writes alone
         loop = asyncio.get_running_loop()
         while True:
             self._passes_started += 1
             started = loop.time()
+            asked, self._asked = self._asked, False
+            written, self._written = self._written, False
+            if self._changes is not None:
+                written = self._changes.rearm() or written
+            streak = streak + 1 if written and not asked else 0
             try:
                 signature = self._store_signature()
-                written, self._written = self._written, False
                 now = time.monotonic()
                 if written or signature != seen or now - last_query > FULL_POLL or failing:
                     seen, last_query = signature, now
@@ -403,12 +426,13 @@ class AccessService:
             self.sweep()
             await self._publish_live(self.sessions.per_token())
             # One timer per pass: an idle agent wakes only for writes and the full poll.
+            woken = False
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(REFRESH_GAP, self._next_look(failing))):
-                    await self._wake.wait()
-                # woken passes come at most every REFRESH_GAP
-                if (gap := started + REFRESH_GAP - loop.time()) > 0:
-                    await asyncio.sleep(gap)
+                    woken = await self._wake.wait()
+            if woken:
+                await self._space(started + (WRITE_GAP if streak > 1 else REFRESH_GAP),
+                                  started + REFRESH_GAP)
             self._wake.clear()
 
     async def _publish_live(self, counts: dict[str, int]) -> None:

@@ -37,6 +37,7 @@ class StoreChanges:
         self._on_change = on_change
         #: False once the watch is gone (the directory removed): the caller polls again.
         self.alive = True
+        self._listening = True
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(fd, self._read)
 
@@ -58,31 +59,56 @@ class StoreChanges:
             return None
         return cls(fd, path, on_change)
 
-    def _read(self) -> None:
-        try:
-            data = os.read(self._fd, 64 * 1024)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        changed, offset = not data, 0
-        while offset + _EVENT.size <= len(data):
-            _wd, mask, _cookie, size = _EVENT.unpack_from(data, offset)
-            name = data[offset + _EVENT.size:offset + _EVENT.size + size].rstrip(b"\0")
-            offset += _EVENT.size + size
-            if mask & _IN_IGNORED:
-                self.alive = False  # the directory went away: nothing more will come
-            changed = changed or bool(mask & (_IN_Q_OVERFLOW | _IN_IGNORED)) \
-                or name in self._names
-        if not data:
-            self.alive = False
+    def rearm(self) -> bool:
+        """Call before each look at the store: True if it was written since the previous
+        look (that look sees those writes). ``on_change`` is called once per look at most:
+        under load the agent's own audit commits write the store thousands of times a
+        second, and reading each of their events cost a quarter of its grants."""
         if not self.alive:
-            self._loop.remove_reader(self._fd)
-        if changed:
+            return False
+        written = self._events()
+        if self.alive and not self._listening:
+            self._loop.add_reader(self._fd, self._read)
+            self._listening = True
+        return written
+
+    def _read(self) -> None:
+        if self._events():
+            self._pause()
             self._on_change()
+
+    def _events(self) -> bool:
+        """Read what is queued: True if the database was written (or events were lost)."""
+        written = False
+        while True:
+            try:
+                data = os.read(self._fd, 64 * 1024)
+            except BlockingIOError:
+                return written
+            except OSError:
+                data = b""
+            if not data:  # not expected from inotify: stop trusting it
+                self.alive = False
+                self._pause()
+                return True
+            offset = 0
+            while offset + _EVENT.size <= len(data):
+                _wd, mask, _cookie, size = _EVENT.unpack_from(data, offset)
+                name = data[offset + _EVENT.size:offset + _EVENT.size + size].rstrip(b"\0")
+                offset += _EVENT.size + size
+                if mask & _IN_IGNORED:  # the directory went away: nothing more will come
+                    self.alive = False
+                    self._pause()
+                written = written or bool(mask & (_IN_Q_OVERFLOW | _IN_IGNORED)) \
+                    or name in self._names
+
+    def _pause(self) -> None:
+        if self._listening:
+            self._loop.remove_reader(self._fd)
+            self._listening = False
 
     def close(self) -> None:
         self.alive = False
-        self._loop.remove_reader(self._fd)
+        self._pause()
         with contextlib.suppress(OSError):
             os.close(self._fd)
