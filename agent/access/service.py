@@ -400,10 +400,10 @@ class AccessService:
             started = loop.time()
             asked, self._asked = self._asked, False
             written, self._written = self._written, False
-            if self._changes is not None:
-                written = self._changes.rearm() or written
-            streak = streak + 1 if written and not asked else 0
             try:
+                if self._changes is not None:
+                    written = self._changes.rearm() or written
+                streak = streak + 1 if written and not asked else 0
                 signature = self._store_signature()
                 now = time.monotonic()
                 if written or signature != seen or now - last_query > FULL_POLL or failing:
