@@ -60,7 +60,8 @@ log = structlog.get_logger(__name__)
 
 QUICK_START_LABEL = "quick-start"
 QUICK_START_TTL = timedelta(days=1)
-#: Seconds between looks for cameras adopted or removed by `therelay-agent cameras`.
+#: Cameras adopted or removed by `therelay-agent cameras` are looked for after each write to
+#: the database the token watcher notices, at most this often (seconds).
 ADOPTED_POLL = 1.0
 #: Seconds between checks that the database file is still the one the daemon opened, and
 #: between repeats of the error while it is not.
@@ -348,12 +349,20 @@ class Daemon:
         return True
 
     async def _watch_adopted(self) -> None:
+        read = self.access.store_read
+        loop = asyncio.get_running_loop()
+        last = -ADOPTED_POLL
         while True:
-            await asyncio.sleep(ADOPTED_POLL)
+            await read.wait()  # the database was written (or the watcher's periodic look)
+            if (gap := last + ADOPTED_POLL - loop.time()) > 0:
+                await asyncio.sleep(gap)
+            read.clear()
+            last = loop.time()
             try:
                 await self._sync_adopted()
-            except AgentError as exc:  # a busy database: the next poll tries again
+            except AgentError as exc:  # a busy database: the next look tries again
                 log.warning("adopted_cameras_unreadable", error=str(exc))
+                read.set()
 
     async def _start_discovery(self) -> None:
         try:

@@ -87,6 +87,7 @@ class AccessRecorder:
         self.reserve_path = path.parent / RESERVE_NAME if reserve else None
         self._reserve_tried = 0.0
         self._wake = threading.Event()
+        self._dozing = False  # the writer sleeps until an event is recorded (``_doze``)
         self._done = threading.Condition(self._lock)
         self._written_batches = 0
         self._requested_batches = 0
@@ -116,7 +117,10 @@ class AccessRecorder:
                     self._pending.append((None, event, 0))
             else:
                 self._pending.append((kept, event, 1))
-            return self._recorded
+            ticket, wake, self._dozing = self._recorded, self._dozing, False
+        if wake:
+            self._wake.set()
+        return ticket
 
     def durable(self, ticket: int) -> Future[None]:
         """Done once the event with ``ticket`` is committed; the writer is woken at once.
@@ -186,12 +190,12 @@ class AccessRecorder:
         self._keep_reserve()
         try:
             while True:
-                self._wake.wait(self._interval)
+                woken = self._wake.wait(self._interval)
                 self._wake.clear()
                 with self._lock:
                     target = self._requested_batches
                     drain, self._drain_folds = self._drain_folds, False
-                self._write_pending(conn, drain=drain)
+                wrote = self._write_pending(conn, drain=drain)
                 with self._lock:
                     self._written_batches = max(self._written_batches, target)
                     self._done.notify_all()
@@ -200,10 +204,33 @@ class AccessRecorder:
                     return
                 if self.reserve_path is not None and not self.failing:
                     self._keep_reserve()
+                if not woken and not wrote:  # a whole interval without an event
+                    self._doze()
         finally:
             conn.close()
 
-    def _write_pending(self, conn: sqlite3.Connection | None = None, drain: bool = False) -> None:
+    def _doze(self) -> None:
+        """After an interval without events, with nothing to write and no folded denials to
+        close, sleep until an event is recorded (it then waits the interval like any batch)
+        instead of waking every interval for nothing (docs/field-notes.md, idle CPU); the
+        reserve is still looked after every RESERVE_RETRY. ``durable``, ``flush`` and
+        ``close`` wake it at once. (Dozing after every write cost a grant storm a thread
+        wake-up per grant: record() woke the writer, then durable() again.)"""
+        with self._lock:
+            if (self._pending or self._overflowed or self._folded or self._folder.folded
+                    or self.failing or self._waiters or self._stopping
+                    or self._requested_batches > self._written_batches):
+                return
+            self._dozing = True
+        self._wake.wait(RESERVE_RETRY)
+        with self._lock:  # (under the lock: a durable() or flush() now keeps its wake-up)
+            self._dozing = False
+            if not (self._waiters or self._stopping
+                    or self._requested_batches > self._written_batches):
+                self._wake.clear()
+
+    def _write_pending(self, conn: sqlite3.Connection | None = None, drain: bool = False) -> bool:
+        """Commit what is pending; False if there was nothing to write."""
         with self._lock:
             batch, self._pending = self._pending, []
             batch += [(row, None, 0) for row in self._folder.due(time.monotonic(), drain)]
@@ -212,7 +239,7 @@ class AccessRecorder:
         if not batch and not overflowed:
             if folded:
                 self._committed_more(folded)
-            return
+            return False
         entries = self._rows(batch, overflowed)
         db = conn if conn is not None else connect(self._path)
         try:
@@ -233,6 +260,7 @@ class AccessRecorder:
             if conn is None:
                 db.close()
         self._check_quota()
+        return True
 
     def _rows(self, batch: list[_Item], overflowed: int) -> list[AuditEntry]:
         """The entries to write; past the quota, denials become one count per window."""

@@ -1,8 +1,10 @@
 """The access service the daemon's protocols call: authorize, hold sessions, end them.
 
 It keeps the token index in memory (so ``authorize`` never touches the disk), follows the
-store for changes made anywhere (CLI, admin API, relay sync) every ``poll_interval``, and
-ends live sessions whose token was revoked or expired within that interval.
+store for changes made anywhere (CLI, admin API, relay sync) as they are written (inotify,
+``agent.state.changes``; where that is unavailable, a look every ``poll_interval``), and
+ends live sessions whose token was revoked or expired at once. Nothing wakes it while the
+store is not written and no live session's token has a deadline (an idle agent's CPU).
 
 Durability promise: ``authorize`` returns a grant only once its ``access.granted`` entry (and
 usage count) is committed, so a response sent under a grant is in the audit log even if the
@@ -45,6 +47,7 @@ from agent.access.sessions import (
     SessionRegistry,
 )
 from agent.access.store import TokenStore
+from agent.state.changes import StoreChanges
 from agent.stopping import cancel_and_wait
 
 log = structlog.get_logger(__name__)
@@ -52,6 +55,12 @@ log = structlog.get_logger(__name__)
 PRUNE_EVERY = 3600.0
 FULL_POLL = 5.0  # query the store at least this often, even if its files look unchanged
 REFRESH_GAP = 0.05
+#: A run of passes for writes alone (no request waiting) comes at most this often: under
+#: load the agent's own audit commits write the store thousands of times a second.
+WRITE_GAP = 0.2
+#: While sessions are live, the watcher sweeps at least this often even with no deadline
+#: due (a wall-clock step moves expiries against the event loop's clock).
+SWEEP_EVERY = 1.0
 #: The longest a failed well-formed token waits for the watcher's next look at the store.
 LOOK_WAIT = 2.0
 #: Outcomes that a store change made elsewhere (CLI, relay sync) may turn into a grant.
@@ -103,12 +112,19 @@ class AccessService:
         self._passes_started = 0
         self._passes_done = 0
         self._published: dict[str, int] = {}
+        self._changes: StoreChanges | None = None
+        self._written = False  # the store's files were written since the last pass looked
+        self._asked = False  # a request (or a new session) waits for the next pass
+        #: Set after each watcher pass that read the store (for the daemon's other readers
+        #: of the database, such as the adopted cameras).
+        self.store_read = asyncio.Event()
 
     async def start(self) -> None:
         self._tokens, self._rev = await asyncio.to_thread(self._load)
         # Counts a previous run left (killed) are stale: none of its sessions lives on.
         await asyncio.to_thread(self._store.publish_live_sessions, {}, self._clock())
         self._recorder.start()
+        self._changes = StoreChanges.open(self._store.path, self._store_written)
         self._task = asyncio.create_task(self._watch(), name="token-watch")
         log.info("access_ready", tokens=len(self._tokens))
 
@@ -119,6 +135,9 @@ class AccessService:
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
         self._task = None
+        if self._changes is not None:
+            self._changes.close()
+            self._changes = None
         for session in self.sessions:
             self.end_session(session.id, "shutdown")
             self._close_quietly(session, "shutdown")
@@ -163,7 +182,7 @@ class AccessService:
             await self.refresh(force=True)
             return
         target = self._passes_started + 1
-        self._wake.set()
+        self._ask()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + LOOK_WAIT
         while self._passes_done < target:
@@ -273,6 +292,7 @@ class AccessService:
                 None, camera, Action.VIEW, Protocol(protocol), peer_ip, self._clock()), denied)
             self.decisions[denied.reason.value] += 1
             raise
+        self._ask()  # a pass: publish the count, and wake at its token's deadline
         return session
 
     def end_session(self, session_id: str, why: str) -> None:
@@ -332,19 +352,64 @@ class AccessService:
                 out += [st.st_mtime_ns, st.st_size]
         return tuple(out)
 
+    def _store_written(self) -> None:
+        """inotify: a process wrote the database."""
+        self._written = True
+        self._wake.set()
+
+    def _ask(self) -> None:
+        self._asked = True
+        self._wake.set()
+
+    async def _space(self, after_writes: float, after_ask: float) -> None:
+        """Wait (loop time) until the next pass may start: ``after_ask`` once a request
+        waits for it, else ``after_writes``."""
+        loop = asyncio.get_running_loop()
+        while (left := (after_ask if self._asked else after_writes) - loop.time()) > 0:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._wake.wait()
+
+    def _next_look(self, failing: bool) -> float:
+        """Seconds the watcher may wait for a wake-up before it must look again: at once at
+        the next deadline of a live session's token, else at the next full poll. Without
+        inotify (or while the store fails), every ``poll_interval``."""
+        if self._changes is None or not self._changes.alive or failing:
+            return self._poll
+        wait = FULL_POLL
+        if len(self.sessions):
+            now = self._clock()
+            wait = SWEEP_EVERY
+            for session in self.sessions:
+                record = self._tokens.get(session.token_id)
+                for deadline in (record.expires_at, record.revoked_at) if record else ():
+                    if deadline is not None and deadline > now:
+                        wait = min(wait, deadline - now)
+        return wait
+
     async def _watch(self) -> None:
         last_prune = 0.0
         failing = False
         seen: tuple[int, ...] = ()
         last_query = 0.0
+        streak = 0  # passes in a row for writes alone
+        loop = asyncio.get_running_loop()
         while True:
             self._passes_started += 1
+            started = loop.time()
+            asked, self._asked = self._asked, False
+            written, self._written = self._written, False
             try:
+                if self._changes is not None:
+                    written = self._changes.rearm() or written
+                streak = streak + 1 if written and not asked else 0
                 signature = self._store_signature()
                 now = time.monotonic()
-                if signature != seen or now - last_query > FULL_POLL or failing:
+                if written or signature != seen or now - last_query > FULL_POLL or failing:
                     seen, last_query = signature, now
                     await self.refresh(force=True)  # one store reader at a time
+                    self.store_read.set()
                 if self._clock() - last_prune > PRUNE_EVERY:
                     last_prune = self._clock()
                     await asyncio.to_thread(self._prune, last_prune)
@@ -360,9 +425,14 @@ class AccessService:
             done.set()
             self.sweep()
             await self._publish_live(self.sessions.per_token())
-            await asyncio.sleep(REFRESH_GAP)  # woken passes come at most this often
+            # One timer per pass: an idle agent wakes only for writes and the full poll.
+            woken = False
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(0.0, self._poll - REFRESH_GAP))
+                async with asyncio.timeout(max(REFRESH_GAP, self._next_look(failing))):
+                    woken = await self._wake.wait()
+            if woken:
+                await self._space(started + (WRITE_GAP if streak > 1 else REFRESH_GAP),
+                                  started + REFRESH_GAP)
             self._wake.clear()
 
     async def _publish_live(self, counts: dict[str, int]) -> None:

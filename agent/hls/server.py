@@ -85,6 +85,7 @@ class HlsServer:
         self._used: dict[str, float] = {}  # camera id -> monotonic time of its last request
         self._opening: Counter[str] = Counter()  # index.m3u8 requests waiting, per camera
         self._blocking = 0
+        self._busy = asyncio.Event()  # set while there are sessions or muxers to look after
         self._housekeeping: asyncio.Task[None] | None = None
 
     def routes(self, app: web.Application) -> None:
@@ -192,6 +193,7 @@ class HlsServer:
                              max_bytes=s.max_memory_mb * 1024 * 1024)
             muxer.start()
             self._muxers[camera.id] = muxer
+            self._busy.set()
         return muxer
 
     # -- the session's requests ----------------------------------------------------------------
@@ -356,6 +358,9 @@ class HlsServer:
 
     async def _housekeep(self) -> None:
         while True:
+            if not self._sessions and not self._muxers:  # idle: no timer until a muxer starts
+                self._busy.clear()
+                await self._busy.wait()
             await asyncio.sleep(HOUSEKEEPING)
             now = time.monotonic()
             for session in list(self._sessions.values()):

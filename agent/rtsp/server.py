@@ -124,6 +124,7 @@ class RtspServer:
         self._udp: list[asyncio.DatagramTransport] = []
         self._udp_ports: tuple[int, int] | None = None
         self._connections: set[_Connection] = set()
+        self._connected = asyncio.Event()  # set while there are connections to look after
         self._housekeeping: asyncio.Task[None] | None = None
         self.port: int | None = None
 
@@ -203,6 +204,7 @@ class RtspServer:
             writer.close()
             return
         self._connections.add(conn)
+        self._connected.set()
         try:
             while not conn.closing:
                 data = await reader.read(READ_SIZE)
@@ -257,8 +259,12 @@ class RtspServer:
         conn.session = None
 
     async def _housekeep(self) -> None:
-        """Once per HOUSEKEEPING: slow request heads and expired sessions end."""
+        """Once per HOUSEKEEPING: slow request heads and expired sessions end. Without
+        connections it sleeps until one comes (no timer in an idle agent)."""
         while True:
+            if not self._connections:
+                self._connected.clear()
+                await self._connected.wait()
             await asyncio.sleep(HOUSEKEEPING)
             now = time.monotonic()
             head_timeout = min(HEAD_TIMEOUT, self._section.session_timeout)

@@ -88,7 +88,7 @@ def main() -> None:
             adopted_at = time.time()
             applied = wait_event(agent, "adopted_cameras_applied", 1)
             print(f"adoption committed → camera served by the daemon: "
-                  f"{(applied - adopted_at) * 1000:.0f} ms (poll every 1 s)")
+                  f"{(applied - adopted_at) * 1000:.0f} ms")
         finally:
             site.close()
 

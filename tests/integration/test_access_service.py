@@ -15,11 +15,13 @@ import pytest
 from agent import app, stores
 from agent.access import audit
 from agent.access.model import Action, Protocol, Scope
-from agent.access.policy import Reason
+from agent.access.policy import FailureLimiter, Reason
+from agent.access.recorder import AccessRecorder
 from agent.access.service import AccessService
 from agent.access.sessions import SessionLimitReached
 from agent.access.tokens import Kind
 from agent.config import load
+from agent.state.changes import StoreChanges
 from tests.conftest import remember
 
 
@@ -103,6 +105,76 @@ async def test_expiry_ends_the_live_session(service) -> None:
     viewer = await open_viewer(access, new.token)
     await wait_for(viewer.ended)
     assert viewer.reason == "expired"
+
+
+async def test_a_session_ends_at_once_when_its_token_expires(service) -> None:
+    """The watcher wakes at the expiry of a live session's token (not at a later sweep)."""
+    access, store = service
+    expires = time.time() + 1.0
+    new = await asyncio.to_thread(store.create, Kind.ACCESS, Scope.parse("camera:demo"),
+                                  time.time(), expires_at=expires)
+    await known(access, new.record.id)
+    viewer = await open_viewer(access, new.token)
+    await wait_for(viewer.ended)
+    assert viewer.reason == "expired"
+    assert time.time() - expires < 0.5
+
+
+async def cli_revoke(config, token_id: str) -> float:
+    """``token revoke`` in another process; returns when it exited (monotonic)."""
+    env = {**os.environ, "THERELAY_STATE_DIR": str(config.state_dir),
+           "THERELAY_AGENT_ID": "site1"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "agent", "token", "revoke", token_id, env=env,
+        stdout=subprocess.DEVNULL)
+    assert await proc.wait() == 0
+    return time.monotonic()
+
+
+async def test_an_idle_service_learns_a_cli_revocation_as_it_is_written(config) -> None:
+    """No session, and a poll interval of 30 s: the CLI's write itself wakes the watcher
+    (inotify on the database), so the revoked token is refused at once."""
+    state = await asyncio.to_thread(stores.open_state, config)
+    access = AccessService(state.tokens, AccessRecorder(state.tokens.path, max_ips=10),
+                           FailureLimiter(10, 10, 10), retention_days=30, poll_interval=30)
+    await access.start()
+    try:
+        new = await asyncio.to_thread(state.tokens.create, Kind.ACCESS,
+                                      Scope.parse("camera:demo"), time.time())
+        await known(access, new.record.id)
+        await asyncio.sleep(0.5)  # idle
+        revoked = await cli_revoke(config, new.record.id)
+        while (record := access.token(new.record.id)) is None or record.revoked_at is None:
+            assert time.monotonic() - revoked < 0.5, "the revocation was not seen"
+            await asyncio.sleep(0.005)
+        decision = await access.authorize(new.token, "demo", Protocol.WEBRTC, "127.0.0.1")
+        assert decision.reason is Reason.REVOKED
+    finally:
+        await access.stop()
+        await asyncio.to_thread(state.close)
+
+
+async def test_without_inotify_a_cli_revocation_still_ends_a_session_within_a_second(
+        config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where the system cannot watch the database (StoreChanges.open gives None), the
+    watcher looks every poll_interval, as before."""
+    monkeypatch.setattr(StoreChanges, "open", classmethod(lambda cls, path, on_change: None))
+    state = await asyncio.to_thread(stores.open_state, config)
+    access = app.build_access(config, state.tokens)
+    await access.start()
+    try:
+        new = await asyncio.to_thread(state.tokens.create, Kind.ACCESS,
+                                      Scope.parse("camera:demo"), time.time())
+        await known(access, new.record.id)
+        viewer = await open_viewer(access, new.token)
+        await asyncio.sleep(1.2)  # past the sweep every second of a watched store
+        revoked = await cli_revoke(config, new.record.id)
+        await wait_for(viewer.ended, 5)
+        assert time.monotonic() - revoked < 1.0
+        assert viewer.reason == "revoked"
+    finally:
+        await access.stop()
+        await asyncio.to_thread(state.close)
 
 
 async def test_session_end_is_audited_with_duration_and_bytes(service) -> None:

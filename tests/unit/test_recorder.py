@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import threading
 import time
 from pathlib import Path
 
@@ -68,6 +70,57 @@ def test_decisions_are_batched_then_counted(store: TokenStore) -> None:
         ("10.0.0.1", 300), ("10.0.0.2", 100), ("10.0.0.3", 50)}
     recorder.close()
     assert store.read(audit.verify).ok
+
+
+def wakeups(thread: threading.Thread) -> int:
+    """The thread's voluntary context switches: one each time it blocks and is woken."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    found = re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.MULTILINE)
+    assert found is not None
+    return int(found.group(1))
+
+
+def test_an_idle_writer_sleeps_until_an_event_comes(store: TokenStore) -> None:
+    """Nothing to write: the writer does not wake every interval (an idle agent's CPU). An
+    event wakes it and is written in its batch, one interval later."""
+    recorder = AccessRecorder(store.path, max_ips=5, flush_interval=0.02)
+    recorder.start()
+    try:
+        (writer,) = [t for t in threading.enumerate() if t.name == "access-recorder"]
+        time.sleep(0.1)
+        before = wakeups(writer)
+        time.sleep(0.5)  # 25 intervals
+        assert wakeups(writer) - before <= 2
+        recorder.record(AuditEntry(T0, audit.DENIED, reason="missing", peer_ip="10.0.0.1"))
+        deadline = time.monotonic() + 1.0
+        while audit_count(store.path) == 0:
+            assert time.monotonic() < deadline, "the event was never written"
+            time.sleep(0.01)
+    finally:
+        recorder.close()
+
+
+def test_a_sleeping_writer_still_commits_a_grant_at_once(store: TokenStore) -> None:
+    """After the writer fell asleep, ``durable`` still wakes it at once (even with a long
+    interval), while a denial waits for its batch as before."""
+    recorder = AccessRecorder(store.path, max_ips=5, flush_interval=3600)
+    recorder.start()
+    try:
+        for i in range(20):
+            started = time.monotonic()
+            ticket = recorder.record(AuditEntry(T0, audit.GRANTED, token_id=f"t{i}"))
+            if i % 2:
+                time.sleep(0.01)  # the writer wakes for the record, then the durable comes
+            recorder.durable(ticket).result(timeout=5)
+            assert time.monotonic() - started < 1.0
+        assert audit_count(store.path) == 20
+        recorder.record(AuditEntry(T0, audit.DENIED, reason="missing", peer_ip="10.0.0.1"))
+        time.sleep(0.2)
+        assert audit_count(store.path) == 20  # batched
+        assert recorder.flush()
+        assert audit_count(store.path) == 21
+    finally:
+        recorder.close()
 
 
 def test_ip_table_is_bounded_per_token(store: TokenStore) -> None:
