@@ -33,6 +33,8 @@ log = structlog.get_logger(__name__)
 GOP_CACHE_MAX_PACKETS = 600
 GOP_CACHE_MAX_BYTES = 16 * 1024 * 1024
 UNSUPPORTED_RETRY = 60.0
+#: Seconds between reads of a stream nobody consumes (see _LoopStream).
+BATCH_INTERVAL = 0.25
 
 
 class CameraState(enum.StrEnum):
@@ -113,6 +115,7 @@ class CameraHub:
         self._drain_scheduled = False
         #: Ends the stream read on the loop (see _watch), while one is.
         self._end_stream: Callable[[], None] | None = None
+        self._loop_stream: _LoopStream | None = None
         #: A camera silent this long is offline (media.camera_timeout).
         self._camera_timeout = camera_timeout
         #: Asks the camera itself for a keyframe (an adopted ONVIF camera), or None.
@@ -145,6 +148,8 @@ class CameraHub:
         """A new consumer; video consumers start from the cached GOP. ``rtp``: its packets
         come with their RTP payloads (``MediaPacket.rtp``), made once for every consumer."""
         self.start()
+        if self._loop_stream is not None:  # read what is buffered first: a current GOP
+            self._loop_stream.set_live(True)
         if rtp and not self._rtp_on:
             self._rtp_on = True
             self._make_packetizers()
@@ -170,6 +175,8 @@ class CameraHub:
     def unsubscribe(self, consumer: Consumer) -> None:
         consumer.close()
         self._consumers.discard(consumer)
+        if not self._consumers and self._loop_stream is not None:
+            self._loop_stream.set_live(False)
         if not self._consumers and not self._always_on and self._loop is not None:
             if self._idle_timer is not None:
                 self._idle_timer.cancel()
@@ -392,47 +399,15 @@ class CameraHub:
 
     def _watch(self, source: LoopSource, epoch: int, stop: threading.Event,
                ended: threading.Event, failure: list[str]) -> None:
-        """On the loop: read the camera whenever its socket is readable (one wake-up per
-        burst of packets, no thread in between), and check once a second that it still
-        sends."""
-        assert self._loop is not None
-        loop = self._loop
-        fd = source.fileno()
-        timer: asyncio.TimerHandle | None = None
-
-        def finish(reason: str | None = None) -> None:
-            loop.remove_reader(fd)
-            if timer is not None:
-                timer.cancel()
-            if self._end_stream is finish:
-                self._end_stream = None
-            if reason is not None:
-                failure.append(reason)
-            ended.set()
-
-        def readable() -> None:
-            try:
-                packets = source.read_available()
-            except AgentError as exc:
-                finish(str(exc))
-                return
-            for packet in packets:
-                self._deliver(epoch, packet)
-
-        def check() -> None:
-            nonlocal timer
-            if source.silent_for() > self._camera_timeout:
-                finish(rtsp_login.TIMEOUT)
-            else:
-                timer = loop.call_later(1.0, check)
-
+        """On the loop: read the open stream until it ends (see :class:`_LoopStream`)."""
         if stop.is_set():
             ended.set()
             return
-        self._end_stream = finish
-        loop.add_reader(fd, readable)
-        timer = loop.call_later(1.0, check)
-        readable()  # what the open read ahead
+        assert self._loop is not None
+        stream = _LoopStream(self, self._loop, source, epoch, ended, failure)
+        self._end_stream = stream.finish
+        self._loop_stream = stream
+        stream.start(live=bool(self._consumers))
 
     def _post(self, loop: asyncio.AbstractEventLoop, epoch: int, packet: MediaPacket) -> None:
         """Hand a packet to the loop: one wake-up per batch, not per packet (waking the loop
@@ -465,3 +440,90 @@ class CameraHub:
                          width=info.width, height=info.height)
         self._wake_waiters()
         log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)
+
+
+class _LoopStream:
+    """A camera's open stream, read on the event loop (the agent's own RTSP client).
+
+    While anyone consumes the camera, its socket is read whenever it is readable: one
+    wake-up per burst of packets (about one per frame), no thread in between. While nobody
+    does (an ``always_on`` camera keeping its GOP cache warm, or the idle grace), it is read
+    every ``BATCH_INTERVAL`` instead: a wake-up costs a few hundred microseconds on a small
+    machine, 30 a second were most of an unwatched pull's CPU, and the socket's buffer
+    holds a quarter of a second easily. A new consumer first takes everything buffered (the
+    GOP cache is then current), then the stream goes live.
+    """
+
+    def __init__(self, hub: CameraHub, loop: asyncio.AbstractEventLoop, source: LoopSource,
+                 epoch: int, ended: threading.Event, failure: list[str]) -> None:
+        self._hub = hub
+        self._loop = loop
+        self._source = source
+        self._epoch = epoch
+        self._ended = ended
+        self._failure = failure
+        self._fd = source.fileno()
+        self._live = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._done = False
+
+    def start(self, live: bool) -> None:
+        self._read(drain=True)  # what the open read ahead, and what came since
+        if not self._done:
+            self.set_live(live, force=True)
+
+    def set_live(self, live: bool, force: bool = False) -> None:
+        if self._done or (live == self._live and not force):
+            return
+        self._live = live
+        if self._timer is not None:
+            self._timer.cancel()
+        if live:
+            self._read(drain=True)
+            if self._done:
+                return
+            self._loop.add_reader(self._fd, self._read)
+            self._timer = self._loop.call_later(1.0, self._check)
+        else:
+            self._loop.remove_reader(self._fd)
+            self._timer = self._loop.call_later(BATCH_INTERVAL, self._batch)
+
+    def _read(self, drain: bool = False) -> None:
+        try:
+            packets = self._source.read_available(drain)
+        except AgentError as exc:
+            self.finish(str(exc))
+            return
+        deliver, epoch = self._hub._deliver, self._epoch
+        for packet in packets:
+            deliver(epoch, packet)
+
+    def _batch(self) -> None:
+        self._read(drain=True)
+        if not self._done:
+            self._check()
+
+    def _check(self) -> None:
+        """A camera that stopped sending (its connection still open) is offline."""
+        if self._source.silent_for() > self._hub._camera_timeout:
+            self.finish(rtsp_login.TIMEOUT)
+        elif not self._done:
+            self._timer = self._loop.call_later(1.0 if self._live else BATCH_INTERVAL,
+                                                self._check if self._live else self._batch)
+
+    def finish(self, reason: str | None = None) -> None:
+        """End it (a failure's reason, or None when the hub stops): the pull thread closes
+        the source and reconnects or returns."""
+        if self._done:
+            return
+        self._done = True
+        self._loop.remove_reader(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        hub = self._hub
+        if hub._end_stream == self.finish:
+            hub._end_stream = None
+            hub._loop_stream = None
+        if reason is not None:
+            self._failure.append(reason)
+        self._ended.set()

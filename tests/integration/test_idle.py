@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from tests.support.agent import AgentProcess
+from tests.support.agent import AgentProcess, WhepViewer
+from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
+
+__all__ = ["rtsp_camera_factory_fixture"]
 
 SMALL = "testsrc://?size=320x240&fps=15"
 #: What the idle daemon is still woken for, per second: the event-loop lag probe (2), the
@@ -48,5 +53,43 @@ async def test_an_idle_agent_wakes_only_for_what_is_due(tmp_path: Path) -> None:
         after = wakeups(agent.proc.pid)
         per_thread = {t: (n - before.get(t, 0)) / seconds for t, n in after.items()}
         assert sum(per_thread.values()) <= MOST_WAKEUPS, per_thread
+    finally:
+        await agent.stop()
+
+
+#: An always-on camera nobody watches is read every 0.25 s (4 wake-ups a second) on top of
+#: the idle agent's own; read at each burst it was 31 more (one per frame at 30 fps).
+MOST_WAKEUPS_PULLING = MOST_WAKEUPS + 4 + 4
+
+
+async def test_an_unwatched_camera_is_read_in_batches_and_a_viewer_starts_at_once(
+        tmp_path: Path, rtsp_camera_factory: Callable[..., RtspCamera]) -> None:
+    """The GOP cache of an always-on camera stays warm at a few wake-ups a second; the first
+    viewer still gets its first frame from a current GOP at once, then every frame live."""
+    camera = await asyncio.to_thread(rtsp_camera_factory, width=320, height=240, fps=30,
+                                     gop=30, bitrate=300)
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": camera.url,
+                                                 "always_on": True}],
+                                     audit={"flush_interval": 1.0})
+    try:
+        _, token = await agent.token("--camera", "cam1")
+        await asyncio.sleep(3)
+        before = wakeups(agent.proc.pid)
+        seconds = 6.0
+        await asyncio.sleep(seconds)
+        after = wakeups(agent.proc.pid)
+        per_thread = {t: (n - before.get(t, 0)) / seconds for t, n in after.items()}
+        assert sum(per_thread.values()) <= MOST_WAKEUPS_PULLING, per_thread
+        viewer = WhepViewer(agent.base, "cam1", token)
+        started = time.monotonic()
+        assert await viewer.connect() == 201, viewer.body
+        await viewer.frame()
+        assert time.monotonic() - started < 1.0
+        frames, live = 0, time.monotonic()
+        while time.monotonic() - live < 3:
+            await viewer.frame(timeout=2)
+            frames += 1
+        assert frames >= 3 * 30 * 0.8, frames  # live: every frame, not batches
+        await viewer.close()
     finally:
         await agent.stop()

@@ -539,13 +539,16 @@ class NativeRtspSource:
         self._s.sock.setblocking(False)
         return self._s.sock.fileno()
 
-    def read_available(self) -> list[MediaPacket]:
+    def read_available(self, drain: bool = False) -> list[MediaPacket]:
         """What the camera sent since the last call (and what the open buffered), without
-        waiting; raises SourceError when the stream has ended or broken."""
+        waiting: one read, or with ``drain`` all the socket holds; raises SourceError when
+        the stream has ended or broken."""
         out, self._pending = self._pending, []
         with _stream_errors():
-            if self._s is not None and self._s.fill_nowait():
+            while self._s is not None and self._s.fill_nowait():
                 out += self._next_packets(wait=False)
+                if not drain:
+                    break
         return out
 
     def silent_for(self) -> float:
