@@ -174,6 +174,11 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None,
                     slowest = min(slowest, *fps)
                 bad = slowest < FPS - 1
                 invalid |= bad
+                if bad:  # say why: the agent's own account of a viewer it held back
+                    for event in agent.log_events():
+                        if event.get("event") in ("webrtc_viewer_behind",
+                                                  "webrtc_pair_switched"):
+                            print(f"    agent: {event}", flush=True)
                 print(f"{n:2d} viewer{'s' if n > 1 else ' '}     : {summary(loads[n])}   "
                       f"RSS {rss_mb(pid):5.1f} MB   slowest viewer {slowest:4.1f} fps"
                       f"{'  INVALID: a viewer fell behind the camera' if bad else ''}",

@@ -13,7 +13,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-CLIP_SECONDS = 240
+#: The clip plays once: when it ends the camera's stream ends (viewers fall below 30 fps and
+#: the pull reconnects). A 240 s clip ended in the middle of `bench_media cpu`'s third step;
+#: 600 s covers every step of the longest run (pull, 1-5 viewers and 20, 20 s windows).
+CLIP_SECONDS = 600
 FPS = 30
 CAMERA_SCRIPT = """
 import sys, gi
@@ -34,12 +37,23 @@ GLib.MainLoop().run()
 """
 
 
+def duration(clip: Path) -> float:
+    """The clip's length in seconds (0 if ffprobe cannot tell)."""
+    done = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration",
+                           "-of", "csv=p=0", str(clip)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    try:
+        return float(done.stdout.strip())
+    except ValueError:
+        return 0.0
+
+
 def make_clip(clip: Path) -> None:
     subprocess.run(
         ["ffmpeg", "-v", "error", "-f", "lavfi", "-i",
          f"testsrc2=size=1920x1080:rate={FPS}", "-t", str(CLIP_SECONDS), "-c:v", "libx264",
          "-preset", "ultrafast", "-b:v", "4M", "-maxrate", "4M", "-bufsize", "4M",
-         "-g", str(2 * FPS), "-bf", "0", "-pix_fmt", "yuv420p", str(clip)],
+         "-g", str(2 * FPS), "-bf", "0", "-pix_fmt", "yuv420p", "-y", str(clip)],
         check=True, timeout=900)
 
 
@@ -47,7 +61,7 @@ def make_clip(clip: Path) -> None:
 def clip_cameras(clip: Path, count: int) -> Iterator[list[str]]:
     """Serve ``clip`` (encoded first if the file is missing) as ``count`` cameras, each its
     own pipeline (one shared media would start late joiners mid-GOP); yields their URLs."""
-    if not clip.exists():
+    if not clip.exists() or duration(clip) < CLIP_SECONDS - 1:
         print(f"encoding a {CLIP_SECONDS} s 1080p30 4 Mbit/s clip once…", flush=True)
         make_clip(clip)
     camera = subprocess.Popen(["/usr/bin/python3", "-c", CAMERA_SCRIPT, str(clip), str(count)],
