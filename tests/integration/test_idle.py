@@ -40,6 +40,13 @@ def wakeups(pid: int) -> dict[str, int]:
     return out
 
 
+async def wakeups_per_second(pid: int, seconds: float = 6.0) -> dict[str, float]:
+    """Each thread's wake-ups per second over the next ``seconds``."""
+    before = wakeups(pid)
+    await asyncio.sleep(seconds)
+    return {t: (n - before.get(t, 0)) / seconds for t, n in wakeups(pid).items()}
+
+
 async def test_an_idle_agent_wakes_only_for_what_is_due(tmp_path: Path) -> None:
     # the default audit flush interval: an idle writer must not wake for it either
     agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": SMALL}],
@@ -47,11 +54,7 @@ async def test_an_idle_agent_wakes_only_for_what_is_due(tmp_path: Path) -> None:
     try:
         await agent.token("--camera", "cam1")  # a write by another process, then quiet
         await asyncio.sleep(2)
-        before = wakeups(agent.proc.pid)
-        seconds = 6.0
-        await asyncio.sleep(seconds)
-        after = wakeups(agent.proc.pid)
-        per_thread = {t: (n - before.get(t, 0)) / seconds for t, n in after.items()}
+        per_thread = await wakeups_per_second(agent.proc.pid)
         assert sum(per_thread.values()) <= MOST_WAKEUPS, per_thread
     finally:
         await agent.stop()
@@ -74,11 +77,7 @@ async def test_an_unwatched_camera_is_read_in_batches_and_a_viewer_starts_at_onc
     try:
         _, token = await agent.token("--camera", "cam1")
         await asyncio.sleep(3)
-        before = wakeups(agent.proc.pid)
-        seconds = 6.0
-        await asyncio.sleep(seconds)
-        after = wakeups(agent.proc.pid)
-        per_thread = {t: (n - before.get(t, 0)) / seconds for t, n in after.items()}
+        per_thread = await wakeups_per_second(agent.proc.pid)
         assert sum(per_thread.values()) <= MOST_WAKEUPS_PULLING, per_thread
         viewer = WhepViewer(agent.base, "cam1", token)
         started = time.monotonic()
