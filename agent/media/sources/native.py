@@ -77,6 +77,23 @@ class Track:
     channels: int
     control: str
     fmtp: dict[str, str] = field(default_factory=dict)
+    framerate: float | None = None  # a=framerate (RFC 8866 §6.8)
+
+
+class Timeline:
+    """RTP timestamps (32 bits, wrapping) → a stream's pts from 0, never wrapping: at 90 kHz
+    the RTP clock wraps every 13.3 hours, which an always-on camera reaches."""
+
+    def __init__(self) -> None:
+        self._first: int | None = None
+        self._last = 0  # extended timestamp of the last packet
+
+    def pts(self, timestamp: int) -> int:
+        if self._first is None:
+            self._first = self._last = timestamp
+        else:  # the signed 32-bit step from the last one (reordering: a small step back)
+            self._last += ((timestamp - self._last + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+        return self._last - self._first
 
 
 def parse_sdp(sdp: str, base: str) -> tuple[str, list[Track]]:
@@ -107,6 +124,10 @@ def parse_sdp(sdp: str, base: str) -> tuple[str, list[Track]]:
                 tracks[-1].encoding = name.lower()
                 tracks[-1].clock = int(clock) if clock.isdigit() else tracks[-1].clock
                 tracks[-1].channels = int(channels) if channels.isdigit() else 1
+        elif tracks and line.startswith("a=framerate:"):
+            with contextlib.suppress(ValueError):
+                rate = float(line[len("a=framerate:"):])
+                tracks[-1].framerate = rate if 0 < rate <= 240 else None
         elif tracks and line.startswith("a=fmtp:"):
             number, _, params = line[len("a=fmtp:"):].partition(" ")
             if number.strip() == str(tracks[-1].payload_type):
@@ -376,8 +397,8 @@ class NativeRtspSource:
         self._audio_depay: depacketize.AacDepacketizer | None = None
         self._audio_path: Any = None
         self._audio_tb = Fraction(1, 8000)
-        self._audio_first: int | None = None
-        self._video_first: int | None = None
+        self._audio_time = Timeline()
+        self._video_time = Timeline()
         self._codec = "h264"
         self._parameter_sets = b""
         self._video_tb = Fraction(1, _RTP_CLOCK)
@@ -456,9 +477,8 @@ class NativeRtspSource:
             size = self._size()
         width, height = size
         s.deadline = 0.0  # streaming: each read gets the socket timeout
-        fps = float(video.fmtp["framerate"]) if video.fmtp.get("framerate", "").replace(
-            ".", "", 1).isdigit() else None
-        return StreamInfo(codec, width, height, fps, self._parameter_sets, audio_info)
+        return StreamInfo(codec, width, height, video.framerate, self._parameter_sets,
+                          audio_info)
 
     def _pick_audio(self, tracks: list[Track]) -> Track | None:
         if self._audio_mode == "off":
@@ -482,7 +502,6 @@ class NativeRtspSource:
             self._audio_depay = depacketize.AacDepacketizer(track.fmtp)
             self._audio_path = AudioPath.for_codec("aac", self._audio_mode, extradata)
             return AudioInfo("aac", config.sample_rate, config.channels or track.channels)
-        self._audio_path = AudioPath.for_codec(name, self._audio_mode, None)
         return AudioInfo(name, track.clock, track.channels)
 
     def _setup(self, s: _Session, track: Track, channel: int) -> int:
@@ -531,7 +550,7 @@ class NativeRtspSource:
     def loop_ready(self) -> bool:
         """Whether the stream can be read on the event loop: every packet is cheap to
         handle there (no AAC to transcode, which stays in the pull thread)."""
-        return not (self._audio_path is not None and self._audio_depay is not None)
+        return self._audio_depay is None
 
     def fileno(self) -> int:
         """The camera's socket, made non-blocking: the loop reads it when it is readable."""
@@ -580,31 +599,27 @@ class NativeRtspSource:
         return out
 
     def _video_packet(self, unit: depacketize.AccessUnit) -> MediaPacket:
-        if self._video_first is None:
-            self._video_first = unit.timestamp
         data = unit.data
         if unit.keyframe:
             if self._size() is None:  # not in the SDP: the keyframe's own, if it has them
                 self._parameter_sets = parameter_sets_in(self._codec, data)
             if self._codec == "h264":
                 data = with_parameter_sets(data, self._parameter_sets)
-        pts = (unit.timestamp - self._video_first) & 0xFFFFFFFF
-        return MediaPacket(True, data, pts, self._video_tb, unit.keyframe)
+        return MediaPacket(True, data, self._video_time.pts(unit.timestamp), self._video_tb,
+                           unit.keyframe)
 
     def _audio(self, view: memoryview) -> list[MediaPacket]:
         rtp = parse_rtp(view)
         if rtp is None:
             return []
         _, marker, sequence, timestamp, payload = rtp
-        if self._audio_first is None:
-            self._audio_first = timestamp
-        if self._audio_depay is None:
-            pts = (timestamp - self._audio_first) & 0xFFFFFFFF
-            return [MediaPacket(False, bytes(payload), pts, self._audio_tb, False)]
+        if self._audio_depay is None:  # G.711, Opus: as they come
+            return [MediaPacket(False, bytes(payload), self._audio_time.pts(timestamp),
+                                self._audio_tb, False)]
         out: list[MediaPacket] = []
         for frame in self._audio_depay.push(payload, timestamp, marker, sequence):
-            pts = (frame.timestamp - self._audio_first) & 0xFFFFFFFF
-            out.extend(self._audio_path.convert_bytes(frame.data, pts, self._audio_tb))
+            out.extend(self._audio_path.convert_bytes(
+                frame.data, self._audio_time.pts(frame.timestamp), self._audio_tb))
         return out
 
     def _rtcp(self, view: memoryview) -> None:
