@@ -113,8 +113,7 @@ class CameraHub:
         self._inbox: list[tuple[int, MediaPacket]] = []
         self._inbox_lock = threading.Lock()
         self._drain_scheduled = False
-        #: Ends the stream read on the loop (see _watch), while one is.
-        self._end_stream: Callable[[], None] | None = None
+        #: The stream read on the loop (see _watch), while one is.
         self._loop_stream: _LoopStream | None = None
         #: A camera silent this long is offline (media.camera_timeout).
         self._camera_timeout = camera_timeout
@@ -224,8 +223,8 @@ class CameraHub:
             return  # someone subscribed again during the grace period
         self._stop.set()
         self._stops += 1  # a pull taken back by start() reconnects (fresh status and epoch)
-        if self._end_stream is not None:  # streaming on the loop: it ends now
-            self._end_stream()
+        if self._loop_stream is not None:  # streaming on the loop: it ends now
+            self._loop_stream.finish()
         self._gop.clear()
         self._gop_bytes = 0
         if self.status.state is not CameraState.UNSUPPORTED:
@@ -404,9 +403,8 @@ class CameraHub:
             ended.set()
             return
         assert self._loop is not None
-        stream = _LoopStream(self, self._loop, source, epoch, ended, failure)
-        self._end_stream = stream.finish
-        self._loop_stream = stream
+        stream = self._loop_stream = _LoopStream(self, self._loop, source, epoch, ended,
+                                                 failure)
         stream.start(live=bool(self._consumers))
 
     def _post(self, loop: asyncio.AbstractEventLoop, epoch: int, packet: MediaPacket) -> None:
@@ -520,10 +518,8 @@ class _LoopStream:
         self._loop.remove_reader(self._fd)
         if self._timer is not None:
             self._timer.cancel()
-        hub = self._hub
-        if hub._end_stream == self.finish:
-            hub._end_stream = None
-            hub._loop_stream = None
+        if self._hub._loop_stream is self:
+            self._hub._loop_stream = None
         if reason is not None:
             self._failure.append(reason)
         self._ended.set()
