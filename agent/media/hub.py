@@ -14,6 +14,7 @@ import asyncio
 import enum
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -440,53 +441,164 @@ class CameraHub:
         log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)
 
 
+#: While the watched cameras' frames together arrive faster than this (frames a second),
+#: their streams are read on one shared timer every READ_TICK seconds instead of each waking
+#: the loop on its own bursts (see _Reads).
+TICK_ABOVE_FPS = 100.0
+READ_TICK = 0.010
+
+
+class _Reads:
+    """One timer for every camera stream read on an event loop.
+
+    A wake-up of the loop costs tens to hundreds of microseconds on a small machine whatever
+    it does (docs/field-notes.md), so the streams share them:
+
+    - streams nobody consumes are read every ``BATCH_INTERVAL``, all at the same wake-up;
+    - watched streams are read when their socket is readable (one wake-up per burst, about
+      one per frame) while that adds up to fewer wake-ups than a ``READ_TICK`` timer: with
+      many cameras watched (``TICK_ABOVE_FPS`` frames a second together, e.g. four at 30
+      fps) they are all read every ``READ_TICK`` instead, which delays a frame by at most
+      that and saves most of the wake-ups;
+    - every watched stream's silence check (once a second) rides on the same timer.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._streams: set[_LoopStream] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self.ticking = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> _Reads:
+        reads = _READS.get(loop)
+        if reads is None:
+            reads = _READS[loop] = cls(loop)
+        return reads
+
+    def add(self, stream: _LoopStream) -> None:
+        self._streams.add(stream)
+        self.changed()
+
+    def remove(self, stream: _LoopStream) -> None:
+        self._streams.discard(stream)
+        self.changed()
+
+    def changed(self) -> None:
+        """A stream came, went, or went live or quiet: tick or not, and when to wake."""
+        rate = sum(s.frame_rate() for s in self._streams if s.live)
+        ticking = rate > (TICK_ABOVE_FPS * 0.8 if self.ticking else TICK_ABOVE_FPS)
+        if ticking != self.ticking:
+            self.ticking = ticking
+            log.info("camera_reads_shared" if ticking else "camera_reads_per_burst",
+                     frames_per_second=round(rate, 1))
+            for stream in list(self._streams):
+                stream.follow(ticking)
+        self._arm(self._loop.time())
+
+    def _arm(self, now: float) -> None:
+        due = [s.due() for s in self._streams]
+        if self.ticking:
+            due.append(now + READ_TICK)
+        when = min(due, default=None)
+        if self._timer is not None:
+            if when is not None and abs(self._timer.when() - when) < READ_TICK / 2:
+                return
+            self._timer.cancel()
+            self._timer = None
+        if when is not None:
+            self._timer = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        for stream in list(self._streams):
+            stream.on_timer(now, self.ticking)
+        if self._streams and not self.ticking and any(s.live for s in self._streams):
+            self.changed()  # the frame rates are measured as they go
+        else:
+            self._arm(now)
+
+
+_READS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reads] = (
+    weakref.WeakKeyDictionary())
+
+
 class _LoopStream:
     """A camera's open stream, read on the event loop (the agent's own RTSP client).
 
     While anyone consumes the camera, its socket is read whenever it is readable: one
-    wake-up per burst of packets (about one per frame), no thread in between. While nobody
-    does (an ``always_on`` camera keeping its GOP cache warm, or the idle grace), it is read
-    every ``BATCH_INTERVAL`` instead: a wake-up costs a few hundred microseconds on a small
-    machine, 30 a second were most of an unwatched pull's CPU, and the socket's buffer
-    holds a quarter of a second easily. A new consumer first takes everything buffered (the
-    GOP cache is then current), then the stream goes live.
+    wake-up per burst of packets (about one per frame), no thread in between; with many
+    cameras watched, on a shared timer instead (see :class:`_Reads`). While nobody does (an
+    ``always_on`` camera keeping its GOP cache warm, or the idle grace), it is read every
+    ``BATCH_INTERVAL`` instead: 30 wake-ups a second were most of an unwatched pull's CPU,
+    and the socket's buffer holds a quarter of a second easily. A new consumer first takes
+    everything buffered (the GOP cache is then current), then the stream goes live.
     """
 
     def __init__(self, hub: CameraHub, loop: asyncio.AbstractEventLoop, source: LoopSource,
                  epoch: int, ended: threading.Event, failure: list[str]) -> None:
         self._hub = hub
         self._loop = loop
+        self._reads = _Reads.of(loop)
         self._source = source
         self._epoch = epoch
         self._ended = ended
         self._failure = failure
         self._fd = source.fileno()
-        self._live = False
-        self._timer: asyncio.TimerHandle | None = None
+        self.live = False
+        self._reader = False  # registered for readability
+        self._next = 0.0  # the next batch read (quiet) or silence check (live), loop time
         self._done = False
 
     def start(self, live: bool) -> None:
-        self._read(drain=True)  # what the open read ahead, and what came since
+        self._read()  # what the open read ahead, and what came since
         if not self._done:
+            self._reads.add(self)
             self.set_live(live, force=True)
 
     def set_live(self, live: bool, force: bool = False) -> None:
-        if self._done or (live == self._live and not force):
+        if self._done or (live == self.live and not force):
             return
-        self._live = live
-        if self._timer is not None:
-            self._timer.cancel()
+        self.live = live
         if live:
-            self._read(drain=True)
+            self._read()
             if self._done:
                 return
-            self._loop.add_reader(self._fd, self._read)
-            self._timer = self._loop.call_later(1.0, self._check)
+        self._next = self._loop.time() + (1.0 if live else BATCH_INTERVAL)
+        self.follow(self._reads.ticking)
+        self._reads.changed()
+
+    def follow(self, ticking: bool) -> None:
+        """Read on bursts (live, not ticking) or on the shared timer."""
+        reader = self.live and not ticking and not self._done
+        if reader == self._reader:
+            return
+        self._reader = reader
+        if reader:  # what came since the last read makes it readable at once
+            self._loop.add_reader(self._fd, self._read, False)
         else:
             self._loop.remove_reader(self._fd)
-            self._timer = self._loop.call_later(BATCH_INTERVAL, self._batch)
 
-    def _read(self, drain: bool = False) -> None:
+    def frame_rate(self) -> float:
+        return self._hub.status.fps or 25.0
+
+    def due(self) -> float:
+        return self._next
+
+    def on_timer(self, now: float, ticking: bool) -> None:
+        if self._done:
+            return
+        if self.live and ticking:
+            self._read()
+        # A little early rather than one more wake-up: the streams' times fall together.
+        if not self._done and now >= self._next - (0.5 if self.live else BATCH_INTERVAL / 2):
+            if not self.live:
+                self._read()
+            if not self._done:
+                self._check(now)
+
+    def _read(self, drain: bool = True) -> None:
         try:
             packets = self._source.read_available(drain)
         except AgentError as exc:
@@ -496,18 +608,12 @@ class _LoopStream:
         for packet in packets:
             deliver(epoch, packet)
 
-    def _batch(self) -> None:
-        self._read(drain=True)
-        if not self._done:
-            self._check()
-
-    def _check(self) -> None:
+    def _check(self, now: float) -> None:
         """A camera that stopped sending (its connection still open) is offline."""
         if self._source.silent_for() > self._hub._camera_timeout:
             self.finish(rtsp_login.TIMEOUT)
-        elif not self._done:
-            self._timer = self._loop.call_later(1.0 if self._live else BATCH_INTERVAL,
-                                                self._check if self._live else self._batch)
+        else:
+            self._next = now + (1.0 if self.live else BATCH_INTERVAL)
 
     def finish(self, reason: str | None = None) -> None:
         """End it (a failure's reason, or None when the hub stops): the pull thread closes
@@ -515,9 +621,10 @@ class _LoopStream:
         if self._done:
             return
         self._done = True
-        self._loop.remove_reader(self._fd)
-        if self._timer is not None:
-            self._timer.cancel()
+        if self._reader:
+            self._loop.remove_reader(self._fd)
+            self._reader = False
+        self._reads.remove(self)
         if self._hub._loop_stream is self:
             self._hub._loop_stream = None
         if reason is not None:
