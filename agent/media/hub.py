@@ -441,10 +441,9 @@ class CameraHub:
         log.warning("camera_unsupported_codec", camera=self.camera_id, codec=info.codec)
 
 
-#: While the watched cameras' frames together arrive faster than this (frames a second),
-#: their streams are read on one shared timer every READ_TICK seconds instead of each waking
-#: the loop on its own bursts (see _Reads).
-TICK_ABOVE_FPS = 100.0
+#: Watched streams read on bursts (one wake-up each, per burst) that wake the loop more often
+#: than this a second together are read on one shared timer every READ_TICK seconds instead.
+TICK_ABOVE = 130.0
 READ_TICK = 0.010
 
 
@@ -455,11 +454,12 @@ class _Reads:
     it does (docs/field-notes.md), so the streams share them:
 
     - streams nobody consumes are read every ``BATCH_INTERVAL``, all at the same wake-up;
-    - watched streams are read when their socket is readable (one wake-up per burst, about
-      one per frame) while that adds up to fewer wake-ups than a ``READ_TICK`` timer: with
-      many cameras watched (``TICK_ABOVE_FPS`` frames a second together, e.g. four at 30
-      fps) they are all read every ``READ_TICK`` instead, which delays a frame by at most
-      that and saves most of the wake-ups;
+    - watched streams are read when their socket is readable: one wake-up per burst, about
+      one per frame, and streams whose bursts come together share it. When their wake-ups
+      are counted above ``TICK_ABOVE`` a second (e.g. four independent cameras at 30 fps),
+      they are all read every ``READ_TICK`` instead: 100 wake-ups a second whatever the
+      number of cameras, a frame delayed by at most ``READ_TICK``. Back to bursts when the
+      watched streams' frame rate falls well below what it was (viewers or cameras left);
     - every watched stream's silence check (once a second) rides on the same timer.
     """
 
@@ -468,6 +468,10 @@ class _Reads:
         self._streams: set[_LoopStream] = set()
         self._timer: asyncio.TimerHandle | None = None
         self.ticking = False
+        self._ticking_fps = 0.0  # the watched streams' frame rate when ticking began
+        self._bursts = 0  # wake-ups for bursts since _counted (while not ticking)
+        self._last_burst = 0.0
+        self._counted = loop.time()
 
     @classmethod
     def of(cls, loop: asyncio.AbstractEventLoop) -> _Reads:
@@ -484,17 +488,39 @@ class _Reads:
         self._streams.discard(stream)
         self.changed()
 
+    def burst(self) -> None:
+        """A watched stream's socket woke the loop (streams readable together count once)."""
+        now = time.monotonic()
+        if now - self._last_burst > 0.001:
+            self._bursts += 1
+        self._last_burst = now
+
     def changed(self) -> None:
         """A stream came, went, or went live or quiet: tick or not, and when to wake."""
-        rate = sum(s.frame_rate() for s in self._streams if s.live)
-        ticking = rate > (TICK_ABOVE_FPS * 0.8 if self.ticking else TICK_ABOVE_FPS)
-        if ticking != self.ticking:
-            self.ticking = ticking
-            log.info("camera_reads_shared" if ticking else "camera_reads_per_burst",
-                     frames_per_second=round(rate, 1))
-            for stream in list(self._streams):
-                stream.follow(ticking)
+        if self.ticking and self._watched_fps() < self._ticking_fps * 0.7:
+            self._follow(False)
         self._arm(self._loop.time())
+
+    def _watched_fps(self) -> float:
+        return sum(s.frame_rate() for s in self._streams if s.live)
+
+    def _follow(self, ticking: bool) -> None:
+        self.ticking = ticking
+        self._ticking_fps = self._watched_fps()
+        self._bursts, self._counted = 0, self._loop.time()
+        log.info("camera_reads_shared" if ticking else "camera_reads_per_burst",
+                 frames_per_second=round(self._ticking_fps, 1))
+        for stream in list(self._streams):
+            stream.follow(ticking)
+
+    def _count(self, now: float) -> None:
+        """Wake-ups for bursts over the last second or more: many, and ticking pays."""
+        elapsed = now - self._counted
+        if elapsed < 1.0:
+            return
+        rate, self._bursts, self._counted = self._bursts / elapsed, 0, now
+        if rate > TICK_ABOVE:
+            self._follow(True)
 
     def _arm(self, now: float) -> None:
         due = [s.due() for s in self._streams]
@@ -514,10 +540,9 @@ class _Reads:
         now = self._loop.time()
         for stream in list(self._streams):
             stream.on_timer(now, self.ticking)
-        if self._streams and not self.ticking and any(s.live for s in self._streams):
-            self.changed()  # the frame rates are measured as they go
-        else:
-            self._arm(now)
+        if not self.ticking:
+            self._count(now)
+        self._arm(now)
 
 
 _READS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Reads] = (
@@ -576,7 +601,7 @@ class _LoopStream:
             return
         self._reader = reader
         if reader:  # what came since the last read makes it readable at once
-            self._loop.add_reader(self._fd, self._read, False)
+            self._loop.add_reader(self._fd, self._readable)
         else:
             self._loop.remove_reader(self._fd)
 
@@ -597,6 +622,10 @@ class _LoopStream:
                 self._read()
             if not self._done:
                 self._check(now)
+
+    def _readable(self) -> None:
+        self._reads.burst()
+        self._read(drain=False)
 
     def _read(self, drain: bool = True) -> None:
         try:

@@ -92,3 +92,51 @@ async def test_an_unwatched_camera_is_read_in_batches_and_a_viewer_starts_at_onc
         await viewer.close()
     finally:
         await agent.stop()
+
+
+#: Six cameras watched at 30 fps, each sending on its own clock: read per burst, 200-260
+#: wake-ups a second (about 1.3 per frame); on the shared 10 ms timer at most 100, plus the
+#: six viewers' RTCP and the idle agent's own.
+MOST_WAKEUPS_WATCHED = 150.0
+WATCHED = 6
+
+
+async def _count_frames(viewer: WhepViewer, counts: list[int], index: int) -> None:
+    while True:
+        await viewer.frame(timeout=5)
+        counts[index] += 1
+
+
+async def test_many_watched_cameras_share_the_loop_s_wake_ups(
+        tmp_path: Path, rtsp_camera_factory: Callable[..., RtspCamera]) -> None:
+    """Many cameras watched at once are read together on one 10 ms timer instead of each
+    waking the loop once a frame, and every viewer still gets every frame."""
+    cameras = [await asyncio.to_thread(rtsp_camera_factory, width=160, height=120, fps=30,
+                                       gop=30, bitrate=100) for _ in range(WATCHED)]
+    agent = await AgentProcess.start(
+        tmp_path, [{"id": f"cam{i}", "source": c.url} for i, c in enumerate(cameras)],
+        audit={"flush_interval": 1.0})
+    viewers: list[WhepViewer] = []
+    counts = [0] * WATCHED
+    counting: list[asyncio.Task[None]] = []
+    try:
+        _, token = await agent.token("--host")
+        for i in range(WATCHED):
+            viewers.append(WhepViewer(agent.base, f"cam{i}", token, audio=False))
+            assert await viewers[i].connect() == 201, viewers[i].body
+            counting.append(asyncio.create_task(_count_frames(viewers[i], counts, i)))
+        await asyncio.sleep(3)  # the replayed GOPs played, bursts counted, reads shared
+        before = list(counts)
+        per_thread = await wakeups_per_second(agent.proc.pid)
+        for task in counting:
+            assert not task.done(), task  # a viewer that stopped getting frames
+        frames = [c - b for c, b in zip(counts, before, strict=True)]
+        assert min(frames) >= 6 * 30 * 0.9, frames
+        assert sum(per_thread.values()) <= MOST_WAKEUPS_WATCHED, per_thread
+        assert any(e.get("event") == "camera_reads_shared" for e in agent.log_events())
+    finally:
+        for task in counting:
+            task.cancel()
+        for viewer in viewers:
+            await viewer.close()
+        await agent.stop()
