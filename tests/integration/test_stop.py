@@ -394,6 +394,7 @@ async def test_usage_batches_across_sigkill_are_counted_once(tmp_path: Path) -> 
             await asyncio.to_thread(agent.proc.wait, 10)
             await agent.stop()
             relay.ack_usage = True
+            relay.restarted()  # a new process, not a retry: it may connect at once
             mark = len(relay.received)
             again = await relay_agent(tmp_path, relay, publisher)
             resent = await relay.wait_for("usage", since=mark, timeout=30)

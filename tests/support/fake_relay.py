@@ -725,6 +725,12 @@ class FakeRelay:
 
     # ---- rules of version 1.1 on the agent ------------------------------------------------
 
+    def restarted(self) -> None:
+        """The agent process was replaced (killed, then started again): its next connection
+        is a first one, not a retry of the last, and no retry schedule applies to it."""
+        self._last_end = None
+        self._counts = {"ordinary": 0, "rejected": 0}
+
     def _ended(self, kind: str, stable: bool = False) -> None:
         if stable:
             self._counts = {"ordinary": 0, "rejected": 0}
