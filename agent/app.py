@@ -43,7 +43,7 @@ from agent.media.snapshot import Snapshotter
 from agent.relay.always import AlwaysPublisher
 from agent.relay.link import LinkState, RelayLink, camera_inventory
 from agent.rtsp.server import RtspServer
-from agent.state.db import db_path, file_identity, file_problem
+from agent.state.db import db_path, file_problem
 from agent.stopping import DetachedExecutor, StopBudget, cancel_and_wait
 from agent.stores import State, open_state
 from agent.systemd import Notifier
@@ -133,6 +133,7 @@ class Daemon:
         """``state`` was opened with ``cameras.ids`` as its known cameras (``open_state``):
         tokens may name the cameras of the running set, which reloads change."""
         store = state.tokens
+        self._db_identity = state.db.identity
         self.config = config
         self.certificate = certificate
         self.tls_context = tls.server_context(certificate) if certificate else None
@@ -211,7 +212,7 @@ class Daemon:
         """Notice the database file removed or replaced under the running daemon (its
         connection would go on writing a file no one sees) and say so, loudly, until fixed."""
         path = db_path(self.config.state_dir)
-        opened = await asyncio.to_thread(file_identity, path)
+        opened = self._db_identity
         said = 0.0
         while True:
             await asyncio.sleep(DB_CHECK_INTERVAL)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from agent.state.db import connect, transaction
+from agent.state.db import connect, file_identity, transaction
 
 T = TypeVar("T")
 
@@ -26,6 +26,10 @@ class StateDB:
 
     def __init__(self, path: Path) -> None:
         self.conn = connect(path)
+        #: (device, inode) of the file just opened: the daemon compares the path with it to
+        #: notice the file removed or replaced under it. Taken here, not when that check first
+        #: runs: a file removed in between would look like the one opened.
+        self.identity = file_identity(path)
         #: Held for every statement: one thread at a time uses the connection.
         self.lock = threading.Lock()
         self.path = path
