@@ -5,12 +5,19 @@ behind drops its queue and waits for the next keyframe, so memory never grows. A
 consumer starts with the hub's cached GOP, replayed ``REPLAY_SPEED`` times faster than real
 time with its timestamps compressed to match, so the picture appears at once and catches up
 with live within a fraction of the GOP. Timestamps stay monotonic across camera reconnects.
+
+A consumer whose work per packet never waits (a WebRTC viewer's UDP send, an RTSP client's
+write) takes live packets through a *sink*, called at once by the hub's read: no queue, no
+task switch and no extra turn of the event loop per frame, which cost more than the send
+itself (docs/field-notes.md, "What a watched frame costs"). ``next()`` still serves the
+replayed GOP and whatever is queued when the sink is not called.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from fractions import Fraction
 
 from agent.media.stream import MediaPacket
@@ -42,7 +49,16 @@ class Consumer:
         self._last_out: int | None = None
         self._last_src: int | None = None
         self._replay_base: int | None = None
+        self._replays = 0  # replay() calls: a paced replay restarts when it changes
         self.dropped = 0
+        self._sink: Callable[[MediaPacket, int], None] | None = None
+
+    def deliver_to(self, sink: Callable[[MediaPacket, int], None] | None) -> None:
+        """Hand live packets, with their timestamps, to ``sink`` as they are offered, on the
+        loop, instead of queueing them for :meth:`next` (``None``: queue them again). While a
+        replay runs or packets are queued they are queued too, so the order never changes.
+        ``sink`` must not raise: it runs inside the camera's read."""
+        self._sink = sink
 
     def offer(self, epoch: int, packet: MediaPacket) -> None:
         """Called by the hub on the event loop for every packet of this kind."""
@@ -50,6 +66,10 @@ class Consumer:
             return
         if self._need_keyframe and not packet.keyframe:
             self.dropped += 1
+            return
+        if self._sink is not None and not self._queue and not self._replay:
+            self._need_keyframe = False
+            self._sink(packet, self._live_ticks(epoch, packet))
             return
         if len(self._queue) >= self._maxsize:
             self.dropped += len(self._queue) + 1
@@ -68,6 +88,7 @@ class Consumer:
             return
         self._queue.clear()  # the GOP holds every packet up to now
         self._replay = deque(gop)
+        self._replays += 1
         self._replay_base = None
         self._need_keyframe = False
         self._wake.set()
@@ -96,14 +117,18 @@ class Consumer:
         if self._closed:
             raise ConsumerClosed
         epoch, packet = self._queue.popleft()
+        return packet, self._live_ticks(epoch, packet)
+
+    def _live_ticks(self, epoch: int, packet: MediaPacket) -> int:
         ticks = self._ticks(packet)
         if epoch != self._epoch or self._shift is None:
             self._epoch = epoch
             self._rebase(ticks)
-        return packet, self._emit(ticks)
+        return self._emit(ticks)
 
     async def _next_replayed(self) -> tuple[MediaPacket, int]:
-        epoch, packet = self._replay.popleft()
+        # Taken off the replay only once sent on: until then live packets queue behind it.
+        epoch, packet = self._replay[0]
         ticks = self._ticks(packet)
         if self._replay_base is None:
             self._replay_base = ticks
@@ -111,12 +136,16 @@ class Consumer:
         else:
             assert self._last_src is not None
             gap = max(0, ticks - self._last_src) / REPLAY_SPEED
+            replays = self._replays
             await asyncio.sleep(gap / self.clock)  # paced: a fast-forward, not one burst
             if self._closed:
                 raise ConsumerClosed
+            if replays != self._replays:  # replay() while we waited: from its keyframe
+                return await self.next()
             # Compress: this packet comes gap ticks after the previous one, not its real gap.
             assert self._last_out is not None and self._shift is not None
             self._shift = ticks - (self._last_out + max(1, int(gap)))
+        self._replay.popleft()
         self._epoch = epoch
         return packet, self._emit(ticks)
 

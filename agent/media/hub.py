@@ -277,7 +277,7 @@ class CameraHub:
         if packet.video:
             self._cache(epoch, packet)
             self._measure(packet)
-        for consumer in self._consumers:
+        for consumer in tuple(self._consumers):  # a sink may end its own viewer
             if consumer.video == packet.video:
                 consumer.offer(epoch, packet)
 

@@ -47,6 +47,7 @@ class TrackSender:
         self._consumer: Consumer | None = None
         self._task: asyncio.Task[None] | None = None
         self.bytes_sent = 0
+        self._behind = False
 
     def start(self) -> None:
         if self._task is None:
@@ -64,21 +65,30 @@ class TrackSender:
     async def _run(self) -> None:
         consumer = self._consumer
         assert consumer is not None
-        behind = False
+        consumer.deliver_to(self._live)  # live frames: written within the camera's read
         try:
-            while True:
+            while True:  # the replayed GOP, and what was queued meanwhile
                 packet, ticks = await consumer.next()
-                if behind and (not self.video or packet.keyframe):
-                    behind = self._buffered() > self._max_buffer // 2
-                if not behind and self._buffered() > self._max_buffer:
-                    behind = True
-                    log.info("rtsp_client_behind", camera=self._hub.camera_id, ssrc=self.ssrc,
-                             action="skipping to the next keyframe")
-                if behind:
-                    continue
-                self._send(packet, ticks)
+                self._offer(packet, ticks)
         except ConsumerClosed:
             return
+
+    def _live(self, packet: MediaPacket, ticks: int) -> None:
+        try:
+            self._offer(packet, ticks)
+        except Exception:  # never into the camera's read: this client stops, nothing else
+            log.error("rtsp_send_failed", camera=self._hub.camera_id, exc_info=True)
+            self.close()
+
+    def _offer(self, packet: MediaPacket, ticks: int) -> None:
+        if self._behind and (not self.video or packet.keyframe):
+            self._behind = self._buffered() > self._max_buffer // 2
+        if not self._behind and self._buffered() > self._max_buffer:
+            self._behind = True
+            log.info("rtsp_client_behind", camera=self._hub.camera_id, ssrc=self.ssrc,
+                     action="skipping to the next keyframe")
+        if not self._behind:
+            self._send(packet, ticks)
 
     def _send(self, packet: MediaPacket, ticks: int) -> None:
         payloads = packet.rtp

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -31,6 +32,7 @@ from aiortc.sdp import SessionDescription
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
+from agent.media.stream import MediaPacket
 from agent.webrtc import internals
 from agent.webrtc.rtpsend import RtpStream, StreamParams, UdpOut
 from agent.webrtc.tracks import preferences
@@ -94,6 +96,7 @@ class DirectTrack:
         self._pair: internals.SelectedPair | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._skip_to_keyframe = False
+        self._send_ice: Callable[[bytes], Awaitable[None]] | None = None
         transceiver.sender.replaceTrack(SilentTrack("video" if video else "audio"))
 
     @property
@@ -136,23 +139,19 @@ class DirectTrack:
         dtls = self.transceiver.sender.transport
         if not await self._connected(dtls):
             return
-        stream = self.stream = RtpStream(params, internals.srtp_session(dtls))
+        self.stream = RtpStream(params, internals.srtp_session(dtls))
         self._pair = pair = internals.SelectedPair(dtls)
         pair.moved()
         self._switch(pair, announce=False)
-        send = internals.ice_send(dtls)
+        self._send_ice = send = internals.ice_send(dtls)
         self._tasks.append(asyncio.get_running_loop().create_task(self._reports(dtls)))
         consumer = self._consumer
-        try:
+        try:  # the replayed GOP, what was queued, and every frame while not on plain UDP
             while True:
                 packet, ticks = await consumer.next()
-                if self._skip_to_keyframe:
-                    if not packet.keyframe and self.video:
-                        continue
-                    self._skip_to_keyframe = False
-                if not packet.rtp:
+                datagrams = self._datagrams(packet, ticks)
+                if not datagrams:
                     continue
-                datagrams = stream.frame(packet.rtp, ticks)
                 if (out := self._path()) is not None:
                     if not out.send(datagrams) and self.video:
                         self._behind("socket_buffer_full")
@@ -163,6 +162,45 @@ class DirectTrack:
             return
         except ConnectionError:  # the ICE connection closed under us
             return
+
+    def _datagrams(self, packet: MediaPacket, ticks: int) -> list[bytes] | None:
+        """The frame's protected packets, or None (skipping to a keyframe, nothing to send)."""
+        if self._skip_to_keyframe:
+            if not packet.keyframe and self.video:
+                return None
+            self._skip_to_keyframe = False
+        if not packet.rtp or self.stream is None:
+            return None
+        return self.stream.frame(packet.rtp, ticks)
+
+    def _live(self, packet: MediaPacket, ticks: int) -> None:
+        """The consumer's sink while on plain UDP: a live frame sent within the camera's
+        read. A pair that moved to TURN or TCP sends this frame through aioice, and the
+        next ones through the queue."""
+        try:
+            datagrams = self._datagrams(packet, ticks)
+            if not datagrams:
+                return
+            if (out := self._path()) is not None:
+                if not out.send(datagrams) and self.video:
+                    self._behind("socket_buffer_full")
+            elif self._send_ice is not None:
+                task = asyncio.get_running_loop().create_task(self._to_ice(datagrams))
+                self._tasks.append(task)
+                task.add_done_callback(self._forget)
+        except Exception:  # never into the camera's read: this viewer stops, nothing else
+            log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
+            self._hub.unsubscribe(self._consumer)
+
+    async def _to_ice(self, datagrams: list[bytes]) -> None:
+        assert self._send_ice is not None
+        with contextlib.suppress(ConnectionError):
+            for datagram in datagrams:
+                await self._send_ice(datagram)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
 
     def _path(self) -> UdpOut | None:
         """The socket of ICE's selected pair, or None for aioice's own path (not plain UDP, or
@@ -181,6 +219,7 @@ class DirectTrack:
         selected = pair.udp()
         if selected is not None:
             self._out = UdpOut(*selected)
+        self._consumer.deliver_to(self._live if self._out is not None else None)
         if announce and pair.pair is not None:  # None: the ICE connection closed
             local, remote = pair.kinds()
             log.info("webrtc_pair_switched", camera=self._hub.camera_id,
