@@ -150,13 +150,8 @@ class DirectTrack:
             while True:
                 packet, ticks = await consumer.next()
                 datagrams = self._datagrams(packet, ticks)
-                if not datagrams:
-                    continue
-                if (out := self._path()) is not None:
-                    if not out.send(datagrams) and self.video:
-                        self._behind("socket_buffer_full")
-                else:  # a TURN relay or TCP pair: aioice's own path
-                    for datagram in datagrams:
+                if datagrams and not self._to_udp(datagrams):
+                    for datagram in datagrams:  # a TURN relay or TCP pair: aioice's path
                         await send(datagram)
         except ConsumerClosed:
             return
@@ -179,18 +174,22 @@ class DirectTrack:
         next ones through the queue."""
         try:
             datagrams = self._datagrams(packet, ticks)
-            if not datagrams:
-                return
-            if (out := self._path()) is not None:
-                if not out.send(datagrams) and self.video:
-                    self._behind("socket_buffer_full")
-            elif self._send_ice is not None:
+            if datagrams and not self._to_udp(datagrams) and self._send_ice is not None:
                 task = asyncio.get_running_loop().create_task(self._to_ice(datagrams))
                 self._tasks.append(task)
                 task.add_done_callback(self._forget)
         except Exception:  # never into the camera's read: this viewer stops, nothing else
             log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
             self._hub.unsubscribe(self._consumer)
+
+    def _to_udp(self, datagrams: list[bytes]) -> bool:
+        """Sent on ICE's selected UDP socket; False if the pair is not plain UDP."""
+        out = self._path()
+        if out is None:
+            return False
+        if not out.send(datagrams) and self.video:
+            self._behind("socket_buffer_full")
+        return True
 
     async def _to_ice(self, datagrams: list[bytes]) -> None:
         assert self._send_ice is not None
