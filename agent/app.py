@@ -133,7 +133,7 @@ class Daemon:
         """``state`` was opened with ``cameras.ids`` as its known cameras (``open_state``):
         tokens may name the cameras of the running set, which reloads change."""
         store = state.tokens
-        self._db_identity = state.db.identity
+        self._db = state.db
         self.config = config
         self.certificate = certificate
         self.tls_context = tls.server_context(certificate) if certificate else None
@@ -211,8 +211,7 @@ class Daemon:
     async def _watch_database(self) -> None:
         """Notice the database file removed or replaced under the running daemon (its
         connection would go on writing a file no one sees) and say so, loudly, until fixed."""
-        path = db_path(self.config.state_dir)
-        opened = self._db_identity
+        path, opened = self._db.path, self._db.identity
         said = 0.0
         while True:
             await asyncio.sleep(DB_CHECK_INTERVAL)

@@ -9,8 +9,8 @@ with live within a fraction of the GOP. Timestamps stay monotonic across camera 
 A consumer whose work per packet never waits (a WebRTC viewer's UDP send, an RTSP client's
 write) takes live packets through a *sink*, called at once by the hub's read: no queue, no
 task switch and no extra turn of the event loop per viewer and frame (docs/field-notes.md,
-"What a watched frame costs"). ``next()`` still serves the
-replayed GOP and whatever is queued when the sink is not called.
+"What a watched frame costs"). ``next()`` still serves the replayed GOP and whatever is
+queued when the sink is not called.
 """
 
 from __future__ import annotations

@@ -140,10 +140,10 @@ class DirectTrack:
         if not await self._connected(dtls):
             return
         self.stream = RtpStream(params, internals.srtp_session(dtls))
+        self._send_ice = send = internals.ice_send(dtls)  # before _switch installs the sink
         self._pair = pair = internals.SelectedPair(dtls)
         pair.moved()
         self._switch(pair, announce=False)
-        self._send_ice = send = internals.ice_send(dtls)
         self._tasks.append(asyncio.get_running_loop().create_task(self._reports(dtls)))
         consumer = self._consumer
         try:  # the replayed GOP, what was queued, and every frame while not on plain UDP
