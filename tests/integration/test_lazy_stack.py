@@ -7,13 +7,19 @@ compiled libraries, mapped once imported.
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import aiortc  # noqa: F401 (loaded here, for the probe's own check)
 
 from tests.support.agent import AgentProcess, WhepViewer, wait_until
+from tests.support.camera import RtspCamera, rtsp_camera_factory_fixture
+
+__all__ = ["rtsp_camera_factory_fixture"]
 
 SMALL = "testsrc://?size=320x240&fps=15&gop=1"
 #: Compiled code of each package, as its path in site-packages starts.
@@ -51,6 +57,42 @@ async def test_an_idle_agent_loads_no_media_stack_until_a_viewer_comes(tmp_path:
         assert {"av", "pylibsrtp", "cryptography"} <= packages(pid)
         await viewer.close()
         await wait_until(lambda: "webrtc_stack_loaded" in agent.log_path.read_text(), 5)
+    finally:
+        assert await agent.stop() == 0
+
+
+async def test_a_pulled_rtsp_camera_goes_without_pyav_until_a_webrtc_viewer_comes(
+        tmp_path: Path, rtsp_camera_factory: Callable[..., RtspCamera]) -> None:
+    """The agent reads RTSP cameras itself: an always-on camera pulled with nobody watching
+    loads no PyAV (~16 MB); the first WebRTC viewer brings it in (aiortc imports it)."""
+    camera = await asyncio.to_thread(rtsp_camera_factory, width=320, height=240, fps=15,
+                                     gop=15, bitrate=300)
+    agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": camera.url,
+                                                 "always_on": True}])
+    try:
+        pid = agent.proc.pid
+        _, admin = await agent.token("--admin")
+        _, token = await agent.token("--camera", "cam1")
+
+        async def received() -> float:
+            async with aiohttp.ClientSession() as http, http.get(
+                    f"{agent.base}/metrics", headers={"Authorization": f"Bearer {admin}"}) as r:
+                text = await r.text()
+            line = next(line for line in text.splitlines()
+                        if line.startswith('therelay_camera_received_bytes_total{camera="cam1"}'))
+            return float(line.rsplit(" ", 1)[1])
+
+        deadline = time.monotonic() + 10
+        while await received() < 50_000 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert await received() >= 50_000, "the camera is pulled"
+        assert packages(pid) == set()
+        viewer = WhepViewer(agent.base, "cam1", token, audio=False)
+        assert await viewer.connect() == 201, viewer.body
+        frame = await viewer.frame()
+        assert (frame.width, frame.height) == (320, 240)
+        assert {"av", "pylibsrtp"} <= packages(pid)
+        await viewer.close()
     finally:
         assert await agent.stop() == 0
 

@@ -56,13 +56,16 @@ class LoopSource(Source, Protocol):
 
 def make_source(camera: CameraConfig, timeout: float) -> Source:
     """The source for ``cameras[].source``; credentials from the URL, a file or a credential."""
-    from agent.media.sources.pyav import file_source, rtsp_source  # noqa: PLC0415 (PyAV)
-    from agent.media.sources.testsrc import TestPatternSource  # noqa: PLC0415 (PyAV)
-
     scheme = camera.source.partition("://")[0].lower()
+    # PyAV (~16 MB) is imported only for the sources that need it: not for the agent's own
+    # RTSP client, so a camera pulled with nobody watching over WebRTC goes without it
     if scheme == "testsrc":
+        from agent.media.sources.testsrc import TestPatternSource  # noqa: PLC0415 (PyAV)
+
         return TestPatternSource(camera.source)
     if scheme == "file":
+        from agent.media.sources.pyav import file_source  # noqa: PLC0415 (PyAV)
+
         return file_source(camera.source, camera.audio)
     password = None
     if camera.username:
@@ -76,6 +79,8 @@ def make_source(camera: CameraConfig, timeout: float) -> Source:
         return native_source(camera.source, timeout=timeout, username=camera.username,
                              password=password, audio_mode=camera.audio, camera_id=camera.id,
                              rule=camera.rtsp_auth)
+    from agent.media.sources.pyav import rtsp_source  # noqa: PLC0415 (PyAV)
+
     return rtsp_source(camera.source, transport=camera.transport, timeout=timeout,
                        username=camera.username, password=password, audio_mode=camera.audio,
                        camera_id=camera.id, rule=camera.rtsp_auth)
