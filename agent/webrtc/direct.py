@@ -32,6 +32,7 @@ from aiortc.sdp import SessionDescription
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
+from agent.media.rtp import Payload
 from agent.media.stream import MediaPacket
 from agent.webrtc import internals
 from agent.webrtc.rtpsend import RtpStream, StreamParams, UdpOut
@@ -139,7 +140,7 @@ class DirectTrack:
         dtls = self.transceiver.sender.transport
         if not await self._connected(dtls):
             return
-        self.stream = RtpStream(params, internals.srtp_session(dtls))
+        self.stream = stream = RtpStream(params, internals.srtp_session(dtls))
         self._send_ice = send = internals.ice_send(dtls)  # before _switch installs the sink
         self._pair = pair = internals.SelectedPair(dtls)
         pair.moved()
@@ -149,32 +150,40 @@ class DirectTrack:
         try:  # the replayed GOP, what was queued, and every frame while not on plain UDP
             while True:
                 packet, ticks = await consumer.next()
-                datagrams = self._datagrams(packet, ticks)
-                if datagrams and not self._to_udp(datagrams):
-                    for datagram in datagrams:  # a TURN relay or TCP pair: aioice's path
+                if (payloads := self._payloads(packet)) is None:
+                    continue
+                out = self._path()
+                if out is not None:
+                    self._to_udp(out, stream, payloads, ticks)
+                else:  # a TURN relay or TCP pair: aioice's path
+                    for datagram in stream.frame(payloads, ticks):
                         await send(datagram)
         except ConsumerClosed:
             return
         except ConnectionError:  # the ICE connection closed under us
             return
 
-    def _datagrams(self, packet: MediaPacket, ticks: int) -> list[bytes] | None:
-        """The frame's protected packets, or None (skipping to a keyframe, nothing to send)."""
+    def _payloads(self, packet: MediaPacket) -> tuple[Payload, ...] | None:
+        """The frame's payloads, or None (skipping to a keyframe, nothing to send)."""
         if self._skip_to_keyframe:
             if not packet.keyframe and self.video:
                 return None
             self._skip_to_keyframe = False
-        if not packet.rtp or self.stream is None:
-            return None
-        return self.stream.frame(packet.rtp, ticks)
+        return packet.rtp or None
 
     def _live(self, packet: MediaPacket, ticks: int) -> None:
         """The consumer's sink while on plain UDP: a live frame sent within the camera's
         read. A pair that moved to TURN or TCP sends this frame through aioice, and the
         next ones through the queue."""
         try:
-            datagrams = self._datagrams(packet, ticks)
-            if datagrams and not self._to_udp(datagrams) and self._send_ice is not None:
+            stream = self.stream
+            if stream is None or (payloads := self._payloads(packet)) is None:
+                return
+            out = self._path()
+            if out is not None:
+                self._to_udp(out, stream, payloads, ticks)
+            elif self._send_ice is not None:
+                datagrams = stream.frame(payloads, ticks)
                 task = asyncio.get_running_loop().create_task(self._to_ice(datagrams))
                 self._tasks.append(task)
                 task.add_done_callback(self._forget)
@@ -182,14 +191,11 @@ class DirectTrack:
             log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
             self._hub.unsubscribe(self._consumer)
 
-    def _to_udp(self, datagrams: list[bytes]) -> bool:
-        """Sent on ICE's selected UDP socket; False if the pair is not plain UDP."""
-        out = self._path()
-        if out is None:
-            return False
-        if not out.send(datagrams) and self.video:
+    def _to_udp(self, out: UdpOut, stream: RtpStream, payloads: tuple[Payload, ...],
+                ticks: int) -> None:
+        """The frame protected in place and sent on ICE's selected UDP socket."""
+        if not stream.send_frame(payloads, ticks, out.send_run) and self.video:
             self._behind("socket_buffer_full")
-        return True
 
     async def _to_ice(self, datagrams: list[bytes]) -> None:
         assert self._send_ice is not None

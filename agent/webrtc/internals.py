@@ -2,10 +2,13 @@
 
 The agent keeps aiortc for SDP, ICE, DTLS and the SRTP keys, and sends the media itself
 (agent/webrtc/rtpsend.py). aiortc has no public way to hand over the RTP path, so four of its
-internals are used, each through one function here:
+internals are used, and two of pylibsrtp's (its SRTP), each through one function here:
 
 - ``RTCDtlsTransport._tx_srtp``: the outgoing ``pylibsrtp.Session`` keyed by the DTLS
   handshake (RFC 5764 §4.2);
+- ``pylibsrtp.Session._srtp`` and ``pylibsrtp._binding``: that session's libsrtp context and
+  libsrtp's ``srtp_protect`` itself, so that a frame's packets are protected in place in
+  one buffer (agent/webrtc/rtpsend.py) instead of each copied in and out of pylibsrtp's;
 - ``RTCIceTransport._connection._nominated[1]``: aioice's selected candidate pair, whose
   ``protocol.transport`` is the UDP socket ICE chose and ``remote_addr`` the peer; aioice
   replaces it when the peer nominates another pair, so the send path looks at it once per
@@ -20,7 +23,7 @@ internals are used, each through one function here:
   agent, not aiortc, sends the media.
 
 ``check()`` verifies they are all there; tests/unit/test_webrtc_internals.py runs it, so an
-aiortc or aioice upgrade that removes one fails with the attribute's name. The tested
+aiortc, aioice or pylibsrtp upgrade that removes one fails with the attribute's name. The tested
 versions are pinned in constraints.txt.
 """
 
@@ -36,6 +39,7 @@ import aioice
 import aioice.ice
 import aiortc
 import aiortc.codecs
+import pylibsrtp
 from aiortc import (
     RTCDtlsTransport,
     RTCRtpCodecParameters,
@@ -43,6 +47,7 @@ from aiortc import (
     RTCRtpTransceiver,
 )
 from aiortc.rtcrtpparameters import RTCRtcpFeedback
+from pylibsrtp import _binding as srtp_binding
 
 
 class InternalsChanged(RuntimeError):
@@ -166,8 +171,28 @@ def set_codecs(transceiver: RTCRtpTransceiver, codecs: list[RTCRtpCodecParameter
     transceiver._codecs = codecs
 
 
+#: libsrtp 2's ``srtp_protect``: protects the packet at ``rtp_hdr`` in place, writing the
+#: tag after it, and sets ``*len_ptr`` to the protected length (libsrtp 3 changed this).
+SRTP_PROTECT_TYPE = "srtp_err_status_t(*)(struct srtp_ctx_t_ *, void *, int *)"
+
+
+def srtp_in_place(session: Any) -> tuple[Any, Any, Callable[..., int]]:
+    """``(ffi, context, srtp_protect)`` for a ``pylibsrtp.Session``: the cffi module that
+    allocates buffers libsrtp can work in, the session's libsrtp context, and the function
+    that protects one packet in such a buffer (0, libsrtp's ``srtp_err_status_ok``, on
+    success). The session must outlive their use: it frees the context."""
+    if not hasattr(session, "_srtp"):
+        raise _missing("pylibsrtp.Session", "_srtp")
+    return srtp_binding.ffi, session._srtp[0], srtp_binding.lib.srtp_protect
+
+
 def check() -> None:
     """Raise InternalsChanged naming the first internal that is missing."""
+    if "self._srtp" not in inspect.getsource(pylibsrtp.Session.__init__):
+        raise _missing("pylibsrtp.Session", "_srtp")
+    protect = getattr(srtp_binding.lib, "srtp_protect", None)
+    if protect is None or srtp_binding.ffi.typeof(protect).cname != SRTP_PROTECT_TYPE:
+        raise _missing("pylibsrtp._binding.lib", f"srtp_protect as {SRTP_PROTECT_TYPE}")
     init = inspect.getsource(RTCDtlsTransport.__init__)
     if "self._tx_srtp" not in init:
         raise _missing("RTCDtlsTransport", "_tx_srtp")

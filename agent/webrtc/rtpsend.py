@@ -5,7 +5,9 @@ consumer; here only what differs per viewer is done: the 12-byte RTP header (RFC
 SSRC, sequence number, timestamp offset, payload type, marker), SRTP protection with this
 viewer's keys, and the send. A frame's packets leave in as few ``sendmsg`` calls as Linux
 allows: equal-size datagrams in one call with UDP GSO (``UDP_SEGMENT``); the SRTP tag is a
-fixed size, so the equal-size FU-A payloads stay equal once protected.
+fixed size, so the equal-size FU-A payloads stay equal once protected. They are written
+(header, then payload) into one buffer and protected there by libsrtp in place, and the
+socket is given views of it: no object per packet and no copy beyond the one into the buffer.
 
 RTCP for the media: sender reports every second (RFC 3550 §6.4.1; browsers use them for
 A/V sync); receiver reports give loss (judged over a second or more, from their cumulative
@@ -19,22 +21,28 @@ the peer sends.
 from __future__ import annotations
 
 import errno
+import functools
 import secrets
 import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import pylibsrtp
+
 from agent.media.rtp import RTP_HEADER as _HEADER
 from agent.media.rtp import RTP_VERSION, Payload
+from agent.webrtc import internals
 from agent.webrtc.speedups import ntp_time
 
 UDP_SEGMENT = 103  # linux/udp.h: the GSO segment size, per sendmsg
 GSO_MAX_SEGMENTS = 64  # linux/udp.h UDP_MAX_SEGMENTS (older kernels)
 GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit
+TRAILER_ROOM = 144  # libsrtp's SRTP_MAX_TRAILER_LEN: what protection may write after a packet
+SCRATCH_BYTES = 1 << 17  # a full GSO run and the largest payload (AAC, < 8 kB) fit
 HISTORY_FRAMES = 96  # ~1 s of video at 30 fps plus audio frames riding along
 NACK_MAX = 64  # sequence numbers looked at per NACK packet: bounded work per viewer
 KEYFRAME_INTERVAL = 1.0  # at most one GOP replay per second per viewer (PLI floods)
@@ -42,6 +50,28 @@ LOSS_WINDOW = 1.0  # a viewer's loss is judged over at least this many seconds..
 LOSS_WINDOW_PACKETS = 20  # ...and at least this many of our packets
 LOSS_WINDOW_MAX = 10.0  # reports that stop longer than this start a new window, unjudged
 RTCP_SR = 200
+_SEGMENT = struct.Struct("H").pack  # the UDP_SEGMENT control message's value
+
+
+#: Takes one run of protected packets (equal sizes, the last possibly shorter) and its
+#: segment size; False if they could not be sent (the socket buffer is full).
+Emit = Callable[[Sequence[memoryview], int], bool]
+
+
+class _Scratch:
+    """The buffer where a frame's packets are protected in place, shared by every stream in
+    the process: each frame is written and emitted within one call on the event loop's thread
+    (nothing awaits in between), and what is kept beyond the call is copied out."""
+
+    def __init__(self, ffi: Any) -> None:
+        self.cdata = ffi.new("unsigned char[]", SCRATCH_BYTES)  # malloc'd: aligned
+        self.view = memoryview(ffi.buffer(self.cdata))
+        self.length = ffi.new("int *")
+
+
+@functools.cache
+def _shared_scratch(ffi: Any) -> _Scratch:
+    return _Scratch(ffi)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +104,8 @@ class RtpStream:
     def __init__(self, params: StreamParams, srtp: Any) -> None:
         self.params = params
         self._srtp = srtp
+        ffi, self._ctx, self._protect = internals.srtp_in_place(srtp)
+        self._scratch = _shared_scratch(ffi)
         self.seq = secrets.randbits(16)
         self._rtx_seq = secrets.randbits(16)
         self._offset = secrets.randbits(32)
@@ -91,25 +123,68 @@ class RtpStream:
         # (time, highest sequence number (16 bits), cumulative lost) where the window began
         self._loss_start: tuple[float, int, int] | None = None
 
-    def frame(self, payloads: tuple[Payload, ...], ticks: int) -> list[bytes]:
-        """One frame's packets, protected and in order."""
+    def send_frame(self, payloads: tuple[Payload, ...], ticks: int, emit: Emit) -> bool:
+        """Protect one frame's packets, in order, and hand them to ``emit`` in runs one
+        ``UDP_SEGMENT`` sendmsg can carry (equal sizes, the last possibly shorter). False if
+        ``emit`` refused a run: the rest of the frame is not sent (its sequence numbers are
+        used all the same, so the history still matches what a NACK asks for)."""
         timestamp = (ticks + self._offset) & 0xFFFFFFFF
-        seq, ssrc, pt, protect = self.seq, self.params.ssrc, self.params.payload_type, \
-            self._srtp.protect
+        seq = self.seq
         self._history.append((seq, timestamp, payloads))
-        out = []
-        size = 0
-        join, pack = b"".join, _HEADER.pack  # one copy per packet (+ makes two)
-        for prefix, body, marker, length in payloads:
-            out.append(protect(join((pack(RTP_VERSION, 0x80 | pt if marker else pt, seq,
-                                          timestamp, ssrc), prefix, body))))
-            size += length
-            seq = (seq + 1) & 0xFFFF
-        self.seq = seq
+        self.seq = (seq + len(payloads)) & 0xFFFF
+        size = sum(p.size for p in payloads)
         self.packets += len(payloads)
         self.octets += size
         self.bytes_sent += size + 12 * len(payloads)
         self._last_ts, self._last_wall = timestamp, time.time()
+        scratch = self._scratch
+        view, cdata, length = scratch.view, scratch.cdata, scratch.length
+        ctx, protect, pack = self._ctx, self._protect, _HEADER.pack_into
+        pt, ssrc = self.params.payload_type, self.params.ssrc
+        run: list[memoryview] = []
+        at = segment = last = total = 0
+        for prefix, body, marker, n in payloads:
+            end = at + 12 + n
+            if end + TRAILER_ROOM > SCRATCH_BYTES:  # the buffer is full: send, start over
+                if run and not emit(run, segment):
+                    return False
+                run, at, end = [], 0, 12 + n
+            pack(view, at, RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp, ssrc)
+            if prefix:
+                split = at + 12 + len(prefix)
+                view[at + 12:split] = prefix
+                view[split:end] = body
+            else:
+                view[at + 12:end] = body
+            length[0] = end - at
+            status = protect(ctx, cdata + at, length)
+            if status:
+                raise pylibsrtp.Error(f"srtp_protect failed: status {status}")
+            sent = length[0]
+            if run and (sent > segment or last != segment or len(run) == GSO_MAX_SEGMENTS
+                        or total + sent > GSO_MAX_BYTES):
+                if not emit(run, segment):
+                    return False
+                run = []
+            if not run:
+                segment, total = sent, 0
+            run.append(view[at:at + sent])
+            total += sent
+            last = sent
+            at = (at + sent + 3) & ~3  # libsrtp wants each packet on a 32-bit boundary
+            seq = (seq + 1) & 0xFFFF
+        return not run or emit(run, segment)
+
+    def frame(self, payloads: tuple[Payload, ...], ticks: int) -> list[bytes]:
+        """One frame's packets, protected and in order, as datagrams of their own (for a
+        path that keeps them: aioice's, to a TURN relay or over TCP)."""
+        out: list[bytes] = []
+
+        def keep(run: Sequence[memoryview], segment: int) -> bool:
+            out.extend(map(bytes, run))
+            return True
+
+        self.send_frame(payloads, ticks, keep)
         return out
 
     def retransmit(self, lost: list[int]) -> list[bytes]:
@@ -223,17 +298,19 @@ class UdpOut:
 
     def send(self, packets: list[bytes]) -> bool:
         """False when the socket buffer is full (the viewer is behind: the rest is dropped)."""
+        return all(self.send_run(run, len(run[0])) for run in gso_batches(packets))
+
+    def send_run(self, run: Sequence[memoryview | bytes], segment: int) -> bool:
+        """One run of equal-size datagrams (the last possibly shorter) in one syscall; False
+        when the socket buffer is full."""
         try:
-            if self.gso:
-                for run in gso_batches(packets):
-                    if len(run) == 1:
-                        self.sock.sendto(run[0], self.address)
-                    else:
-                        self.sock.sendmsg(run, [(socket.SOL_UDP, UDP_SEGMENT,
-                                                 struct.pack("H", len(run[0])))],
-                                          0, self.address)
+            if len(run) == 1:
+                self.sock.sendto(run[0], self.address)
+            elif self.gso:
+                self.sock.sendmsg(run, [(socket.SOL_UDP, UDP_SEGMENT, _SEGMENT(segment))], 0,
+                                  self.address)
             else:
-                for packet in packets:
+                for packet in run:
                     self.sock.sendto(packet, self.address)
         except BlockingIOError:
             return False
@@ -241,7 +318,7 @@ class UdpOut:
             if self.gso and exc.errno in (errno.EIO, errno.EINVAL, errno.ENOPROTOOPT,
                                           errno.EOPNOTSUPP):
                 self.gso = False  # no GSO on this path (device or kernel): one by one
-                return self.send(packets)
+                return self.send_run(run, segment)
             if exc.errno in (errno.ENOBUFS, errno.EAGAIN):
                 return False
             # the peer's port is gone (ICMP) or the network changed: drop, ICE decides

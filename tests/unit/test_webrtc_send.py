@@ -6,13 +6,14 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import aioice.ice
 import pylibsrtp
 import pytest
 from aiortc import RTCConfiguration, RTCPeerConnection
+from pylibsrtp import _binding as srtp_binding
 
 from agent.media.rtp import Payload
 from agent.webrtc import internals
@@ -21,6 +22,7 @@ from agent.webrtc.rtpsend import (
     GSO_MAX_SEGMENTS,
     LOSS_WINDOW_MAX,
     NACK_MAX,
+    SCRATCH_BYTES,
     RtpStream,
     StreamParams,
     UdpOut,
@@ -192,6 +194,57 @@ def test_udp_gso_sends_a_frame_in_one_syscall_and_the_peer_gets_each_datagram() 
         receiver.close()
 
 
+def test_a_frame_protected_in_place_goes_out_in_gso_runs_on_aligned_packets() -> None:
+    """A keyframe bigger than the shared buffer: every packet decrypts in order, the runs
+    are what one UDP_SEGMENT sendmsg carries, and each packet starts on a 32-bit boundary
+    (libsrtp's requirement for the buffer it protects in place)."""
+    tx, rx = sessions()
+    stream = RtpStream(PARAMS, tx)
+    first = stream.seq
+    body = memoryview(bytes(range(251)) * 1200)  # 301 kB: more than SCRATCH_BYTES
+    payloads = tuple(Payload(b"\x7c\x05", body[i:i + 1198], i + 1198 >= len(body),
+                             2 + len(body[i:i + 1198])) for i in range(0, len(body), 1198))
+    ffi = srtp_binding.ffi
+    runs: list[tuple[list[bytes], int]] = []
+
+    def emit(run: Sequence[memoryview], segment: int) -> bool:
+        assert all(int(ffi.cast("uintptr_t", ffi.from_buffer(p))) % 4 == 0 for p in run)
+        runs.append(([bytes(p) for p in run], segment))
+        return True
+
+    assert len(body) > SCRATCH_BYTES and stream.send_frame(payloads, 0, emit)
+    for run, segment in runs:
+        assert len(run) <= GSO_MAX_SEGMENTS and sum(map(len, run)) <= 65000
+        assert all(len(p) == segment for p in run[:-1]) and len(run[-1]) <= segment
+    packets = [rx.unprotect(p) for run, _ in runs for p in run]
+    assert len(packets) == len(payloads) and stream.seq == (first + len(payloads)) & 0xFFFF
+    for i, packet in enumerate(packets):
+        assert struct.unpack("!H", packet[2:4])[0] == (first + i) & 0xFFFF
+        assert packet[12:] == payloads[i].prefix + bytes(payloads[i].body)
+
+
+def test_a_refused_run_ends_the_frame_and_its_sequence_numbers_stay_used() -> None:
+    """The socket buffer is full: the rest of the frame is not sent, and the next frame
+    starts after all of this one's numbers (what the history, and so a NACK, expects)."""
+    tx, rx = sessions()
+    stream = RtpStream(PARAMS, tx)
+    first = stream.seq
+    calls = []
+
+    def full(run: Sequence[memoryview], segment: int) -> bool:
+        calls.append(len(run))
+        return False
+
+    payloads = (*frame(2), Payload(b"", memoryview(b"A" * 100), False, 100), *frame(2))
+    assert not stream.send_frame(payloads, 0, full)
+    assert calls == [2], "the first run refused, nothing tried after it"
+    later = stream.frame(frame(1), 3000)
+    assert struct.unpack("!H", rx.unprotect(later[0])[2:4])[0] == (first + 5) & 0xFFFF
+    resent = stream.retransmit([(first + 3) & 0xFFFF])  # as RTX: the original number first
+    assert [struct.unpack("!H", rx.unprotect(p)[12:14])[0] for p in resent] == \
+        [(first + 3) & 0xFFFF], "a NACK finds a packet that was not sent"
+
+
 @pytest.fixture
 def restored_lookup() -> Iterator[None]:
     saved = aioice.ice.get_host_addresses
@@ -283,3 +336,26 @@ def test_the_internals_check_names_the_replacement_of_the_selected_pair(
     monkeypatch.setattr(aioice.ice.Connection, "check_complete", check_complete)
     with pytest.raises(internals.InternalsChanged, match=r"check_complete"):
         internals.check()
+
+
+def test_the_internals_check_names_libsrtp_protect_if_its_signature_changes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The frame is protected in place by libsrtp 2's srtp_protect (length in and out
+    through one int pointer); a pylibsrtp built on libsrtp 3's signature fails here."""
+    class Libsrtp3:
+        ffi = srtp_binding.ffi
+
+        class lib:  # stands for the cffi library
+            srtp_protect = srtp_binding.ffi.cast(
+                "int(*)(void *, const uint8_t *, size_t, uint8_t *, size_t *, size_t)", 0)
+
+    monkeypatch.setattr(internals, "srtp_binding", Libsrtp3)
+    with pytest.raises(internals.InternalsChanged, match=r"srtp_protect"):
+        internals.check()
+    monkeypatch.undo()
+
+    class Renamed:  # a pylibsrtp.Session that keeps its context under another name
+        pass
+
+    with pytest.raises(internals.InternalsChanged, match=r"pylibsrtp\.Session\._srtp"):
+        internals.srtp_in_place(Renamed())
