@@ -15,7 +15,6 @@ per RFC 3640 ``mpeg4-generic`` AAC-hbr).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from typing import NamedTuple, Protocol
 
 from agent.media.stream import MediaPacket, StreamInfo
@@ -73,6 +72,9 @@ def split_annexb(data: bytes) -> list[memoryview]:
         start = nxt + 3
 
 
+_new = tuple.__new__  # a Payload without NamedTuple's Python-level __new__ (once a packet)
+
+
 class _NalPacketizer:
     """What H.264 and H.265 share: single NAL, aggregation of parameter sets, fragmentation."""
 
@@ -83,6 +85,8 @@ class _NalPacketizer:
 
     def __init__(self, parameter_sets: bytes, payload_size: int = PAYLOAD_SIZE) -> None:
         self.size = payload_size
+        # the NAL unit type of each possible first byte: a lookup, not a call, per unit
+        self._types = tuple(self.nal_type(bytes((b, 0))) for b in range(256))
         self._stored = {self.nal_type(n): bytes(n) for n in split_annexb(parameter_sets)
                         if self.nal_type(n) in self.parameter_types}
 
@@ -92,37 +96,64 @@ class _NalPacketizer:
     def aggregate(self, nals: list[bytes]) -> bytes:
         raise NotImplementedError
 
-    def fragments(self, nal: memoryview) -> Iterator[tuple[bytes, memoryview]]:
+    def fu_header(self, nal: memoryview) -> bytes:
+        """The payload header of the unit's fragmentation units (FU indicator, RFC 6184
+        §5.8; PayloadHdr, RFC 7798 §4.4.3); the FU header byte follows it."""
         raise NotImplementedError
+
+    def fragments(self, nal: memoryview, out: list[Payload]) -> None:
+        """The unit in fragmentation units, appended to ``out``: its own header is not
+        carried (the FU header's type and the payload header stand for it)."""
+        head = self.fu_header(nal)
+        kind = self._types[nal[0]]
+        skip, end = self.header_size, len(nal)
+        overhead = len(head) + 1
+        step = self.size - overhead
+        last = end - step  # a fragment starting here or later is the last (E bit)
+        first, middle = head + bytes((0x80 | kind,)), head + bytes((kind,))
+        append = out.append
+        for pos in range(skip, end, step):
+            if pos < last:
+                append(_new(Payload, (first if pos == skip else middle, nal[pos:pos + step],
+                                      False, overhead + step)))
+            else:
+                flags = (0x80 if pos == skip else 0) | 0x40 | kind
+                append(_new(Payload, (head + bytes((flags,)), nal[pos:], False,
+                                      overhead + end - pos)))
 
     def parameter_sets(self, nals: list[memoryview]) -> list[bytes]:
         """The access unit's own parameter sets, else the stored ones (learnt or from SDP)."""
         for n in nals:
-            kind = self.nal_type(n)
+            kind = self._types[n[0]]
             if kind in self.parameter_types:
                 self._stored[kind] = bytes(n)
         return [self._stored[k] for k in self.parameter_types if k in self._stored]
 
     def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
+        types, dropped, header_size = self._types, self.dropped_types, self.header_size
         nals = [n for n in split_annexb(packet.data)
-                if len(n) > self.header_size and self.nal_type(n) not in self.dropped_types]
-        out: list[tuple[bytes, memoryview | bytes]] = []
+                if len(n) > header_size and types[n[0]] not in dropped]
+        out: list[Payload] = []
         if packet.keyframe:
             params = self.parameter_sets(nals)
-            nals = [n for n in nals if self.nal_type(n) not in self.parameter_types]
+            nals = [n for n in nals if types[n[0]] not in self.parameter_types]
             if (len(params) >= self.min_aggregated
-                    and sum(len(p) + 2 for p in params) + self.header_size <= self.size):
-                out.append((self.aggregate(params), b""))
+                    and sum(len(p) + 2 for p in params) + header_size <= self.size):
+                aggregated = self.aggregate(params)
+                out.append(_new(Payload, (aggregated, b"", False, len(aggregated))))
             else:  # too big (or too few) to aggregate: sent ahead as ordinary units
                 nals = [memoryview(p) for p in params] + nals
+        size = self.size
         for nal in nals:
-            if len(nal) <= self.size:
-                out.append((b"", nal))
+            n = len(nal)
+            if n <= size:
+                out.append(_new(Payload, (b"", nal, False, n)))
             else:
-                out.extend(self.fragments(nal))
-        last = len(out) - 1
-        return tuple(Payload(prefix, body, i == last, len(prefix) + len(body))
-                     for i, (prefix, body) in enumerate(out))
+                self.fragments(nal, out)
+        if out:  # the marker: on the access unit's last packet
+            prefix, body, _, n = out[-1]
+            out[-1] = _new(Payload, (prefix, body, True, n))
+        return tuple(out)
 
 
 class H264Packetizer(_NalPacketizer):
@@ -140,15 +171,8 @@ class H264Packetizer(_NalPacketizer):
         return bytes([nri | H264_STAP_A]) + b"".join(
             struct.pack("!H", len(n)) + n for n in nals)
 
-    def fragments(self, nal: memoryview) -> Iterator[tuple[bytes, memoryview]]:
-        indicator = (nal[0] & 0xE0) | H264_FU_A
-        kind = nal[0] & 0x1F
-        body = nal[1:]
-        step = self.size - 2  # FU indicator + FU header
-        for pos in range(0, len(body), step):
-            start = 0x80 if pos == 0 else 0
-            end = 0x40 if pos + step >= len(body) else 0
-            yield bytes([indicator, start | end | kind]), body[pos:pos + step]
+    def fu_header(self, nal: memoryview) -> bytes:
+        return bytes(((nal[0] & 0xE0) | H264_FU_A,))  # F and NRI of the unit, type 28
 
 
 class H265Packetizer(_NalPacketizer):
@@ -171,15 +195,8 @@ class H265Packetizer(_NalPacketizer):
         header = bytes([f | (H265_AP << 1) | (layer >> 5), ((layer & 0x1F) << 3) | tid])
         return header + b"".join(struct.pack("!H", len(n)) + n for n in nals)
 
-    def fragments(self, nal: memoryview) -> Iterator[tuple[bytes, memoryview]]:
-        kind = self.nal_type(nal)
-        header = bytes([(nal[0] & 0x81) | (H265_FU << 1), nal[1]])
-        body = nal[2:]
-        step = self.size - 3  # payload header (2) + FU header (1)
-        for pos in range(0, len(body), step):
-            start = 0x80 if pos == 0 else 0
-            end = 0x40 if pos + step >= len(body) else 0
-            yield header + bytes([start | end | kind]), body[pos:pos + step]
+    def fu_header(self, nal: memoryview) -> bytes:
+        return bytes(((nal[0] & 0x81) | (H265_FU << 1), nal[1]))  # type 49, same LayerId/TID
 
 
 class FramePacketizer:
