@@ -71,11 +71,13 @@ def parse_rtp(packet: memoryview) -> tuple[int, bool, int, int, memoryview] | No
 
 class AccessUnit(NamedTuple):
     """One video access unit: Annex-B (4-byte start codes), its RTP timestamp, and whether
-    it holds an IDR (H.264) / IRAP (H.265) picture."""
+    it holds an IDR (H.264) / IRAP (H.265) picture; ``nals``: where each NAL unit's start
+    code begins in ``data`` (known as the units are written: nobody need look for them)."""
 
     data: bytes
     timestamp: int
     keyframe: bool
+    nals: tuple[int, ...] = ()
 
 
 _NOTHING: tuple[AccessUnit, ...] = ()
@@ -111,6 +113,7 @@ class _NalDepacketizer:
         #: NAL units, packets and access units dropped (malformed, lost fragments, too large).
         self.dropped = 0
         self._buf = bytearray()
+        self._starts: list[int] = []  # where each NAL unit's start code begins in _buf
         self._timestamp = -1  # of the access unit being assembled; -1 when none is
         self._next = -1  # the sequence number expected next
         # Where the NAL unit being reassembled from fragments starts in _buf; -1: none is,
@@ -127,7 +130,7 @@ class _NalDepacketizer:
              sequence: int) -> tuple[AccessUnit, ...]:
         done = _NOTHING
         if sequence != self._next and self._fu >= 0:  # a lost fragment: drop that NAL unit
-            del self._buf[self._fu:]
+            self._cut(self._fu)
             self._fu = -2
             self.dropped += 1
         self._next = (sequence + 1) & 0xFFFF
@@ -145,6 +148,7 @@ class _NalDepacketizer:
             if len(self._buf) > self.max_size:
                 self._oversized = True
                 self._buf = bytearray()
+                self._starts.clear()
                 self._fu = -1
                 self.dropped += 1
         # A marker ends the unit once it has a slice: one on a packet of parameter sets or
@@ -156,12 +160,14 @@ class _NalDepacketizer:
     def _finish(self) -> tuple[AccessUnit, ...]:
         buf = self._buf
         if self._fu >= 0:  # its last fragment never came
-            del buf[self._fu:]
+            self._cut(self._fu)
             self.dropped += 1
         done = _NOTHING
         if buf and not self._oversized:
-            done = (AccessUnit(bytes(buf), self._timestamp, self._keyframe),)
+            done = (AccessUnit(bytes(buf), self._timestamp, self._keyframe,
+                               tuple(self._starts)),)
         buf.clear()
+        self._starts.clear()
         self._timestamp = self._fu = -1
         self._keyframe = self._vcl = self._oversized = False
         return done
@@ -180,10 +186,11 @@ class _NalDepacketizer:
             flags = payload[header]
             if flags & 0x80:  # S: the NAL unit header is rebuilt from both headers
                 if self._fu >= 0:  # the previous fragmented unit never ended
-                    del buf[self._fu:]
+                    self._cut(self._fu)
                     self.dropped += 1
                 self._fu = len(buf)
                 kind = flags & self.mask
+                self._starts.append(len(buf))
                 buf += START_CODE
                 buf.append((payload[0] & self.keep) | (kind << self.shift))
                 buf += payload[1:header]
@@ -198,6 +205,7 @@ class _NalDepacketizer:
             if flags & 0x40:  # E
                 self._fu = -1
         elif self.first_single <= kind < self.aggregation:
+            self._starts.append(len(buf))
             buf += START_CODE
             buf += payload
             self._saw(kind)
@@ -208,10 +216,18 @@ class _NalDepacketizer:
                 return
             for unit in units:
                 self._saw((unit[0] >> self.shift) & self.mask)
+                self._starts.append(len(buf))
                 buf += START_CODE
                 buf += unit
         else:  # interleaved-mode packets, PACI, reserved types
             self.dropped += 1
+
+    def _cut(self, at: int) -> None:
+        """Drop what the buffer holds from ``at`` on (a unit that lost a fragment)."""
+        del self._buf[at:]
+        starts = self._starts
+        while starts and starts[-1] >= at:
+            starts.pop()
 
     def _saw(self, kind: int) -> None:
         if kind <= self.last_vcl:

@@ -72,6 +72,13 @@ def split_annexb(data: bytes) -> list[memoryview]:
         start = nxt + 3
 
 
+def _units_at(data: bytes, starts: tuple[int, ...]) -> list[memoryview]:
+    """The NAL units of an access unit whose 4-byte start codes begin at ``starts``."""
+    view = memoryview(data)
+    return [view[start + 4:end] for start, end in zip(starts, (*starts[1:], len(data)),
+                                                      strict=True)]
+
+
 _new = tuple.__new__  # a Payload without NamedTuple's Python-level __new__ (once a packet)
 
 
@@ -131,7 +138,8 @@ class _NalPacketizer:
 
     def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
         types, dropped, header_size = self._types, self.dropped_types, self.header_size
-        nals = [n for n in split_annexb(packet.data)
+        nals = [n for n in (_units_at(packet.data, packet.nals) if packet.nals
+                            else split_annexb(packet.data))
                 if len(n) > header_size and types[n[0]] not in dropped]
         out: list[Payload] = []
         if packet.keyframe:

@@ -55,6 +55,9 @@ class MediaPacket(NamedTuple):
     keyframe: bool
     #: Its RTP payloads, made once per camera by the hub while an RTP consumer wants them.
     rtp: tuple[Payload, ...] | None = None
+    #: Where each NAL unit's start code (4 bytes) begins in ``data``, when the source knows
+    #: (the agent's RTSP client writes them); empty: the packetizer looks for them.
+    nals: tuple[int, ...] = ()
 
 
 def annexb_parameter_sets(extradata: bytes | None) -> bytes:

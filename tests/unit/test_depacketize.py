@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import itertools
 import random
+import re
 import struct
 import tracemalloc
 from fractions import Fraction
@@ -77,9 +78,14 @@ def packets(packetizer: H264Packetizer | H265Packetizer, units: list[tuple[bytes
 
 def feed(depacketizer: H264Depacketizer | H265Depacketizer,
          pkts: list[Packet]) -> list[AccessUnit]:
+    """The access units that come out, each checked to say where its NAL units begin
+    (what the packetizer then uses instead of looking for start codes), then without."""
     out: list[AccessUnit] = []
     for payload, ts, marker, seq in pkts:
-        out += depacketizer.push(memoryview(payload), ts, marker, seq)
+        for unit in depacketizer.push(memoryview(payload), ts, marker, seq):
+            starts = [m.start() for m in re.finditer(re.escape(SC), unit.data)]
+            assert list(unit.nals) == starts, "where the NAL units begin"
+            out.append(AccessUnit(unit.data, unit.timestamp, unit.keyframe))
     return out
 
 
@@ -223,8 +229,8 @@ def test_a_new_timestamp_with_a_marker_completes_two_units() -> None:
     dep = H264Depacketizer()
     assert feed(dep, [(nal264(1, 10), 0, False, 7)]) == []
     assert dep.push(memoryview(nal264(1, 11)), 3000, True, 8) == (
-        AccessUnit(annexb([nal264(1, 10)]), 0, False),
-        AccessUnit(annexb([nal264(1, 11)]), 3000, False))
+        AccessUnit(annexb([nal264(1, 10)]), 0, False, (0,)),
+        AccessUnit(annexb([nal264(1, 11)]), 3000, False, (0,)))
 
 
 def test_h265_keyframes_are_the_irap_pictures() -> None:

@@ -114,6 +114,28 @@ def test_several_nal_units_marker_only_on_the_last() -> None:
     assert [p.marker for p in payloads] == [False, False, True]
 
 
+@pytest.mark.parametrize("codec", ["h264", "hevc"])
+def test_where_the_source_says_the_units_begin_gives_the_same_payloads(codec: str) -> None:
+    """The agent's RTSP client says where each NAL unit begins (no start-code search);
+    the payloads are those of the search, for keyframes and other frames alike."""
+    if codec == "h264":
+        nals = [AUD, SPS, PPS, nal264(6, 30), nal264(5, 5000), nal264(5, PAYLOAD_SIZE)]
+        make: type[H264Packetizer | H265Packetizer] = H264Packetizer
+    else:
+        nals = [VPS5, SPS5, PPS5, nal265(39, 30), nal265(19, 5000), nal265(1, 1)]
+        make = H265Packetizer
+    data = b"".join(SC + n for n in nals)
+    starts = tuple(sum(len(SC + n) for n in nals[:i]) for i in range(len(nals)))
+    for keyframe in (True, False):
+        searched = make(b"").packetize(video(data, keyframe))
+        told = make(b"").packetize(video(data, keyframe)._replace(nals=starts))
+        assert body_of(told) == body_of(searched) and len(told) > 5
+        assert [p.marker for p in told] == [p.marker for p in searched]
+        assert [p.size for p in told] == [len(raw(p)) for p in told]
+    one = make(b"").packetize(video(data, False)._replace(nals=(starts[3],)))
+    assert body_of(one) != body_of(searched), "the starts given are the ones used"
+
+
 def test_h265_ap_carries_vps_sps_pps_and_fu_splits_big_units() -> None:
     idr = nal265(19, 2 * PAYLOAD_SIZE)  # IDR_W_RADL
     payloads = H265Packetizer(b"").packetize(
