@@ -127,53 +127,61 @@ class RtpStream:
         """Protect one frame's packets, in order, and hand them to ``emit`` in runs one
         ``UDP_SEGMENT`` sendmsg can carry (equal sizes, the last possibly shorter). False if
         ``emit`` refused a run: the rest of the frame is not sent (its sequence numbers are
-        used all the same, so the history still matches what a NACK asks for)."""
+        used all the same, so the history still matches what a NACK asks for) nor counted."""
         timestamp = (ticks + self._offset) & 0xFFFFFFFF
         seq = self.seq
         self._history.append((seq, timestamp, payloads))
         self.seq = (seq + len(payloads)) & 0xFFFF
-        size = sum(p.size for p in payloads)
-        self.packets += len(payloads)
-        self.octets += size
-        self.bytes_sent += size + 12 * len(payloads)
         self._last_ts, self._last_wall = timestamp, time.time()
         scratch = self._scratch
         view, cdata, length = scratch.view, scratch.cdata, scratch.length
         ctx, protect, pack = self._ctx, self._protect, _HEADER.pack_into
         pt, ssrc = self.params.payload_type, self.params.ssrc
         run: list[memoryview] = []
-        at = segment = last = total = 0
-        for prefix, body, marker, n in payloads:
-            end = at + 12 + n
-            if end + TRAILER_ROOM > SCRATCH_BYTES:  # the buffer is full: send, start over
-                if run and not emit(run, segment):
-                    return False
-                run, at, end = [], 0, 12 + n
-            pack(view, at, RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp, ssrc)
-            if prefix:
-                split = at + 12 + len(prefix)
-                view[at + 12:split] = prefix
-                view[split:end] = body
-            else:
-                view[at + 12:end] = body
-            length[0] = end - at
-            status = protect(ctx, cdata + at, length)
-            if status:
-                raise pylibsrtp.Error(f"srtp_protect failed: status {status}")
-            sent = length[0]
-            if run and (sent > segment or last != segment or len(run) == GSO_MAX_SEGMENTS
-                        or total + sent > GSO_MAX_BYTES):
-                if not emit(run, segment):
-                    return False
-                run = []
-            if not run:
-                segment, total = sent, 0
-            run.append(view[at:at + sent])
-            total += sent
-            last = sent
-            at = (at + sent + 3) & ~3  # libsrtp wants each packet on a 32-bit boundary
-            seq = (seq + 1) & 0xFFFF
-        return not run or emit(run, segment)
+        at = segment = last = total = count = run_octets = packets = octets = 0
+        try:
+            for prefix, body, marker, n in payloads:
+                end = at + 12 + n
+                if end + TRAILER_ROOM > SCRATCH_BYTES:  # the buffer is full: send, start over
+                    if count and not emit(run, segment):
+                        return False
+                    packets, octets = packets + count, octets + run_octets
+                    run, count, run_octets, at, end = [], 0, 0, 0, 12 + n
+                pack(view, at, RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp, ssrc)
+                if prefix:
+                    split = at + 12 + len(prefix)
+                    view[at + 12:split] = prefix
+                    view[split:end] = body
+                else:
+                    view[at + 12:end] = body
+                length[0] = end - at
+                status = protect(ctx, cdata + at, length)
+                if status:
+                    raise pylibsrtp.Error(f"srtp_protect failed: status {status}")
+                sent = length[0]
+                if count and (sent > segment or last != segment or count == GSO_MAX_SEGMENTS
+                              or total + sent > GSO_MAX_BYTES):
+                    if not emit(run, segment):
+                        return False
+                    packets, octets = packets + count, octets + run_octets
+                    run, count, run_octets = [], 0, 0
+                if not count:
+                    segment, total = sent, 0
+                run.append(view[at:at + sent])
+                count += 1
+                total += sent
+                last = sent
+                at = (at + sent + 3) & ~3  # libsrtp wants each packet on a 32-bit boundary
+                run_octets += n
+                seq = (seq + 1) & 0xFFFF
+            if count and not emit(run, segment):
+                return False
+            packets, octets = packets + count, octets + run_octets
+            return True
+        finally:  # what was sent (RFC 3550 §6.4.1's sender counts; the audit's bytes)
+            self.packets += packets
+            self.octets += octets
+            self.bytes_sent += octets + 12 * packets
 
     def frame(self, payloads: tuple[Payload, ...], ticks: int) -> list[bytes]:
         """One frame's packets, protected and in order, as datagrams of their own (for a

@@ -224,20 +224,23 @@ def test_a_frame_protected_in_place_goes_out_in_gso_runs_on_aligned_packets() ->
 
 
 def test_a_refused_run_ends_the_frame_and_its_sequence_numbers_stay_used() -> None:
-    """The socket buffer is full: the rest of the frame is not sent, and the next frame
-    starts after all of this one's numbers (what the history, and so a NACK, expects)."""
+    """The socket buffer is full: the rest of the frame is not sent nor counted, and the
+    next frame starts after all of this one's numbers (what the history, and so a NACK,
+    expects)."""
     tx, rx = sessions()
     stream = RtpStream(PARAMS, tx)
     first = stream.seq
     calls = []
 
-    def full(run: Sequence[memoryview], segment: int) -> bool:
+    def full_at_the_second_run(run: Sequence[memoryview], segment: int) -> bool:
         calls.append(len(run))
-        return False
+        return len(calls) == 1
 
     payloads = (*frame(2), Payload(b"", memoryview(b"A" * 100), False, 100), *frame(2))
-    assert not stream.send_frame(payloads, 0, full)
-    assert calls == [2], "the first run refused, nothing tried after it"
+    assert not stream.send_frame(payloads, 0, full_at_the_second_run)
+    assert calls == [2, 1], "the second run refused, nothing tried after it"
+    assert (stream.packets, stream.octets, stream.bytes_sent) == (2, 1500, 1524), \
+        "only the run that went out is counted"
     later = stream.frame(frame(1), 3000)
     assert struct.unpack("!H", rx.unprotect(later[0])[2:4])[0] == (first + 5) & 0xFFFF
     resent = stream.retransmit([(first + 3) & 0xFFFF])  # as RTX: the original number first
