@@ -42,7 +42,7 @@ UDP_SEGMENT = 103  # linux/udp.h: the GSO segment size, per sendmsg
 GSO_MAX_SEGMENTS = 64  # linux/udp.h UDP_MAX_SEGMENTS (older kernels)
 GSO_MAX_BYTES = 65000  # under the 65507-byte UDP payload limit
 TRAILER_ROOM = 144  # libsrtp's SRTP_MAX_TRAILER_LEN: what protection may write after a packet
-SCRATCH_BYTES = 1 << 17  # a full GSO run and the largest payload (AAC, < 8 kB) fit
+SCRATCH_BYTES = 1 << 17  # a full GSO run fits; a payload that does not is refused
 HISTORY_FRAMES = 96  # ~1 s of video at 30 fps plus audio frames riding along
 NACK_MAX = 64  # sequence numbers looked at per NACK packet: bounded work per viewer
 KEYFRAME_INTERVAL = 1.0  # at most one GOP replay per second per viewer (PLI floods)
@@ -131,10 +131,9 @@ class RtpStream:
         timestamp = (ticks + self._offset) & 0xFFFFFFFF
         seq = self.seq
         self._history.append((seq, timestamp, payloads))
-        self.seq = (seq + len(payloads)) & 0xFFFF
-        self._last_ts, self._last_wall = timestamp, time.time()
-        scratch = self._scratch
-        view, cdata, length = scratch.view, scratch.cdata, scratch.length
+        self.seq, self._last_ts, self._last_wall = \
+            (seq + len(payloads)) & 0xFFFF, timestamp, time.time()
+        view, cdata, length = self._scratch.view, self._scratch.cdata, self._scratch.length
         ctx, protect, pack = self._ctx, self._protect, _HEADER.pack_into
         pt, ssrc = self.params.payload_type, self.params.ssrc
         run: list[memoryview] = []
@@ -147,6 +146,8 @@ class RtpStream:
                         return False
                     packets, octets = packets + count, octets + run_octets
                     run, count, run_octets, at, end = [], 0, 0, 0, 12 + n
+                    if end + TRAILER_ROOM > SCRATCH_BYTES:  # its tag would not fit either
+                        raise ValueError(f"an RTP payload of {n} bytes is too large")
                 pack(view, at, RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp, ssrc)
                 if prefix:
                     split = at + 12 + len(prefix)

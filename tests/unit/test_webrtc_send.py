@@ -362,3 +362,14 @@ def test_the_internals_check_names_libsrtp_protect_if_its_signature_changes(
 
     with pytest.raises(internals.InternalsChanged, match=r"pylibsrtp\.Session\._srtp"):
         internals.srtp_in_place(Renamed())
+
+
+def test_a_payload_whose_tag_would_not_fit_the_buffer_is_refused() -> None:
+    """Audio passed through as it arrives has no size limit: one whose SRTP tag would run
+    past the shared buffer is refused before libsrtp writes there."""
+    tx, _ = sessions()
+    stream = RtpStream(PARAMS, tx)
+    n = SCRATCH_BYTES - 12 - 4  # fits without the tag, not with it
+    with pytest.raises(ValueError, match="too large"):
+        stream.send_frame((Payload(b"", memoryview(bytes(n)), True, n),), 0,
+                          lambda run, segment: True)

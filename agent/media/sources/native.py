@@ -608,7 +608,7 @@ class NativeRtspSource:
             if self._codec == "h264":
                 data = with_parameter_sets(data, self._parameter_sets)
         return MediaPacket(True, data, self._video_time.pts(unit.timestamp), self._video_tb,
-                           unit.keyframe, nals=unit.nals if data is unit.data else ())
+                           unit.keyframe, nals=() if unit.keyframe else unit.nals)
 
     def _audio(self, view: memoryview) -> list[MediaPacket]:
         rtp = parse_rtp(view)
