@@ -29,7 +29,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pylibsrtp
 
@@ -51,10 +51,12 @@ LOSS_WINDOW_PACKETS = 20  # ...and at least this many of our packets
 LOSS_WINDOW_MAX = 10.0  # reports that stop longer than this start a new window, unjudged
 RTCP_SR = 200
 _SEGMENT = struct.Struct("H").pack  # the UDP_SEGMENT control message's value
+_Datagram = TypeVar("_Datagram", bytes, memoryview)
 
 
 #: Takes one run of protected packets (equal sizes, the last possibly shorter) and its
-#: segment size; False if they could not be sent (the socket buffer is full).
+#: segment size; False if they could not be sent (the socket buffer is full). The views are
+#: of the shared buffer: valid during the call only (what is kept must be copied).
 Emit = Callable[[Sequence[memoryview], int], bool]
 
 
@@ -125,64 +127,59 @@ class RtpStream:
 
     def send_frame(self, payloads: tuple[Payload, ...], ticks: int, emit: Emit) -> bool:
         """Protect one frame's packets, in order, and hand them to ``emit`` in runs one
-        ``UDP_SEGMENT`` sendmsg can carry (equal sizes, the last possibly shorter). False if
-        ``emit`` refused a run: the rest of the frame is not sent (its sequence numbers are
-        used all the same, so the history still matches what a NACK asks for) nor counted."""
+        ``UDP_SEGMENT`` sendmsg can carry (``gso_batches``). False if ``emit`` refused a
+        run: the rest of the frame is not sent (its sequence numbers are used all the same,
+        so the history still matches what a NACK asks for) nor counted."""
         timestamp = (ticks + self._offset) & 0xFFFFFFFF
         seq = self.seq
         self._history.append((seq, timestamp, payloads))
         self.seq, self._last_ts, self._last_wall = \
             (seq + len(payloads)) & 0xFFFF, timestamp, time.time()
+        counted = 0  # payloads sent and counted (RFC 3550 §6.4.1's sender counts; audit bytes)
+        for packets in self._protected(payloads, seq, timestamp):
+            for run in gso_batches(packets):
+                if not emit(run, len(run[0])):
+                    return False
+                octets = sum(p.size for p in payloads[counted:counted + len(run)])
+                counted += len(run)
+                self.packets += len(run)
+                self.octets += octets
+                self.bytes_sent += octets + 12 * len(run)
+        return True
+
+    def _protected(self, payloads: tuple[Payload, ...], seq: int,
+                   timestamp: int) -> Iterator[list[memoryview]]:
+        """The packets, protected in place in the shared buffer, as views of it: a list each
+        time the buffer is full, and the rest at the end (each valid until the next)."""
         view, cdata, length = self._scratch.view, self._scratch.cdata, self._scratch.length
         ctx, protect, pack = self._ctx, self._protect, _HEADER.pack_into
         pt, ssrc = self.params.payload_type, self.params.ssrc
-        run: list[memoryview] = []
-        at = segment = last = total = count = run_octets = packets = octets = 0
-        try:
-            for prefix, body, marker, n in payloads:
-                end = at + 12 + n
-                if end + TRAILER_ROOM > SCRATCH_BYTES:  # the buffer is full: send, start over
-                    if count and not emit(run, segment):
-                        return False
-                    packets, octets = packets + count, octets + run_octets
-                    run, count, run_octets, at, end = [], 0, 0, 0, 12 + n
-                    if end + TRAILER_ROOM > SCRATCH_BYTES:  # its tag would not fit either
-                        raise ValueError(f"an RTP payload of {n} bytes is too large")
-                pack(view, at, RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp, ssrc)
-                if prefix:
-                    split = at + 12 + len(prefix)
-                    view[at + 12:split] = prefix
-                    view[split:end] = body
-                else:
-                    view[at + 12:end] = body
-                length[0] = end - at
-                status = protect(ctx, cdata + at, length)
-                if status:
-                    raise pylibsrtp.Error(f"srtp_protect failed: status {status}")
-                sent = length[0]
-                if count and (sent > segment or last != segment or count == GSO_MAX_SEGMENTS
-                              or total + sent > GSO_MAX_BYTES):
-                    if not emit(run, segment):
-                        return False
-                    packets, octets = packets + count, octets + run_octets
-                    run, count, run_octets = [], 0, 0
-                if not count:
-                    segment, total = sent, 0
-                run.append(view[at:at + sent])
-                count += 1
-                total += sent
-                last = sent
-                at = (at + sent + 3) & ~3  # libsrtp wants each packet on a 32-bit boundary
-                run_octets += n
-                seq = (seq + 1) & 0xFFFF
-            if count and not emit(run, segment):
-                return False
-            packets, octets = packets + count, octets + run_octets
-            return True
-        finally:  # what was sent (RFC 3550 §6.4.1's sender counts; the audit's bytes)
-            self.packets += packets
-            self.octets += octets
-            self.bytes_sent += octets + 12 * packets
+        packets: list[memoryview] = []
+        at = 0
+        for prefix, body, marker, n in payloads:
+            end = at + 12 + n
+            if end + TRAILER_ROOM > SCRATCH_BYTES:  # the buffer is full: send, start over
+                if packets:
+                    yield packets
+                packets, at, end = [], 0, 12 + n
+                if end + TRAILER_ROOM > SCRATCH_BYTES:  # its tag would not fit either
+                    raise ValueError(f"an RTP payload of {n} bytes is too large")
+            pack(view, at, RTP_VERSION, 0x80 | pt if marker else pt, seq, timestamp, ssrc)
+            if prefix:
+                split = at + 12 + len(prefix)
+                view[at + 12:split] = prefix
+                view[split:end] = body
+            else:
+                view[at + 12:end] = body
+            length[0] = end - at
+            status = protect(ctx, cdata + at, length)
+            if status:
+                raise pylibsrtp.Error(f"srtp_protect failed: status {status}")
+            packets.append(view[at:at + length[0]])
+            at = (at + length[0] + 3) & ~3  # libsrtp wants each packet on a 32-bit boundary
+            seq = (seq + 1) & 0xFFFF
+        if packets:
+            yield packets
 
     def frame(self, payloads: tuple[Payload, ...], ticks: int) -> list[bytes]:
         """One frame's packets, protected and in order, as datagrams of their own (for a
@@ -278,10 +275,10 @@ class RtpStream:
         return None
 
 
-def gso_batches(packets: list[bytes]) -> Iterator[list[bytes]]:
+def gso_batches(packets: Sequence[_Datagram]) -> Iterator[list[_Datagram]]:
     """Runs of packets one ``UDP_SEGMENT`` sendmsg can carry: equal sizes, the last of a
     run possibly shorter (the kernel cuts the buffer every ``len(run[0])`` bytes)."""
-    run: list[bytes] = []
+    run: list[_Datagram] = []
     size = total = 0
     for packet in packets:
         n = len(packet)
