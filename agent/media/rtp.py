@@ -27,6 +27,9 @@ PAYLOAD_SIZE = 1200
 #: M/PT, sequence number, timestamp, SSRC.
 RTP_HEADER = struct.Struct("!BBHII")
 RTP_VERSION = 0x80  # V=2, no padding, no extension, no CSRC
+#: The largest payload one RTP packet can carry anywhere we send it: a UDP datagram holds
+#: 65,507 bytes, less the RTP header and SRTP's tag and room for an RTX prefix.
+MAX_PAYLOAD = 65_000
 
 # RFC 6184 §5.2 NAL unit types used by the payload format
 H264_SPS, H264_PPS, H264_AUD = 7, 8, 9
@@ -211,6 +214,8 @@ class FramePacketizer:
     """Audio whose RTP payload is the frame itself: G.711 (RFC 3551 §4.5.14), Opus (RFC 7587)."""
 
     def packetize(self, packet: MediaPacket) -> tuple[Payload, ...]:
+        if len(packet.data) > MAX_PAYLOAD:
+            return ()  # fits no datagram; no camera sends such frames
         return (Payload(b"", packet.data, False, len(packet.data)),)
 
 

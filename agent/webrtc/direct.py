@@ -140,7 +140,7 @@ class DirectTrack:
         dtls = self.transceiver.sender.transport
         if not await self._connected(dtls):
             return
-        self.stream = stream = RtpStream(params, internals.srtp_session(dtls))
+        self.stream = RtpStream(params, internals.srtp_session(dtls))
         self._send_ice = send = internals.ice_send(dtls)  # before _switch installs the sink
         self._pair = pair = internals.SelectedPair(dtls)
         pair.moved()
@@ -150,18 +150,30 @@ class DirectTrack:
         try:  # the replayed GOP, what was queued, and every frame while not on plain UDP
             while True:
                 packet, ticks = await consumer.next()
-                if (payloads := self._payloads(packet)) is None:
-                    continue
-                out = self._path()
-                if out is not None:
-                    self._to_udp(out, stream, payloads, ticks)
-                else:  # a TURN relay or TCP pair: aioice's path
-                    for datagram in stream.frame(payloads, ticks):
-                        await send(datagram)
+                for datagram in self._send(packet, ticks):
+                    await send(datagram)
         except ConsumerClosed:
             return
         except ConnectionError:  # the ICE connection closed under us
             return
+
+    def _send(self, packet: MediaPacket, ticks: int) -> list[bytes]:
+        """Sends one frame on plain UDP, or returns its datagrams for aioice's path (a TURN
+        relay or TCP pair). Never raises: if protecting or sending fails, this viewer stops
+        and nothing else (not the camera's read, not the other viewers)."""
+        try:
+            stream = self.stream
+            if stream is None or (payloads := self._payloads(packet)) is None:
+                return []
+            out = self._path()
+            if out is None:
+                return stream.frame(payloads, ticks)
+            if not stream.send_frame(payloads, ticks, out.send_run) and self.video:
+                self._behind("socket_buffer_full")
+        except Exception:
+            log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
+            self._hub.unsubscribe(self._consumer)
+        return []
 
     def _payloads(self, packet: MediaPacket) -> tuple[Payload, ...] | None:
         """The frame's payloads, or None (skipping to a keyframe, nothing to send)."""
@@ -175,27 +187,11 @@ class DirectTrack:
         """The consumer's sink while on plain UDP: a live frame sent within the camera's
         read. A pair that moved to TURN or TCP sends this frame through aioice, and the
         next ones through the queue."""
-        try:
-            stream = self.stream
-            if stream is None or (payloads := self._payloads(packet)) is None:
-                return
-            out = self._path()
-            if out is not None:
-                self._to_udp(out, stream, payloads, ticks)
-            elif self._send_ice is not None:
-                datagrams = stream.frame(payloads, ticks)
-                task = asyncio.get_running_loop().create_task(self._to_ice(datagrams))
-                self._tasks.append(task)
-                task.add_done_callback(self._forget)
-        except Exception:  # never into the camera's read: this viewer stops, nothing else
-            log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
-            self._hub.unsubscribe(self._consumer)
-
-    def _to_udp(self, out: UdpOut, stream: RtpStream, payloads: tuple[Payload, ...],
-                ticks: int) -> None:
-        """The frame protected in place and sent on ICE's selected UDP socket."""
-        if not stream.send_frame(payloads, ticks, out.send_run) and self.video:
-            self._behind("socket_buffer_full")
+        datagrams = self._send(packet, ticks)
+        if datagrams and self._send_ice is not None:
+            task = asyncio.get_running_loop().create_task(self._to_ice(datagrams))
+            self._tasks.append(task)
+            task.add_done_callback(self._forget)
 
     async def _to_ice(self, datagrams: list[bytes]) -> None:
         assert self._send_ice is not None

@@ -136,7 +136,8 @@ class RtpStream:
         self.seq, self._last_ts, self._last_wall = \
             (seq + len(payloads)) & 0xFFFF, timestamp, time.time()
         counted = 0  # payloads sent and counted (RFC 3550 §6.4.1's sender counts; audit bytes)
-        for packets in self._protected(payloads, seq, timestamp):
+        for packets in self._protected(payloads, seq, timestamp, self.params.payload_type,
+                                       self.params.ssrc):
             for run in gso_batches(packets):
                 if not emit(run, len(run[0])):
                     return False
@@ -147,13 +148,12 @@ class RtpStream:
                 self.bytes_sent += octets + 12 * len(run)
         return True
 
-    def _protected(self, payloads: tuple[Payload, ...], seq: int,
-                   timestamp: int) -> Iterator[list[memoryview]]:
+    def _protected(self, payloads: tuple[Payload, ...], seq: int, timestamp: int,
+                   pt: int, ssrc: int) -> Iterator[list[memoryview]]:
         """The packets, protected in place in the shared buffer, as views of it: a list each
         time the buffer is full, and the rest at the end (each valid until the next)."""
         view, cdata, length = self._scratch.view, self._scratch.cdata, self._scratch.length
         ctx, protect, pack = self._ctx, self._protect, _HEADER.pack_into
-        pt, ssrc = self.params.payload_type, self.params.ssrc
         packets: list[memoryview] = []
         at = 0
         for prefix, body, marker, n in payloads:
@@ -206,17 +206,16 @@ class RtpStream:
         return out
 
     def _resend(self, seq: int, timestamp: int, payload: Payload) -> bytes:
-        prefix, body, marker, _ = payload
         p = self.params
         if p.rtx_ssrc is not None and p.rtx_payload_type is not None:  # RFC 4588 §4
             pt, ssrc, out_seq = p.rtx_payload_type, p.rtx_ssrc, self._rtx_seq
             self._rtx_seq = (self._rtx_seq + 1) & 0xFFFF
-            prefix = struct.pack("!H", seq) + prefix
+            prefix, body, marker, size = payload
+            payload = Payload(struct.pack("!H", seq) + prefix, body, marker, size + 2)
         else:
             pt, ssrc, out_seq = p.payload_type, p.ssrc, seq
-        header = _HEADER.pack(RTP_VERSION, 0x80 | pt if marker else pt, out_seq, timestamp,
-                              ssrc)
-        return bytes(self._srtp.protect(b"".join((header, prefix, body))))
+        (packet,), = self._protected((payload,), out_seq, timestamp, pt, ssrc)
+        return bytes(packet)
 
     def keyframe_wanted(self, now: float) -> bool:
         """A PLI/FIR arrived: True if this viewer may have a keyframe now (rate-limited)."""

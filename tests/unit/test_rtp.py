@@ -8,6 +8,7 @@ from fractions import Fraction
 import pytest
 
 from agent.media.rtp import (
+    MAX_PAYLOAD,
     PAYLOAD_SIZE,
     AacPacketizer,
     FramePacketizer,
@@ -173,6 +174,12 @@ def test_audio_frames_are_one_payload_each() -> None:
     assert isinstance(audio_packetizer("PCMU"), FramePacketizer)
     assert isinstance(audio_packetizer("opus"), FramePacketizer)
     assert audio_packetizer("speex") is None
+
+
+def test_an_audio_frame_no_datagram_can_carry_is_dropped() -> None:
+    for size, kept in ((MAX_PAYLOAD, 1), (MAX_PAYLOAD + 1, 0)):
+        packet = MediaPacket(False, bytes(size), 0, Fraction(1, 8000), False)
+        assert len(FramePacketizer().packetize(packet)) == kept
 
 
 def test_aac_hbr_au_header_and_adts_stripped() -> None:

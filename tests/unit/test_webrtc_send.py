@@ -373,3 +373,33 @@ def test_a_payload_whose_tag_would_not_fit_the_buffer_is_refused() -> None:
     with pytest.raises(ValueError, match="too large"):
         stream.send_frame((Payload(b"", memoryview(bytes(n)), True, n),), 0,
                           lambda run, segment: True)
+
+
+def unprotect_large(rx: pylibsrtp.Session, packet: bytes) -> bytes:
+    """Like ``rx.unprotect``, for packets over the 1,500 bytes pylibsrtp's buffer holds."""
+    ffi, lib = srtp_binding.ffi, srtp_binding.lib
+    buffer = ffi.new("char[]", packet)
+    length = ffi.new("int *", len(packet))
+    assert lib.srtp_unprotect(rx._srtp[0], buffer, length) == 0
+    return bytes(ffi.buffer(buffer, length[0]))
+
+
+@pytest.mark.parametrize("rtx", [True, False])
+def test_a_nack_for_a_packet_larger_than_a_mtu_is_answered(rtx: bool) -> None:
+    """Audio is passed through as the camera sends it: a frame may be larger than pylibsrtp's
+    own buffer, and its retransmission is protected in place like the first send."""
+    tx, rx = sessions()
+    params = PARAMS if rtx else StreamParams(ssrc=PARAMS.ssrc, payload_type=0, clock=8000,
+                                             cname="agent-x")
+    stream = RtpStream(params, tx)
+    first = stream.seq
+    body = bytes(range(256)) * 16  # 4 kB of G.711: half a second
+    stream.frame((Payload(b"", memoryview(body), False, len(body)),), 0)
+    (again,) = stream.retransmit([first])
+    packet = unprotect_large(rx, again)
+    _, b1, seq, _, ssrc = struct.unpack("!BBHII", packet[:12])
+    if rtx:
+        assert (ssrc, b1, packet[12:14]) == (PARAMS.rtx_ssrc, 103, struct.pack("!H", first))
+        assert packet[14:] == body
+    else:
+        assert (ssrc, b1, seq, packet[12:]) == (PARAMS.ssrc, 0, first, body)
