@@ -15,9 +15,10 @@ replaced by a per-viewer counter); each viewer's frame rate is printed for every
 step where one falls below the camera's rate is marked INVALID.
 Goals (issue 14): pull <= 1.0 %, first viewer <= +1.0 %, each extra viewer <= +0.4 %.
 
-first-frame: camera GOP 2 s; POST sent -> first decoded frame at an aiortc viewer; 20 trials
-at random points in the GOP; with the GOP cache and without. Goal with the cache: p50 <= 150
-ms, p95 <= 300 ms.
+first-frame: the same clip (GOP 2 s); POST sent -> first decoded frame at an aiortc viewer;
+20 trials at random points in the GOP, with the GOP cache and without. The process's first
+viewer, which also loads the WebRTC stack, is reported apart. Goal with the cache (issue 14):
+p50 <= 100 ms, p95 <= 200 ms.
 """
 
 from __future__ import annotations
@@ -242,16 +243,20 @@ async def first_frame(base: str, token: str) -> float:
     return elapsed * 1000
 
 
-def bench_first_frame(trials: int) -> None:
-    with RtspCamera.start(width=1280, height=720, fps=30, gop=60, bitrate=2000) as camera:
+def bench_first_frame(trials: int, clip: Path | None) -> None:
+    with tempfile.TemporaryDirectory() as tmp, \
+            clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
         for cache in (True, False):
-            with tempfile.TemporaryDirectory() as tmp:
+            with tempfile.TemporaryDirectory() as state:
                 agent = asyncio.run(AgentProcess.start(
-                    Path(tmp), [{"id": "cam", "source": camera.url, "always_on": True}],
+                    Path(state), [{"id": "cam", "source": camera_url, "always_on": True}],
                     media={"gop_cache": cache}))
                 try:
                     _, token = asyncio.run(agent.token("--camera", "cam"))
                     time.sleep(3)
+                    # The process's first viewer also loads the WebRTC stack (agent/webrtc/
+                    # stack.py): reported on its own, not one of the trials.
+                    loading = asyncio.run(first_frame(agent.base, token))
                     rng = random.Random(11)
                     times = []
                     for _ in range(trials):
@@ -260,7 +265,8 @@ def bench_first_frame(trials: int) -> None:
                     q = statistics.quantiles(times, n=20)
                     print(f"time to first frame, GOP cache {'on ' if cache else 'off'}: "
                           f"p50 {statistics.median(times):6.0f} ms   p95 {q[18]:6.0f} ms   "
-                          f"min {min(times):5.0f}   max {max(times):5.0f}   (n={trials})")
+                          f"min {min(times):5.0f}   max {max(times):5.0f}   (n={trials}); "
+                          f"the process's first viewer (loads the WebRTC stack) {loading:.0f} ms")
                 finally:
                     asyncio.run(agent.stop())
 
@@ -325,7 +331,7 @@ def main() -> None:
     elif args.what == "relay":
         bench_relay(args.window)
     else:
-        bench_first_frame(args.trials)
+        bench_first_frame(args.trials, args.clip)
 
 
 if __name__ == "__main__":
