@@ -169,3 +169,18 @@ def test_the_viewer_namespace_reaches_only_the_agent_namespace(netns_pair: Netns
         assert time.monotonic() - started < 5
         with pytest.raises(BlockingIOError):
             root_server.accept()  # nothing from the viewer namespace arrived here
+
+
+def test_no_address_changes_once_the_pair_is_made(netns_pair: NetnsPair) -> None:
+    """Chromium aborts a page load when an address of its namespace changes
+    (net::ERR_NETWORK_CHANGED): an IPv6 link-local address becoming valid a second or two
+    after the veth came up did it. The pair's addresses are final when it is returned."""
+    pair = netns_pair
+    monitors = [subprocess.Popen(["ip", "-n", ns, "-o", "monitor", "address", "link"],
+                                 stdout=subprocess.PIPE, text=True)
+                for ns in (pair.agent_ns, pair.viewer_ns)]
+    time.sleep(3)  # duplicate address detection takes one second, after the carrier is up
+    for monitor in monitors:
+        monitor.terminate()
+        changes, _ = monitor.communicate(timeout=5)
+        assert changes == "", changes

@@ -63,6 +63,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+#: Run inside a namespace (``sysctl`` is not on every machine; a kernel without IPv6 has no
+#: such files).
+_NO_IPV6 = ("d=/proc/sys/net/ipv6/conf; [ ! -d $d ] || "
+            "{ echo 1 > $d/all/disable_ipv6 && echo 1 > $d/default/disable_ipv6; }")
+
+
 def _ip(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([IP, *args], capture_output=True, text=True, timeout=10, check=False)
 
@@ -134,6 +140,10 @@ class NetnsPair:
         )
         prefix = self.subnet.prefixlen
         for ns, ifname, address, peer in sides:
+            # IPv4 only. An IPv6 link-local address would become valid a second or two after
+            # the link is up (duplicate address detection), and Chromium aborts a page load
+            # in progress when an address changes (net::ERR_NETWORK_CHANGED).
+            _ip_ok("netns", "exec", ns, "sh", "-c", _NO_IPV6)
             _ip_ok("-n", ns, "link", "set", "lo", "up")
             _ip_ok("-n", ns, "addr", "add", f"{address}/{prefix}", "dev", ifname)
             _ip_ok("-n", ns, "link", "set", ifname, "up")

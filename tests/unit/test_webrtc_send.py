@@ -3,20 +3,27 @@ sender reports, NACK from history (bounded), PLI rate limit, and the aiortc inte
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
 from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from typing import Any
 
 import aioice.ice
+import av
 import pylibsrtp
 import pytest
-from aiortc import RTCConfiguration, RTCPeerConnection
+from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from pylibsrtp import _binding as srtp_binding
+from structlog.testing import capture_logs
 
+from agent.media.hub import CameraHub
 from agent.media.rtp import Payload
+from agent.media.stream import MediaPacket, StreamInfo
 from agent.webrtc import internals
+from agent.webrtc.direct import DirectTrack
 from agent.webrtc.ice import install_host_addresses
 from agent.webrtc.rtpsend import (
     GSO_MAX_SEGMENTS,
@@ -28,6 +35,7 @@ from agent.webrtc.rtpsend import (
     UdpOut,
     gso_batches,
 )
+from agent.webrtc.session import ViewerSession
 from tests.support.agent import nominate_another_pair, wait_until
 
 KEY = bytes(range(30))  # 16-byte key + 14-byte salt (RFC 3711 AES_CM_128_HMAC_SHA1_80)
@@ -403,3 +411,105 @@ def test_a_nack_for_a_packet_larger_than_a_mtu_is_answered(rtx: bool) -> None:
         assert packet[14:] == body
     else:
         assert (ssrc, b1, seq, packet[12:]) == (PARAMS.ssrc, 0, first, body)
+
+
+def encoded(count: int) -> list[MediaPacket]:
+    """``count`` frames of real 64x64 H.264 (x264, one GOP, no B-frames), which the viewer
+    decodes."""
+    codec = av.CodecContext.create("libx264", "w")
+    codec.width = codec.height = 64
+    codec.pix_fmt = "yuv420p"
+    codec.time_base = Fraction(1, 30)
+    codec.options = {"bf": "0", "g": "600", "tune": "zerolatency", "preset": "ultrafast"}
+    data: list[bytes] = []
+    for n in range(count):
+        picture = av.VideoFrame(64, 64, "yuv420p")
+        for plane in picture.planes:
+            plane.update(bytes([n * 20 % 256]) * plane.buffer_size)
+        picture.pts = n
+        data += [bytes(p) for p in codec.encode(picture)]
+    data += [bytes(p) for p in codec.encode(None)]
+    return [MediaPacket(True, d, n * 3000, Fraction(1, 90_000), n == 0)
+            for n, d in enumerate(data)]
+
+
+async def packets_received(viewer: RTCPeerConnection) -> int:
+    stats = await viewer.getStats()
+    return sum(s.packetsReceived for s in stats.values() if s.type == "inbound-rtp")
+
+
+@pytest.mark.parametrize("fails", ["replayed", "live"])
+async def test_a_viewer_whose_send_fails_stops_alone(
+        fails: str, restored_lookup: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two viewers of one camera, aiortc peers on loopback. Protecting one viewer's packets
+    fails (libsrtp refuses): in the queued path (the replayed GOP) or in the camera's read
+    (live frames). That viewer stops, logged, with no exception left on the loop; the other
+    one keeps getting every live frame."""
+    install_host_addresses(["127.0.0.1"])
+    hub = CameraHub("cam", lambda: None,  # type: ignore[arg-type, return-value]
+                    idle_grace=60, always_on=False, gop_cache=True, queue_packets=100,
+                    reconnect_max=1)
+    hub._pulling = True  # the test delivers the camera's packets (no pull thread)
+    hub._epoch = 1
+    hub.info = StreamInfo("h264", 64, 64, 30.0, b"")
+    frames = encoded(13)
+    for packet in frames[:3]:  # the cached GOP every viewer starts with
+        hub._deliver(1, packet)
+
+    failing = False
+    doomed: list[DirectTrack] = []
+    real_send = RtpStream.send_frame
+
+    def send_frame(self: RtpStream, payloads: tuple[Payload, ...], ticks: int,
+                   emit: Any) -> bool:
+        if failing and doomed and self is doomed[0].stream:
+            raise pylibsrtp.Error("srtp_protect failed: status 2")
+        return real_send(self, payloads, ticks, emit)
+
+    monkeypatch.setattr(RtpStream, "send_frame", send_frame)
+    viewers, sessions = [], []
+    try:
+        for _ in range(2):
+            viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+            viewer.addTransceiver("video", direction="recvonly")
+            await viewer.setLocalDescription(await viewer.createOffer())
+            session, _ = await ViewerSession.answer(
+                "cam", hub, viewer.localDescription.sdp, RTCConfiguration(iceServers=[]),
+                direct=True)
+            viewers.append(viewer)
+            sessions.append(session)
+        track, other = (s.tracks[0] for s in sessions)
+        assert isinstance(track, DirectTrack) and isinstance(other, DirectTrack)
+        doomed.append(track)
+        failing = fails == "replayed"
+        with capture_logs() as logs:
+            for viewer, session in zip(viewers, sessions, strict=True):
+                await viewer.setRemoteDescription(
+                    RTCSessionDescription(session.pc.localDescription.sdp, "answer"))
+            await wait_until(lambda: other.stream is not None and other.stream.packets >= 3)
+            if fails == "live":
+                await wait_until(lambda: track.stream is not None and track.stream.packets >= 3)
+                failing = True
+            assert other.stream is not None
+            replayed = other.stream.packets
+            await asyncio.sleep(0.1)
+            before = await packets_received(viewers[1])
+            live = 0
+            for frame_ in map(hub._packetized, frames[3:]):
+                live += len(frame_.rtp or ())
+                hub._deliver(1, frame_)
+                await asyncio.sleep(0.01)
+            await wait_until(lambda: track._consumer not in hub._consumers)
+            await wait_until(lambda: other.stream is not None
+                             and other.stream.packets >= replayed + live)
+            await asyncio.sleep(0.1)
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["webrtc_send_failed"]
+        assert other._consumer in hub._consumers
+        assert await packets_received(viewers[1]) - before >= live, "every live packet"
+        for task in track._tasks:
+            assert not task.done() or task.cancelled() or task.exception() is None
+    finally:
+        for session in sessions:
+            await session.close()
+        for viewer in viewers:
+            await viewer.close()
