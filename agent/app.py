@@ -413,6 +413,12 @@ class Daemon:
         if self._zc is not None:
             await self._zc.async_close()
 
+    def stopping(self) -> None:
+        """Stopping begins: start nothing more. Discovery still starting (announcing,
+        listening) is cancelled now, not after the awaits that come before ``stop``."""
+        if self._discovery is not None:
+            self._discovery.cancel()
+
     async def stop(self) -> None:
         """Stop accepting, end sessions (audited), DELETE WHIP sessions, release cameras,
         flush the audit: within STOP_WITHIN seconds whatever peers and cameras do."""
@@ -511,6 +517,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
             await stop.wait()
         finally:
             log.info("agent_stopping")
+            daemon.stopping()
             notifier.notify("STOPPING=1", "STATUS=stopping")
             await notifier.stop()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):

@@ -98,6 +98,10 @@ class DirectTrack:
         self._tasks: list[asyncio.Task[None]] = []
         self._skip_to_keyframe = False
         self._send_ice: Callable[[bytes], Awaitable[None]] | None = None
+        #: Called once if sending fails for good: the owner ends the session (a viewer's
+        #: player then sees it end and can reconnect, instead of a frozen picture).
+        self.on_failed: Callable[[], None] | None = None
+        self._failed = False
         transceiver.sender.replaceTrack(SilentTrack("video" if video else "audio"))
 
     @property
@@ -156,6 +160,8 @@ class DirectTrack:
             return
         except ConnectionError:  # the ICE connection closed under us
             return
+        except Exception:  # aioice's path failed otherwise (e.g. a TURN channel refused)
+            self._fail()
 
     def _send(self, packet: MediaPacket, ticks: int) -> list[bytes]:
         """Sends one frame on plain UDP, or returns its datagrams for aioice's path (a TURN
@@ -171,9 +177,22 @@ class DirectTrack:
             if not stream.send_frame(payloads, ticks, out.send_run) and self.video:
                 self._behind("socket_buffer_full")
         except Exception:
-            log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
-            self._hub.unsubscribe(self._consumer)
+            self._fail()
         return []
+
+    def _fail(self) -> None:
+        """Sending failed for good (called in an ``except`` block: the error is logged with
+        it). This track sends nothing more, and its owner is told, once."""
+        log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
+        self._hub.unsubscribe(self._consumer)
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()
+        if not self._failed:
+            self._failed = True
+            if self.on_failed is not None:
+                self.on_failed()
 
     def _payloads(self, packet: MediaPacket) -> tuple[Payload, ...] | None:
         """The frame's payloads, or None (skipping to a keyframe, nothing to send)."""
@@ -195,9 +214,13 @@ class DirectTrack:
 
     async def _to_ice(self, datagrams: list[bytes]) -> None:
         assert self._send_ice is not None
-        with contextlib.suppress(ConnectionError):
+        try:
             for datagram in datagrams:
                 await self._send_ice(datagram)
+        except ConnectionError:  # the ICE connection closed
+            return
+        except Exception:
+            self._fail()
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
@@ -244,13 +267,19 @@ class DirectTrack:
             await asyncio.sleep(REPORT_INTERVAL)
             if self.stream is None or dtls.state != "connected":
                 continue
-            report = self.stream.sender_report()
-            if report is not None:
+            try:
+                report = self.stream.sender_report()
+                if report is None:
+                    continue
                 if self._path() is not None:
                     self._write([report])
                 else:
-                    with contextlib.suppress(ConnectionError):
-                        await internals.ice_send(dtls)(report)
+                    await internals.ice_send(dtls)(report)
+            except ConnectionError:  # the ICE connection closed: the session ends
+                continue
+            except Exception:
+                self._fail()
+                return
 
     async def _on_rtcp(self, packet: Any) -> None:
         """RTCP aiortc routed to this track's SSRC (already parsed and checked by aiortc)."""

@@ -48,6 +48,7 @@ class ViewerSession:
         self.pc = pc
         self.tracks: list[HubTrack] | list[DirectTrack] = []
         self._closed = asyncio.Event()
+        self._ending: asyncio.Task[None] | None = None  # the loop keeps only a weak reference
         self.on_closed: Callable[[ViewerSession], None] | None = None
 
     @classmethod
@@ -77,6 +78,7 @@ class ViewerSession:
             await pc.setLocalDescription(await pc.createAnswer())
             for track in session.tracks:
                 if isinstance(track, DirectTrack):
+                    track.on_failed = session._end
                     track.start(pc.localDescription.sdp, pc.localDescription.sdp)
         except BaseException:
             await session.close()
@@ -88,6 +90,11 @@ class ViewerSession:
                 await session.close()
 
         return session, pc.localDescription.sdp
+
+    def _end(self) -> None:
+        """Close soon (from a callback that cannot await): a track could not send."""
+        if not self._closed.is_set() and self._ending is None:
+            self._ending = asyncio.get_running_loop().create_task(self.close())
 
     @property
     def bytes_sent(self) -> int:

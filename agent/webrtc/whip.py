@@ -121,7 +121,11 @@ class WhipPublisher:
         await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
         for track in self.tracks:
             if isinstance(track, DirectTrack):
+                track.on_failed = self._send_failed
                 track.start(pc.localDescription.sdp, answer)
+
+    def _send_failed(self) -> None:
+        self._fail("sending the media failed (see webrtc_send_failed in the log)")
 
     def _fail(self, why: str) -> None:
         if not self.failed.is_set():

@@ -182,5 +182,5 @@ def test_no_address_changes_once_the_pair_is_made(netns_pair: NetnsPair) -> None
     time.sleep(3)  # duplicate address detection takes one second, after the carrier is up
     for monitor in monitors:
         monitor.terminate()
-        changes, _ = monitor.communicate(timeout=5)
-        assert changes == "", changes
+    changes = [monitor.communicate(timeout=5)[0] for monitor in monitors]
+    assert changes == ["", ""], changes

@@ -143,7 +143,8 @@ class NetnsPair:
             # IPv4 only. An IPv6 link-local address would become valid a second or two after
             # the link is up (duplicate address detection), and Chromium aborts a page load
             # in progress when an address changes (net::ERR_NETWORK_CHANGED).
-            _ip_ok("netns", "exec", ns, "sh", "-c", _NO_IPV6)
+            if _ip("netns", "exec", ns, "sh", "-c", _NO_IPV6).returncode != 0:
+                raise NetnsUnavailable("cannot turn IPv6 off in a namespace (/proc/sys read-only)")
             _ip_ok("-n", ns, "link", "set", "lo", "up")
             _ip_ok("-n", ns, "addr", "add", f"{address}/{prefix}", "dev", ifname)
             _ip_ok("-n", ns, "link", "set", ifname, "up")
