@@ -101,7 +101,6 @@ class DirectTrack:
         #: Called once if sending fails for good: the owner ends the session (a viewer's
         #: player then sees it end and can reconnect, instead of a frozen picture).
         self.on_failed: Callable[[], None] | None = None
-        self._failed = False
         transceiver.sender.replaceTrack(SilentTrack("video" if video else "audio"))
 
     @property
@@ -182,17 +181,12 @@ class DirectTrack:
 
     def _fail(self) -> None:
         """Sending failed for good (called in an ``except`` block: the error is logged with
-        it). This track sends nothing more, and its owner is told, once."""
+        it). This track closes, and its owner is told, once."""
         log.error("webrtc_send_failed", camera=self._hub.camera_id, exc_info=True)
-        self._hub.unsubscribe(self._consumer)
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
-        if not self._failed:
-            self._failed = True
-            if self.on_failed is not None:
-                self.on_failed()
+        self.close()
+        on_failed, self.on_failed = self.on_failed, None
+        if on_failed is not None:
+            on_failed()
 
     def _payloads(self, packet: MediaPacket) -> tuple[Payload, ...] | None:
         """The frame's payloads, or None (skipping to a keyframe, nothing to send)."""
