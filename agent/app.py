@@ -478,6 +478,12 @@ async def run(config: Config, *, quick_start: bool) -> int:
         asyncio.get_running_loop().set_exception_handler(_quiet_handshakes)
     cameras = Cameras(config.cameras, config.media)
     state = await asyncio.to_thread(open_state, config, lambda: cameras.ids)
+    # From here a SIGINT/SIGTERM stops cleanly, also while starting: the HTTP listener
+    # answers (systemd or a test may see /healthz) before start() has returned.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         daemon = Daemon(config, state, cameras, relay_token, certificate)
         if quick_start and config.cameras:
@@ -501,10 +507,6 @@ async def run(config: Config, *, quick_start: bool) -> int:
                  open_files_limit=open_files,
                  cameras=config.camera_ids, config=config.origin,
                  relay=config.relay.url or "not configured")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         reloading: set[asyncio.Task[None]] = set()
 
         def on_hup() -> None:
@@ -523,7 +525,7 @@ async def run(config: Config, *, quick_start: bool) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await daemon.stop()
-    finally:
+    finally:  # (a start that failed leaves the handlers to the loop's close)
         state.close()
     log.info("agent_stopped")
     return 0

@@ -91,6 +91,19 @@ def test_quick_start_run_serves_health_and_stops_cleanly(tmp_path: Path) -> None
     assert again.stop() == 0
 
 
+def test_a_stop_while_starting_is_clean(tmp_path: Path) -> None:
+    """systemd may stop the agent while it is still starting (its HTTP listener answers
+    before the start is over): SIGTERM right after the quick-start token is printed, before
+    the listeners are up, ends it as cleanly as later (it used to kill it: exit -15)."""
+    daemon = Daemon(tmp_path)
+    daemon.read_token()
+    assert daemon.stop() == 0
+    log = daemon.log.read_text()
+    events = [json.loads(line)["event"] for line in log.splitlines()]
+    assert events[-2:] == ["agent_stopping", "agent_stopped"]
+    assert "Traceback" not in log
+
+
 def test_with_a_config_file_no_token_is_created(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text("cameras:\n  - {id: door, source: 'rtsp://10.0.0.1/s'}\n")
