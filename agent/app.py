@@ -26,6 +26,7 @@ from agent.access.service import AccessService
 from agent.access.sessions import SessionLimits
 from agent.access.store import NewToken, TokenStore
 from agent.access.tokens import Kind
+from agent.beat import until_beat
 from agent.config import Config, check_secret_files, load, publisher_token
 from agent.discovery.adopted import AdoptedCamera, held_move_text
 from agent.discovery.keyframes import CameraKeyframes
@@ -214,7 +215,7 @@ class Daemon:
         path, opened = self._db.path, self._db.identity
         said = 0.0
         while True:
-            await asyncio.sleep(DB_CHECK_INTERVAL)
+            await asyncio.sleep(until_beat(DB_CHECK_INTERVAL))
             problem = await asyncio.to_thread(file_problem, path, opened)
             if problem != self.db_problem or (problem and time.monotonic() - said > DB_NAG):
                 if problem:

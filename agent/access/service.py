@@ -47,6 +47,7 @@ from agent.access.sessions import (
     SessionRegistry,
 )
 from agent.access.store import TokenStore
+from agent.beat import until_beat
 from agent.state.changes import StoreChanges
 from agent.stopping import cancel_and_wait
 
@@ -380,7 +381,7 @@ class AccessService:
         wait = FULL_POLL
         if len(self.sessions):
             now = self._clock()
-            wait = SWEEP_EVERY
+            wait = until_beat(SWEEP_EVERY)  # with the other periodic work: one wake-up
             for session in self.sessions:
                 record = self._tokens.get(session.token_id)
                 for deadline in (record.expires_at, record.revoked_at) if record else ():

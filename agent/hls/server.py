@@ -31,6 +31,7 @@ from agent.access.model import Protocol
 from agent.access.policy import Reason
 from agent.access.service import AccessService
 from agent.access.sessions import Refusal, SessionLimitReached
+from agent.beat import until_beat
 from agent.config import HlsSection
 from agent.hls.muxer import HlsMuxer
 from agent.http.auth import camera_access, denial, error, peer_ip
@@ -361,7 +362,7 @@ class HlsServer:
             if not self._sessions and not self._muxers:  # idle: no timer until a muxer starts
                 self._busy.clear()
                 await self._busy.wait()
-            await asyncio.sleep(HOUSEKEEPING)
+            await asyncio.sleep(until_beat(HOUSEKEEPING))
             now = time.monotonic()
             for session in list(self._sessions.values()):
                 if session.blocking == 0 and now - session.last_seen > \

@@ -8,7 +8,6 @@ agent serves (``SESSION_PROTOCOLS``); state series list every state, 0 for the o
 from __future__ import annotations
 
 import asyncio
-import time
 import typing
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -17,6 +16,7 @@ from aiohttp import web
 
 from agent.access.model import SESSION_PROTOCOLS, Action
 from agent.access.service import AccessService
+from agent.beat import until_beat
 from agent.http.auth import denial, header_token, peer_ip
 from agent.media.cameras import Cameras
 from agent.media.hub import CameraState
@@ -38,10 +38,12 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
-            before = time.monotonic()
-            await asyncio.sleep(self.interval)
-            self.last = max(0.0, time.monotonic() - before - self.interval)
+            wait = until_beat(self.interval)  # with the other periodic work: one wake-up
+            due = loop.time() + wait
+            await asyncio.sleep(wait)
+            self.last = max(0.0, loop.time() - due)
             self.worst = max(self.worst, self.last)
 
     def stop(self) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import structlog
 
+from agent.beat import next_beat
 from agent.errors import AgentError, SourceError
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import VIDEO_CLOCK, Consumer
@@ -590,7 +591,7 @@ class _LoopStream:
             self._read()
             if self._done:
                 return
-        self._next = self._loop.time() + (1.0 if live else BATCH_INTERVAL)
+        self._next = next_beat(self._loop.time(), 1.0 if live else BATCH_INTERVAL)
         self.follow(self._reads.ticking)
         self._reads.changed()
 
@@ -642,7 +643,7 @@ class _LoopStream:
         if self._source.silent_for() > self._hub._camera_timeout:
             self.finish(rtsp_login.TIMEOUT)
         else:
-            self._next = now + (1.0 if self.live else BATCH_INTERVAL)
+            self._next = next_beat(now, 1.0 if self.live else BATCH_INTERVAL)
 
     def finish(self, reason: str | None = None) -> None:
         """End it (a failure's reason, or None when the hub stops): the pull thread closes

@@ -27,6 +27,7 @@ from agent.access.policy import Decision, Reason
 from agent.access.service import AccessService
 from agent.access.sessions import Refusal, SessionLimitReached
 from agent.access.sessions import Session as AccessSession
+from agent.beat import until_beat
 from agent.config import RtspSection
 from agent.media.cameras import Camera, Cameras
 from agent.rtsp import sdp
@@ -265,7 +266,7 @@ class RtspServer:
             if not self._connections:
                 self._connected.clear()
                 await self._connected.wait()
-            await asyncio.sleep(HOUSEKEEPING)
+            await asyncio.sleep(until_beat(HOUSEKEEPING))
             now = time.monotonic()
             head_timeout = min(HEAD_TIMEOUT, self._section.session_timeout)
             for conn in list(self._connections):

@@ -29,6 +29,7 @@ from aiortc.rtp import (
 )
 from aiortc.sdp import SessionDescription
 
+from agent.beat import until_beat
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import Consumer, ConsumerClosed
 from agent.media.hub import CameraHub
@@ -258,7 +259,7 @@ class DirectTrack:
 
     async def _reports(self, dtls: RTCDtlsTransport) -> None:
         while True:
-            await asyncio.sleep(REPORT_INTERVAL)
+            await asyncio.sleep(until_beat(REPORT_INTERVAL))  # every viewer's at once
             if self.stream is None or dtls.state != "connected":
                 continue
             try:

@@ -13,9 +13,11 @@ internals are used, and two of pylibsrtp's (its SRTP), each through one function
   ``protocol.transport`` is the UDP socket ICE chose and ``remote_addr`` the peer; aioice
   replaces it when the peer nominates another pair, so the send path looks at it once per
   frame (``SelectedPair``);
-- ``RTCRtpSender._handle_rtcp_packet`` and ``RTCRtpSender._send_rtcp``: replaced on the one
-  sender instance so that RTCP for the media (reports, NACK, PLI) comes to the agent and
-  aiortc's own sender reports (whose counters would be zero) are not sent;
+- ``RTCRtpSender._handle_rtcp_packet``, ``RTCRtpSender._send_rtcp`` and
+  ``RTCRtpSender._run_rtcp``: replaced on the one sender instance so that RTCP for the media
+  (reports, NACK, PLI) comes to the agent, and aiortc's own report loop (which would wake the
+  process about once a second per viewer to build reports with zero counters) ends as soon
+  as it has started, the way ``stop()`` ends it;
 - ``aiortc.codecs.CODECS`` and ``RTCRtpTransceiver._codecs``: aiortc 1.x knows no H.265, so
   an ``H265/90000`` entry is added to its codec table (so that an offer's H265 formats are
   kept and can be preferred) and the video transceiver's negotiated codecs are set to the
@@ -29,6 +31,7 @@ versions are pinned in constraints.txt.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import socket
@@ -127,8 +130,8 @@ def ice_send(dtls: RTCDtlsTransport) -> Callable[[bytes], Awaitable[None]]:
 def take_over_rtcp(sender: RTCRtpSender,
                    handler: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     """RTCP packets aiortc routes to ``sender`` go to ``handler``; aiortc's own reports for
-    it (SR, SDES, BYE) are not sent."""
-    for name in ("_handle_rtcp_packet", "_send_rtcp"):
+    it (SR, SDES, BYE) are neither made nor sent. Before the sender starts (before DTLS)."""
+    for name in ("_handle_rtcp_packet", "_send_rtcp", "_run_rtcp"):
         if not callable(getattr(sender, name, None)):
             raise _missing("RTCRtpSender", name)
     sender._handle_rtcp_packet = handler  # type: ignore[method-assign,assignment]
@@ -137,6 +140,18 @@ def take_over_rtcp(sender: RTCRtpSender,
         return None
 
     sender._send_rtcp = silent  # type: ignore[method-assign]
+    report_loop = sender._run_rtcp
+
+    async def no_report_loop() -> None:
+        # aiortc's loop marks itself started (its stop() waits for that), sleeps, and on
+        # cancellation sends a BYE (to ``silent``) and marks itself ended: cancelled at its
+        # first sleep, exactly as stop() would cancel it later.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_soon(task.cancel)
+        await report_loop()
+
+    sender._run_rtcp = no_report_loop  # type: ignore[method-assign]
 
 
 H265_MIME = "video/H265"
@@ -210,9 +225,15 @@ def check() -> None:
         raise _missing("aioice.Connection", "check_complete replacing _nominated[component]")
     if "self.transport" not in inspect.getsource(aioice.ice.StunProtocol):
         raise _missing("aioice.StunProtocol", "transport")
-    for name in ("_handle_rtcp_packet", "_send_rtcp"):
+    for name in ("_handle_rtcp_packet", "_send_rtcp", "_run_rtcp"):
         if not callable(getattr(RTCRtpSender, name, None)):
             raise _missing("RTCRtpSender", name)
+    send = inspect.getsource(RTCRtpSender.send)
+    if "self._run_rtcp()" not in send:
+        raise _missing("RTCRtpSender", "send() starting self._run_rtcp()")
+    report_loop = inspect.getsource(RTCRtpSender._run_rtcp)
+    if "except asyncio.CancelledError" not in report_loop or "exited.set()" not in report_loop:
+        raise _missing("RTCRtpSender", "_run_rtcp ending on cancellation")
     if not isinstance(getattr(aiortc.codecs, "CODECS", None), dict):
         raise _missing("aiortc.codecs", "CODECS")
     if "self._codecs" not in inspect.getsource(RTCRtpTransceiver.__init__):

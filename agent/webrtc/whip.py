@@ -22,6 +22,7 @@ from aiortc import (
 )
 
 from agent import __version__
+from agent.beat import until_beat
 from agent.media.hub import CameraHub
 from agent.webrtc.direct import DirectTrack, add_direct_tracks
 from agent.webrtc.tracks import HubTrack, add_camera_tracks
@@ -137,7 +138,7 @@ class WhipPublisher:
         loop = asyncio.get_running_loop()
         last_count, last_at, longest = -1, loop.time(), 0.0
         while not self.failed.is_set():
-            await asyncio.sleep(WATCH_EVERY)
+            await asyncio.sleep(until_beat(WATCH_EVERY))
             count = sum(getattr(s, "packetsReceived", 0) or 0
                         for s in (await pc.getStats()).values() if s.type == "transport")
             now = loop.time()

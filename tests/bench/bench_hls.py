@@ -42,8 +42,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-from tests.bench.bench_media import measure, rss_mb, summary
+from tests.bench.bench_media import measure, memory, summary
 from tests.bench.clip import FPS, clip_camera, make_clip
+from tests.bench.installed import measure_as_installed
 from tests.support.agent import AgentProcess
 
 PART = 0.5
@@ -205,7 +206,7 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None) -> None
             print(f"camera: pre-encoded 1920x1080@30 4 Mbit/s clip, GOP 2 s; parts {PART} s; "
                   f"{windows} windows of {window:g} s; agent CPU in % of one core")
             loads = {0: [measure(pid, window) for _ in range(windows)]}
-            print(f"pull only          : {summary(loads[0])}   RSS {rss_mb(pid):5.1f} MB",
+            print(f"pull only          : {summary(loads[0])}   {memory(pid)}",
                   flush=True)
             viewers = Viewers(agent.base, token)
             count, first, last = 0, [], []
@@ -224,7 +225,7 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None) -> None
                         last += v["latency_last"]
                 bad = gaps > 0 or slowest < 1 / PART * 0.9
                 print(f"{n:2d} HLS viewer{'s' if n > 1 else ' '}    : {summary(loads[n])}   "
-                      f"RSS {rss_mb(pid):5.1f} MB   slowest viewer {slowest:4.2f} parts/s, "
+                      f"{memory(pid)}   slowest viewer {slowest:4.2f} parts/s, "
                       f"{gaps} gaps{'  INVALID' if bad else ''}", flush=True)
             medians = {n: statistics.median(v) for n, v in loads.items()}
             print(f"HLS muxing (1 viewer over the pull, medians): "
@@ -316,7 +317,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "viewers-process":
         asyncio.run(viewers_main(args.base, args.token))
-    elif args.what == "cpu":
+        return
+    measure_as_installed()
+    if args.what == "cpu":
         bench_cpu(args.window, args.windows, args.viewers, args.clip)
     else:
         bench_mux(args.clip)

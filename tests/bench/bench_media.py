@@ -15,6 +15,9 @@ replaced by a per-viewer counter); each viewer's frame rate is printed for every
 step where one falls below the camera's rate is marked INVALID.
 Goals (issue 14): pull <= 1.0 %, first viewer <= +1.0 %, each extra viewer <= +0.4 %.
 
+Every mode runs the agent as an installer has it (build/bench-venv, no test tools) and
+lets the harness use every core (tests/bench/installed.py).
+
 first-frame: the same clip (GOP 2 s); POST sent -> first decoded frame at an aiortc viewer;
 20 trials at random points in the GOP, with the GOP cache and without. The process's first
 viewer, which also loads the WebRTC stack, is reported apart. Goal with the cache (issue 14):
@@ -36,6 +39,7 @@ import time
 from pathlib import Path
 
 from tests.bench.clip import FPS, clip_camera, clip_cameras
+from tests.bench.installed import measure_as_installed
 from tests.conftest import write_secret
 from tests.support.agent import AgentProcess, WhepViewer
 from tests.support.camera import RtspCamera
@@ -126,11 +130,15 @@ class Viewers:
         self.proc.wait(timeout=10)
 
 
-def rss_mb(pid: int) -> float:
+def memory(pid: int) -> str:
+    """RSS, and the anonymous part of it (the process's own heap). The rest, pages of shared
+    libraries, varies by several MB with what the page cache holds (docs/field-notes.md)."""
+    kb = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "RssAnon"):
+            kb[name] = int(value.split()[0])
+    return f"RSS {kb['VmRSS'] / 1024:5.1f} MB (anon {kb['RssAnon'] / 1024:4.1f})"
 
 
 def summary(values: list[float]) -> str:
@@ -159,7 +167,7 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None,
             print(f"camera: pre-encoded 1920x1080@30 4 Mbit/s clip; {windows} windows of "
                   f"{window:g} s each; agent CPU in % of one core; send path {send_path}")
             loads = {0: [measure(pid, window) for _ in range(windows)]}
-            print(f"pull only       : {summary(loads[0])}   RSS {rss_mb(pid):5.1f} MB",
+            print(f"pull only       : {summary(loads[0])}   {memory(pid)}",
                   flush=True)
             viewers = Viewers(agent.base, token)
             invalid = False
@@ -181,7 +189,7 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None,
                                                   "webrtc_pair_switched"):
                             print(f"    agent: {event}", flush=True)
                 print(f"{n:2d} viewer{'s' if n > 1 else ' '}     : {summary(loads[n])}   "
-                      f"RSS {rss_mb(pid):5.1f} MB   slowest viewer {slowest:4.1f} fps"
+                      f"{memory(pid)}   slowest viewer {slowest:4.1f} fps"
                       f"{'  INVALID: a viewer fell behind the camera' if bad else ''}",
                       flush=True)
             medians = {n: statistics.median(v) for n, v in loads.items()}
@@ -213,7 +221,7 @@ def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None,
             time.sleep(5)  # connected, warm
             pid = agent.proc.pid
             pulls = [measure(pid, window) for _ in range(windows)]
-            print(f"{cameras} cameras, pull only : {summary(pulls)}   RSS {rss_mb(pid):5.1f} MB",
+            print(f"{cameras} cameras, pull only : {summary(pulls)}   {memory(pid)}",
                   flush=True)
             viewers = Viewers(agent.base, token)
             for camera_id in ids:
@@ -223,7 +231,7 @@ def bench_cameras(window: float, windows: int, cameras: int, clip: Path | None,
                 load, fps = viewers.window(pid, window)
                 loads.append(load)
                 slowest = min(slowest, *fps)
-            print(f"{cameras} cameras x 1 viewer: {summary(loads)}   RSS {rss_mb(pid):5.1f} MB   "
+            print(f"{cameras} cameras x 1 viewer: {summary(loads)}   {memory(pid)}   "
                   f"slowest viewer {slowest:4.1f} fps"
                   f"{'  INVALID: a viewer fell behind the camera' if slowest < FPS - 1 else ''}")
         finally:
@@ -324,7 +332,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "viewers-process":
         asyncio.run(viewers_main(args.base, args.token))
-    elif args.what == "cpu":
+        return
+    measure_as_installed()
+    if args.what == "cpu":
         bench_cpu(args.window, args.windows, args.viewers, args.clip, args.send_path)
     elif args.what == "cameras":
         bench_cameras(args.window, args.windows, args.cameras, args.clip, args.send_path)

@@ -52,6 +52,10 @@ class AgentProcess:
     ``await agent.token(…)``, ``await agent.stop()``. Synchronous tests and fixtures (no
     loop running) wrap the same coroutines in ``asyncio.run``."""
 
+    #: The interpreter the daemon and its CLI run under: the tests' own; benchmarks set an
+    #: installer's venv (tests/bench/installed.py).
+    python = sys.executable
+
     def __init__(self, tmp: Path, cameras: list[dict[str, Any]],
                  tls: dict[str, Any] | None = None, **sections: Any) -> None:
         """Spawn the daemon; it is usable after ``await healthy()`` (``start`` does both).
@@ -83,7 +87,7 @@ class AgentProcess:
         self.log_path = tmp / f"agent-{self.port}.log"
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "run"], env=self.env, stdout=self._log,
+            [self.python, "-m", "agent", "run"], env=self.env, stdout=self._log,
             stderr=subprocess.STDOUT,
             preexec_fn=_limit_open_files(nofile) if nofile else None)  # noqa: PLW1509
 
@@ -111,7 +115,7 @@ class AgentProcess:
         raise AssertionError("the agent never became healthy")
 
     async def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        done = await run_async([sys.executable, "-m", "agent", *args], env=self.env,
+        done = await run_async([self.python, "-m", "agent", *args], env=self.env,
                                stdin=stdin, timeout=60)
         remember(done.stdout)
         return done

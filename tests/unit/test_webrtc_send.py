@@ -433,6 +433,19 @@ def encoded(count: int) -> list[MediaPacket]:
             for n, d in enumerate(data)]
 
 
+def camera_with_gop(gop: list[MediaPacket]) -> CameraHub:
+    """A camera whose packets the test delivers itself (no pull thread), ``gop`` cached."""
+    hub = CameraHub("cam", lambda: None,  # type: ignore[arg-type, return-value]
+                    idle_grace=60, always_on=False, gop_cache=True, queue_packets=100,
+                    reconnect_max=1)
+    hub._pulling = True
+    hub._epoch = 1
+    hub.info = StreamInfo("h264", 64, 64, 30.0, b"")
+    for packet in gop:  # the cached GOP every viewer starts with
+        hub._deliver(1, packet)
+    return hub
+
+
 async def packets_received(viewer: RTCPeerConnection) -> int:
     stats = await viewer.getStats()
     return sum(s.packetsReceived for s in stats.values() if s.type == "inbound-rtp")
@@ -446,15 +459,8 @@ async def test_a_viewer_whose_send_fails_stops_alone(
     (live frames). That viewer's session ends, logged, with no exception left on the loop; the
     other one keeps getting every live frame."""
     install_host_addresses(["127.0.0.1"])
-    hub = CameraHub("cam", lambda: None,  # type: ignore[arg-type, return-value]
-                    idle_grace=60, always_on=False, gop_cache=True, queue_packets=100,
-                    reconnect_max=1)
-    hub._pulling = True  # the test delivers the camera's packets (no pull thread)
-    hub._epoch = 1
-    hub.info = StreamInfo("h264", 64, 64, 30.0, b"")
     frames = encoded(13)
-    for packet in frames[:3]:  # the cached GOP every viewer starts with
-        hub._deliver(1, packet)
+    hub = camera_with_gop(frames[:3])
 
     failing = False
     doomed: list[DirectTrack] = []
@@ -516,3 +522,51 @@ async def test_a_viewer_whose_send_fails_stops_alone(
             await session.close()
         for viewer in viewers:
             await viewer.close()
+
+
+def report_loops() -> list[asyncio.Task[Any]]:
+    """aiortc's RTCP loops of senders still running (and the agent's replacement of it)."""
+    return [t for t in asyncio.all_tasks()
+            if getattr(t.get_coro(), "__qualname__", "").endswith(
+                ("RTCRtpSender._run_rtcp", "no_report_loop"))]
+
+
+async def test_aiortc_s_report_loop_ends_once_started_and_the_session_still_closes(
+        restored_lookup: None) -> None:
+    """aiortc's sender would wake the agent about once a second per viewer to build reports
+    the agent never sends (it sends its own): that loop ends as soon as it has started, and
+    closing the session, whose sender.stop() waits for that loop, still completes."""
+    install_host_addresses(["127.0.0.1"])
+    hub = camera_with_gop(encoded(3))
+    viewer = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    viewer.addTransceiver("video", direction="recvonly")
+    await viewer.setLocalDescription(await viewer.createOffer())
+    session, _ = await ViewerSession.answer(
+        "cam", hub, viewer.localDescription.sdp, RTCConfiguration(iceServers=[]), direct=True)
+    try:
+        await viewer.setRemoteDescription(
+            RTCSessionDescription(session.pc.localDescription.sdp, "answer"))
+        track = session.tracks[0]
+        assert isinstance(track, DirectTrack)
+        await wait_until(lambda: track.stream is not None and track.stream.packets > 0)
+        sender = track.transceiver.sender
+        await wait_until(lambda: sender._RTCRtpSender__started)  # type: ignore[attr-defined]
+        await asyncio.sleep(0.05)
+        assert report_loops() == []
+        async with asyncio.timeout(5):
+            await session.close()
+    finally:
+        await session.close()
+        await viewer.close()
+
+
+def test_the_internals_check_names_a_report_loop_that_would_not_end_when_cancelled(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiortc import RTCRtpSender
+
+    async def _run_rtcp(self: Any) -> None:  # a release that lets the cancellation through
+        await asyncio.sleep(1)
+
+    monkeypatch.setattr(RTCRtpSender, "_run_rtcp", _run_rtcp)
+    with pytest.raises(internals.InternalsChanged, match=r"_run_rtcp ending on cancellation"):
+        internals.check()
