@@ -14,6 +14,8 @@ loop) and do not decode (their RTP, SRTP, DTLS and ICE are real; only the H.264 
 replaced by a per-viewer counter); each viewer's frame rate is printed for every step, and a
 step where one falls below the camera's rate is marked INVALID.
 Goals (issue 14): pull <= 1.0 %, first viewer <= +1.0 %, each extra viewer <= +0.4 %.
+First, the floor (tests/bench/floor.py): a bare asyncio process doing the same per-frame
+I/O as the agent with one viewer and nothing else, on the same machine in the same run.
 
 Every mode runs the agent as an installer has it (build/bench-venv, no test tools) and
 lets the harness use every core (tests/bench/installed.py).
@@ -38,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.bench import floor
 from tests.bench.clip import FPS, clip_camera, clip_cameras
 from tests.bench.installed import measure_as_installed
 from tests.conftest import write_secret
@@ -154,6 +157,7 @@ def bench_cpu(window: float, windows: int, most: int, clip: Path | None,
               send_path: str = "agent") -> None:
     """Agent CPU with the pull alone, then 1..5 viewers (and ``most`` if more than 5)."""
     steps = [*range(1, 6), *([most] if most > 5 else [])]
+    floor.report(window, windows, cpu_seconds)  # this machine's speed, today
     with tempfile.TemporaryDirectory() as tmp, \
             clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
         agent = asyncio.run(AgentProcess.start(Path(tmp), [{"id": "cam", "source": camera_url,
