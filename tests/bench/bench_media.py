@@ -4,6 +4,7 @@
     .venv/bin/python -m tests.bench.bench_media cameras [--cameras 8]  # N cameras x 1 viewer
     .venv/bin/python -m tests.bench.bench_media first-frame   # WHEP time to first frame
     .venv/bin/python -m tests.bench.bench_media relay         # CPU: relay publish + 2 viewers
+    .venv/bin/python -m tests.bench.bench_media compare --against REV [--viewers 1]
 
 cpu: a pre-encoded 1920x1080@30 4 Mbit/s clip (GOP 2 s, no B-frames) served by GStreamer
 without re-encoding (tests/bench/clip.py); the agent's own CPU (utime+stime from
@@ -19,6 +20,12 @@ I/O as the agent with one viewer and nothing else, on the same machine in the sa
 
 Every mode runs the agent as an installer has it (build/bench-venv, no test tools) and
 lets the harness use every core (tests/bench/installed.py).
+
+compare: this checkout's agent against the one of git revision ``--against`` (a worktree in
+build/compare/), in turns within one run, each with a fresh camera, the order swapped every
+round: the pull, then ``--viewers`` viewers, ``--windows`` windows of ``--window`` s each.
+This shared VM's speed drifts within an hour by more than most changes do, so a change is
+judged this way, not by figures from two runs (docs/field-notes.md).
 
 first-frame: the same clip (GOP 2 s); POST sent -> first decoded frame at an aiortc viewer;
 20 trials at random points in the GOP, with the GOP cache and without. The process's first
@@ -255,6 +262,77 @@ async def first_frame(base: str, token: str) -> float:
     return elapsed * 1000
 
 
+def worktree(rev: str) -> Path:
+    """A checkout of git revision ``rev`` in build/compare/ (made once per commit)."""
+    root = Path(__file__).resolve().parents[2]
+    sha = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    path = root / "build" / "compare" / sha[:12]
+    if not (path / "agent").is_dir():
+        subprocess.run(["git", "worktree", "add", "--detach", str(path), sha], cwd=root,
+                       capture_output=True, check=True)
+    return path
+
+
+def compare_once(cwd: Path, viewers: int, window: float, windows: int,
+                 clip: Path) -> tuple[list[float], list[float], float]:
+    """One agent (the package in ``cwd``) with a fresh camera: its CPU pulled, then with
+    ``viewers`` viewers; and the slowest viewer's fps."""
+    AgentProcess.cwd = cwd
+    with tempfile.TemporaryDirectory() as tmp, clip_camera(clip) as camera_url:
+        agent = asyncio.run(AgentProcess.start(
+            Path(tmp), [{"id": "cam", "source": camera_url, "always_on": True}],
+            webrtc=webrtc_section("agent")))
+        watching: Viewers | None = None
+        try:
+            _, token = asyncio.run(agent.token("--camera", "cam"))
+            time.sleep(3)
+            pid = agent.proc.pid
+            pulled = [measure(pid, window) for _ in range(windows)]
+            watching = Viewers(agent.base, token)
+            for _ in range(viewers):
+                watching.add()
+            time.sleep(3)  # the replayed GOPs played
+            watched, slowest = [], FPS * 2.0
+            for _ in range(windows):
+                load, fps = watching.window(pid, window)
+                watched.append(load)
+                slowest = min(slowest, *fps)
+            return pulled, watched, slowest
+        finally:
+            if watching is not None:
+                watching.stop()
+            asyncio.run(agent.stop())
+
+
+def bench_compare(rev: str, viewers: int, rounds: int, window: float, windows: int,
+                  clip: Path | None) -> None:
+    """This checkout's agent against revision ``rev``'s, in turns, the order swapped each
+    round so that the machine's drift weighs on both alike."""
+    sides = {"this checkout": Path(__file__).resolve().parents[2], rev: worktree(rev)}
+    pulls: dict[str, list[float]] = {name: [] for name in sides}
+    added: dict[str, list[float]] = {name: [] for name in sides}
+    print(f"{rounds} rounds; each: a fresh camera, the pull, then {viewers} viewer(s); "
+          f"{windows} windows of {window:g} s; agent CPU in % of one core")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = clip or Path(tmp) / "clip.mp4"
+        for index in range(rounds):
+            for name in (list(sides) if index % 2 == 0 else list(sides)[::-1]):
+                pulled, watched, slowest = compare_once(sides[name], viewers, window,
+                                                        windows, clip)
+                pull = statistics.median(pulled)
+                pulls[name] += pulled
+                added[name] += [load - pull for load in watched]
+                print(f"round {index + 1}, {name:>14s}: pull {pull:5.2f}, with viewers "
+                      f"{' '.join(f'{w:5.2f}' for w in watched)}; slowest viewer "
+                      f"{slowest:4.1f} fps{'  INVALID' if slowest < FPS * 0.97 else ''}",
+                      flush=True)
+    for name in sides:
+        print(f"{name:>14s}: pull {summary(pulls[name])}; viewers over the pull "
+              f"{summary(added[name])}")
+    AgentProcess.cwd = None
+
+
 def bench_first_frame(trials: int, clip: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp, \
             clip_camera(clip or Path(tmp) / "clip.mp4") as camera_url:
@@ -320,8 +398,11 @@ def main() -> None:
     # the agent as it runs in production.
     os.environ.pop("PYTHONASYNCIODEBUG", None)
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["cpu", "cameras", "first-frame", "relay",
+    parser.add_argument("what", choices=["cpu", "cameras", "first-frame", "relay", "compare",
                                          "viewers-process"])
+    parser.add_argument("--against", default="HEAD",
+                        help="compare: the git revision to measure this checkout against")
+    parser.add_argument("--rounds", type=int, default=3, help="compare: rounds")
     parser.add_argument("--cameras", type=int, default=8, help="cameras: how many")
     parser.add_argument("--send-path", choices=["agent", "aiortc"], default="agent",
                         help="webrtc.send_path of the measured agent")
@@ -344,6 +425,9 @@ def main() -> None:
         bench_cameras(args.window, args.windows, args.cameras, args.clip, args.send_path)
     elif args.what == "relay":
         bench_relay(args.window)
+    elif args.what == "compare":
+        bench_compare(args.against, args.viewers, args.rounds, args.window, args.windows,
+                      args.clip)
     else:
         bench_first_frame(args.trials, args.clip)
 

@@ -55,6 +55,9 @@ class AgentProcess:
     #: The interpreter the daemon and its CLI run under: the tests' own; benchmarks set an
     #: installer's venv (tests/bench/installed.py).
     python = sys.executable
+    #: Where they run: ``python -m agent`` takes the agent package from there (a benchmark
+    #: comparing another revision sets its worktree).
+    cwd: Path | None = None
 
     def __init__(self, tmp: Path, cameras: list[dict[str, Any]],
                  tls: dict[str, Any] | None = None, **sections: Any) -> None:
@@ -88,7 +91,7 @@ class AgentProcess:
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
             [self.python, "-m", "agent", "run"], env=self.env, stdout=self._log,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT, cwd=self.cwd,
             preexec_fn=_limit_open_files(nofile) if nofile else None)  # noqa: PLW1509
 
     @classmethod
@@ -116,7 +119,7 @@ class AgentProcess:
 
     async def cli(self, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         done = await run_async([self.python, "-m", "agent", *args], env=self.env,
-                               stdin=stdin, timeout=60)
+                               stdin=stdin, timeout=60, cwd=self.cwd)
         remember(done.stdout)
         return done
 
@@ -159,11 +162,11 @@ class AgentProcess:
 
 
 async def run_async(argv: list[str], *, env: dict[str, str] | None = None,
-                    stdin: str | None = None, timeout: float = 60,
+                    stdin: str | None = None, timeout: float = 60, cwd: Path | None = None,
                     ) -> subprocess.CompletedProcess[str]:
     """``subprocess.run(argv, capture_output=True, text=True)`` without blocking the loop."""
     proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
+        *argv, env=env, cwd=cwd, stdin=asyncio.subprocess.PIPE if stdin is not None else None,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(
