@@ -59,8 +59,9 @@ REFRESH_GAP = 0.05
 #: A run of passes for writes alone (no request waiting) comes at most this often: under
 #: load the agent's own audit commits write the store thousands of times a second.
 WRITE_GAP = 0.2
-#: While sessions are live, the watcher sweeps at least this often even with no deadline
-#: due (a wall-clock step moves expiries against the event loop's clock).
+#: While sessions are live, the watcher sweeps on this beat even with no deadline due (a
+#: wall-clock step moves expiries against the event loop's clock): every 1 s, the first
+#: sweep after a pass up to 1.1 s later (agent/beat.py).
 SWEEP_EVERY = 1.0
 #: The longest a failed well-formed token waits for the watcher's next look at the store.
 LOOK_WAIT = 2.0

@@ -643,7 +643,9 @@ class _LoopStream:
         if self._source.silent_for() > self._hub._camera_timeout:
             self.finish(rtsp_login.TIMEOUT)
         else:
-            self._next = next_beat(now, 1.0 if self.live else BATCH_INTERVAL)
+            # the beat after the one due: a check run a little early (on_timer) must not
+            # leave the same beat due again
+            self._next = next_beat(max(now, self._next), 1.0 if self.live else BATCH_INTERVAL)
 
     def finish(self, reason: str | None = None) -> None:
         """End it (a failure's reason, or None when the hub stops): the pull thread closes

@@ -130,7 +130,8 @@ def ice_send(dtls: RTCDtlsTransport) -> Callable[[bytes], Awaitable[None]]:
 def take_over_rtcp(sender: RTCRtpSender,
                    handler: Callable[[Any], Coroutine[Any, Any, None]]) -> None:
     """RTCP packets aiortc routes to ``sender`` go to ``handler``; aiortc's own reports for
-    it (SR, SDES, BYE) are neither made nor sent. Before the sender starts (before DTLS)."""
+    it (SR, SDES) are not made, and none (BYE included) is sent. Called before the sender
+    starts (it does once DTLS is connected); later, aiortc's report loop would run on."""
     for name in ("_handle_rtcp_packet", "_send_rtcp", "_run_rtcp"):
         if not callable(getattr(sender, name, None)):
             raise _missing("RTCRtpSender", name)
@@ -234,6 +235,9 @@ def check() -> None:
     report_loop = inspect.getsource(RTCRtpSender._run_rtcp)
     if "except asyncio.CancelledError" not in report_loop or "exited.set()" not in report_loop:
         raise _missing("RTCRtpSender", "_run_rtcp ending on cancellation")
+    # cancelled at its first await: it must have marked itself started before (stop() waits)
+    if not 0 <= report_loop.find("started.set()") < report_loop.find("await "):
+        raise _missing("RTCRtpSender", "_run_rtcp marking itself started before it awaits")
     if not isinstance(getattr(aiortc.codecs, "CODECS", None), dict):
         raise _missing("aiortc.codecs", "CODECS")
     if "self._codecs" not in inspect.getsource(RTCRtpTransceiver.__init__):

@@ -308,7 +308,10 @@ def compare_once(cwd: Path, viewers: int, window: float, windows: int,
 def bench_compare(rev: str, viewers: int, rounds: int, window: float, windows: int,
                   clip: Path | None) -> None:
     """This checkout's agent against revision ``rev``'s, in turns, the order swapped each
-    round so that the machine's drift weighs on both alike."""
+    round so that the machine's drift weighs on both alike. ``python -m agent`` run in the
+    worktree takes its ``agent`` package from there; a module the revision lacks would come
+    from the venv's editable install of this checkout, which only code importing a module
+    it does not have (never the revision's own) could reach."""
     sides = {"this checkout": Path(__file__).resolve().parents[2], rev: worktree(rev)}
     pulls: dict[str, list[float]] = {name: [] for name in sides}
     added: dict[str, list[float]] = {name: [] for name in sides}

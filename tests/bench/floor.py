@@ -33,7 +33,14 @@ UDP_SEGMENT = 103  # linux/udp.h
 
 def camera(port: int) -> None:
     """A frame's bytes every 1/FPS s, in one write, as the GStreamer camera sends them."""
-    out = socket.create_connection(("127.0.0.1", port))
+    for _ in range(100):  # the reader may still be starting
+        try:
+            out = socket.create_connection(("127.0.0.1", port))
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.1)
+    else:
+        sys.exit("floor: the reader never listened")
     frame, due = b"\0" * FRAME, time.monotonic()
     while True:
         due += 1 / FPS
@@ -76,14 +83,15 @@ def floor(send: bool, window: float, windows: int,
     procs = [subprocess.Popen([*me, "sink", str(sink_port)]),
              subprocess.Popen([*me, "reader", str(port), str(sink_port), str(int(send))])]
     try:
-        time.sleep(0.5)  # listening
         procs.append(subprocess.Popen([*me, "camera", str(port)]))
-        time.sleep(2)
+        time.sleep(3)  # connected (the camera retries until the reader listens)
         pid, loads = procs[1].pid, []
         for _ in range(windows):
             start_cpu, start = cpu_seconds(pid), time.monotonic()
             time.sleep(window)
             loads.append((cpu_seconds(pid) - start_cpu) / (time.monotonic() - start) * 100)
+        if any(proc.poll() is not None for proc in procs):  # its figures would mean nothing
+            sys.exit("floor: a process of the floor ended early")
         return loads
     finally:
         for proc in procs:

@@ -33,11 +33,11 @@ async def test_work_of_commensurate_intervals_wakes_together() -> None:
             runs[interval].append(loop.time())
 
     tasks = [asyncio.create_task(every(i, d)) for i, d in ((0.25, 0.03), (0.5, 0.11), (1.0, 0.07))]
-    await asyncio.sleep(2.2)
+    await asyncio.sleep(2.5)
     for task in tasks:
         task.cancel()
     assert len(runs[1.0]) >= 2
     for seconds in runs[1.0]:
         for interval in (0.25, 0.5):
-            assert min(abs(seconds - t) for t in runs[interval]) < 0.005, runs
-    assert len(runs[0.25]) <= 2.2 / 0.25 + 1
+            assert min(abs(seconds - t) for t in runs[interval]) < 0.02, runs
+    assert len(runs[0.25]) <= 2.5 / 0.25 + 1

@@ -560,13 +560,33 @@ async def test_aiortc_s_report_loop_ends_once_started_and_the_session_still_clos
         await viewer.close()
 
 
-def test_the_internals_check_names_a_report_loop_that_would_not_end_when_cancelled(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+async def _rtcp_lets_cancellation_through(self: Any) -> None:
+    self._started.set()
+    await asyncio.sleep(1)
+    self._exited.set()
+
+
+async def _rtcp_awaits_before_it_is_started(self: Any) -> None:
+    await asyncio.sleep(0)
+    self._started.set()
+    try:  # noqa: SIM105 (aiortc's own words, which the check reads)
+        await asyncio.sleep(1)
+    except asyncio.CancelledError:
+        pass
+    self._exited.set()
+
+
+@pytest.mark.parametrize(("report_loop", "named"), [
+    (_rtcp_lets_cancellation_through, "_run_rtcp ending on cancellation"),
+    (_rtcp_awaits_before_it_is_started, "_run_rtcp marking itself started before it awaits"),
+])
+def test_the_internals_check_names_a_report_loop_the_agent_could_not_end(
+        monkeypatch: pytest.MonkeyPatch, report_loop: Any, named: str) -> None:
+    """aiortc's report loop is cancelled at its first await; a release whose loop would not
+    end then, or would not have marked itself started (sender.stop() waits for both), would
+    hang every session's close: the check names it instead."""
     from aiortc import RTCRtpSender
 
-    async def _run_rtcp(self: Any) -> None:  # a release that lets the cancellation through
-        await asyncio.sleep(1)
-
-    monkeypatch.setattr(RTCRtpSender, "_run_rtcp", _run_rtcp)
-    with pytest.raises(internals.InternalsChanged, match=r"_run_rtcp ending on cancellation"):
+    monkeypatch.setattr(RTCRtpSender, "_run_rtcp", report_loop)
+    with pytest.raises(internals.InternalsChanged, match=named):
         internals.check()
