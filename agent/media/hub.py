@@ -515,9 +515,11 @@ class _Reads:
             stream.follow(ticking)
 
     def _count(self, now: float) -> None:
-        """Wake-ups for bursts over the last second or more: many, and ticking pays."""
+        """Wake-ups for bursts over about the last second or more: many, and ticking pays.
+        Called on the beat: the next beat may be a hair less than a second after the last
+        count, which must not push the count (and the switch) a whole beat later."""
         elapsed = now - self._counted
-        if elapsed < 1.0:
+        if elapsed < 0.9:
             return
         rate, self._bursts, self._counted = self._bursts / elapsed, 0, now
         if rate > TICK_ABOVE:

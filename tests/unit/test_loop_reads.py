@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from agent.media.hub import BATCH_INTERVAL, READ_TICK, CameraHub, _LoopStream
+from agent.media.hub import BATCH_INTERVAL, READ_TICK, TICK_ABOVE, CameraHub, _LoopStream, _Reads
 from agent.media.stream import MediaPacket
 
 
@@ -64,3 +64,15 @@ async def test_on_the_shared_10_ms_timer_a_stream_is_checked_and_read_once_per_b
     finally:
         stream.finish()
         camera.close()
+
+
+async def test_bursts_are_counted_at_each_beat_even_a_hair_short_of_a_second() -> None:
+    """The count that decides to share one read timer runs on the 1 s beat: a beat that
+    comes a millisecond less than a second after the last count still counts (else the
+    switch waited for the beat after, and many watched cameras woke the loop for each
+    burst a second longer)."""
+    reads = _Reads(asyncio.get_running_loop())
+    reads._counted = 100.003  # the last count ran 3 ms after its beat
+    reads._bursts = int(TICK_ABOVE * 1.5)
+    reads._count(101.001)  # the next beat, run 1 ms after it
+    assert reads.ticking
