@@ -5,7 +5,7 @@ virtual machine: 50–140 µs for an empty timer; docs/field-notes.md). So work 
 every ``interval`` waits until the next multiple of ``interval`` on the loop's clock, not
 ``interval`` from whenever it last ran: every such task whose interval divides the others'
 (0.25, 0.5, 1 and 5 s) then runs in the same wake-up, however many there are (one sender
-report loop per viewer, the camera reads, housekeeping, the loop-lag probe).
+report loop per viewer, housekeeping, the loop-lag probe, the token sweep).
 """
 
 from __future__ import annotations

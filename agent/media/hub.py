@@ -21,7 +21,6 @@ from typing import Any
 
 import structlog
 
-from agent.beat import next_beat
 from agent.errors import AgentError, SourceError
 from agent.media.audio import webrtc_audio_codec
 from agent.media.consumer import VIDEO_CLOCK, Consumer
@@ -515,11 +514,9 @@ class _Reads:
             stream.follow(ticking)
 
     def _count(self, now: float) -> None:
-        """Wake-ups for bursts over about the last second or more: many, and ticking pays.
-        Called on the beat: the next beat may be a hair less than a second after the last
-        count, which must not push the count (and the switch) a whole beat later."""
+        """Wake-ups for bursts over the last second or more: many, and ticking pays."""
         elapsed = now - self._counted
-        if elapsed < 0.9:
+        if elapsed < 1.0:
             return
         rate, self._bursts, self._counted = self._bursts / elapsed, 0, now
         if rate > TICK_ABOVE:
@@ -593,7 +590,7 @@ class _LoopStream:
             self._read()
             if self._done:
                 return
-        self._next = next_beat(self._loop.time(), 1.0 if live else BATCH_INTERVAL)
+        self._next = self._loop.time() + (1.0 if live else BATCH_INTERVAL)
         self.follow(self._reads.ticking)
         self._reads.changed()
 
@@ -645,9 +642,7 @@ class _LoopStream:
         if self._source.silent_for() > self._hub._camera_timeout:
             self.finish(rtsp_login.TIMEOUT)
         else:
-            # the beat after the one due: a check run a little early (on_timer) must not
-            # leave the same beat due again
-            self._next = next_beat(max(now, self._next), 1.0 if self.live else BATCH_INTERVAL)
+            self._next = now + (1.0 if self.live else BATCH_INTERVAL)
 
     def finish(self, reason: str | None = None) -> None:
         """End it (a failure's reason, or None when the hub stops): the pull thread closes

@@ -145,7 +145,7 @@ async def test_many_watched_cameras_share_the_loop_s_wake_ups(
 #: One camera watched by many viewers: a wake-up per frame, and per viewer only what the
 #: viewer itself sends (receiver reports about once a second, ICE consent checks): 1.2-1.4
 #: a viewer measured, bounded at 2.5. Every viewer's sender reports, the loop-lag probe and
-#: the camera's checks share the beat (agent/beat.py); when each viewer had its own report
+#: the token sweep share the beat (agent/beat.py); when each viewer had its own report
 #: timers (and aiortc's report loop still ran), 8 viewers woke the agent 50 times a second
 #: instead of 34.
 VIEWERS = 8
