@@ -101,10 +101,11 @@ MOST_WAKEUPS_WATCHED = 150.0
 WATCHED = 6
 
 
-async def _count_frames(viewer: WhepViewer, counts: list[int], index: int) -> None:
+async def _count_frames(viewer: WhepViewer, counts: list[tuple[int, int]], index: int) -> None:
+    """Frames decoded, and the RTP timestamp (90 kHz) of the last."""
     while True:
-        await viewer.frame(timeout=5)
-        counts[index] += 1
+        frame = await viewer.frame(timeout=5)
+        counts[index] = (counts[index][0] + 1, frame.pts)
 
 
 async def test_many_watched_cameras_share_the_loop_s_wake_ups(
@@ -117,7 +118,7 @@ async def test_many_watched_cameras_share_the_loop_s_wake_ups(
         tmp_path, [{"id": f"cam{i}", "source": c.url} for i, c in enumerate(cameras)],
         audit={"flush_interval": 1.0})
     viewers: list[WhepViewer] = []
-    counts = [0] * WATCHED
+    counts = [(0, 0)] * WATCHED
     counting: list[asyncio.Task[None]] = []
     try:
         _, token = await agent.token("--host")
@@ -130,8 +131,11 @@ async def test_many_watched_cameras_share_the_loop_s_wake_ups(
         per_thread = await wakeups_per_second(agent.proc.pid)
         for task in counting:
             assert not task.done(), task  # a viewer that stopped getting frames
-        frames = [c - b for c, b in zip(counts, before, strict=True)]
-        assert min(frames) >= 6 * 30 * 0.9, frames
+        # Every frame the camera sent in the window, by their timestamps: how soon this
+        # process decodes them depends on its own share of the machine, not the agent's.
+        frames = [(count - was, ((pts - was_pts) % 2**32) * 30 // 90_000)
+                  for (count, pts), (was, was_pts) in zip(counts, before, strict=True)]
+        assert all(got >= sent >= 3 * 30 for got, sent in frames), frames
         assert sum(per_thread.values()) <= MOST_WAKEUPS_WATCHED, per_thread
         assert any(e.get("event") == "camera_reads_shared" for e in agent.log_events())
     finally:
@@ -139,6 +143,8 @@ async def test_many_watched_cameras_share_the_loop_s_wake_ups(
             task.cancel()
         for viewer in viewers:
             await viewer.close()
+        # (a cancellation can be lost in Python 3.11's wait_for: the viewer's end ends it)
+        await asyncio.gather(*counting, return_exceptions=True)
         await agent.stop()
 
 
@@ -146,8 +152,14 @@ async def test_many_watched_cameras_share_the_loop_s_wake_ups(
 #: viewer itself sends (receiver reports about once a second, ICE consent checks): 1.2-1.4
 #: a viewer measured, bounded at 2.5. Every viewer's sender reports, the loop-lag probe and
 #: the token sweep share the beat (agent/beat.py); when each viewer had its own report
-#: timers (and aiortc's report loop still ran), 8 viewers woke the agent 50 times a second
-#: instead of 34.
+#: timers (and aiortc's report loop still ran), 8 viewers woke the agent 47-52 times a
+#: second instead of 31-35.
+#:
+#: The camera sends each frame as one slice, one RTP packet: x264's low-latency frames are
+#: an access unit delimiter and a slice per encoder thread, each a packet the camera writes
+#: apart, and the agent wakes for each write it has not read yet when it runs. How many it
+#: reads together depends on the machine (its CPUs, how the camera and the agent are
+#: scheduled): 15 to 45 wake-ups a second from the camera alone, not what this test is about.
 VIEWERS = 8
 FPS = 15
 MOST_WAKEUPS_VIEWED = FPS + 2.5 * VIEWERS + MOST_WAKEUPS
@@ -156,7 +168,7 @@ MOST_WAKEUPS_VIEWED = FPS + 2.5 * VIEWERS + MOST_WAKEUPS
 async def test_many_viewers_periodic_work_shares_the_beat(
         tmp_path: Path, rtsp_camera_factory: Callable[..., RtspCamera]) -> None:
     camera = await asyncio.to_thread(rtsp_camera_factory, width=160, height=120, fps=FPS,
-                                     gop=FPS, bitrate=100)
+                                     gop=FPS, bitrate=100, frame="one-nal")
     agent = await AgentProcess.start(tmp_path, [{"id": "cam1", "source": camera.url}],
                                      audit={"flush_interval": 1.0})
     viewers: list[WhepViewer] = []
@@ -167,7 +179,10 @@ async def test_many_viewers_periodic_work_shares_the_beat(
             assert await viewers[-1].connect() == 201, viewers[-1].body
         await asyncio.sleep(3)  # the replayed GOPs played: live frames only
         per_thread = await wakeups_per_second(agent.proc.pid, seconds=10)
-        assert sum(per_thread.values()) <= MOST_WAKEUPS_VIEWED, per_thread
+        if sum(per_thread.values()) > MOST_WAKEUPS_VIEWED:  # lost packets bring NACKs
+            lost = [[s.packetsLost for s in (await v.pc.getStats()).values()
+                     if s.type == "inbound-rtp"] for v in viewers]
+            raise AssertionError(f"wake-ups by thread {per_thread}, packets lost {lost}")
         for viewer in viewers:  # still watching, live
             await viewer.frame(timeout=2)
     finally:

@@ -63,6 +63,7 @@ _OPTION_FLAGS = {
     "audio": "--audio",
     "pattern": "--pattern",
     "codec": "--codec",
+    "frame": "--frame",
     "session_timeout": "--session-timeout",
 }
 _EVENT = re.compile(r"^(READY|CLIENT_CONNECTED|CLIENT_CLOSED|STOPPED)\s+(\S+)")
@@ -146,7 +147,9 @@ class RtspCamera:
         Options: address, path, width, height, fps, gop, bitrate, user + password (auth:
         "basic", default, or "digest"),
         audio ("none"|"pcmu"|"aac"), pattern ("smpte" scrolling, default, or "ball": ~3x the
-        drawing CPU), ready_timeout. Defaults: 640x360@30, GOP 2 s, 1000 kbit/s.
+        drawing CPU), frame ("x264", default: a delimiter and a slice per encoder thread,
+        each its own RTP packet and write; or "one-nal": one slice, so a small frame is one
+        packet), ready_timeout. Defaults: 640x360@30, GOP 2 s, 1000 kbit/s.
         """
         camera = cls(port, **options)
         camera._launch()

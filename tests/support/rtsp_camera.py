@@ -71,6 +71,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--password-file", default=None, help="file holding the password")
     p.add_argument("--audio", choices=("none", "pcmu", "aac"), default="none")
     p.add_argument("--codec", choices=("h264", "h265"), default="h264")
+    p.add_argument(
+        "--frame",
+        choices=("x264", "one-nal"),
+        default="x264",
+        help="H.264 frames as x264 makes them for low latency (an access unit delimiter, then "
+             "a slice per encoder thread: each an RTP packet, written apart), or one slice "
+             "and nothing else (a small frame is one RTP packet, one write)",
+    )
     p.add_argument("--session-timeout", type=int, default=None,
                    help="seconds a session lives without a keepalive (default: the server's 60)")
     p.add_argument(
@@ -124,7 +132,7 @@ def launch_description(args: argparse.Namespace) -> str:
         f"framerate={args.fps}/1 "
         "! videoconvert "
         f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={args.gop} "
-        f"bitrate={args.bitrate} "
+        f"bitrate={args.bitrate} {'aud=false threads=1 ' if args.frame == 'one-nal' else ''}"
         "! video/x-h264,profile=constrained-baseline "
         "! h264parse config-interval=-1 "
         "! rtph264pay name=pay0 pt=96"
