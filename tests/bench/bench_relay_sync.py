@@ -218,10 +218,11 @@ async def measure(count: int, state_dir: Path) -> dict[str, float]:
                 gc.callbacks.pop()
             # Measured before this harness reads anything back itself.
             grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024
-            witness.stdin.write(b"stop\n")
+            # All it printed, to its end: on a busy machine its late probes are a line
+            # longer than a StreamReader's line limit (64 kB).
+            printed, _ = await witness.communicate(b"stop\n")
             witnessed: list[tuple[float, float, float]] = [
-                (s, e, w) for s, e, w in json.loads(await witness.stdout.readline())]
-            await witness.wait()
+                (s, e, w) for s, e, w in json.loads(printed)]
             done = answer.result()
             assert done["ok"] is True and done["cursor"] == "c-bench", done
             await access.refresh(force=True)
